@@ -1,0 +1,216 @@
+//! The agent's own configuration: the `AgentConfig` document of the config file.
+use std::{net::SocketAddr, path::PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::state::MeshSettings;
+
+/// Level of the eBPF programs' own log lines (forwarded through aya-log).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfLogLevel {
+    Off,
+    Error,
+    #[default]
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl EbpfLogLevel {
+    /// The number the programs compare against (`sluice_common::log_level`).
+    pub fn as_u32(self) -> u32 {
+        use sluice_common::log_level::*;
+        match self {
+            Self::Off => OFF,
+            Self::Error => ERROR,
+            Self::Warn => WARN,
+            Self::Info => INFO,
+            Self::Debug => DEBUG,
+            Self::Trace => TRACE,
+        }
+    }
+}
+
+/// Which traffic is never captured.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Ports captured in neither direction.
+    #[serde(default)]
+    pub excluded_ports: Vec<u16>,
+    /// Destination ports never captured on the way out.
+    #[serde(default)]
+    pub excluded_outbound_ports: Vec<u16>,
+    /// Pod ports never steered on the way in.
+    #[serde(default)]
+    pub excluded_inbound_ports: Vec<u16>,
+    /// Destination networks never captured on the way out.
+    #[serde(default)]
+    pub excluded_cidrs: Vec<IpNet>,
+}
+
+/// `kind: AgentConfig` (`apiVersion: sluice.dev/v1alpha1`), under `spec`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Name of the node this agent serves (`--node` or `NODE_NAME` override it).
+    #[serde(default)]
+    pub node_name: String,
+    #[serde(default = "defaults::trust_domain")]
+    pub trust_domain: String,
+    #[serde(default = "defaults::root_namespace")]
+    pub root_namespace: String,
+    #[serde(default)]
+    pub capture: CaptureConfig,
+    /// cgroup v2 directory above every pod's cgroup; the capture programs attach here once.
+    #[serde(default = "defaults::cgroup_root")]
+    pub cgroup_root: PathBuf,
+    /// bpffs directory for Sluice's pinned maps, programs and links.
+    #[serde(default = "defaults::bpf_pin_path")]
+    pub bpf_pin_path: PathBuf,
+    /// Directory for enrollment records, which survive agent restarts.
+    #[serde(default = "defaults::state_dir")]
+    pub state_dir: PathBuf,
+    /// Unix socket of the enrollment API (CNI plugin and tests).
+    #[serde(default = "defaults::enrollment_socket")]
+    pub enrollment_socket: PathBuf,
+    #[serde(default)]
+    pub ebpf_log_level: EbpfLogLevel,
+    /// Admin endpoint (`/config_dump`); loopback only.
+    #[serde(default = "defaults::admin_addr")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus `/metrics`.
+    #[serde(default = "defaults::metrics_addr")]
+    pub metrics_addr: SocketAddr,
+    /// `/healthz/ready`.
+    #[serde(default = "defaults::readiness_addr")]
+    pub readiness_addr: SocketAddr,
+}
+
+mod defaults {
+    use std::{net::SocketAddr, path::PathBuf};
+
+    pub fn trust_domain() -> String {
+        "cluster.local".into()
+    }
+    pub fn root_namespace() -> String {
+        "istio-system".into()
+    }
+    pub fn cgroup_root() -> PathBuf {
+        "/sys/fs/cgroup".into()
+    }
+    pub fn bpf_pin_path() -> PathBuf {
+        "/sys/fs/bpf/sluice".into()
+    }
+    pub fn state_dir() -> PathBuf {
+        "/var/run/sluice".into()
+    }
+    pub fn enrollment_socket() -> PathBuf {
+        "/var/run/sluice/enroll.sock".into()
+    }
+    pub fn admin_addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 15000))
+    }
+    pub fn metrics_addr() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 15020))
+    }
+    pub fn readiness_addr() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 15021))
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        // An empty mapping takes every serde default.
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+/// Why a configuration is not usable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("spec.nodeName: missing (set it in the file, with --node, or with NODE_NAME)")]
+    NoNodeName,
+    #[error("spec.capture.{field}: port 0 is not a port")]
+    ZeroPort { field: &'static str },
+    #[error(
+        "spec.capture.excludedCidrs[{index}]: {cidr} has host bits set; did you mean {network}?"
+    )]
+    HostBits {
+        index: usize,
+        cidr: IpNet,
+        network: IpNet,
+    },
+}
+
+impl AgentConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.is_empty() {
+            return Err(ConfigError::NoNodeName);
+        }
+        for (field, ports) in [
+            ("excludedPorts", &self.capture.excluded_ports),
+            (
+                "excludedOutboundPorts",
+                &self.capture.excluded_outbound_ports,
+            ),
+            ("excludedInboundPorts", &self.capture.excluded_inbound_ports),
+        ] {
+            if ports.contains(&0) {
+                return Err(ConfigError::ZeroPort { field });
+            }
+        }
+        for (index, cidr) in self.capture.excluded_cidrs.iter().enumerate() {
+            if cidr.trunc() != *cidr {
+                return Err(ConfigError::HostBits {
+                    index,
+                    cidr: *cidr,
+                    network: cidr.trunc(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings that shape MeshState.
+    pub fn mesh_settings(&self) -> MeshSettings {
+        MeshSettings {
+            trust_domain: self.trust_domain.clone(),
+            root_namespace: self.root_namespace.clone(),
+            ..MeshSettings::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_an_empty_spec() {
+        let c = AgentConfig::default();
+        assert_eq!(c.bpf_pin_path, PathBuf::from("/sys/fs/bpf/sluice"));
+        assert_eq!(c.ebpf_log_level, EbpfLogLevel::Warn);
+        assert_eq!(c.validate(), Err(ConfigError::NoNodeName));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = serde_yaml::from_str::<AgentConfig>("nodeName: n\ncaptur: {}").unwrap_err();
+        assert!(err.to_string().contains("captur"), "{err}");
+    }
+
+    #[test]
+    fn cidrs_with_host_bits_are_refused() {
+        let c: AgentConfig =
+            serde_yaml::from_str("nodeName: n\ncapture: {excludedCidrs: [10.1.2.3/8]}").unwrap();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::HostBits { index: 0, .. })
+        ));
+    }
+}

@@ -1,0 +1,111 @@
+//! Typed Kubernetes resources, as both sources collect them.
+//!
+//! The local file and the kube watchers fill the same [`ResourceSet`], in the resources' own
+//! API groups and shapes, so YAML written for a cluster works unchanged in a local file.
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
+use serde::Deserialize;
+
+/// Every resource the mesh reads, as last seen.
+#[derive(Clone, Debug, Default)]
+pub struct ResourceSet {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    pub nodes: Vec<Node>,
+    pub config_maps: Vec<ConfigMap>,
+}
+
+/// Why a YAML document could not be read as a resource.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("document {index}: not YAML: {source}")]
+    Yaml {
+        index: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("document {index}: missing apiVersion or kind")]
+    MissingType { index: usize },
+    #[error("document {index}: {api_version} {kind} is not a kind Sluice reads")]
+    UnknownKind {
+        index: usize,
+        api_version: String,
+        kind: String,
+    },
+    #[error("document {index} ({kind} {name}): {source}")]
+    Invalid {
+        index: usize,
+        kind: String,
+        name: String,
+        source: serde_yaml::Error,
+    },
+}
+
+/// One YAML document's type header.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: Option<NameOnly>,
+}
+
+#[derive(Deserialize)]
+struct NameOnly {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// A document that is not a mesh resource but configures the agent itself.
+pub const AGENT_CONFIG_API_VERSION: &str = "sluice.dev/v1alpha1";
+/// Kind of the agent's own configuration document.
+pub const AGENT_CONFIG_KIND: &str = "AgentConfig";
+
+impl ResourceSet {
+    /// Adds one parsed YAML document; `Ok(false)` if it is the agent's own config document
+    /// (which the caller reads separately).
+    pub fn add_document(
+        &mut self,
+        index: usize,
+        doc: serde_yaml::Value,
+    ) -> Result<bool, DocumentError> {
+        let meta: TypeMeta = serde_yaml::from_value(doc.clone())
+            .map_err(|source| DocumentError::Yaml { index, source })?;
+        let (Some(api_version), Some(kind)) = (meta.api_version, meta.kind) else {
+            return Err(DocumentError::MissingType { index });
+        };
+        let name = meta.metadata.and_then(|m| m.name).unwrap_or_default();
+        let invalid = |source| DocumentError::Invalid {
+            index,
+            kind: kind.clone(),
+            name: name.clone(),
+            source,
+        };
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => self
+                .namespaces
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            ("v1", "Pod") => self
+                .pods
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            ("v1", "Service") => self
+                .services
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            ("v1", "Node") => self
+                .nodes
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            ("v1", "ConfigMap") => self
+                .config_maps
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            (AGENT_CONFIG_API_VERSION, AGENT_CONFIG_KIND) => return Ok(false),
+            _ => {
+                return Err(DocumentError::UnknownKind {
+                    index,
+                    api_version,
+                    kind,
+                });
+            }
+        }
+        Ok(true)
+    }
+}

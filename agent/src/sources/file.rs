@@ -1,0 +1,135 @@
+//! The local file source: one YAML stream holding an `AgentConfig` and Kubernetes-shaped
+//! resources (Namespaces, Pods, Services, Nodes, and the mesh's own kinds).
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{
+    config::AgentConfig,
+    resources::{AGENT_CONFIG_KIND, DocumentError, ResourceSet},
+};
+
+/// What a config file holds.
+#[derive(Debug, Default)]
+pub struct LocalFile {
+    pub agent: AgentConfig,
+    pub resources: ResourceSet,
+}
+
+/// Why the file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Document {
+        path: PathBuf,
+        source: DocumentError,
+    },
+    #[error("{path}: document {index} ({AGENT_CONFIG_KIND}): spec: {source}")]
+    AgentConfig {
+        path: PathBuf,
+        index: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: more than one {AGENT_CONFIG_KIND} document")]
+    TwoAgentConfigs { path: PathBuf },
+}
+
+#[derive(Deserialize)]
+struct AgentConfigDocument {
+    #[serde(default)]
+    spec: Option<serde_yaml::Value>,
+}
+
+/// Reads and parses `path`.
+pub fn load(path: &Path) -> Result<LocalFile, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses a YAML stream; `path` only labels errors.
+pub fn parse(text: &str, path: &Path) -> Result<LocalFile, FileError> {
+    let mut file = LocalFile::default();
+    let mut agent_seen = false;
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|source| FileError::Document {
+            path: path.into(),
+            source: DocumentError::Yaml { index, source },
+        })?;
+        if value.is_null() {
+            continue; // an empty document between separators
+        }
+        let is_resource = file
+            .resources
+            .add_document(index, value.clone())
+            .map_err(|source| FileError::Document {
+                path: path.into(),
+                source,
+            })?;
+        if is_resource {
+            continue;
+        }
+        if agent_seen {
+            return Err(FileError::TwoAgentConfigs { path: path.into() });
+        }
+        agent_seen = true;
+        let doc: AgentConfigDocument =
+            serde_yaml::from_value(value).map_err(|source| FileError::AgentConfig {
+                path: path.into(),
+                index,
+                source,
+            })?;
+        let spec = doc
+            .spec
+            .unwrap_or(serde_yaml::Value::Mapping(Default::default()));
+        file.agent = serde_yaml::from_value(spec).map_err(|source| FileError::AgentConfig {
+            path: path.into(),
+            index,
+            source,
+        })?;
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_agent_config_and_resources() {
+        let f = parse(
+            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec: {nodeName: n1, capture: {excludedPorts: [22]}}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        assert_eq!(f.agent.node_name, "n1");
+        assert_eq!(f.agent.capture.excluded_ports, vec![22]);
+        assert_eq!(f.resources.namespaces.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_document_and_field() {
+        let err = parse(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec: {nodeName: n1, cgroupRot: /x}\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("document 1") && err.contains("cgroupRot"),
+            "{err}"
+        );
+        let err = parse("apiVersion: v9\nkind: Thing\n", Path::new("t.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("v9 Thing"), "{err}");
+    }
+}

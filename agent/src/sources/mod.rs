@@ -1,0 +1,2 @@
+//! Sources of MeshState: the local file, and (later) the kube watchers.
+pub mod file;

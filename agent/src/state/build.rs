@@ -1,0 +1,427 @@
+//! Pure conversion of a [`ResourceSet`] into [`MeshState`].
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::api::core::v1::{
+    Namespace as K8sNamespace, Node as K8sNode, Pod, Service as K8sService,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{
+    Membership, MeshSettings, MeshState, Namespace, Node, Rejection, Service, ServicePort,
+    Workload, WorkloadUid,
+};
+use crate::resources::ResourceSet;
+
+/// Label that puts a namespace or pod in the ambient mesh (`ambient`) or keeps a pod out (`none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Sidecar-era namespace label that the seed documents use to put a namespace in the mesh.
+pub const INJECTION_LABEL: &str = "istio-injection";
+
+/// The result of [`build`]: the state, and what was left out of it.
+#[derive(Debug, Default)]
+pub struct BuildOutput {
+    pub state: MeshState,
+    pub rejections: Vec<Rejection>,
+}
+
+/// Collects what [`build`] leaves out.
+#[derive(Debug, Default)]
+pub struct Rejections(pub Vec<Rejection>);
+
+impl Rejections {
+    /// Records that `kind namespace/name` was left out because of `field`.
+    pub fn reject(
+        &mut self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        field: &str,
+        message: impl Into<String>,
+    ) {
+        self.0.push(Rejection {
+            kind: kind.to_owned(),
+            namespace: namespace.map(str::to_owned),
+            name: name.to_owned(),
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Builds the mesh model from everything the sources have seen.
+pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
+    let mut out = BuildOutput::default();
+    let mut rejected = Rejections::default();
+    out.state.trust_domain = settings.trust_domain.clone();
+    out.state.root_namespace = settings.root_namespace.clone();
+
+    for ns in &resources.namespaces {
+        let ns = namespace(ns);
+        out.state.namespaces.insert(ns.name.clone(), ns);
+    }
+    for node in &resources.nodes {
+        if let Some(node) = self::node(node, &mut rejected) {
+            out.state.nodes.insert(node.name.clone(), node);
+        }
+    }
+    for pod in &resources.pods {
+        if let Some(w) = workload(pod, &out.state.namespaces, &mut rejected) {
+            for ip in &w.ips {
+                out.state.by_ip.insert(*ip, w.uid.clone());
+            }
+            out.state.workloads.insert(w.uid.clone(), w);
+        }
+    }
+    for svc in &resources.services {
+        if let Some(svc) = service(svc, &out.state.workloads, &mut rejected) {
+            out.state
+                .services
+                .insert(format!("{}/{}", svc.namespace, svc.name), svc);
+        }
+    }
+    out.rejections = rejected.0;
+    out
+}
+
+fn labels(map: &Option<BTreeMap<String, String>>) -> BTreeMap<String, String> {
+    map.clone().unwrap_or_default()
+}
+
+fn namespace(ns: &K8sNamespace) -> Namespace {
+    Namespace {
+        name: ns.metadata.name.clone().unwrap_or_default(),
+        labels: labels(&ns.metadata.labels),
+    }
+}
+
+fn node(node: &K8sNode, out: &mut Rejections) -> Option<Node> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let mut addresses = Vec::new();
+    let listed = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in listed.into_iter().flatten().enumerate() {
+        if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
+            continue;
+        }
+        match a.address.parse::<IpAddr>() {
+            Ok(ip) => addresses.push(ip),
+            Err(_) => {
+                out.reject(
+                    "Node",
+                    None,
+                    &name,
+                    &format!("status.addresses[{i}].address"),
+                    format!("{:?} is not an IP address", a.address),
+                );
+                return None;
+            }
+        }
+    }
+    Some(Node {
+        name,
+        addresses,
+        labels: labels(&node.metadata.labels),
+    })
+}
+
+/// Decides mesh membership from pod and namespace labels, as Istio's ambient mode does: a pod
+/// label wins over its namespace's, `none` opts out.
+pub fn membership(pod_labels: &BTreeMap<String, String>, ns: Option<&Namespace>) -> Membership {
+    match pod_labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+        Some("none") => return Membership::Outside,
+        Some("ambient") => return Membership::Pod,
+        _ => {}
+    }
+    let Some(ns) = ns else {
+        return Membership::Outside;
+    };
+    let ambient = ns
+        .labels
+        .get(DATAPLANE_MODE_LABEL)
+        .is_some_and(|v| v == "ambient");
+    let injected = ns
+        .labels
+        .get(INJECTION_LABEL)
+        .is_some_and(|v| v == "enabled");
+    if ambient || injected {
+        Membership::Namespace
+    } else {
+        Membership::Outside
+    }
+}
+
+fn workload(
+    pod: &Pod,
+    namespaces: &BTreeMap<String, Namespace>,
+    out: &mut Rejections,
+) -> Option<Workload> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    if name.is_empty() {
+        out.reject("Pod", Some(&namespace), "", "metadata.name", "missing");
+        return None;
+    }
+    let uid = pod
+        .metadata
+        .uid
+        .clone()
+        .unwrap_or_else(|| format!("{namespace}/{name}"));
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let mut ips = Vec::new();
+    let listed: Vec<(String, String)> = match status.and_then(|s| s.pod_ips.as_ref()) {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.clone()))
+            .collect(),
+        _ => status
+            .and_then(|s| s.pod_ip.clone())
+            .map(|ip| vec![("status.podIP".to_owned(), ip)])
+            .unwrap_or_default(),
+    };
+    for (field, raw) in listed {
+        match raw.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => {
+                out.reject(
+                    "Pod",
+                    Some(&namespace),
+                    &name,
+                    &field,
+                    format!("{raw:?} is not an IP address"),
+                );
+                return None;
+            }
+        }
+    }
+    let pod_labels = labels(&pod.metadata.labels);
+    let membership = membership(&pod_labels, namespaces.get(&namespace));
+    Some(Workload {
+        uid: WorkloadUid(uid),
+        name,
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        node: spec.and_then(|s| s.node_name.clone()),
+        ips,
+        labels: pod_labels,
+        annotations: labels(&pod.metadata.annotations),
+        membership,
+        namespace,
+    })
+}
+
+fn service(
+    svc: &K8sService,
+    workloads: &BTreeMap<WorkloadUid, Workload>,
+    out: &mut Rejections,
+) -> Option<Service> {
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let spec = svc.spec.clone().unwrap_or_default();
+    let mut vips = Vec::new();
+    let listed: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(list), _) if !list.is_empty() => list.clone(),
+        (_, Some(one)) => vec![one.clone()],
+        _ => vec![],
+    };
+    for (i, raw) in listed.iter().enumerate() {
+        if raw == "None" || raw.is_empty() {
+            continue;
+        }
+        match raw.parse::<IpAddr>() {
+            Ok(ip) => vips.push(ip),
+            Err(_) => {
+                out.reject(
+                    "Service",
+                    Some(&namespace),
+                    &name,
+                    &format!("spec.clusterIPs[{i}]"),
+                    format!("{raw:?} is not an IP address"),
+                );
+                return None;
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let Ok(port) = u16::try_from(p.port) else {
+            out.reject(
+                "Service",
+                Some(&namespace),
+                &name,
+                &format!("spec.ports[{i}].port"),
+                format!("{} is out of range", p.port),
+            );
+            return None;
+        };
+        let target_port = match &p.target_port {
+            None => port,
+            Some(IntOrString::Int(n)) => match u16::try_from(*n) {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    out.reject(
+                        "Service",
+                        Some(&namespace),
+                        &name,
+                        &format!("spec.ports[{i}].targetPort"),
+                        format!("{n} is out of range"),
+                    );
+                    return None;
+                }
+            },
+            // Named target ports resolve per pod; without container specs we keep the port.
+            Some(IntOrString::String(_)) => port,
+        };
+        ports.push(ServicePort {
+            name: p.name.clone(),
+            port,
+            target_port,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+        });
+    }
+    let selector = spec.selector.clone().unwrap_or_default();
+    let endpoints = if selector.is_empty() {
+        Vec::new()
+    } else {
+        workloads
+            .values()
+            .filter(|w| {
+                w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            })
+            .map(|w| w.uid.clone())
+            .collect()
+    };
+    Some(Service {
+        name,
+        namespace,
+        vips,
+        ports,
+        selector,
+        endpoints,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> ResourceSet {
+        let mut set = ResourceSet::default();
+        for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+            let value = serde::Deserialize::deserialize(doc).unwrap();
+            set.add_document(i, value).unwrap();
+        }
+        set
+    }
+
+    const WORLD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: outside}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: u1, labels: {app: web}}
+spec: {nodeName: node1, serviceAccountName: web-sa, containers: []}
+status: {podIPs: [{ip: 10.0.1.2}, {ip: "fd00:1::2"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: shop, labels: {istio.io/dataplane-mode: none}}
+spec: {containers: []}
+status: {podIP: 10.0.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+spec: {containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stray, namespace: outside, labels: {istio.io/dataplane-mode: ambient}}
+spec: {containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken, namespace: shop}
+spec: {containers: []}
+status: {podIP: 10.0.1.999}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+"#;
+
+    #[test]
+    fn membership_follows_namespace_and_pod_labels() {
+        let out = build(&parse(WORLD), &MeshSettings::default());
+        let m = |name: &str| {
+            out.state
+                .workloads
+                .values()
+                .find(|w| w.name == name)
+                .unwrap()
+                .membership
+        };
+        assert_eq!(m("web"), Membership::Namespace);
+        assert_eq!(m("opted-out"), Membership::Outside);
+        assert_eq!(m("old"), Membership::Namespace);
+        assert_eq!(m("stray"), Membership::Pod);
+    }
+
+    #[test]
+    fn pods_become_workloads_indexed_by_ip() {
+        let out = build(&parse(WORLD), &MeshSettings::default());
+        let web = out
+            .state
+            .workload_by_ip("fd00:1::2".parse().unwrap())
+            .unwrap();
+        assert_eq!(web.uid, WorkloadUid("u1".into()));
+        assert_eq!(
+            web.identity("cluster.local").to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web-sa"
+        );
+        assert_eq!(web.node.as_deref(), Some("node1"));
+        let default_sa = out.state.workload_by_name("legacy", "old").unwrap();
+        assert_eq!(default_sa.service_account, "default");
+    }
+
+    #[test]
+    fn bad_pod_ip_is_rejected_naming_the_field() {
+        let out = build(&parse(WORLD), &MeshSettings::default());
+        assert!(out.state.workload_by_name("shop", "broken").is_none());
+        let r = &out.rejections[0];
+        assert_eq!(
+            (r.kind.as_str(), r.name.as_str(), r.field.as_str()),
+            ("Pod", "broken", "status.podIP")
+        );
+    }
+
+    #[test]
+    fn services_select_endpoints_from_pods() {
+        let out = build(&parse(WORLD), &MeshSettings::default());
+        let svc = &out.state.services["shop/web"];
+        assert_eq!(svc.endpoints, vec![WorkloadUid("u1".into())]);
+        assert_eq!(svc.ports[0].target_port, 8080);
+    }
+}

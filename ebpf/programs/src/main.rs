@@ -1,0 +1,297 @@
+//! Sluice's kernel side.
+//!
+//! * `sluice_connect4` / `sluice_connect6` (cgroup `connect4`/`connect6`, attached once at the
+//!   node's pod cgroup root): a TCP connect made inside an enrolled pod's network namespace is
+//!   rewritten to the proxy's loopback outbound listener in that namespace, and the address the
+//!   application asked for is recorded under the socket's cookie.
+//! * `sluice_sockops` (cgroup `sock_ops`, same root): once such a connect is established, the
+//!   record moves to a key the proxy can compute from its accepted socket: (pod netns cookie,
+//!   family, client source port). The proxy reads it and deletes it.
+//! * `sluice_sk_lookup` (`sk_lookup`, attached to each enrolled pod's network namespace): a TCP
+//!   SYN for a pod address arriving from outside the pod is handed to the proxy's inbound
+//!   listener; the accepted socket's local address is then the original destination.
+//!
+//! Enrollment is a netns-cookie entry in `sluice_enrolled`, so one attachment serves every pod
+//! and non-enrolled pods pay one hash lookup per connect.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, trace};
+use sluice_common::{
+    AF_INET, AF_INET6, Config, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, IpKey, OrigDst, PeerKey,
+    log_level,
+};
+
+const IPPROTO_TCP: u32 = 6;
+/// cgroup_sock_addr verdict: let the (possibly rewritten) connect proceed.
+const PROCEED: i32 = 1;
+/// `BPF_F_NO_PREALLOC`, required for LPM tries.
+const NO_PREALLOC: u32 = 1;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[map(name = "sluice_config")]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Network namespaces (by cookie) of enrolled pods; the value is unused.
+#[map(name = "sluice_enrolled")]
+static ENROLLED: HashMap<u64, u8> = HashMap::pinned(16384, 0);
+
+/// Original destination of a captured connect, by client socket cookie, until established.
+#[map(name = "sluice_orig_ck")]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+
+/// Original destination of a captured connection, by what the proxy sees of it.
+#[map(name = "sluice_orig_peer")]
+static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(65536, 0);
+
+/// Ports never captured: host-order port → EXCLUDE_OUTBOUND | EXCLUDE_INBOUND.
+#[map(name = "sluice_excl_port")]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(1024, 0);
+
+/// Destination CIDRs never captured on the way out.
+#[map(name = "sluice_excl_v4")]
+static EXCLUDED_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1024, NO_PREALLOC);
+#[map(name = "sluice_excl_v6")]
+static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1024, NO_PREALLOC);
+
+/// Addresses of enrolled pods → their netns cookie. Inbound SYNs for these are steered, or
+/// dropped while the proxy has no listener there (fail closed, never around the proxy).
+#[map(name = "sluice_pod_ips")]
+static POD_IPS: HashMap<IpKey, u64> = HashMap::pinned(16384, 0);
+
+/// The proxy's inbound listener for each pod address.
+#[map(name = "sluice_in_socks")]
+static INBOUND_SOCKETS: SockHash<IpKey> = SockHash::pinned(16384, 0);
+
+#[inline(always)]
+fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    }
+}
+
+#[inline(always)]
+fn port_excluded(port: u16, direction: u8) -> bool {
+    // SAFETY: read-only lookup of a plain value.
+    match unsafe { EXCLUDED_PORTS.get(&port) } {
+        Some(flags) => *flags & direction != 0,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn v4_excluded(addr: u32) -> bool {
+    // 127.0.0.0/8, in network byte order: the first octet is the lowest byte.
+    addr & 0xff == 127 || EXCLUDED_V4.get(&Key::new(32, addr.to_ne_bytes())).is_some()
+}
+
+#[inline(always)]
+fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+/// Decides whether a connect is captured; `None` leaves it alone.
+#[inline(always)]
+fn enrolled_stream(ctx: &SockAddrContext, cfg: &Config) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return false;
+    }
+    // SAFETY: helper allowed for cgroup_sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup.
+    if unsafe { ENROLLED.get(&netns) }.is_none() {
+        return false;
+    }
+    // SAFETY: `sk` is always set for connect hooks.
+    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    mark != cfg.proxy_mark
+}
+
+#[inline(always)]
+fn record(ctx: &SockAddrContext, orig: &OrigDst) -> bool {
+    // SAFETY: helper allowed for cgroup_sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ORIG_BY_COOKIE.insert(&cookie, orig, 0).is_ok()
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
+    let cfg = config();
+    if !enrolled_stream(&ctx, &cfg) {
+        return PROCEED;
+    }
+    // SAFETY: the context pointer is valid and writable for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip = sa.user_ip4;
+    let port = u16::from_be(sa.user_port as u16);
+    if v4_excluded(ip) || port_excluded(port, EXCLUDE_OUTBOUND) {
+        return PROCEED;
+    }
+    let orig = OrigDst {
+        ip: IpKey { family: AF_INET, _pad: 0, addr: [ip, 0, 0, 0] },
+        port,
+        listener_family: AF_INET,
+        _pad: 0,
+    };
+    if !record(&ctx, &orig) {
+        return PROCEED;
+    }
+    sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    sa.user_port = u32::from(cfg.outbound_port.to_be());
+    if cfg.log_level >= log_level::DEBUG {
+        debug!(&ctx, "connect4 captured: {:i}:{}", u32::from_be(ip), port);
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
+    let cfg = config();
+    if !enrolled_stream(&ctx, &cfg) {
+        return PROCEED;
+    }
+    // SAFETY: the context pointer is valid and writable for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let port = u16::from_be(sa.user_port as u16);
+    if port_excluded(port, EXCLUDE_OUTBOUND) {
+        return PROCEED;
+    }
+    let mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    if mapped {
+        // A dual-stack socket dialling IPv4: it travels as IPv4, so it meets the IPv4 listener.
+        if v4_excluded(w[3]) {
+            return PROCEED;
+        }
+        let orig = OrigDst {
+            ip: IpKey { family: AF_INET, _pad: 0, addr: [w[3], 0, 0, 0] },
+            port,
+            listener_family: AF_INET,
+            _pad: 0,
+        };
+        if !record(&ctx, &orig) {
+            return PROCEED;
+        }
+        sa.user_ip6[3] = u32::from_ne_bytes([127, 0, 0, 1]);
+    } else {
+        let loopback = w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+        if loopback || EXCLUDED_V6.get(&Key::new(128, v6_bytes(w))).is_some() {
+            return PROCEED;
+        }
+        let orig = OrigDst {
+            ip: IpKey { family: AF_INET6, _pad: 0, addr: w },
+            port,
+            listener_family: AF_INET6,
+            _pad: 0,
+        };
+        if !record(&ctx, &orig) {
+            return PROCEED;
+        }
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = 0;
+        sa.user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+    }
+    sa.user_port = u32::from(cfg.outbound_port.to_be());
+    if cfg.log_level >= log_level::DEBUG {
+        debug!(&ctx, "connect6 captured: port {} (v4-mapped: {})", port, mapped as u8);
+    }
+    PROCEED
+}
+
+#[sock_ops]
+pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    // SAFETY: helper allowed for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup; the value is copied out before the entry is removed.
+    let orig = match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        Some(orig) => *orig,
+        None => return 1,
+    };
+    // SAFETY: helper allowed for sock_ops programs (Linux 5.15+).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = PeerKey {
+        netns_cookie: netns,
+        family: orig.listener_family,
+        // sock_ops hands local_port over in host byte order.
+        port: ctx.local_port() as u16,
+        _pad: 0,
+    };
+    let _ = ORIG_BY_PEER.insert(&key, &orig, 0);
+    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    if config().log_level >= log_level::TRACE {
+        trace!(&ctx, "sockops: captured connection from port {} established", key.port);
+    }
+    1
+}
+
+#[sk_lookup]
+pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
+        // Loopback carries the pod's own traffic and the proxy's transparent connections to
+        // the application, which must reach the application itself.
+        return sk_action::SK_PASS;
+    }
+    let cfg = config();
+    let port = l.local_port as u16;
+    if port == cfg.hbone_port || port_excluded(port, EXCLUDE_INBOUND) {
+        return sk_action::SK_PASS;
+    }
+    let key = if l.family == u32::from(AF_INET) {
+        IpKey { family: AF_INET, _pad: 0, addr: [l.local_ip4, 0, 0, 0] }
+    } else {
+        IpKey { family: AF_INET6, _pad: 0, addr: l.local_ip6 }
+    };
+    match INBOUND_SOCKETS.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => {
+            if cfg.log_level >= log_level::DEBUG {
+                debug!(&ctx, "sk_lookup steered inbound port {} to the proxy", port);
+            }
+            sk_action::SK_PASS
+        }
+        // SAFETY: read-only lookup.
+        Err(_) if unsafe { POD_IPS.get(&key) }.is_some() => {
+            if cfg.log_level >= log_level::DEBUG {
+                debug!(&ctx, "sk_lookup dropped port {}: enrolled pod has no proxy listener", port);
+            }
+            sk_action::SK_DROP
+        }
+        Err(_) => sk_action::SK_PASS,
+    }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,297 @@
+//! `cargo xtask`: the one entry point for building, testing, demonstrating and measuring Sluice.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test, demo and benchmark Sluice")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks (idempotent): nightly rust-src, bpf-linker, bpftool,
+    /// iproute2, load tools, bpffs, and the test kube-apiserver.
+    Setup,
+    /// Build the eBPF object (nightly, bpfel-unknown-none).
+    BuildEbpf,
+    /// Build the eBPF object, then the agent and test binaries (release).
+    Build,
+    /// Run the whole suite as root (unit and end-to-end); runs `setup` and `build` first.
+    Test {
+        /// Only tests whose names contain this.
+        filter: Option<String>,
+    },
+    /// Build a two-node, three-pod world, send traffic through it and explain what happened.
+    Demo,
+    /// Measure Sluice against direct paths: `capture`, `mesh`, or all when omitted.
+    Bench {
+        /// Which benchmark.
+        which: Option<String>,
+    },
+    /// Generate CRDs into deploy/ (or, with --check, validate deploy/).
+    Manifests {
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.cmd {
+        Cmd::Setup => setup(&root),
+        Cmd::BuildEbpf => build_ebpf(&root),
+        Cmd::Build => build(&root),
+        Cmd::Test { filter } => test(&root, filter.as_deref()),
+        Cmd::Demo => {
+            require_root("the demo")?;
+            setup(&root)?;
+            build(&root)?;
+            run(Command::new(root.join("target/release/sluice-demo"))
+                .env("SLUICE_BIN", agent_bin(&root)))
+        }
+        Cmd::Bench { which } => {
+            require_root("the benchmarks")?;
+            setup(&root)?;
+            build(&root)?;
+            let mut cmd = Command::new(root.join("target/release/sluice-bench"));
+            cmd.env("SLUICE_BIN", agent_bin(&root));
+            if let Some(which) = which {
+                cmd.arg(which);
+            }
+            run(&mut cmd)
+        }
+        Cmd::Manifests { check } => manifests(&root, check),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn agent_bin(root: &Path) -> PathBuf {
+    root.join("target/release/sluice")
+}
+
+fn say(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+/// Runs `cmd`, failing with its command line if it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!(
+            "{what} need root (eBPF, network namespaces, cgroups); run as root, e.g. `sudo -E cargo xtask ...`"
+        );
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+const BPF_LINKER_VERSION: &str = "0.10.4";
+const APT_TOOLS: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("iperf3", "iperf3"),
+    ("wrk", "wrk"),
+    ("iptables", "iptables"),
+    ("tcpdump", "tcpdump"),
+    ("openssl", "openssl"),
+];
+
+fn setup(root: &Path) -> Result<()> {
+    // Nightly's rust-src, for -Z build-std=core.
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .context("running rustc +nightly (is the nightly toolchain installed?)")?;
+    if !sysroot.status.success() {
+        bail!(
+            "no nightly toolchain: {}",
+            String::from_utf8_lossy(&sysroot.stderr)
+        );
+    }
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        say("nightly rust-src: present");
+    } else {
+        say("nightly rust-src: installing");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    match linker {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) => {
+            say(&format!("bpf-linker {BPF_LINKER_VERSION}: present"))
+        }
+        _ => {
+            say(&format!(
+                "bpf-linker {BPF_LINKER_VERSION}: installing (about 3 minutes)"
+            ));
+            run(Command::new("cargo").args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+            ]))?;
+        }
+    }
+
+    let missing: Vec<&str> = APT_TOOLS
+        .iter()
+        .filter(|(bin, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {bin}")])))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        say("system tools (bpftool, iproute2, iperf3, wrk, iptables, tcpdump, openssl): present");
+    } else {
+        say(&format!("system tools: installing {}", missing.join(" ")));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    if succeeds(Command::new("sh").args(["-c", "mount | grep -q ' /sys/fs/bpf type bpf '"])) {
+        say("bpffs: mounted at /sys/fs/bpf");
+    } else {
+        say("bpffs: mounting at /sys/fs/bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+
+    let apiserver = root.join("tests/apiserver/apiserver.sh");
+    if apiserver.is_file() {
+        run(Command::new("bash").arg(&apiserver).arg("install"))?;
+    }
+    Ok(())
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    say("building the eBPF programs (nightly, bpfel-unknown-none)");
+    run(Command::new("cargo")
+        .current_dir(root.join("ebpf/programs"))
+        // The outer (stable) cargo's environment must not leak into the nightly build.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("LD_LIBRARY_PATH")
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+        ]))
+}
+
+fn build(root: &Path) -> Result<()> {
+    build_ebpf(root)?;
+    say("building the agent and test binaries (release)");
+    run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--workspace",
+        "--bins",
+    ]))
+}
+
+fn test(root: &Path, filter: Option<&str>) -> Result<()> {
+    require_root("the tests")?;
+    setup(root)?;
+    build(root)?;
+    let filter: Vec<&str> = filter.into_iter().collect();
+    say("unit tests");
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "sluice",
+            "-p",
+            "sluice-common",
+            "-p",
+            "xtask",
+            "--",
+        ])
+        .args(&filter))?;
+    say("end-to-end tests (one at a time: they share the kernel)");
+    run(Command::new("cargo")
+        .current_dir(root)
+        .env("SLUICE_BIN", agent_bin(root))
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "sluice-tests",
+            "--",
+            "--test-threads=1",
+        ])
+        .args(&filter))
+}
+
+fn manifests(root: &Path, check: bool) -> Result<()> {
+    build_ebpf(root)?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "sluice",
+            "--",
+            "manifests",
+            "--dir",
+        ])
+        .arg(root.join("deploy"));
+    if check {
+        cmd.arg("--check");
+    }
+    run(&mut cmd)
+}
