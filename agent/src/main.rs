@@ -1,1 +1,142 @@
-fn main() {}
+//! The `sluice` binary.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice::redirect::enroll::{self, Request, Sandbox};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sluice node agent: eBPF capture and HBONE node proxy"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        global = true,
+        env = "SLUICE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent.
+    Run {
+        /// Config file: an AgentConfig document and Kubernetes-shaped resources.
+        #[arg(long)]
+        config: PathBuf,
+        /// Node name (overrides the file and NODE_NAME).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Chained CNI plugin (reads CNI_* variables and stdin, as the CNI spec says).
+    Cni,
+    /// Talk to a running agent's enrollment API.
+    Enroll {
+        #[arg(long, default_value = sluice::redirect::cni::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        op: EnrollOp,
+    },
+    /// Remove everything Sluice pinned under a bpffs directory (detaches its programs).
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/sluice")]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnrollOp {
+    /// Report a pod sandbox.
+    Add {
+        #[arg(long)]
+        uid: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long = "ip", required = true)]
+        ips: Vec<std::net::IpAddr>,
+    },
+    /// Forget a pod sandbox.
+    Del {
+        #[arg(long)]
+        uid: String,
+    },
+    /// List sandboxes.
+    List,
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Cni => std::process::exit(sluice::redirect::cni::main()),
+        Cmd::Run { config, node } => {
+            init_logging(cli.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(sluice::app::run(sluice::app::RunArgs { config, node }))
+        }
+        Cmd::Enroll { socket, op } => {
+            let req = match op {
+                EnrollOp::Add {
+                    uid,
+                    namespace,
+                    name,
+                    netns,
+                    ips,
+                } => Request::Add {
+                    pod: Sandbox {
+                        uid,
+                        namespace,
+                        name,
+                        netns,
+                        cgroup: None,
+                        ips,
+                    },
+                },
+                EnrollOp::Del { uid } => Request::Del { uid },
+                EnrollOp::List => Request::List,
+            };
+            let resp = enroll::call(&socket, &req)?;
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+            if !resp.ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Cleanup { pin_path } => {
+            if pin_path.exists() {
+                std::fs::remove_dir_all(&pin_path)?;
+                eprintln!("removed {}", pin_path.display());
+            }
+            Ok(())
+        }
+    }
+}

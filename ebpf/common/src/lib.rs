@@ -11,12 +11,15 @@ pub const AF_INET: u16 = 2;
 /// `AF_INET6`, as the kernel numbers it.
 pub const AF_INET6: u16 = 10;
 
-/// `SO_MARK` carried by every socket the proxy opens inside a pod. Captures never touch a
-/// socket with this mark, and replies to the proxy's transparent connections are routed back
-/// to it by a policy rule on this mark (same value as ztunnel's, so operators recognise it).
+/// `SO_MARK` of the proxy's ordinary sockets inside a pod: captures never touch them.
 pub const PROXY_MARK: u32 = 0x539;
-/// Routing table, inside each pod's network namespace, that delivers marked replies locally.
-pub const PROXY_ROUTE_TABLE: u32 = 0x539;
+/// `SO_MARK` of the proxy's transparent connections to a pod's application (source = the real
+/// client). The pod accepts them with `tcp_fwmark_accept`, so the application's replies carry
+/// the mark too, and a policy rule on it sends them to [`TRANSPARENT_ROUTE_TABLE`].
+pub const TRANSPARENT_MARK: u32 = 0x53a;
+/// Routing table, inside each pod's network namespace, that delivers marked replies locally
+/// (back to the proxy's transparent socket) instead of out of the pod.
+pub const TRANSPARENT_ROUTE_TABLE: u32 = 0x53a;
 
 /// Loopback port of the proxy's outbound listener inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -51,6 +54,7 @@ pub mod maps {
     pub const EXCLUDED_CIDRS6: &str = "sluice_excl_v6";
     pub const POD_IPS: &str = "sluice_pod_ips";
     pub const INBOUND_SOCKETS: &str = "sluice_in_socks";
+    pub const TRANSPARENT_SOURCES: &str = "sluice_tproxy";
 }
 
 /// Runtime settings the agent writes into the one-element `sluice_config` array.
@@ -61,11 +65,12 @@ pub struct Config {
     pub log_level: u32,
     /// Mark of the proxy's own sockets.
     pub proxy_mark: u32,
+    /// Mark of the proxy's transparent sockets (also never captured).
+    pub transparent_mark: u32,
     /// Outbound listener port (host order).
     pub outbound_port: u16,
     /// HBONE port (host order), never steered inbound.
     pub hbone_port: u16,
-    pub _pad: u32,
 }
 
 /// An IPv4 or IPv6 address as a map key. IPv4 uses `addr[0]`, the rest is zero.
@@ -91,6 +96,8 @@ pub struct OrigDst {
     /// IPv4, so this may differ from `ip.family`).
     pub listener_family: u16,
     pub _pad: u32,
+    /// Network namespace the connect came from, so a removed pod's entries can be found.
+    pub netns_cookie: u64,
 }
 
 /// Finds a captured connection from the proxy's side: the pod's network namespace, and the
@@ -107,6 +114,18 @@ pub struct PeerKey {
     pub _pad: u32,
 }
 
+/// A client address the proxy is connecting *from* (a transparent connection to a pod's
+/// application). `sk_lookup` lets SYNs from these through to the application: looped back
+/// inside the pod, they are otherwise indistinguishable from a real client's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub ip: IpKey,
+    /// Source port (host order).
+    pub port: u16,
+    pub _pad: u16,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
@@ -114,4 +133,5 @@ mod user {
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::SourceKey {}
 }

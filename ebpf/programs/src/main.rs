@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, trace};
 use sluice_common::{
-    AF_INET, AF_INET6, Config, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, IpKey, OrigDst, PeerKey,
+    AF_INET, AF_INET6, Config, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, IpKey, OrigDst, PeerKey, SourceKey,
     log_level,
 };
 
@@ -35,7 +35,6 @@ const IPPROTO_TCP: u32 = 6;
 const PROCEED: i32 = 1;
 /// `BPF_F_NO_PREALLOC`, required for LPM tries.
 const NO_PREALLOC: u32 = 1;
-const LOOPBACK_IFINDEX: u32 = 1;
 
 #[map(name = "sluice_config")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -66,6 +65,10 @@ static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1024, NO_PREALLOC);
 /// dropped while the proxy has no listener there (fail closed, never around the proxy).
 #[map(name = "sluice_pod_ips")]
 static POD_IPS: HashMap<IpKey, u64> = HashMap::pinned(16384, 0);
+
+/// Sources of the proxy's own transparent connections to applications (see `SourceKey`).
+#[map(name = "sluice_tproxy")]
+static TRANSPARENT_SOURCES: HashMap<SourceKey, u8> = HashMap::pinned(65536, 0);
 
 /// The proxy's inbound listener for each pod address.
 #[map(name = "sluice_in_socks")]
@@ -109,23 +112,24 @@ fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
     out
 }
 
-/// Decides whether a connect is captured; `None` leaves it alone.
+/// The netns cookie of a TCP connect made in an enrolled pod by anyone but the proxy.
 #[inline(always)]
-fn enrolled_stream(ctx: &SockAddrContext, cfg: &Config) -> bool {
+fn enrolled_stream(ctx: &SockAddrContext, cfg: &Config) -> Option<u64> {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
-        return false;
+        return None;
     }
     // SAFETY: helper allowed for cgroup_sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup.
-    if unsafe { ENROLLED.get(&netns) }.is_none() {
-        return false;
-    }
+    unsafe { ENROLLED.get(&netns) }?;
     // SAFETY: `sk` is always set for connect hooks.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    mark != cfg.proxy_mark
+    if mark == cfg.proxy_mark || mark == cfg.transparent_mark {
+        return None;
+    }
+    Some(netns)
 }
 
 #[inline(always)]
@@ -138,9 +142,9 @@ fn record(ctx: &SockAddrContext, orig: &OrigDst) -> bool {
 #[cgroup_sock_addr(connect4)]
 pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
     let cfg = config();
-    if !enrolled_stream(&ctx, &cfg) {
+    let Some(netns_cookie) = enrolled_stream(&ctx, &cfg) else {
         return PROCEED;
-    }
+    };
     // SAFETY: the context pointer is valid and writable for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = sa.user_ip4;
@@ -153,6 +157,7 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
         port,
         listener_family: AF_INET,
         _pad: 0,
+        netns_cookie,
     };
     if !record(&ctx, &orig) {
         return PROCEED;
@@ -168,9 +173,9 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     let cfg = config();
-    if !enrolled_stream(&ctx, &cfg) {
+    let Some(netns_cookie) = enrolled_stream(&ctx, &cfg) else {
         return PROCEED;
-    }
+    };
     // SAFETY: the context pointer is valid and writable for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
@@ -189,6 +194,7 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             port,
             listener_family: AF_INET,
             _pad: 0,
+            netns_cookie,
         };
         if !record(&ctx, &orig) {
             return PROCEED;
@@ -204,6 +210,7 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             port,
             listener_family: AF_INET6,
             _pad: 0,
+            netns_cookie,
         };
         if !record(&ctx, &orig) {
             return PROCEED;
@@ -253,9 +260,7 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
 pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's run.
     let l = unsafe { &*ctx.lookup };
-    if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
-        // Loopback carries the pod's own traffic and the proxy's transparent connections to
-        // the application, which must reach the application itself.
+    if l.protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
     let cfg = config();
@@ -263,11 +268,48 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     if port == cfg.hbone_port || port_excluded(port, EXCLUDE_INBOUND) {
         return sk_action::SK_PASS;
     }
+    // Volatile reads, one context field at a time: the verifier refuses context loads through
+    // a computed pointer, which is what LLVM emits if it merges the two families' loads.
     let key = if l.family == u32::from(AF_INET) {
-        IpKey { family: AF_INET, _pad: 0, addr: [l.local_ip4, 0, 0, 0] }
+        // SAFETY: in-bounds field of the context.
+        let ip4 = unsafe { core::ptr::read_volatile(&l.local_ip4) };
+        IpKey { family: AF_INET, _pad: 0, addr: [ip4, 0, 0, 0] }
     } else {
-        IpKey { family: AF_INET6, _pad: 0, addr: l.local_ip6 }
+        // SAFETY: in-bounds fields of the context.
+        let w = unsafe {
+            [
+                core::ptr::read_volatile(&l.local_ip6[0]),
+                core::ptr::read_volatile(&l.local_ip6[1]),
+                core::ptr::read_volatile(&l.local_ip6[2]),
+                core::ptr::read_volatile(&l.local_ip6[3]),
+            ]
+        };
+        IpKey { family: AF_INET6, _pad: 0, addr: w }
     };
+    // The proxy's own connection to the application, from the real client's address.
+    let remote = if l.family == u32::from(AF_INET) {
+        // SAFETY: in-bounds field of the context.
+        let ip4 = unsafe { core::ptr::read_volatile(&l.remote_ip4) };
+        IpKey { family: AF_INET, _pad: 0, addr: [ip4, 0, 0, 0] }
+    } else {
+        // SAFETY: in-bounds fields of the context.
+        let w = unsafe {
+            [
+                core::ptr::read_volatile(&l.remote_ip6[0]),
+                core::ptr::read_volatile(&l.remote_ip6[1]),
+                core::ptr::read_volatile(&l.remote_ip6[2]),
+                core::ptr::read_volatile(&l.remote_ip6[3]),
+            ]
+        };
+        IpKey { family: AF_INET6, _pad: 0, addr: w }
+    };
+    // SAFETY: in-bounds field of the context.
+    let remote_port = u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) });
+    let source = SourceKey { ip: remote, port: remote_port, _pad: 0 };
+    // SAFETY: read-only lookup.
+    if unsafe { TRANSPARENT_SOURCES.get(&source) }.is_some() {
+        return sk_action::SK_PASS;
+    }
     match INBOUND_SOCKETS.redirect_sk_lookup(&ctx, key, 0) {
         Ok(()) => {
             if cfg.log_level >= log_level::DEBUG {

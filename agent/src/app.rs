@@ -1,0 +1,96 @@
+//! `sluice run`: wires sources → state → consumers.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::{
+    config::AgentConfig,
+    proxy::ProxyInputs,
+    redirect::{
+        ebpf::{Capture, CaptureSettings},
+        enroll,
+        manager::PodManager,
+        netns::HomeNetns,
+    },
+    sources::file,
+    state,
+};
+
+/// Command-line overrides for `sluice run`.
+#[derive(Debug, Default)]
+pub struct RunArgs {
+    pub config: PathBuf,
+    pub node: Option<String>,
+}
+
+/// Loads the config file, applying overrides and validating.
+pub fn load_config(args: &RunArgs) -> Result<file::LocalFile> {
+    let mut local = file::load(&args.config)?;
+    if let Some(node) = args
+        .node
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+    {
+        local.agent.node_name = node;
+    }
+    local
+        .agent
+        .validate()
+        .with_context(|| format!("{}", args.config.display()))?;
+    Ok(local)
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let local = load_config(&args)?;
+    let agent: AgentConfig = local.agent.clone();
+    info!(node = %agent.node_name, config = %args.config.display(), "starting sluice agent");
+
+    // Sources → state.
+    let (publisher, state) = state::channel();
+    let built = state::build(&local.resources, &agent.mesh_settings());
+    for r in &built.rejections {
+        tracing::warn!(rejection = %r, "resource left out of the mesh state");
+    }
+    publisher.publish(built.state);
+
+    // Capture.
+    let home = HomeNetns::capture().context("opening the agent's own network namespace")?;
+    let settings = CaptureSettings::from_config(&agent.capture, agent.ebpf_log_level.as_u32());
+    let capture =
+        Capture::load(&agent.bpf_pin_path, &agent.cgroup_root, &settings).with_context(|| {
+            format!(
+                "loading eBPF programs (pins under {})",
+                agent.bpf_pin_path.display()
+            )
+        })?;
+    let proxy = ProxyInputs {
+        state: state.clone(),
+        capture: capture.maps(),
+        home: home.clone(),
+        node_name: agent.node_name.clone(),
+    };
+    let mut manager = PodManager::new(capture, home, &agent.state_dir, proxy)
+        .with_context(|| format!("state directory {}", agent.state_dir.display()))?;
+    manager.restore();
+
+    let (tx, rx) = mpsc::channel(64);
+    let listener = enroll::bind(&agent.enrollment_socket)
+        .with_context(|| format!("enrollment socket {}", agent.enrollment_socket.display()))?;
+    tokio::spawn(enroll::serve(listener, tx));
+    let manager_task = tokio::spawn(manager.run(rx, state.clone()));
+    info!(socket = %agent.enrollment_socket.display(), "ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted"),
+        _ = term.recv() => info!("terminated"),
+        r = manager_task => { r.context("pod manager stopped")?; }
+    }
+    // Pinned programs, links and maps stay: capture keeps working across a restart, and
+    // connections already established continue. `sluice cleanup` removes everything.
+    drop(publisher);
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Inbound: plaintext connections to a pod, steered here by `sluice_sk_lookup`.
+//!
+//! The accepted socket's local address is the address the client dialled. The proxy connects
+//! on to the application from the client's own address (a transparent socket), so the
+//! application sees the real client; see `redirect::pod_net` for how replies find their way
+//! back.
+use std::{net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Instant};
+
+use sluice_common::TRANSPARENT_MARK;
+use socket2::Domain;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{info, warn};
+
+use super::{ProxyInputs, copy, pod::PodContext};
+
+/// Accepts steered connections on a pod's inbound listener until the task is aborted.
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                tokio::spawn(handle(client, peer, pod.clone(), inputs.clone()));
+            }
+            Err(e) => {
+                warn!(pod = %pod.uid, error = %e, "inbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    inputs: ProxyInputs,
+) {
+    let start = Instant::now();
+    let dst = match client.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(pod = %pod.uid, error = %e, "inbound connection has no local address");
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let result = match connect_transparent(&pod, &inputs, peer, dst).await {
+        Ok(mut app) => copy::bidirectional(&mut client, &mut app)
+            .await
+            .map_err(|e| ("copy", e)),
+        Err(e) => Err(("connect", e)),
+    };
+    let duration_ms = start.elapsed().as_millis() as u64;
+    let pod_name = format!("{}/{}", pod.namespace, pod.name);
+    match result {
+        Ok(t) => info!(
+            target: "sluice::access",
+            direction = "inbound",
+            pod = %pod_name,
+            src = %peer,
+            dst = %dst,
+            sent = t.sent,
+            received = t.received,
+            duration_ms,
+            outcome = "ok",
+            "connection complete"
+        ),
+        Err((stage, e)) => info!(
+            target: "sluice::access",
+            direction = "inbound",
+            pod = %pod_name,
+            src = %peer,
+            dst = %dst,
+            duration_ms,
+            outcome = stage,
+            error = %e,
+            "connection failed"
+        ),
+    }
+}
+
+const IPV6_TRANSPARENT: libc::c_int = 75;
+
+/// Connects to the application at `dst` from `client`'s address, inside the pod.
+pub(crate) async fn connect_transparent(
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+    client: SocketAddr,
+    dst: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let domain = if dst.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = pod
+        .netns
+        .tcp_socket(&inputs.home, domain, TRANSPARENT_MARK)?;
+    if dst.is_ipv4() {
+        socket.set_ip_transparent(true)?;
+    } else {
+        let one: libc::c_int = 1;
+        // SAFETY: valid socket fd and an int-sized option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_IPV6,
+                IPV6_TRANSPARENT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // Keep the client's address, let the kernel pick a port.
+    socket.bind(&SocketAddr::new(client.ip(), 0).into())?;
+    let source = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("transparent socket has no address"))?;
+    inputs.capture.allow_transparent_source(source)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let connected = socket.connect(dst).await;
+    // Only the handshake's SYNs needed the exemption.
+    inputs.capture.forget_transparent_source(source);
+    let stream = connected?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

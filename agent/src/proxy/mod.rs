@@ -1,0 +1,46 @@
+//! The node proxy: per-pod listeners, outbound and inbound connection handling.
+pub mod copy;
+pub mod inbound;
+pub mod outbound;
+pub mod pod;
+pub mod route;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use crate::{redirect::netns::HomeNetns, state::StateHandle};
+
+/// What the proxy asks of the kernel side of capture.
+pub trait CaptureTables: Send + Sync {
+    /// Takes (reads and forgets) the original destination of the connection accepted from
+    /// `peer` on a pod's outbound listener, in the namespace with cookie `netns_cookie`.
+    fn take_orig_dst(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr>;
+    /// Exempts the proxy's transparent connection from `source` from inbound steering.
+    fn allow_transparent_source(&self, source: SocketAddr) -> std::io::Result<()>;
+    /// Ends the exemption.
+    fn forget_transparent_source(&self, source: SocketAddr);
+}
+
+impl CaptureTables for crate::redirect::ebpf::CaptureMaps {
+    fn take_orig_dst(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        crate::redirect::ebpf::CaptureMaps::take_orig_dst(self, netns_cookie, peer)
+    }
+    fn allow_transparent_source(&self, source: SocketAddr) -> std::io::Result<()> {
+        crate::redirect::ebpf::CaptureMaps::allow_transparent_source(self, source)
+            .map_err(std::io::Error::other)
+    }
+    fn forget_transparent_source(&self, source: SocketAddr) {
+        if let Err(e) = crate::redirect::ebpf::CaptureMaps::forget_transparent_source(self, source)
+        {
+            tracing::warn!(%source, error = %e, "forgetting a transparent source");
+        }
+    }
+}
+
+/// What every proxy task needs, shared.
+#[derive(Clone)]
+pub struct ProxyInputs {
+    pub state: StateHandle,
+    pub capture: Arc<dyn CaptureTables>,
+    pub home: HomeNetns,
+    pub node_name: String,
+}

@@ -1,0 +1,94 @@
+//! Outbound: connections a pod's application made, captured by `sluice_connect4/6`.
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use sluice_common::PROXY_MARK;
+use socket2::Domain;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::{ProxyInputs, copy, pod::PodContext, route};
+
+/// Accepts captured connections on a pod's outbound listener until the task is aborted.
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                tokio::spawn(handle(client, peer, pod.clone(), inputs.clone()));
+            }
+            Err(e) => {
+                warn!(pod = %pod.uid, error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    inputs: ProxyInputs,
+) {
+    let start = Instant::now();
+    let Some(orig) = inputs.capture.take_orig_dst(pod.netns.cookie(), peer) else {
+        // Someone connected to the listener directly: there is nowhere to send it.
+        debug!(pod = %pod.uid, %peer, "outbound connection without a captured destination, closing");
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let route = route::choose(&inputs.state.current(), orig);
+    let result = match &route {
+        route::Route::Direct { dst } => match connect_direct(&pod, &inputs, *dst).await {
+            Ok(mut upstream) => copy::bidirectional(&mut client, &mut upstream)
+                .await
+                .map_err(|e| ("copy", e)),
+            Err(e) => Err(("connect", e)),
+        },
+    };
+    let duration_ms = start.elapsed().as_millis() as u64;
+    match result {
+        Ok(t) => info!(
+            target: "sluice::access",
+            direction = "outbound",
+            pod = %format!("{}/{}", pod.namespace, pod.name),
+            src = %pod.ips.first().map(|ip| ip.to_string()).unwrap_or_default(),
+            orig_dst = %orig,
+            route = "direct",
+            sent = t.sent,
+            received = t.received,
+            duration_ms,
+            outcome = "ok",
+            "connection complete"
+        ),
+        Err((stage, e)) => info!(
+            target: "sluice::access",
+            direction = "outbound",
+            pod = %format!("{}/{}", pod.namespace, pod.name),
+            orig_dst = %orig,
+            route = "direct",
+            duration_ms,
+            outcome = stage,
+            error = %e,
+            "connection failed"
+        ),
+    }
+}
+
+/// Plain TCP from inside the pod (so the pod's own address is the source), marked so that the
+/// capture programs leave it alone.
+async fn connect_direct(
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+    dst: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let domain = if dst.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = pod.netns.tcp_socket(&inputs.home, domain, PROXY_MARK)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let stream = socket.connect(dst).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

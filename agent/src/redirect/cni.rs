@@ -1,0 +1,241 @@
+//! `sluice cni`: a chained CNI plugin that reports pod sandboxes to the agent.
+//!
+//! It follows the CNI spec (1.0): the command in `CNI_COMMAND`, the network configuration on
+//! stdin (with the previous plugin's result in `prevResult`), the result on stdout, and an
+//! error object on stdout with a non-zero exit on failure.
+use std::{collections::BTreeMap, io::Read, net::IpAddr, path::PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::enroll::{Request, Sandbox, call};
+
+/// Where the agent listens unless the network configuration says otherwise.
+pub const DEFAULT_SOCKET: &str = "/var/run/sluice/enroll.sock";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetConf {
+    cni_version: String,
+    #[serde(default)]
+    prev_result: Option<Value>,
+    /// Sluice's own key in the plugin's configuration.
+    #[serde(default)]
+    enrollment_socket: Option<PathBuf>,
+}
+
+/// CNI spec versions whose ADD/DEL this plugin understands.
+const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The CNI error codes this plugin uses (spec: 1-99 reserved, 100+ plugin-specific).
+const CODE_INCOMPATIBLE: u32 = 1;
+const CODE_DECODE: u32 = 6;
+const CODE_INVALID_ENV: u32 = 4;
+const CODE_AGENT: u32 = 100;
+
+/// Runs one CNI invocation; returns the process exit code.
+pub fn main() -> i32 {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let mut stdin = String::new();
+    let result = std::io::stdin()
+        .read_to_string(&mut stdin)
+        .context("reading stdin")
+        .and_then(|_| run(&env, &stdin));
+    match result {
+        Ok(out) => {
+            if let Some(out) = out {
+                println!("{out}");
+            }
+            0
+        }
+        Err(e) => {
+            let code = e
+                .downcast_ref::<CniError>()
+                .map(|c| c.0)
+                .unwrap_or(CODE_AGENT);
+            let version = serde_json::from_str::<Value>(&stdin)
+                .ok()
+                .and_then(|v| {
+                    v.get("cniVersion")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| "1.0.0".into());
+            println!(
+                "{}",
+                json!({"cniVersion": version, "code": code, "msg": "sluice", "details": format!("{e:#}")})
+            );
+            1
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("CNI error {0}")]
+struct CniError(u32);
+
+fn fail(code: u32, msg: String) -> anyhow::Error {
+    anyhow::Error::new(CniError(code)).context(msg)
+}
+
+/// Handles a command with its environment and stdin; `Ok(Some(json))` is printed.
+pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option<String>> {
+    let command = env
+        .get("CNI_COMMAND")
+        .map(String::as_str)
+        .unwrap_or_default();
+    if command == "VERSION" {
+        return Ok(Some(
+            json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+        ));
+    }
+    let conf: NetConf = serde_json::from_str(stdin)
+        .map_err(|e| fail(CODE_DECODE, format!("network configuration: {e}")))?;
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(fail(
+            CODE_INCOMPATIBLE,
+            format!("cniVersion {:?} is not supported", conf.cni_version),
+        ));
+    }
+    let socket = conf
+        .enrollment_socket
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SOCKET.into());
+    let args = parse_cni_args(env.get("CNI_ARGS").map(String::as_str).unwrap_or_default());
+    match command {
+        "ADD" => {
+            let Some(prev) = conf.prev_result.clone() else {
+                return Err(fail(
+                    CODE_INCOMPATIBLE,
+                    "sluice is a chained plugin: no prevResult from the plugin before it".into(),
+                ));
+            };
+            let uid = args
+                .get("K8S_POD_UID")
+                .or_else(|| env.get("CNI_CONTAINERID"))
+                .cloned()
+                .unwrap_or_default();
+            let netns = env
+                .get("CNI_NETNS")
+                .cloned()
+                .ok_or_else(|| fail(CODE_INVALID_ENV, "CNI_NETNS is not set".into()))?;
+            let sandbox = Sandbox {
+                uid,
+                namespace: args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_default(),
+                name: args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
+                netns: netns.into(),
+                cgroup: None,
+                ips: prev_result_ips(&prev)?,
+            };
+            let answer = call(&socket, &Request::Add { pod: sandbox })?;
+            if !answer.ok {
+                bail!(
+                    "agent refused the pod: {}",
+                    answer.error.unwrap_or_default()
+                );
+            }
+            // A chained plugin passes the previous result on unchanged.
+            Ok(Some(prev.to_string()))
+        }
+        "DEL" => {
+            let uid = args
+                .get("K8S_POD_UID")
+                .or_else(|| env.get("CNI_CONTAINERID"))
+                .cloned()
+                .unwrap_or_default();
+            // DEL must succeed when the agent is gone or the pod unknown (spec: idempotent).
+            if let Ok(answer) = call(&socket, &Request::Del { uid }) {
+                if !answer.ok {
+                    eprintln!("sluice: agent: {}", answer.error.unwrap_or_default());
+                }
+            }
+            Ok(None)
+        }
+        "CHECK" | "STATUS" | "GC" => Ok(None),
+        other => Err(fail(
+            CODE_INVALID_ENV,
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"),
+        )),
+    }
+}
+
+fn parse_cni_args(raw: &str) -> BTreeMap<String, String> {
+    raw.split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Pod addresses from a CNI result (`ips[].address`, CIDR notation).
+fn prev_result_ips(prev: &Value) -> anyhow::Result<Vec<IpAddr>> {
+    let mut ips = Vec::new();
+    for (i, entry) in prev
+        .get("ips")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let addr = entry
+            .get("address")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let ip = addr.split('/').next().unwrap_or_default();
+        ips.push(ip.parse().map_err(|_| {
+            fail(
+                CODE_DECODE,
+                format!("prevResult.ips[{i}].address: {addr:?} is not an address"),
+            )
+        })?);
+    }
+    Ok(ips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(cmd: &str) -> BTreeMap<String, String> {
+        [
+            ("CNI_COMMAND", cmd),
+            ("CNI_NETNS", "/run/netns/x"),
+            (
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=a;K8S_POD_NAME=p;K8S_POD_UID=u",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect()
+    }
+
+    #[test]
+    fn version_lists_supported_versions() {
+        let out = run(&env("VERSION"), "").unwrap().unwrap();
+        assert!(out.contains("1.0.0"));
+    }
+
+    #[test]
+    fn add_without_prev_result_is_refused() {
+        let err = run(
+            &env("ADD"),
+            r#"{"cniVersion":"1.0.0","name":"k8s","type":"sluice"}"#,
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("chained"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_addresses_name_the_field() {
+        let prev = serde_json::json!({"ips": [{"address": "10.0.0.2/24"}, {"address": "nope"}]});
+        let err = prev_result_ips(&prev).unwrap_err();
+        assert!(format!("{err:#}").contains("prevResult.ips[1].address"));
+    }
+
+    #[test]
+    fn del_succeeds_without_an_agent() {
+        let conf = r#"{"cniVersion":"1.0.0","name":"k8s","type":"sluice","enrollmentSocket":"/nonexistent/sock"}"#;
+        assert_eq!(run(&env("DEL"), conf).unwrap(), None);
+    }
+}

@@ -1,0 +1,403 @@
+//! The pod manager: reconciles sandboxes (from the enrollment API) and mesh membership (from
+//! MeshState) into capture state — eBPF map entries, the pod's sk_lookup link, its routing and
+//! its proxy listeners. It is the only writer of that state, and every step is idempotent.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{
+    ebpf::{Capture, CaptureMaps},
+    enroll::{Command, Request, Response, Sandbox, SandboxStatus},
+    netns::{HomeNetns, Netns},
+    pod_net,
+};
+use crate::{
+    proxy::{
+        ProxyInputs,
+        pod::{PodContext, PodProxy},
+    },
+    state::{MeshState, Snapshot, StateHandle, build::membership},
+};
+
+/// A sandbox the manager has accepted, with its namespace open.
+struct Known {
+    sandbox: Sandbox,
+    netns: Arc<Netns>,
+}
+
+/// A captured pod.
+struct Captured {
+    ips: Vec<IpAddr>,
+    cookie: u64,
+    netns: Arc<Netns>,
+    _proxy: PodProxy,
+}
+
+/// Why a request was refused; the state is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("pod uid {0:?}: must be 1-128 characters of [A-Za-z0-9._-]")]
+    BadUid(String),
+    #[error("pod {0}: namespace and name must not be empty")]
+    NoName(String),
+    #[error("pod {0}: no IP addresses")]
+    NoIps(String),
+    #[error("pod {uid}: address {ip} already belongs to pod {owner}")]
+    IpTaken {
+        uid: String,
+        ip: IpAddr,
+        owner: String,
+    },
+    #[error("pod {uid}: {source}")]
+    Netns {
+        uid: String,
+        source: super::netns::NetnsError,
+    },
+    #[error(
+        "pod {uid}: network namespace {path} is the agent's own (host network pods are not captured)"
+    )]
+    HostNetns { uid: String, path: PathBuf },
+}
+
+/// Owns capture state for this node.
+pub struct PodManager {
+    capture: Capture,
+    maps: Arc<CaptureMaps>,
+    home: HomeNetns,
+    records: PathBuf,
+    proxy: ProxyInputs,
+    known: BTreeMap<String, Known>,
+    captured: BTreeMap<String, Captured>,
+}
+
+fn valid_uid(uid: &str) -> bool {
+    (1..=128).contains(&uid.len())
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl PodManager {
+    /// A manager over loaded `capture`; `state_dir` keeps sandbox records across restarts.
+    pub fn new(
+        capture: Capture,
+        home: HomeNetns,
+        state_dir: &Path,
+        proxy: ProxyInputs,
+    ) -> std::io::Result<Self> {
+        let records = state_dir.join("sandboxes");
+        std::fs::create_dir_all(&records)?;
+        Ok(Self {
+            maps: capture.maps(),
+            capture,
+            home,
+            records,
+            proxy,
+            known: BTreeMap::new(),
+            captured: BTreeMap::new(),
+        })
+    }
+
+    /// Reloads the sandboxes recorded by an earlier run. Records whose namespace is gone are
+    /// dropped; their map entries are swept by the next [`reconcile`](Self::reconcile).
+    pub fn restore(&mut self) {
+        let Ok(dir) = std::fs::read_dir(&self.records) else {
+            return;
+        };
+        for entry in dir.filter_map(Result::ok) {
+            let path = entry.path();
+            let parsed = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Sandbox>(&b).map_err(|e| e.to_string()));
+            match parsed.map(|sb| (self.validate(&sb).map_err(|e| e.to_string()), sb)) {
+                Ok((Ok(netns), sandbox)) => {
+                    info!(pod = %sandbox.uid, "restored sandbox record");
+                    self.known.insert(
+                        sandbox.uid.clone(),
+                        Known {
+                            sandbox,
+                            netns: Arc::new(netns),
+                        },
+                    );
+                }
+                Ok((Err(e), _)) | Err(e) => {
+                    warn!(record = %path.display(), error = %e, "dropping stale sandbox record");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+
+    fn validate(&self, sb: &Sandbox) -> Result<Netns, EnrollError> {
+        if !valid_uid(&sb.uid) {
+            return Err(EnrollError::BadUid(sb.uid.clone()));
+        }
+        if sb.namespace.is_empty() || sb.name.is_empty() {
+            return Err(EnrollError::NoName(sb.uid.clone()));
+        }
+        if sb.ips.is_empty() {
+            return Err(EnrollError::NoIps(sb.uid.clone()));
+        }
+        for (uid, k) in &self.known {
+            if uid == &sb.uid {
+                continue;
+            }
+            if let Some(ip) = sb.ips.iter().find(|ip| k.sandbox.ips.contains(ip)) {
+                return Err(EnrollError::IpTaken {
+                    uid: sb.uid.clone(),
+                    ip: *ip,
+                    owner: uid.clone(),
+                });
+            }
+        }
+        let netns = Netns::open(&sb.netns).map_err(|source| EnrollError::Netns {
+            uid: sb.uid.clone(),
+            source,
+        })?;
+        if netns.cookie() == self.home.netns().cookie() {
+            return Err(EnrollError::HostNetns {
+                uid: sb.uid.clone(),
+                path: sb.netns.clone(),
+            });
+        }
+        Ok(netns)
+    }
+
+    fn record_path(&self, uid: &str) -> PathBuf {
+        self.records.join(format!("{uid}.json"))
+    }
+
+    /// Handles one API request.
+    pub async fn handle(&mut self, req: Request, state: &MeshState) -> Response {
+        match req {
+            Request::Add { pod } => {
+                let netns = match self.validate(&pod) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(error = %e, "enrollment refused");
+                        return Response::error(e.to_string());
+                    }
+                };
+                let body = serde_json::to_vec_pretty(&pod).unwrap_or_default();
+                if let Err(e) = std::fs::write(self.record_path(&pod.uid), body) {
+                    return Response::error(format!("pod {}: recording the sandbox: {e}", pod.uid));
+                }
+                let uid = pod.uid.clone();
+                // A changed sandbox (new namespace or addresses) is recaptured from scratch.
+                if self.known.get(&uid).is_some_and(|k| k.sandbox != pod) {
+                    self.release(&uid).await;
+                }
+                self.known.insert(
+                    uid.clone(),
+                    Known {
+                        sandbox: pod,
+                        netns: Arc::new(netns),
+                    },
+                );
+                if let Err(e) = self.reconcile_one(&uid, state).await {
+                    return Response::error(e);
+                }
+                Response {
+                    ok: true,
+                    captured: Some(self.captured.contains_key(&uid)),
+                    error: None,
+                    sandboxes: vec![],
+                }
+            }
+            Request::Del { uid } => {
+                self.release(&uid).await;
+                self.known.remove(&uid);
+                let _ = std::fs::remove_file(self.record_path(&uid));
+                Response {
+                    ok: true,
+                    captured: Some(false),
+                    error: None,
+                    sandboxes: vec![],
+                }
+            }
+            Request::List => Response {
+                ok: true,
+                captured: None,
+                error: None,
+                sandboxes: self
+                    .known
+                    .values()
+                    .map(|k| SandboxStatus {
+                        pod: k.sandbox.clone(),
+                        captured: self.captured.contains_key(&k.sandbox.uid),
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    fn wanted(sb: &Sandbox, state: &MeshState) -> bool {
+        let workload = state
+            .workloads
+            .get(&crate::state::WorkloadUid(sb.uid.clone()))
+            .or_else(|| state.workload_by_name(&sb.namespace, &sb.name));
+        match workload {
+            Some(w) => w.membership.in_mesh(),
+            // Not (yet) seen by the sources: the namespace decides.
+            None => membership(&BTreeMap::new(), state.namespaces.get(&sb.namespace)).in_mesh(),
+        }
+    }
+
+    async fn reconcile_one(&mut self, uid: &str, state: &MeshState) -> Result<(), String> {
+        let Some(known) = self.known.get(uid) else {
+            self.release(uid).await;
+            return Ok(());
+        };
+        let want = Self::wanted(&known.sandbox, state);
+        match (want, self.captured.contains_key(uid)) {
+            (true, false) => {
+                let sandbox = known.sandbox.clone();
+                let netns = known.netns.clone();
+                self.capture_pod(sandbox, netns).await.map_err(|e| {
+                    warn!(pod = %uid, error = %e, "capture failed");
+                    e
+                })
+            }
+            (false, true) => {
+                self.release(uid).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn capture_pod(&mut self, sb: Sandbox, netns: Arc<Netns>) -> Result<(), String> {
+        let uid = sb.uid.clone();
+        pod_net::install(&netns, &self.home, &sb.ips)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ctx = Arc::new(PodContext {
+            uid: uid.clone(),
+            namespace: sb.namespace.clone(),
+            name: sb.name.clone(),
+            netns: netns.clone(),
+            ips: sb.ips.clone(),
+        });
+        let proxy = PodProxy::start(ctx, self.proxy.clone()).map_err(|e| e.to_string())?;
+        let cookie = netns.cookie();
+        let steps = || -> Result<(), super::ebpf::EbpfError> {
+            for ip in &sb.ips {
+                if let Some(fd) = proxy.inbound_listener_for(*ip) {
+                    self.maps.set_pod_ip(*ip, cookie, &fd)?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = steps()
+            .and_then(|()| self.capture.attach_pod(&uid, &netns))
+            .and_then(|()| self.maps.enroll_netns(cookie))
+        {
+            let _ = self.maps.purge_netns(cookie);
+            let _ = self.capture.detach_pod(&uid);
+            return Err(e.to_string());
+        }
+        info!(pod = %uid, namespace = %sb.namespace, name = %sb.name, netns = %sb.netns.display(), netns_cookie = cookie, ips = ?sb.ips, "pod captured");
+        self.captured.insert(
+            uid,
+            Captured {
+                ips: sb.ips,
+                cookie,
+                netns,
+                _proxy: proxy,
+            },
+        );
+        Ok(())
+    }
+
+    async fn release(&mut self, uid: &str) {
+        let Some(c) = self.captured.remove(uid) else {
+            return;
+        };
+        if let Err(e) = self.maps.unenroll_netns(c.cookie) {
+            warn!(pod = %uid, error = %e, "unenrolling");
+        }
+        for ip in &c.ips {
+            if let Err(e) = self.maps.remove_pod_ip(*ip) {
+                warn!(pod = %uid, error = %e, "removing pod address");
+            }
+        }
+        if let Err(e) = self.capture.detach_pod(uid) {
+            warn!(pod = %uid, error = %e, "detaching");
+        }
+        if let Err(e) = pod_net::remove(&c.netns, &self.home).await {
+            // The namespace is often gone already with the pod; nothing to undo then.
+            tracing::debug!(pod = %uid, error = %e, "removing pod routing");
+        }
+        match self.maps.purge_netns(c.cookie) {
+            Ok(n) if n > 0 => info!(pod = %uid, entries = n, "purged leftover map entries"),
+            Ok(_) => {}
+            Err(e) => warn!(pod = %uid, error = %e, "purging map entries"),
+        }
+        info!(pod = %uid, "pod released");
+    }
+
+    /// Brings every sandbox in line with `state`, then sweeps map entries and pinned links
+    /// that belong to no captured pod (left by a crash, or by pods deleted while we were down).
+    pub async fn reconcile(&mut self, state: &MeshState) {
+        let uids: Vec<String> = self
+            .known
+            .keys()
+            .chain(self.captured.keys())
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for uid in uids {
+            if let Err(e) = self.reconcile_one(&uid, state).await {
+                warn!(pod = %uid, error = %e, "reconcile failed; will retry on the next change");
+            }
+        }
+        let live: BTreeSet<u64> = self.captured.values().map(|c| c.cookie).collect();
+        for cookie in self.maps.known_netns().difference(&live) {
+            match self.maps.purge_netns(*cookie) {
+                Ok(n) => info!(
+                    netns_cookie = cookie,
+                    entries = n,
+                    "swept entries of a namespace no pod owns"
+                ),
+                Err(e) => warn!(netns_cookie = cookie, error = %e, "sweeping"),
+            }
+        }
+        for uid in self.capture.pinned_pods() {
+            if !self.captured.contains_key(&uid) {
+                info!(pod = %uid, "removing a pinned link no pod owns");
+                let _ = self.capture.detach_pod(&uid);
+            }
+        }
+    }
+
+    /// Runs until both the command channel and the state channel close.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut state: StateHandle) {
+        let mut current: Snapshot = state.current();
+        self.reconcile(&current).await;
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some((req, reply)) => {
+                        let resp = self.handle(req, &current).await;
+                        let _ = reply.send(resp);
+                    }
+                    None => break,
+                },
+                next = state.changed() => match next {
+                    Some(s) => {
+                        current = s;
+                        self.reconcile(&current).await;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+}
