@@ -2,6 +2,10 @@
 //!
 //! The local file and the kube watchers fill the same [`ResourceSet`], in the resources' own
 //! API groups and shapes, so YAML written for a cluster works unchanged in a local file.
+pub mod istio_networking;
+pub mod mesh_config;
+pub mod static_egress;
+
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use serde::Deserialize;
 
@@ -13,6 +17,15 @@ pub struct ResourceSet {
     pub services: Vec<Service>,
     pub nodes: Vec<Node>,
     pub config_maps: Vec<ConfigMap>,
+    /// `networking.istio.io` ServiceEntries (the external-service registry).
+    pub service_entries: Vec<istio_networking::ServiceEntry>,
+    /// `networking.istio.io` Sidecars (per-namespace/workload outbound traffic policy).
+    pub sidecars: Vec<istio_networking::Sidecar>,
+    /// `networking.istio.io` Gateways (egress gateways).
+    pub istio_gateways: Vec<istio_networking::Gateway>,
+    pub virtual_services: Vec<istio_networking::VirtualService>,
+    pub destination_rules: Vec<istio_networking::DestinationRule>,
+    pub static_gateway_configurations: Vec<static_egress::StaticGatewayConfiguration>,
 }
 
 /// Why a YAML document could not be read as a resource.
@@ -96,6 +109,33 @@ impl ResourceSet {
                 .push(serde_yaml::from_value(doc).map_err(invalid)?),
             ("v1", "ConfigMap") => self
                 .config_maps
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            (v, kind) if istio_networking::is_api_version(v) => match kind {
+                "ServiceEntry" => self
+                    .service_entries
+                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
+                "Sidecar" => self
+                    .sidecars
+                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
+                "Gateway" => self
+                    .istio_gateways
+                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
+                "VirtualService" => self
+                    .virtual_services
+                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
+                "DestinationRule" => self
+                    .destination_rules
+                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
+                _ => {
+                    return Err(DocumentError::UnknownKind {
+                        index,
+                        api_version,
+                        kind: kind.to_owned(),
+                    });
+                }
+            },
+            (static_egress::API_VERSION, "StaticGatewayConfiguration") => self
+                .static_gateway_configurations
                 .push(serde_yaml::from_value(doc).map_err(invalid)?),
             (AGENT_CONFIG_API_VERSION, AGENT_CONFIG_KIND) => return Ok(false),
             _ => {
