@@ -1,5 +1,5 @@
 //! The agent's own configuration: the `AgentConfig` document of the config file.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -88,6 +88,30 @@ pub struct AgentConfig {
     /// `/healthz/ready`.
     #[serde(default = "defaults::readiness_addr")]
     pub readiness_addr: SocketAddr,
+    /// The mesh config ConfigMap (Istio's `istio` in the root namespace when unset; the AKS
+    /// add-on's is `istio-shared-configmap-<revision>` in `aks-istio-system`).
+    #[serde(default)]
+    pub mesh_config: Option<ConfigMapRef>,
+    #[serde(default)]
+    pub egress: EgressConfig,
+}
+
+/// Names a ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigMapRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Egress settings of the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Egress prefix per StaticGatewayConfiguration (`namespace/name` → CIDR), for SGCs whose
+    /// `status.egressIpPrefix` no cloud controller fills.
+    #[serde(default)]
+    pub static_gateway_prefixes: BTreeMap<String, IpNet>,
 }
 
 mod defaults {
@@ -136,6 +160,16 @@ pub enum ConfigError {
     NoNodeName,
     #[error("spec.capture.{field}: port 0 is not a port")]
     ZeroPort { field: &'static str },
+    #[error("spec.egress.staticGatewayPrefixes: {key:?} is not namespace/name")]
+    StaticGatewayKey { key: String },
+    #[error(
+        "spec.egress.staticGatewayPrefixes[{key}]: {prefix} has host bits set; did you mean {network}?"
+    )]
+    StaticGatewayPrefix {
+        key: String,
+        prefix: IpNet,
+        network: IpNet,
+    },
     #[error(
         "spec.capture.excludedCidrs[{index}]: {cidr} has host bits set; did you mean {network}?"
     )]
@@ -164,6 +198,21 @@ impl AgentConfig {
                 return Err(ConfigError::ZeroPort { field });
             }
         }
+        for (key, prefix) in &self.egress.static_gateway_prefixes {
+            let valid_key = key.split_once('/').is_some_and(|(ns, name)| {
+                !ns.is_empty() && !name.is_empty() && !name.contains('/')
+            });
+            if !valid_key {
+                return Err(ConfigError::StaticGatewayKey { key: key.clone() });
+            }
+            if prefix.trunc() != *prefix {
+                return Err(ConfigError::StaticGatewayPrefix {
+                    key: key.clone(),
+                    prefix: *prefix,
+                    network: prefix.trunc(),
+                });
+            }
+        }
         for (index, cidr) in self.capture.excluded_cidrs.iter().enumerate() {
             if cidr.trunc() != *cidr {
                 return Err(ConfigError::HostBits {
@@ -181,7 +230,11 @@ impl AgentConfig {
         MeshSettings {
             trust_domain: self.trust_domain.clone(),
             root_namespace: self.root_namespace.clone(),
-            ..MeshSettings::default()
+            mesh_config: self
+                .mesh_config
+                .as_ref()
+                .map(|c| (c.namespace.clone(), c.name.clone())),
+            static_gateway_prefixes: self.egress.static_gateway_prefixes.clone(),
         }
     }
 }
@@ -202,6 +255,43 @@ mod tests {
     fn unknown_fields_are_named() {
         let err = serde_yaml::from_str::<AgentConfig>("nodeName: n\ncaptur: {}").unwrap_err();
         assert!(err.to_string().contains("captur"), "{err}");
+    }
+
+    #[test]
+    fn egress_settings_reach_mesh_settings() {
+        let c: AgentConfig = serde_yaml::from_str(
+            "nodeName: n\nmeshConfig: {namespace: aks-istio-system, name: istio-shared-configmap-asm-1-24}\negress: {staticGatewayPrefixes: {apps/sgc: 203.0.113.0/28}}",
+        )
+        .unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        let s = c.mesh_settings();
+        assert_eq!(
+            s.mesh_config,
+            Some((
+                "aks-istio-system".to_owned(),
+                "istio-shared-configmap-asm-1-24".to_owned()
+            ))
+        );
+        assert_eq!(
+            s.static_gateway_prefixes["apps/sgc"],
+            "203.0.113.0/28".parse::<IpNet>().unwrap()
+        );
+        let bad: AgentConfig = serde_yaml::from_str(
+            "nodeName: n\negress: {staticGatewayPrefixes: {apps/sgc: 203.0.113.1/28}}",
+        )
+        .unwrap();
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::StaticGatewayPrefix { .. })
+        ));
+        let bad_key: AgentConfig = serde_yaml::from_str(
+            "nodeName: n\negress: {staticGatewayPrefixes: {sgc: 203.0.113.0/28}}",
+        )
+        .unwrap();
+        assert!(matches!(
+            bad_key.validate(),
+            Err(ConfigError::StaticGatewayKey { .. })
+        ));
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
                 .insert(format!("{}/{}", svc.namespace, svc.name), svc);
         }
     }
+    out.state.egress =
+        super::egress::build(resources, settings, &out.state.workloads, &mut rejected);
     out.rejections = rejected.0;
     out
 }
