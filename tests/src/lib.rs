@@ -1,2 +1,6 @@
-
+//! Sluice's end-to-end test harness: worlds of network namespaces and cgroups with real agents
+//! (`world`, `agent`), and a real kube-apiserver (`kube_server`).
+pub mod agent;
+pub mod bpf;
 pub mod kube_server;
+pub mod world;

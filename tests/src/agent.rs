@@ -1,0 +1,192 @@
+//! A real `sluice run` process inside a node's network namespace.
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sluice::redirect::enroll::{Request, Response, Sandbox, call};
+
+use crate::world::Pod;
+
+/// The agent binary: `SLUICE_BIN`, or `target/<profile>/sluice` beside the test binary.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let candidate = profile_dir.join("sluice");
+    assert!(
+        candidate.exists(),
+        "agent binary not found at {} (set SLUICE_BIN or run `cargo xtask build`)",
+        candidate.display()
+    );
+    candidate
+}
+
+/// A running agent; stopped (SIGTERM) when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub socket: PathBuf,
+    pub netns: String,
+}
+
+impl Agent {
+    /// Starts the agent in `netns` with `config`; waits until it is ready.
+    pub fn start(netns: &str, config: &Path, dir: &Path) -> Agent {
+        let runs = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        let log = dir.join(format!("agent-{runs}.log"));
+        let log_file = File::create(&log).expect("agent log");
+        let ns = File::open(Path::new("/run/netns").join(netns)).expect("node netns");
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("SLUICE_LOG_FORMAT", "json")
+            .env(
+                "SLUICE_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        // SAFETY: only setns on a descriptor opened before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start sluice");
+        let mut agent = Agent {
+            child: Some(child),
+            log,
+            socket: dir.join("enroll.sock"),
+            netns: netns.into(),
+        };
+        agent.wait_for_log(
+            |l| l["message"] == "ready",
+            Duration::from_secs(30),
+            "agent ready",
+        );
+        agent
+    }
+
+    /// The agent's log lines so far, parsed.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for a log line matching `pred`; panics with the log tail after `timeout`.
+    pub fn wait_for_log(
+        &mut self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+        timeout: Duration,
+        what: &str,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| pred(l)) {
+                return line;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "agent exited ({status}) while waiting for {what}:\n{}",
+                        self.tail()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; agent log:\n{}",
+                self.tail()
+            );
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Sends a request to the enrollment API.
+    pub fn call(&self, request: &Request) -> Response {
+        call(&self.socket, request)
+            .unwrap_or_else(|e| panic!("enrollment API: {e:#}\n{}", self.tail()))
+    }
+
+    /// Reports `pod`'s sandbox.
+    pub fn enroll(&self, pod: &Pod) -> Response {
+        self.call(&Request::Add {
+            pod: Sandbox {
+                uid: pod.uid.clone(),
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                netns: pod.netns_path(),
+                cgroup: Some(pod.cgroup.clone()),
+                ips: vec![pod.ipv4, pod.ipv6],
+            },
+        })
+    }
+
+    /// Access-log lines (target `sluice::access`).
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|l| l["target"] == "sluice::access")
+            .collect()
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

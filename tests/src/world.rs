@@ -1,0 +1,671 @@
+//! A small cluster on one machine: nodes and pods as network namespaces joined by veth pairs,
+//! each pod with its own cgroup v2, and a real `sluice` agent per node.
+//!
+//! Addressing (fixed, so failures read easily): node *i* has `172.30.0.i` on the underlay
+//! (`fd30::i`); its pods are `10.0.i.j` / `fd00:i::j` (j ≥ 2), each behind a point-to-point
+//! veth whose node side carries the gateway `10.0.i.1` / `fd00:i::1`.
+//!
+//! Everything a world creates is named `sluice-<pid>-<n>-…` and removed when it drops, even
+//! after a panic; a new world also sweeps what a killed test process (a dead pid) left behind.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::Write,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::agent::Agent;
+
+/// cgroup v2 mount on the test machines (see ENVIRONMENT.md).
+pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
+/// bpffs mount.
+pub const BPFFS: &str = "/sys/fs/bpf";
+const PREFIX: &str = "sluice-";
+
+static WORLDS: AtomicU32 = AtomicU32::new(0);
+
+/// Panics with a reason unless the prerequisites of an end-to-end test hold.
+pub fn require_root_and_tools() {
+    // SAFETY: no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "end-to-end tests need root (eBPF, netns, cgroups): run `cargo xtask test` as root"
+    );
+    for tool in ["ip", "bpftool"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(found, "{tool} is missing: run `cargo xtask setup`");
+    }
+    assert!(
+        Path::new(CGROUP2).join("cgroup.procs").exists(),
+        "no cgroup v2 hierarchy at {CGROUP2}"
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf ")),
+        "bpffs is not mounted at {BPFFS}: run `cargo xtask setup`"
+    );
+}
+
+/// Runs `ip` with `args` (inside `netns` if given); panics with its stderr on failure.
+pub fn ip(netns: Option<&str>, args: &str) {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    cmd.args(args.split_whitespace());
+    let out = cmd.output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}{args}: {}",
+        netns.map(|n| format!("-n {n} ")).unwrap_or_default(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sysctl_in(netns: &str, key: &str, value: &str) {
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("{key}={value}"),
+        ])
+        .status()
+        .expect("sysctl");
+    assert!(status.success(), "sysctl {key} in {netns}");
+}
+
+/// Whether a process is alive.
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes leftovers of test processes that no longer run (names carry their pid).
+fn sweep_dead() {
+    let dead = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return false;
+        };
+        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        pid.is_some_and(|p| !alive(p))
+    };
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if dead(name) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    for dir in [CGROUP2, BPFFS] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if dead(&name) {
+                if dir == CGROUP2 {
+                    remove_cgroup_tree(&entry.path());
+                } else {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+}
+
+/// Kills every process in a cgroup subtree and removes it, deepest first.
+pub fn remove_cgroup_tree(path: &Path) {
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    let mut dirs = vec![path.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        for e in std::fs::read_dir(&dirs[i]).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            }
+        }
+        i += 1;
+    }
+    for dir in dirs.iter().rev() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// One pod: its namespace, cgroup and addresses.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub node: usize,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ipv4: IpAddr,
+    pub ipv6: IpAddr,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// `/run/netns/<name>`.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns)
+    }
+
+    /// A command that runs inside this pod: its network namespace and its cgroup.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        let netns = File::open(self.netns_path()).expect("open pod netns");
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.cgroup.join("cgroup.procs"))
+            .expect("open pod cgroup.procs");
+        // SAFETY: only async-signal-safe calls (write, setns) on descriptors opened before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let zero = b"0";
+                if libc::write(procs.as_raw_fd(), zero.as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub node: usize,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodSpec {
+    /// A pod `name` in `namespace` on node `node` (1-based), service account `name`.
+    pub fn new(name: &str, namespace: &str, node: usize) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            node,
+            service_account: name.into(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a pod label.
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+}
+
+/// A test cluster. Dropping it tears everything down.
+pub struct World {
+    pub id: String,
+    pub dir: tempfile::TempDir,
+    pub nodes: usize,
+    pub pods: Vec<Pod>,
+    /// Namespaces and their labels, written into every agent's config.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    cgroup_root: PathBuf,
+    children: Vec<Child>,
+    pub agents: BTreeMap<usize, Agent>,
+}
+
+impl World {
+    /// Builds `nodes` nodes and the given pods (not yet enrolled, no agents started).
+    pub fn build(nodes: usize, pods: &[PodSpec]) -> World {
+        require_root_and_tools();
+        sweep_dead();
+        let n = WORLDS.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{PREFIX}{}-{n}", std::process::id());
+        let cgroup_root = Path::new(CGROUP2).join(&id);
+        let mut world = World {
+            dir: tempfile::Builder::new()
+                .prefix(&format!("{id}-"))
+                .tempdir()
+                .expect("tempdir"),
+            id,
+            nodes,
+            pods: Vec::new(),
+            namespaces: BTreeMap::new(),
+            cgroup_root,
+            children: Vec::new(),
+            agents: BTreeMap::new(),
+        };
+        std::fs::create_dir_all(&world.cgroup_root).expect("create test cgroup");
+        for i in 1..=nodes {
+            world.build_node(i);
+        }
+        for spec in pods {
+            world.add_pod(spec.clone());
+        }
+        world
+    }
+
+    /// The name of node `i`'s network namespace.
+    pub fn node_netns(&self, i: usize) -> String {
+        format!("{}-node{i}", self.id)
+    }
+
+    /// Node `i`'s cgroup (the agent attaches its programs here; pods are below it).
+    pub fn node_cgroup(&self, i: usize) -> PathBuf {
+        self.cgroup_root.join(format!("node{i}"))
+    }
+
+    /// Node `i`'s bpffs pin directory.
+    pub fn pin_dir(&self, i: usize) -> PathBuf {
+        Path::new(BPFFS).join(format!("{}-node{i}", self.id))
+    }
+
+    fn build_node(&mut self, i: usize) {
+        let ns = self.node_netns(i);
+        ip(None, &format!("netns add {ns}"));
+        ip(Some(&ns), "link set lo up");
+        sysctl_in(&ns, "net.ipv4.ip_forward", "1");
+        sysctl_in(&ns, "net.ipv6.conf.all.forwarding", "1");
+        std::fs::create_dir_all(self.node_cgroup(i)).expect("node cgroup");
+        // Underlay: every earlier node gets a point-to-point link to this one.
+        for j in 1..i {
+            let other = self.node_netns(j);
+            ip(
+                None,
+                &format!("link add n{j} netns {ns} type veth peer name n{i} netns {other}"),
+            );
+            for (me, peer, nsn, dev) in [
+                (i, j, ns.clone(), format!("n{j}")),
+                (j, i, other.clone(), format!("n{i}")),
+            ] {
+                ip(
+                    Some(&nsn),
+                    &format!("addr add 172.30.{}.{me}/24 dev {dev}", link_id(i, j)),
+                );
+                ip(
+                    Some(&nsn),
+                    &format!("addr add fd30:{}::{me}/64 dev {dev} nodad", link_id(i, j)),
+                );
+                ip(Some(&nsn), &format!("link set {dev} up"));
+                ip(
+                    Some(&nsn),
+                    &format!(
+                        "route add 10.0.{peer}.0/24 via 172.30.{}.{peer}",
+                        link_id(i, j)
+                    ),
+                );
+                ip(
+                    Some(&nsn),
+                    &format!(
+                        "route add fd00:{peer}::/64 via fd30:{}::{peer}",
+                        link_id(i, j)
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Adds a pod (network namespace, veth, addresses, routes, cgroup).
+    pub fn add_pod(&mut self, spec: PodSpec) -> Pod {
+        assert!(
+            spec.node >= 1 && spec.node <= self.nodes,
+            "pod {} on node {} of {}",
+            spec.name,
+            spec.node,
+            self.nodes
+        );
+        let j = 2 + self.pods.iter().filter(|p| p.node == spec.node).count();
+        let i = spec.node;
+        let node_ns = self.node_netns(i);
+        let netns = format!("{}-{}", self.id, spec.name);
+        ip(None, &format!("netns add {netns}"));
+        ip(
+            Some(&node_ns),
+            &format!("link add p{j} type veth peer name eth0 netns {netns}"),
+        );
+        ip(Some(&node_ns), &format!("addr add 10.0.{i}.1/32 dev p{j}"));
+        ip(
+            Some(&node_ns),
+            &format!("addr add fd00:{i}::1/128 dev p{j} nodad"),
+        );
+        ip(Some(&node_ns), &format!("link set p{j} up"));
+        ip(
+            Some(&node_ns),
+            &format!("route add 10.0.{i}.{j}/32 dev p{j}"),
+        );
+        ip(
+            Some(&node_ns),
+            &format!("route add fd00:{i}::{j}/128 dev p{j}"),
+        );
+        ip(Some(&netns), "link set lo up");
+        ip(Some(&netns), &format!("addr add 10.0.{i}.{j}/32 dev eth0"));
+        ip(
+            Some(&netns),
+            &format!("addr add fd00:{i}::{j}/128 dev eth0 nodad"),
+        );
+        ip(Some(&netns), "link set eth0 up");
+        ip(
+            Some(&netns),
+            &format!("route add 10.0.{i}.1 dev eth0 scope link"),
+        );
+        ip(
+            Some(&netns),
+            &format!("route add default via 10.0.{i}.1 dev eth0"),
+        );
+        ip(Some(&netns), &format!("-6 route add fd00:{i}::1 dev eth0"));
+        ip(
+            Some(&netns),
+            &format!("-6 route add default via fd00:{i}::1 dev eth0"),
+        );
+        let cgroup = self.node_cgroup(i).join(&spec.name);
+        std::fs::create_dir_all(&cgroup).expect("pod cgroup");
+        let pod = Pod {
+            uid: format!("uid-{}-{}", spec.namespace, spec.name),
+            name: spec.name,
+            namespace: spec.namespace,
+            node: i,
+            netns,
+            cgroup,
+            ipv4: format!("10.0.{i}.{j}").parse().expect("ip"),
+            ipv6: format!("fd00:{i}::{j}").parse().expect("ip"),
+            service_account: spec.service_account,
+            labels: spec.labels,
+        };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// Declares a namespace with labels (written into the agents' config).
+    pub fn namespace(&mut self, name: &str, labels: &[(&str, &str)]) {
+        self.namespaces.insert(
+            name.into(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Kubernetes-shaped YAML for every namespace and pod, as the agents' local source reads it.
+    pub fn resources_yaml(&self) -> String {
+        let mut out = String::new();
+        for (name, labels) in &self.namespaces {
+            let doc = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
+            out.push_str(&format!(
+                "---\n{}\n",
+                serde_json::to_string(&doc).expect("json")
+            ));
+        }
+        for p in &self.pods {
+            let doc = serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
+                "spec": {"nodeName": format!("node{}", p.node), "serviceAccountName": p.service_account, "containers": []},
+                "status": {"podIPs": [{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}]},
+            });
+            out.push_str(&format!(
+                "---\n{}\n",
+                serde_json::to_string(&doc).expect("json")
+            ));
+        }
+        out
+    }
+
+    /// Starts a long-running process in a pod; it is killed when the world drops.
+    pub fn spawn_in(&mut self, pod: &str, args: &[&str]) -> usize {
+        let mut cmd = self.pod(pod).command(testpod_bin());
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("spawn in pod");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Starts `sluice-testpod serve ADDR` in a pod and waits until it listens.
+    pub fn serve(&mut self, pod: &str, addr: &str) -> Server {
+        let idx = self.spawn_in(pod, &["serve", addr]);
+        let stdout = self.children[idx].stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let first = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server did not start");
+        assert_eq!(first["event"], "listening", "server in {pod}: {first}");
+        Server { events: rx }
+    }
+
+    /// Runs `sluice-testpod` with `args` in a pod and returns its JSON result.
+    pub fn run_in(&self, pod: &str, args: &[&str]) -> serde_json::Value {
+        let out = self
+            .pod(pod)
+            .command(testpod_bin())
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run in pod");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("sluice-testpod {args:?} in {pod} printed {text:?}: {e}"))
+    }
+
+    /// `connect ADDR BYTES` from a pod; panics if it fails.
+    pub fn connect(&self, pod: &str, addr: &str, bytes: u64) -> Conn {
+        let v = self.run_in(pod, &["connect", addr, &bytes.to_string()]);
+        assert!(
+            v.get("error").is_none(),
+            "connect from {pod} to {addr}: {v}"
+        );
+        Conn::from_json(&v)
+    }
+
+    /// Writes node `i`'s agent config and returns its path.
+    pub fn agent_config(&self, i: usize, extra_spec: &str) -> PathBuf {
+        let dir = self.dir.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let path = dir.join("config.yaml");
+        let mut f = File::create(&path).expect("config");
+        write!(
+            f,
+            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node{i}\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  ebpfLogLevel: debug\n{extra_spec}\n{}",
+            self.node_cgroup(i).display(),
+            self.pin_dir(i).display(),
+            dir.join("state").display(),
+            dir.join("enroll.sock").display(),
+            self.resources_yaml(),
+        )
+        .expect("write config");
+        path
+    }
+
+    /// Starts (or restarts) node `i`'s agent with `extra_spec` lines added to its AgentConfig.
+    pub fn start_agent(&mut self, i: usize, extra_spec: &str) -> &Agent {
+        if let Some(mut old) = self.agents.remove(&i) {
+            old.stop();
+        }
+        let config = self.agent_config(i, extra_spec);
+        let agent = Agent::start(
+            &self.node_netns(i),
+            &config,
+            &self.dir.path().join(format!("node{i}")),
+        );
+        self.agents.insert(i, agent);
+        &self.agents[&i]
+    }
+
+    /// Reports a pod's sandbox to its node's agent; returns whether it is captured.
+    pub fn enroll(&self, pod: &str) -> bool {
+        let p = self.pod(pod);
+        let agent = self
+            .agents
+            .get(&p.node)
+            .unwrap_or_else(|| panic!("no agent on node {}", p.node));
+        let answer = agent.enroll(p);
+        assert!(answer.ok, "enrolling {pod}: {:?}", answer.error);
+        answer.captured.unwrap_or(false)
+    }
+
+    /// Removes a pod's sandbox from its node's agent.
+    pub fn unenroll(&self, pod: &str) {
+        let p = self.pod(pod);
+        let answer = self.agents[&p.node]
+            .call(&sluice::redirect::enroll::Request::Del { uid: p.uid.clone() });
+        assert!(answer.ok, "removing {pod}: {:?}", answer.error);
+    }
+}
+
+fn link_id(a: usize, b: usize) -> usize {
+    a.min(b) * 10 + a.max(b)
+}
+
+/// The test application binary.
+pub fn testpod_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_sluice-testpod") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    for candidate in [
+        dir.join("sluice-testpod"),
+        exe.parent().expect("dir").join("sluice-testpod"),
+    ] {
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    panic!(
+        "sluice-testpod not found next to {}: build with `cargo xtask build`",
+        exe.display()
+    );
+}
+
+/// A running `serve`; its events are the connections it accepted.
+pub struct Server {
+    events: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Server {
+    /// The next accepted connection's `(peer, local)`.
+    pub fn accepted(&self) -> (std::net::SocketAddr, std::net::SocketAddr) {
+        let v = self
+            .events
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no connection accepted");
+        (
+            v["peer"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("peer"),
+            v["local"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("local"),
+        )
+    }
+
+    /// Drops any events not yet read.
+    pub fn drain(&self) {
+        while self.events.try_recv().is_ok() {}
+    }
+}
+
+/// What a `connect` saw.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// The client socket's own address (`127.0.0.1`/`::1` when captured).
+    pub local: std::net::SocketAddr,
+    /// Where the client socket is connected (the proxy's listener when captured).
+    pub peer: std::net::SocketAddr,
+    /// The server's view: who connected, and to which address.
+    pub server_peer: std::net::SocketAddr,
+    pub server_local: std::net::SocketAddr,
+    pub echoed: u64,
+}
+
+impl Conn {
+    fn from_json(v: &serde_json::Value) -> Conn {
+        let addr = |x: &serde_json::Value| {
+            x.as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("address in {v}"))
+        };
+        Conn {
+            local: addr(&v["local"]),
+            peer: addr(&v["peer"]),
+            server_peer: addr(&v["server"]["peer"]),
+            server_local: addr(&v["server"]["local"]),
+            echoed: v["echoed"].as_u64().unwrap_or(0),
+        }
+    }
+
+    /// Whether Sluice's outbound capture took the connection (it was sent to loopback).
+    pub fn captured(&self) -> bool {
+        self.local.ip().is_loopback()
+            || matches!(self.local.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for (_, mut agent) in std::mem::take(&mut self.agents) {
+            agent.stop();
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        remove_cgroup_tree(&self.cgroup_root);
+        for p in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
+        }
+        for i in 1..=self.nodes {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.node_netns(i)])
+                .status();
+            let _ = std::fs::remove_dir_all(self.pin_dir(i));
+        }
+    }
+}
