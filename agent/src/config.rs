@@ -65,6 +65,9 @@ pub struct AgentConfig {
     pub root_namespace: String,
     #[serde(default)]
     pub capture: CaptureConfig,
+    /// The built-in CA's root and workload certificate lifetime.
+    #[serde(default)]
+    pub identity: crate::identity::IdentityConfig,
     /// cgroup v2 directory above every pod's cgroup; the capture programs attach here once.
     #[serde(default = "defaults::cgroup_root")]
     pub cgroup_root: PathBuf,

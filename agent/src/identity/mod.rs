@@ -1,0 +1,60 @@
+//! Workload identity: the mesh CA, workload certificates and their rotation, and the TLS
+//! configurations HBONE speaks.
+//!
+//! - [`ca`]: the seam for certificate authorities ([`CaSource`]) and the built-in one
+//!   ([`BuiltinCa`], rcgen, ECDSA P-256).
+//! - [`cert`]: one issued certificate with its key ([`WorkloadCert`]) and the live, rotating view
+//!   of it that TLS configurations read on every handshake ([`CertHandle`]).
+//! - [`manager`]: [`SecretManager`] issues a certificate per identity on first need, caches it
+//!   and renews it at half-life in the background.
+//! - [`tls`]: rustls server and client configurations exactly as a ztunnel peer speaks HBONE
+//!   (TLS 1.3, AES-GCM, ALPN `h2`, mutual auth, SPIFFE checks, no SNI), and [`peer_identity`].
+pub mod ca;
+pub mod cert;
+pub mod config;
+pub mod manager;
+pub mod tls;
+
+pub use ca::{BuiltinCa, CaError, CaSource, CertChain, CustomCert, SignRequest};
+pub use cert::{CertHandle, CertInfo, WorkloadCert};
+pub use config::{CertTtl, IdentityConfig};
+pub use manager::SecretManager;
+pub use tls::{HBONE_ALPN, client_config, crypto_provider, peer_identity, server_config};
+
+use crate::state::Identity;
+
+/// Why a workload certificate could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
+    #[error("generating a key for {identity}: {source}")]
+    KeyGen {
+        identity: Identity,
+        source: rcgen::Error,
+    },
+    #[error("building a certificate request for {identity}: {source}")]
+    Csr {
+        identity: Identity,
+        source: rcgen::Error,
+    },
+    #[error("certificate for {identity}: {message}")]
+    BadCertificate { identity: Identity, message: String },
+    #[error("certificate for {identity}: key does not load or match: {source}")]
+    Key {
+        identity: Identity,
+        source: Box<rustls::Error>,
+    },
+    #[error("building a TLS configuration: {0}")]
+    Tls(Box<rustls::Error>),
+    #[error("a client configuration needs at least one expected server identity")]
+    NoExpectedIdentity,
+    #[error("building the trust store from the mesh roots: {0}")]
+    Roots(#[from] rustls::server::VerifierBuilderError),
+}
+
+impl From<rustls::Error> for IdentityError {
+    fn from(e: rustls::Error) -> Self {
+        Self::Tls(Box::new(e))
+    }
+}
