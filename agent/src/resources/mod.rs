@@ -3,6 +3,7 @@
 //! The local file and the kube watchers fill the same [`ResourceSet`], in the resources' own
 //! API groups and shapes, so YAML written for a cluster works unchanged in a local file.
 pub mod istio_networking;
+pub mod istio_security;
 pub mod mesh_config;
 pub mod static_egress;
 
@@ -26,6 +27,10 @@ pub struct ResourceSet {
     pub virtual_services: Vec<istio_networking::VirtualService>,
     pub destination_rules: Vec<istio_networking::DestinationRule>,
     pub static_gateway_configurations: Vec<static_egress::StaticGatewayConfiguration>,
+    /// `security.istio.io` PeerAuthentications (mTLS modes).
+    pub peer_authentications: Vec<istio_security::PeerAuthentication>,
+    /// `security.istio.io` AuthorizationPolicies.
+    pub authorization_policies: Vec<istio_security::AuthorizationPolicy>,
 }
 
 /// Why a YAML document could not be read as a resource.
@@ -134,6 +139,12 @@ impl ResourceSet {
                     });
                 }
             },
+            (v, "PeerAuthentication") if istio_security::is_api_version(v) => self
+                .peer_authentications
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            (v, "AuthorizationPolicy") if istio_security::is_api_version(v) => self
+                .authorization_policies
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
             (static_egress::API_VERSION, "StaticGatewayConfiguration") => self
                 .static_gateway_configurations
                 .push(serde_yaml::from_value(doc).map_err(invalid)?),

@@ -1,0 +1,122 @@
+//! AuthorizationPolicy, L4 subset: DENY before ALLOW; no ALLOW policy selecting the workload
+//! allows everything; otherwise some ALLOW rule must match.
+use super::{ConnectionInfo, Decision, DenyReason};
+use crate::state::policy::{
+    Authorization, AuthzAction, AuthzRule, Clause, ConnMatch, Policies, ServiceAccountRef,
+    StringMatch,
+};
+
+impl Policies {
+    /// Decides whether `conn` may reach its destination.
+    pub fn authorize(&self, conn: &ConnectionInfo<'_>) -> Decision {
+        let facts = Facts::of(conn);
+        let mut first_allow: Option<&Authorization> = None;
+        let mut allowed = false;
+        for policy in self
+            .authorizations
+            .iter()
+            .filter(|p| p.scope.selects(conn.destination))
+        {
+            match policy.action {
+                AuthzAction::Deny if policy.matches(&facts) => {
+                    return Decision::Deny {
+                        policy: format!("{}/{}", policy.namespace, policy.name),
+                        reason: DenyReason::DenyRuleMatched,
+                    };
+                }
+                AuthzAction::Deny => {}
+                AuthzAction::Allow => {
+                    first_allow.get_or_insert(policy);
+                    // Keep looking: a DENY policy later in the list still wins.
+                    allowed = allowed || policy.matches(&facts);
+                }
+            }
+        }
+        match first_allow {
+            Some(policy) if !allowed => Decision::Deny {
+                policy: format!("{}/{}", policy.namespace, policy.name),
+                reason: DenyReason::NoAllowRuleMatched,
+            },
+            _ => Decision::Allow,
+        }
+    }
+}
+
+/// A connection's attributes in the form the matchers compare.
+struct Facts<'a> {
+    conn: &'a ConnectionInfo<'a>,
+    /// `<td>/ns/<ns>/sa/<sa>`, as principals are written.
+    principal: Option<String>,
+}
+
+impl<'a> Facts<'a> {
+    fn of(conn: &'a ConnectionInfo<'a>) -> Self {
+        let principal = conn.source_identity.map(|id| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                id.trust_domain, id.namespace, id.service_account
+            )
+        });
+        Self { conn, principal }
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.conn.source_identity.map(|id| id.namespace.as_str())
+    }
+}
+
+impl Authorization {
+    fn matches(&self, facts: &Facts<'_>) -> bool {
+        self.rules.iter().any(|rule| rule.matches(facts))
+    }
+}
+
+impl AuthzRule {
+    fn matches(&self, facts: &Facts<'_>) -> bool {
+        self.clauses.iter().all(|clause| clause.matches(facts))
+    }
+}
+
+impl Clause {
+    fn matches(&self, facts: &Facts<'_>) -> bool {
+        self.any_of.iter().any(|m| m.matches(facts))
+    }
+}
+
+/// `list` empty, or some entry matching.
+fn positive<T>(list: &[T], hit: impl Fn(&T) -> bool) -> bool {
+    list.is_empty() || list.iter().any(hit)
+}
+
+/// No entry of `list` matching.
+fn negative<T>(list: &[T], hit: impl Fn(&T) -> bool) -> bool {
+    !list.iter().any(hit)
+}
+
+impl ConnMatch {
+    fn matches(&self, facts: &Facts<'_>) -> bool {
+        let conn = facts.conn;
+        let principal = |m: &StringMatch| m.matches(facts.principal.as_deref());
+        let namespace = |m: &StringMatch| m.matches(facts.namespace());
+        let service_account = |sa: &ServiceAccountRef| {
+            conn.source_identity
+                .is_some_and(|id| id.namespace == sa.namespace && id.service_account == sa.name)
+        };
+        let source_ip = |net: &ipnet::IpNet| net.contains(&conn.source_ip);
+        let destination_ip = |net: &ipnet::IpNet| net.contains(&conn.destination_ip);
+        let port = |p: &u16| *p == conn.destination_port;
+
+        positive(&self.principals, principal)
+            && negative(&self.not_principals, principal)
+            && positive(&self.namespaces, namespace)
+            && negative(&self.not_namespaces, namespace)
+            && positive(&self.service_accounts, service_account)
+            && negative(&self.not_service_accounts, service_account)
+            && positive(&self.source_ips, source_ip)
+            && negative(&self.not_source_ips, source_ip)
+            && positive(&self.destination_ips, destination_ip)
+            && negative(&self.not_destination_ips, destination_ip)
+            && positive(&self.destination_ports, port)
+            && negative(&self.not_destination_ports, port)
+    }
+}
