@@ -2,6 +2,7 @@
 //!
 //! The local file and the kube watchers fill the same [`ResourceSet`], in the resources' own
 //! API groups and shapes, so YAML written for a cluster works unchanged in a local file.
+pub mod gateway_api;
 pub mod istio_networking;
 pub mod istio_security;
 pub mod mesh_config;
@@ -31,6 +32,10 @@ pub struct ResourceSet {
     pub peer_authentications: Vec<istio_security::PeerAuthentication>,
     /// `security.istio.io` AuthorizationPolicies.
     pub authorization_policies: Vec<istio_security::AuthorizationPolicy>,
+    /// `gateway.networking.k8s.io` Gateways (ingress listeners).
+    pub gateways: Vec<gateway_api::Gateway>,
+    /// `gateway.networking.k8s.io` HTTPRoutes.
+    pub http_routes: Vec<gateway_api::HTTPRoute>,
 }
 
 /// Why a YAML document could not be read as a resource.
@@ -147,6 +152,12 @@ impl ResourceSet {
                 .push(serde_yaml::from_value(doc).map_err(invalid)?),
             (static_egress::API_VERSION, "StaticGatewayConfiguration") => self
                 .static_gateway_configurations
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            (gateway_api::API_VERSION, "Gateway") => self
+                .gateways
+                .push(serde_yaml::from_value(doc).map_err(invalid)?),
+            (gateway_api::API_VERSION, "HTTPRoute") => self
+                .http_routes
                 .push(serde_yaml::from_value(doc).map_err(invalid)?),
             (AGENT_CONFIG_API_VERSION, AGENT_CONFIG_KIND) => return Ok(false),
             _ => {
