@@ -3,6 +3,7 @@
 //! Data flows one way: [`sources`] → [`state`] → consumers ([`redirect`], [`proxy`], …).
 pub mod app;
 pub mod config;
+pub mod egress;
 pub mod identity;
 pub mod policy;
 pub mod proxy;
