@@ -1,5 +1,6 @@
 //! The node proxy: per-pod listeners, outbound and inbound connection handling.
 pub mod copy;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod pod;
