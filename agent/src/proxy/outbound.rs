@@ -30,7 +30,13 @@ async fn handle(
     inputs: ProxyInputs,
 ) {
     let start = Instant::now();
-    let Some(orig) = inputs.capture.take_orig_dst(pod.netns.cookie(), peer) else {
+    // Captured by our eBPF programs, or (for migrations and comparisons) redirected here by
+    // an iptables REDIRECT rule, whose original destination conntrack remembers.
+    let orig = inputs
+        .capture
+        .take_orig_dst(pod.netns.cookie(), peer)
+        .or_else(|| nat_original_dst(&client));
+    let Some(orig) = orig else {
         // Someone connected to the listener directly: there is nowhere to send it.
         debug!(pod = %pod.uid, %peer, "outbound connection without a captured destination, closing");
         return;
@@ -91,4 +97,36 @@ async fn connect_direct(
     let stream = socket.connect(dst).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// `SO_ORIGINAL_DST` of a connection that netfilter NAT redirected to us, if any.
+fn nat_original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    use std::os::fd::AsRawFd;
+    const SO_ORIGINAL_DST: libc::c_int = 80; // also IP6T_SO_ORIGINAL_DST
+    let local = stream.local_addr().ok()?;
+    // SAFETY: sockaddr_storage is plain data; zeroed is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let level = if local.is_ipv4() {
+        libc::SOL_IP
+    } else {
+        libc::SOL_IPV6
+    };
+    // SAFETY: valid fd, buffer and length describe `storage`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the kernel filled a sockaddr of the socket's family, within `len`.
+    let addr = unsafe { socket2::SockAddr::new(storage, len) }.as_socket()?;
+    // Without NAT, conntrack's original destination is the listener itself.
+    (addr != local).then_some(addr)
 }

@@ -6,6 +6,8 @@
 //! * `connect ADDR BYTES`: connects, reads the server's line, sends BYTES bytes, half-closes,
 //!   reads the echo, checks it, and prints
 //!   `{"local":..,"peer":..,"server":{..},"echoed":N}` (or `{"error":..}` and exits 1).
+//! * `latency ADDR COUNT`: COUNT times: connect, read the server's first byte, close; prints
+//!   `{"samples_us":[..]}` (connect + first byte, microseconds).
 //! * `hold ADDR SECONDS`: connects and keeps sending until SECONDS pass, then checks the echo
 //!   (a long transfer, for restart tests).
 use std::{
@@ -22,6 +24,7 @@ fn main() {
         Some("serve") => serve(&args[2..]),
         Some("connect") => connect(&args[2..]),
         Some("hold") => hold(&args[2..]),
+        Some("latency") => latency(&args[2..]),
         _ => {
             Err("usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS".into())
         }
@@ -182,5 +185,24 @@ fn hold(args: &[String]) -> Result<(), String> {
         "{}",
         json!({"local": local.to_string(), "server": server, "echoed": echoed})
     );
+    Ok(())
+}
+
+fn latency(args: &[String]) -> Result<(), String> {
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let count: usize = arg(args, 1, "COUNT")?;
+    let mut samples = Vec::with_capacity(count);
+    let mut byte = [0u8; 1];
+    for _ in 0..count {
+        let start = Instant::now();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        s.read_exact(&mut byte)
+            .map_err(|e| format!("first byte: {e}"))?;
+        samples.push(start.elapsed().as_micros() as u64);
+    }
+    println!("{}", json!({ "samples_us": samples }));
     Ok(())
 }
