@@ -1,5 +1,5 @@
 //! `sluice run`: wires sources → state → consumers.
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
@@ -66,7 +66,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.bpf_pin_path.display()
             )
         })?;
+    let ca = crate::identity::BuiltinCa::from_config(&agent.identity, &agent.trust_domain)
+        .context("loading the mesh CA")?;
+    let identity = Arc::new(crate::identity::SecretManager::new(
+        Arc::new(ca),
+        agent.identity.workload_cert_ttl.get(),
+    ));
     let proxy = ProxyInputs {
+        identity,
         state: state.clone(),
         capture: capture.maps(),
         home: home.clone(),

@@ -158,6 +158,19 @@ impl Agent {
             .collect()
     }
 
+    /// Waits until at least `n` access-log lines match `pred` (lines are written when a
+    /// connection ends, a moment after the client sees it end); returns how many match.
+    pub fn wait_access(&self, n: usize, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let count = self.access_log().iter().filter(|l| pred(l)).count();
+            if count >= n || Instant::now() > deadline {
+                return count;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

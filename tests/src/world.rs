@@ -259,6 +259,10 @@ impl World {
             agents: BTreeMap::new(),
         };
         std::fs::create_dir_all(&world.cgroup_root).expect("create test cgroup");
+        // One mesh root for every agent of this world, as a cluster shares one CA.
+        let ca = sluice::identity::BuiltinCa::generate("cluster.local").expect("mesh root");
+        ca.write_pem_files(&world.root_cert(), &world.dir.path().join("root-key.pem"))
+            .expect("write mesh root");
         for i in 1..=nodes {
             world.build_node(i);
         }
@@ -266,6 +270,11 @@ impl World {
             world.add_pod(spec.clone());
         }
         world
+    }
+
+    /// The mesh root certificate (PEM) every agent of this world trusts.
+    pub fn root_cert(&self) -> PathBuf {
+        self.dir.path().join("root-cert.pem")
     }
 
     /// The name of node `i`'s network namespace.
@@ -510,11 +519,13 @@ impl World {
         let mut f = File::create(&path).expect("config");
         write!(
             f,
-            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node{i}\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  ebpfLogLevel: debug\n{extra_spec}\n{}",
+            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node{i}\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  ebpfLogLevel: debug\n  identity:\n    rootCertFile: {}\n    rootKeyFile: {}\n{extra_spec}\n{}",
             self.node_cgroup(i).display(),
             self.pin_dir(i).display(),
             dir.join("state").display(),
             dir.join("enroll.sock").display(),
+            self.root_cert().display(),
+            self.dir.path().join("root-key.pem").display(),
             self.resources_yaml(),
         )
         .expect("write config");

@@ -69,6 +69,8 @@ fn capture_outbound_same_node_and_cross_node() {
         srv.drain();
     }
     let node1 = &w.agents[&1];
+    node1.wait_access(2, |l| l["direction"] == "outbound");
+    w.agents[&2].wait_access(1, |l| l["direction"] == "inbound");
     let outbound: Vec<_> = node1
         .access_log()
         .into_iter()
@@ -146,6 +148,7 @@ fn capture_inbound_preserves_client_address() {
         conn.local.port(),
         "inbound connection was not steered through the proxy"
     );
+    w.agents[&1].wait_access(1, |l| l["direction"] == "inbound");
     let inbound: Vec<_> = w.agents[&1]
         .access_log()
         .into_iter()
@@ -228,6 +231,11 @@ fn capture_has_no_loop() {
     // A pod dialling its own address still reaches its own application.
     let own = w.connect("a", &addr(a.ipv4, 8081), 1000);
     assert_eq!(own.server_local, SocketAddr::new(a.ipv4, 8081));
+    let dst_b = addr(b.ipv4, 8080);
+    w.agents[&1].wait_access(N, |l| {
+        l["direction"] == "outbound" && l["orig_dst"] == dst_b
+    });
+    w.agents[&1].wait_access(N, |l| l["direction"] == "inbound" && l["dst"] == dst_b);
     let log = w.agents[&1].access_log();
     let count = |dir: &str, key: &str, want: String| {
         log.iter()

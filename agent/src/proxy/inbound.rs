@@ -43,6 +43,14 @@ async fn handle(
         }
     };
     let _ = client.set_nodelay(true);
+    if let Err(reason) = plaintext_allowed(&inputs, peer, dst) {
+        info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %format!("{}/{}", pod.namespace, pod.name), src = %peer, dst = %dst, outcome = "denied", reason = %reason, "connection refused");
+        // Reset rather than close, so the client sees a refusal and not an empty answer.
+        if let Ok(std) = client.into_std() {
+            let _ = socket2::SockRef::from(&std).set_linger(Some(std::time::Duration::ZERO));
+        }
+        return;
+    }
     let result = match connect_transparent(&pod, &inputs, peer, dst).await {
         Ok(mut app) => copy::bidirectional(&mut client, &mut app)
             .await
@@ -75,6 +83,35 @@ async fn handle(
             error = %e,
             "connection failed"
         ),
+    }
+}
+
+/// Policy for plaintext arriving at a pod: PeerAuthentication must allow it (not STRICT) and
+/// AuthorizationPolicy must allow an unauthenticated source.
+fn plaintext_allowed(
+    inputs: &ProxyInputs,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Result<(), String> {
+    let state = inputs.state.current();
+    let Some(workload) = state.workload_by_ip(dst.ip()) else {
+        return Ok(());
+    };
+    let mode = state.policy.mtls_mode(workload, dst.port());
+    if !mode.allows_plaintext() {
+        return Err(format!("PeerAuthentication {mode:?} refuses plaintext"));
+    }
+    let decision = state.policy.authorize(&crate::policy::ConnectionInfo {
+        source_identity: None,
+        source_ip: peer.ip(),
+        destination: workload,
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+    });
+    if decision.is_allowed() {
+        Ok(())
+    } else {
+        Err(decision.to_string())
     }
 }
 

@@ -1,6 +1,7 @@
 //! The node proxy: per-pod listeners, outbound and inbound connection handling.
 pub mod copy;
 pub mod hbone;
+pub mod hbone_inbound;
 pub mod inbound;
 pub mod outbound;
 pub mod pod;
@@ -8,7 +9,7 @@ pub mod route;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use crate::{redirect::netns::HomeNetns, state::StateHandle};
+use crate::{identity::SecretManager, redirect::netns::HomeNetns, state::StateHandle};
 
 /// What the proxy asks of the kernel side of capture.
 pub trait CaptureTables: Send + Sync {
@@ -44,4 +45,6 @@ pub struct ProxyInputs {
     pub capture: Arc<dyn CaptureTables>,
     pub home: HomeNetns,
     pub node_name: String,
+    /// Workload certificates and HBONE TLS configurations.
+    pub identity: Arc<SecretManager>,
 }

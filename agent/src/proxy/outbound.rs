@@ -6,7 +6,12 @@ use socket2::Domain;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{ProxyInputs, copy, pod::PodContext, route};
+use super::{
+    ProxyInputs, copy,
+    hbone::{Baggage, PoolKey, RequestMeta, SpliceCounters, SpliceEnd, splice},
+    pod::PodContext,
+    route,
+};
 
 /// Accepts captured connections on a pod's outbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
@@ -43,40 +48,129 @@ async fn handle(
     };
     let _ = client.set_nodelay(true);
     let route = route::choose(&inputs.state.current(), orig);
-    let result = match &route {
-        route::Route::Direct { dst } => match connect_direct(&pod, &inputs, *dst).await {
-            Ok(mut upstream) => copy::bidirectional(&mut client, &mut upstream)
-                .await
-                .map_err(|e| ("copy", e)),
-            Err(e) => Err(("connect", e)),
-        },
-    };
+    let pod_name = format!("{}/{}", pod.namespace, pod.name);
+    let src = pod
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == orig.is_ipv4())
+        .or(pod.ips.first())
+        .copied();
+    let src = src.map(|ip| ip.to_string()).unwrap_or_default();
+    match route {
+        route::Route::Direct { dst } => {
+            let result = match connect_direct(&pod, &inputs, dst).await {
+                Ok(mut upstream) => copy::bidirectional(&mut client, &mut upstream)
+                    .await
+                    .map_err(|e| ("copy", e.to_string())),
+                Err(e) => Err(("connect", e.to_string())),
+            };
+            log(&pod_name, &src, orig, "direct", None, start, result);
+        }
+        route::Route::Hbone {
+            dst,
+            peer,
+            identity,
+        } => {
+            let result = hbone(client, &pod, &inputs, dst, peer, &identity).await;
+            log(
+                &pod_name,
+                &src,
+                orig,
+                "hbone",
+                Some(&identity),
+                start,
+                result,
+            );
+        }
+    }
+}
+
+fn log(
+    pod: &str,
+    src: &str,
+    orig: SocketAddr,
+    route: &str,
+    dst_identity: Option<&crate::state::Identity>,
+    start: Instant,
+    result: Result<copy::Transferred, (&'static str, String)>,
+) {
     let duration_ms = start.elapsed().as_millis() as u64;
+    let dst_identity = dst_identity.map(ToString::to_string).unwrap_or_default();
     match result {
         Ok(t) => info!(
             target: "sluice::access",
             direction = "outbound",
-            pod = %format!("{}/{}", pod.namespace, pod.name),
-            src = %pod.ips.first().map(|ip| ip.to_string()).unwrap_or_default(),
+            pod,
+            src,
             orig_dst = %orig,
-            route = "direct",
+            route,
+            dst_identity,
             sent = t.sent,
             received = t.received,
             duration_ms,
             outcome = "ok",
             "connection complete"
         ),
-        Err((stage, e)) => info!(
+        Err((stage, error)) => info!(
             target: "sluice::access",
             direction = "outbound",
-            pod = %format!("{}/{}", pod.namespace, pod.name),
+            pod,
+            src,
             orig_dst = %orig,
-            route = "direct",
+            route,
+            dst_identity,
             duration_ms,
             outcome = stage,
-            error = %e,
+            error,
             "connection failed"
         ),
+    }
+}
+
+/// Through the destination's HBONE listener, as this pod's identity.
+async fn hbone(
+    client: TcpStream,
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+    dst: SocketAddr,
+    peer: SocketAddr,
+    dst_identity: &crate::state::Identity,
+) -> Result<copy::Transferred, (&'static str, String)> {
+    let source = super::hbone_inbound::identity_of_pod(pod, inputs)
+        .map_err(|e| ("identity", e.to_string()))?;
+    let tls = inputs
+        .identity
+        .client_config(&source, vec![dst_identity.clone()])
+        .await
+        .map_err(|e| ("identity", e.to_string()))?;
+    let key = PoolKey {
+        source,
+        destination: peer,
+        destination_identity: dst_identity.clone(),
+    };
+    let src_addr = client
+        .local_addr()
+        .map_err(|e| ("connect", e.to_string()))?;
+    let src_ip = pod
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .unwrap_or(src_addr.ip());
+    let meta = RequestMeta::new(SocketAddr::new(src_ip, 0), Baggage::default());
+    let stream = pod
+        .pool
+        .connect(&key, tls, dst, &meta)
+        .await
+        .map_err(|e| ("connect", e.to_string()))?;
+    let report = splice(client, stream, &SpliceCounters::default()).await;
+    let t = copy::Transferred {
+        sent: report.tcp_to_hbone,
+        received: report.hbone_to_tcp,
+    };
+    match report.end {
+        SpliceEnd::Closed => Ok(t),
+        other => Err(("copy", format!("{other:?}"))),
     }
 }
 

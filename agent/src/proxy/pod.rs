@@ -6,21 +6,92 @@ use std::{
     sync::Arc,
 };
 
-use sluice_common::{INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
+use sluice_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
 use socket2::{Domain, Socket};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    task::JoinHandle,
+};
 
-use super::{ProxyInputs, inbound, outbound};
+use super::{
+    ProxyInputs,
+    hbone::{Dial, H2Config, HbonePool, PoolConfig, PoolKey},
+    hbone_inbound, inbound, outbound,
+};
 use crate::redirect::netns::{HomeNetns, Netns};
 
 /// Who a pod is, as the proxy needs to know it for every connection.
-#[derive(Debug)]
 pub struct PodContext {
     pub uid: String,
     pub namespace: String,
     pub name: String,
     pub netns: Arc<Netns>,
     pub ips: Vec<IpAddr>,
+    /// HBONE connections from this pod (dialled from its namespace, so they carry its address).
+    pub pool: HbonePool,
+}
+
+impl PodContext {
+    /// A context for a pod, with its own HBONE pool.
+    pub fn new(
+        uid: String,
+        namespace: String,
+        name: String,
+        netns: Arc<Netns>,
+        ips: Vec<IpAddr>,
+        home: HomeNetns,
+    ) -> Self {
+        let dial = PodDial {
+            netns: netns.clone(),
+            home,
+        };
+        let pool =
+            HbonePool::with_dialer(PoolConfig::default(), H2Config::default(), Arc::new(dial));
+        Self {
+            uid,
+            namespace,
+            name,
+            netns,
+            ips,
+            pool,
+        }
+    }
+}
+
+impl std::fmt::Debug for PodContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodContext")
+            .field("uid", &self.uid)
+            .field("ips", &self.ips)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Dials HBONE peers from inside a pod, with the proxy's mark (never captured).
+struct PodDial {
+    netns: Arc<Netns>,
+    home: HomeNetns,
+}
+
+type DialFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<TcpStream>> + Send + 'a>>;
+
+impl Dial for PodDial {
+    fn dial<'a>(&'a self, key: &'a PoolKey) -> DialFuture<'a> {
+        Box::pin(async move {
+            let domain = if key.destination.is_ipv4() {
+                Domain::IPV4
+            } else {
+                Domain::IPV6
+            };
+            let socket = self.netns.tcp_socket(&self.home, domain, PROXY_MARK)?;
+            let stream = TcpSocket::from_std_stream(socket.into())
+                .connect(key.destination)
+                .await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    }
 }
 
 /// The running listeners of one pod; dropping it closes them (connections in flight go on).
@@ -107,6 +178,21 @@ impl PodProxy {
             )));
             me.tasks.push(tokio::spawn(inbound::serve(
                 inbound,
+                pod.clone(),
+                inputs.clone(),
+            )));
+        }
+        // HBONE on each pod address, so the address dialled is known for every request.
+        for ip in &pod.ips {
+            let addr = SocketAddr::new(*ip, HBONE_PORT);
+            let listener =
+                listen_in(&pod.netns, &inputs.home, addr).map_err(|source| ListenError {
+                    pod: pod.uid.clone(),
+                    addr,
+                    source,
+                })?;
+            me.tasks.push(tokio::spawn(hbone_inbound::serve(
+                listener,
                 pod.clone(),
                 inputs.clone(),
             )));

@@ -277,13 +277,14 @@ impl PodManager {
         pod_net::install(&netns, &self.home, &sb.ips)
             .await
             .map_err(|e| e.to_string())?;
-        let ctx = Arc::new(PodContext {
-            uid: uid.clone(),
-            namespace: sb.namespace.clone(),
-            name: sb.name.clone(),
-            netns: netns.clone(),
-            ips: sb.ips.clone(),
-        });
+        let ctx = Arc::new(PodContext::new(
+            uid.clone(),
+            sb.namespace.clone(),
+            sb.name.clone(),
+            netns.clone(),
+            sb.ips.clone(),
+            self.home.clone(),
+        ));
         let proxy = PodProxy::start(ctx, self.proxy.clone()).map_err(|e| e.to_string())?;
         let cookie = netns.cookie();
         let steps = || -> Result<(), super::ebpf::EbpfError> {

@@ -1,0 +1,161 @@
+//! Inbound HBONE: mutual-TLS HTTP/2 CONNECT on `<pod-ip>:15008`, inside the destination pod.
+//!
+//! For each request: the authority must be the address dialled (a local pod address), the
+//! source identity comes from the verified client certificate, policy decides, and the proxy
+//! connects to the application from the source pod's address.
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use super::{
+    ProxyInputs,
+    hbone::{
+        ConnectRequest, ConnectionInfo, H2Config, HboneServer, Refusal, RefusalStatus, Upstream,
+    },
+    inbound::connect_transparent,
+    pod::PodContext,
+};
+use crate::{identity::peer_identity, policy, state::Identity};
+
+/// Accepts HBONE connections on one pod address until the task is aborted.
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
+    let server = Arc::new(HboneServer::new(H2Config::default(), {
+        let pod = pod.clone();
+        let inputs = inputs.clone();
+        move |req: ConnectRequest| {
+            let pod = pod.clone();
+            let inputs = inputs.clone();
+            async move { authorize_and_connect(req, &pod, &inputs).await }
+        }
+    }));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(pod = %pod.uid, error = %e, "HBONE accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let server = server.clone();
+        let pod = pod.clone();
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(tcp, peer, &server, &pod, &inputs).await {
+                info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %format!("{}/{}", pod.namespace, pod.name), src = %peer, outcome = "handshake", error = %e, "connection refused");
+            }
+        });
+    }
+}
+
+async fn serve_one<H: super::hbone::ConnectHandler>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    server: &HboneServer<H>,
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+) -> anyhow::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr()?;
+    let workload = identity_of_pod(pod, inputs)?;
+    let tls = inputs.identity.server_config(&workload).await?;
+    let stream = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
+    let peer_identity = peer_identity(stream.get_ref().1)
+        .ok_or_else(|| anyhow::anyhow!("client presented no SPIFFE identity"))?;
+    let info = ConnectionInfo {
+        peer_identity,
+        peer_addr: peer,
+        local_addr: local,
+    };
+    server
+        .serve_connection(stream, info, std::future::pending())
+        .await?;
+    Ok(())
+}
+
+/// The identity this pod's certificates carry.
+pub(crate) fn identity_of_pod(pod: &PodContext, inputs: &ProxyInputs) -> anyhow::Result<Identity> {
+    let state = inputs.state.current();
+    let w = state
+        .workloads
+        .get(&crate::state::WorkloadUid(pod.uid.clone()))
+        .or_else(|| state.workload_by_name(&pod.namespace, &pod.name))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "pod {}/{} is not in the mesh state",
+                pod.namespace,
+                pod.name
+            )
+        })?;
+    Ok(w.identity(&state.trust_domain))
+}
+
+async fn authorize_and_connect(
+    req: ConnectRequest,
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+) -> Result<Upstream<TcpStream>, Refusal> {
+    let start = Instant::now();
+    let dst = req.authority;
+    let src = req.connection.peer_addr;
+    let source = req.connection.peer_identity.clone();
+    let pod_name = format!("{}/{}", pod.namespace, pod.name);
+    let refuse = |status: RefusalStatus, reason: String| {
+        info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %pod_name, src = %src, dst = %dst, src_identity = %source, outcome = "refused", status = status.code().as_u16(), reason = %reason, "connection refused");
+        Refusal::new(status, reason)
+    };
+    if !req.authority_is_dialled() || !pod.ips.contains(&dst.ip()) {
+        return Err(refuse(
+            RefusalStatus::BadRequest,
+            format!(
+                "authority {dst} is not the address dialled ({})",
+                req.connection.local_addr
+            ),
+        ));
+    }
+    let state = inputs.state.current();
+    let Some(workload) = state.workload_by_ip(dst.ip()) else {
+        return Err(refuse(
+            RefusalStatus::BadRequest,
+            format!("{} is not a known workload", dst.ip()),
+        ));
+    };
+    let decision = state.policy.authorize(&policy::ConnectionInfo {
+        source_identity: Some(&source),
+        source_ip: src.ip(),
+        destination: workload,
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+    });
+    if !decision.is_allowed() {
+        return Err(refuse(RefusalStatus::Forbidden, decision.to_string()));
+    }
+    let app = match connect_transparent(pod, inputs, SocketAddr::new(src.ip(), 0), dst).await {
+        Ok(app) => app,
+        Err(e) => {
+            return Err(refuse(
+                RefusalStatus::ServiceUnavailable,
+                format!("application at {dst}: {e}"),
+            ));
+        }
+    };
+    let dst_identity = workload.identity(&state.trust_domain);
+    Ok(Upstream::new(app).on_close(move |report| {
+        info!(
+            target: "sluice::access",
+            direction = "inbound",
+            route = "hbone",
+            pod = %pod_name,
+            src = %src,
+            dst = %dst,
+            src_identity = %source,
+            dst_identity = %dst_identity,
+            sent = report.hbone_to_tcp,
+            received = report.tcp_to_hbone,
+            duration_ms = start.elapsed().as_millis() as u64,
+            outcome = ?report.end,
+            "connection complete"
+        );
+    }))
+}
