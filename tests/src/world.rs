@@ -232,6 +232,8 @@ pub struct World {
     pub pods: Vec<Pod>,
     /// Namespaces and their labels, written into every agent's config.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// More YAML documents (policies, mesh resources) for the agents' config.
+    pub extra_resources: String,
     cgroup_root: PathBuf,
     children: Vec<Child>,
     pub agents: BTreeMap<usize, Agent>,
@@ -254,6 +256,7 @@ impl World {
             nodes,
             pods: Vec::new(),
             namespaces: BTreeMap::new(),
+            extra_resources: String::new(),
             cgroup_root,
             children: Vec::new(),
             agents: BTreeMap::new(),
@@ -436,6 +439,12 @@ impl World {
                 serde_json::to_string(&doc).expect("json")
             ));
         }
+        if !self.extra_resources.is_empty() {
+            out.push_str(&format!(
+                "---\n{}\n",
+                self.extra_resources.trim_start_matches("---\n")
+            ));
+        }
         for p in &self.pods {
             let doc = serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
@@ -499,6 +508,15 @@ impl World {
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(text.trim())
             .unwrap_or_else(|e| panic!("sluice-testpod {args:?} in {pod} printed {text:?}: {e}"))
+    }
+
+    /// `connect ADDR BYTES` from a pod; `Err` with the client's error if it failed.
+    pub fn try_connect(&self, pod: &str, addr: &str, bytes: u64) -> Result<Conn, String> {
+        let v = self.run_in(pod, &["connect", addr, &bytes.to_string()]);
+        match v.get("error") {
+            Some(e) => Err(e.to_string()),
+            None => Ok(Conn::from_json(&v)),
+        }
     }
 
     /// `connect ADDR BYTES` from a pod; panics if it fails.
