@@ -50,11 +50,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     // Sources → state.
     let (publisher, state) = state::channel();
-    let built = state::build(&local.resources, &agent.mesh_settings());
-    for r in &built.rejections {
-        tracing::warn!(rejection = %r, "resource left out of the mesh state");
-    }
-    publisher.publish(built.state);
+    let source = crate::sources::start(&agent, &local.resources, publisher).await?;
 
     // Capture.
     let home = HomeNetns::capture().context("opening the agent's own network namespace")?;
@@ -98,6 +94,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     // Pinned programs, links and maps stay: capture keeps working across a restart, and
     // connections already established continue. `sluice cleanup` removes everything.
-    drop(publisher);
+    drop(source);
     Ok(())
 }

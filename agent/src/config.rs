@@ -97,6 +97,9 @@ pub struct AgentConfig {
     pub mesh_config: Option<ConfigMapRef>,
     #[serde(default)]
     pub egress: EgressConfig,
+    /// Reading the mesh from a Kubernetes API server.
+    #[serde(default)]
+    pub kube: crate::sources::kube::KubeConfig,
 }
 
 /// Names a ConfigMap.

@@ -51,6 +51,14 @@ enum Cmd {
         #[command(subcommand)]
         op: EnrollOp,
     },
+    /// Write the CRDs Sluice reads into DIR/crds, or with --check validate every manifest in DIR.
+    Manifests {
+        #[arg(long, default_value = "deploy")]
+        dir: PathBuf,
+        /// Validate instead of writing: YAML parses, CRDs current, AgentConfig valid, RBAC exact.
+        #[arg(long)]
+        check: bool,
+    },
     /// Remove everything Sluice pinned under a bpffs directory (detaches its programs).
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/sluice")]
@@ -128,6 +136,19 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&resp)?);
             if !resp.ok {
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Manifests { dir, check } => {
+            use sluice::sources::kube::manifests;
+            if check {
+                for line in manifests::check(&dir)? {
+                    eprintln!("ok: {line}");
+                }
+            } else {
+                for path in manifests::write(&dir)? {
+                    eprintln!("wrote {}", path.display());
+                }
             }
             Ok(())
         }

@@ -2,5 +2,6 @@
 //! (`world`, `agent`), and a real kube-apiserver (`kube_server`).
 pub mod agent;
 pub mod bpf;
+pub mod kube_mesh;
 pub mod kube_server;
 pub mod world;

@@ -8,6 +8,7 @@
 //! [`Opaque`].
 use std::collections::BTreeMap;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
@@ -421,11 +422,25 @@ pub struct RouteParentStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// The CRDs of this module.
-pub fn crds()
--> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
-{
-    vec![Gateway::crd(), HTTPRoute::crd()]
+/// The annotation every CRD in a `*.k8s.io` group needs (API servers refuse it otherwise), with
+/// the value the upstream Gateway API CRDs carry.
+pub const API_APPROVED: (&str, &str) = (
+    "api-approved.kubernetes.io",
+    "https://github.com/kubernetes-sigs/gateway-api/pull/2466",
+);
+
+/// The CRDs of this module (standard channel), annotated as upstream's are.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    let mut crds = vec![Gateway::crd(), HTTPRoute::crd()];
+    for crd in &mut crds {
+        let annotations = crd.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        annotations.insert(API_APPROVED.0.to_owned(), API_APPROVED.1.to_owned());
+        annotations.insert(
+            "gateway.networking.k8s.io/channel".to_owned(),
+            "standard".to_owned(),
+        );
+    }
+    crds
 }
 
 #[cfg(test)]
@@ -511,6 +526,11 @@ spec:
     fn crds_have_status_and_map_lists() {
         for crd in crds() {
             assert_eq!(crd.spec.group, GROUP);
+            let annotations = crd.metadata.annotations.clone().unwrap_or_default();
+            assert!(
+                annotations.contains_key(API_APPROVED.0),
+                "k8s.io groups need approval"
+            );
             let version = &crd.spec.versions[0];
             assert_eq!(version.name, "v1");
             assert!(

@@ -1,2 +1,52 @@
-//! Sources of MeshState: the local file, and (later) the kube watchers.
+//! Sources of MeshState: the local file, and the kube watchers.
 pub mod file;
+pub mod kube;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::{info, warn};
+
+use crate::{
+    config::AgentConfig,
+    resources::ResourceSet,
+    state::{self, StatePublisher},
+};
+
+/// The source `sluice run` started; dropping it stops the source (the last state stays).
+pub enum Running {
+    /// The config file's resources, published once.
+    File(StatePublisher),
+    /// The kube watchers (plus the file's resources), and the status writer.
+    Kube(kube::Running),
+}
+
+/// Starts the source the config asks for and returns once the first state is published: the
+/// file's resources at once, or — with `spec.kube.enabled` — the cluster's (and the file's) once
+/// every watched kind has been listed.
+pub async fn start(
+    agent: &AgentConfig,
+    resources: &ResourceSet,
+    publisher: StatePublisher,
+) -> anyhow::Result<Running> {
+    if !agent.kube.enabled {
+        let built = state::build(resources, &agent.mesh_settings());
+        for r in &built.rejections {
+            warn!(rejection = %r, "resource left out of the mesh state");
+        }
+        publisher.publish(built.state);
+        return Ok(Running::File(publisher));
+    }
+    let client = kube::client(agent.kube.kubeconfig.as_deref())
+        .await
+        .context("connecting to the Kubernetes API server")?;
+    let options = kube::SourceOptions {
+        settings: agent.mesh_settings(),
+        extra: resources.clone(),
+        debounce: Duration::from_millis(agent.kube.debounce_ms),
+    };
+    let running = kube::Running::start(client, agent, options, publisher);
+    info!("waiting for the first list of every watched kind");
+    running.source.synced().await;
+    Ok(Running::Kube(running))
+}

@@ -82,6 +82,7 @@ pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
     out.state.egress =
         super::egress::build(resources, settings, &out.state.workloads, &mut rejected);
     out.state.policy = super::policy::normalise(resources, &settings.root_namespace, &mut rejected);
+    out.state.ingress = super::ingress::build(resources, &mut rejected);
     out.rejections = rejected.0;
     out
 }

@@ -1,0 +1,490 @@
+//! The kube source: MeshState from a Kubernetes API server.
+//!
+//! Watchers and reflector stores ([`watch`]) keep a local copy of every kind in
+//! [`kinds::WATCHED`]. Each change wakes the rebuild loop, which waits a short debounce for
+//! whatever else arrives with it, turns all stores into a
+//! [`ResourceSet`] and runs the same pure [`state::build`] as the file source, then publishes.
+//! Until every kind has been listed once (or found absent) nothing is published, so consumers
+//! never act on a half-read cluster. When the API server goes away the stores keep their
+//! contents, so the last good state stays in force; the watchers relist on return.
+//!
+//! Rejections are logged once per resource generation and handed to the status writer
+//! ([`status`]), which one agent at a time (elected through a Lease) writes back as conditions.
+pub mod gateway_status;
+pub mod kinds;
+pub mod lease;
+pub mod manifests;
+pub mod status;
+pub mod watch;
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use kube::{
+    Client,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{mpsc, watch as tokio_watch},
+    task::JoinHandle,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    resources::ResourceSet,
+    state::{self, MeshSettings, Rejection, StatePublisher},
+};
+use kinds::WATCHED;
+use watch::{Signal, Stores, Watches};
+
+/// `spec.kube` of the AgentConfig.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeConfig {
+    /// Read the mesh from the API server (the file's own resources are added to it).
+    #[serde(default)]
+    pub enabled: bool,
+    /// A kubeconfig file; unset: `KUBECONFIG`, `~/.kube/config`, or the in-cluster service
+    /// account, in kube's usual order.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// How long the rebuild waits after a change for more to arrive.
+    #[serde(default = "defaults::debounce_ms")]
+    pub debounce_ms: u64,
+    /// Write status conditions back (by one elected agent).
+    #[serde(default = "defaults::yes")]
+    pub write_status: bool,
+    /// Namespace of the status writer's Lease; unset: `POD_NAMESPACE`, else `sluice-system`.
+    #[serde(default)]
+    pub lease_namespace: Option<String>,
+    /// GatewayClass whose Gateways (and their HTTPRoutes) Sluice reports status for.
+    #[serde(default = "defaults::gateway_class_name")]
+    pub gateway_class_name: String,
+    /// Find the network namespaces of this node's mesh pods under /proc and enroll them
+    /// (for clusters where the CNI plugin is not installed, or pods that predate it).
+    #[serde(default = "defaults::yes")]
+    pub discover_sandboxes: bool,
+}
+
+mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn debounce_ms() -> u64 {
+        10
+    }
+    pub fn gateway_class_name() -> String {
+        "sluice".into()
+    }
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+/// The controller name Sluice writes into Gateway API route status.
+pub const CONTROLLER_NAME: &str = "sluice.dev/gateway-controller";
+/// The field manager of every write Sluice makes.
+pub const FIELD_MANAGER: &str = "sluice";
+
+/// Why the kube source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("kube client configuration: {0}")]
+    Config(String),
+    #[error("building the kube client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// A client from `kubeconfig`, or kube's inferred configuration.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+                path: path.into(),
+                source,
+            })?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.into(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| KubeError::Config(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// What the kube source needs besides a client.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    pub settings: MeshSettings,
+    /// Resources that are not in the cluster but belong to the mesh (the config file's).
+    pub extra: ResourceSet,
+    pub debounce: Duration,
+}
+
+impl SourceOptions {
+    /// Namespace and name of the mesh config ConfigMap the source watches.
+    pub fn mesh_config(&self) -> (String, String) {
+        self.settings.mesh_config.clone().unwrap_or_else(|| {
+            (
+                self.settings.root_namespace.clone(),
+                crate::state::egress::outbound_policy::DEFAULT_MESH_CONFIG_NAME.to_owned(),
+            )
+        })
+    }
+}
+
+/// One rebuild's outcome, for the status writer.
+#[derive(Clone, Debug, Default)]
+pub struct Rebuilt {
+    /// Counts rebuilds; 0 until the first.
+    pub generation: u64,
+    pub rejections: Vec<Rejection>,
+}
+
+/// A running kube source. Dropping it stops the watches and the rebuild loop; the last
+/// published state stays in the channel.
+pub struct KubeSource {
+    stores: Stores,
+    rebuilt: tokio_watch::Receiver<Arc<Rebuilt>>,
+    _watches: Watches,
+    rebuild_task: JoinHandle<()>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        self.rebuild_task.abort();
+    }
+}
+
+impl KubeSource {
+    /// Starts watching and rebuilding; publishes on `publisher` once every kind was listed.
+    pub fn start(client: &Client, options: SourceOptions, publisher: StatePublisher) -> Self {
+        let (signals_tx, signals) = mpsc::unbounded_channel();
+        let scope = watch::WatchScope {
+            mesh_config: options.mesh_config(),
+        };
+        let (stores, watches) = watch::start(client, &scope, signals_tx);
+        let (rebuilt_tx, rebuilt) = tokio_watch::channel(Arc::new(Rebuilt::default()));
+        let rebuild_task = tokio::spawn(rebuild_loop(
+            stores.clone(),
+            options,
+            signals,
+            publisher,
+            rebuilt_tx,
+        ));
+        Self {
+            stores,
+            rebuilt,
+            _watches: watches,
+            rebuild_task,
+        }
+    }
+
+    /// Waits until the first state was published (every kind listed or found absent).
+    pub async fn synced(&self) {
+        let mut rx = self.rebuilt.clone();
+        let _ = rx.wait_for(|r| r.generation > 0).await;
+    }
+
+    /// The reflector stores (the status writer reads objects from them).
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
+    /// Each rebuild's rejections.
+    pub fn rebuilt(&self) -> tokio_watch::Receiver<Arc<Rebuilt>> {
+        self.rebuilt.clone()
+    }
+}
+
+/// The kube source as `sluice run` runs it: the watches and rebuild loop, and (when enabled) the
+/// elected status writer.
+pub struct Running {
+    pub client: Client,
+    pub source: KubeSource,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Running {
+    /// Starts the source (and the status writer when `agent.kube.writeStatus`).
+    pub fn start(
+        client: Client,
+        agent: &crate::config::AgentConfig,
+        options: SourceOptions,
+        publisher: StatePublisher,
+    ) -> Self {
+        let state = publisher.subscribe();
+        let source = KubeSource::start(&client, options, publisher);
+        let mut tasks = Vec::new();
+        if agent.kube.write_status {
+            let namespace = agent
+                .kube
+                .lease_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "sluice-system".into());
+            let (leader_tx, leader) = tokio_watch::channel(false);
+            let settings = lease::LeaseSettings::new(&namespace, &agent.node_name);
+            tasks.push(tokio::spawn(lease::run(
+                client.clone(),
+                settings,
+                leader_tx,
+            )));
+            let writer = status::StatusWriter::new(
+                client.clone(),
+                source.stores().clone(),
+                state,
+                source.rebuilt(),
+                agent.kube.gateway_class_name.clone(),
+            );
+            tasks.push(tokio::spawn(writer.run(leader)));
+        }
+        Self {
+            client,
+            source,
+            tasks,
+        }
+    }
+}
+
+/// Appends `extra`'s resources to `set` (every field: the destructuring breaks the build when
+/// ResourceSet grows a field this does not copy).
+fn merge(set: &mut ResourceSet, extra: &ResourceSet) {
+    let ResourceSet {
+        namespaces,
+        pods,
+        services,
+        nodes,
+        config_maps,
+        service_entries,
+        sidecars,
+        istio_gateways,
+        virtual_services,
+        destination_rules,
+        static_gateway_configurations,
+        peer_authentications,
+        authorization_policies,
+        gateways,
+        http_routes,
+    } = extra;
+    set.namespaces.extend(namespaces.iter().cloned());
+    set.pods.extend(pods.iter().cloned());
+    set.services.extend(services.iter().cloned());
+    set.nodes.extend(nodes.iter().cloned());
+    set.config_maps.extend(config_maps.iter().cloned());
+    set.service_entries.extend(service_entries.iter().cloned());
+    set.sidecars.extend(sidecars.iter().cloned());
+    set.istio_gateways.extend(istio_gateways.iter().cloned());
+    set.virtual_services
+        .extend(virtual_services.iter().cloned());
+    set.destination_rules
+        .extend(destination_rules.iter().cloned());
+    set.static_gateway_configurations
+        .extend(static_gateway_configurations.iter().cloned());
+    set.peer_authentications
+        .extend(peer_authentications.iter().cloned());
+    set.authorization_policies
+        .extend(authorization_policies.iter().cloned());
+    set.gateways.extend(gateways.iter().cloned());
+    set.http_routes.extend(http_routes.iter().cloned());
+}
+
+/// Per-kind progress towards the first publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KindState {
+    Waiting,
+    Listed,
+    Absent,
+}
+
+/// Logs each rejection once per (resource generation, field, message).
+#[derive(Default)]
+struct RejectionLog {
+    seen: BTreeSet<(Option<i64>, String)>,
+}
+
+impl RejectionLog {
+    fn log(&mut self, stores: &Stores, rejections: &[Rejection]) {
+        let mut now = BTreeSet::new();
+        for r in rejections {
+            let generation = stores.generation(&r.kind, r.namespace.as_deref(), &r.name);
+            let key = (generation, r.to_string());
+            if !self.seen.contains(&key) {
+                warn!(
+                    kind = %r.kind,
+                    namespace = r.namespace.as_deref().unwrap_or(""),
+                    name = %r.name,
+                    field = %r.field,
+                    generation = generation.unwrap_or(0),
+                    "resource left out of the mesh state: {}: {}",
+                    r.field,
+                    r.message
+                );
+            }
+            now.insert(key);
+        }
+        self.seen = now;
+    }
+}
+
+async fn rebuild_loop(
+    stores: Stores,
+    options: SourceOptions,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    publisher: StatePublisher,
+    rebuilt: tokio_watch::Sender<Arc<Rebuilt>>,
+) {
+    let mut progress = [KindState::Waiting; WATCHED.len()];
+    let mut log = RejectionLog::default();
+    let mut generation = 0u64;
+    let started = Instant::now();
+    let mut next_waiting_report = started + Duration::from_secs(10);
+    loop {
+        // Wait for a change (reporting, while the first list is outstanding, what it waits for).
+        let first = if generation == 0 {
+            match tokio::time::timeout_at(next_waiting_report.into(), signals.recv()).await {
+                Ok(s) => s,
+                Err(_) => {
+                    let waiting: Vec<String> = WATCHED
+                        .iter()
+                        .zip(progress)
+                        .filter(|(_, p)| *p == KindState::Waiting)
+                        .map(|(k, _)| k.qualified())
+                        .collect();
+                    warn!(
+                        ?waiting,
+                        elapsed_s = started.elapsed().as_secs(),
+                        "still waiting for the first list of these kinds"
+                    );
+                    next_waiting_report = Instant::now() + Duration::from_secs(30);
+                    continue;
+                }
+            }
+        } else {
+            signals.recv().await
+        };
+        let Some(first) = first else {
+            return;
+        };
+        let mut apply = |s: Signal| match s {
+            Signal::Changed(_) => {}
+            Signal::Listed(i) => progress[i] = KindState::Listed,
+            Signal::Absent(i) => {
+                if progress[i] == KindState::Waiting {
+                    progress[i] = KindState::Absent;
+                }
+            }
+        };
+        apply(first);
+        // Debounce: take whatever else arrives shortly.
+        let deadline = tokio::time::Instant::now() + options.debounce;
+        loop {
+            tokio::select! {
+                s = signals.recv() => match s {
+                    Some(s) => apply(s),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if progress.contains(&KindState::Waiting) {
+            continue;
+        }
+        if matches!(first, Signal::Absent(_)) && generation > 0 {
+            // A failing watch of an absent kind changes nothing.
+            continue;
+        }
+        let t = Instant::now();
+        let mut set = stores.resource_set();
+        merge(&mut set, &options.extra);
+        let out = state::build(&set, &options.settings);
+        log.log(&stores, &out.rejections);
+        publisher.publish(out.state);
+        generation += 1;
+        if generation == 1 {
+            let absent: Vec<String> = WATCHED
+                .iter()
+                .zip(progress)
+                .filter(|(_, p)| *p == KindState::Absent)
+                .map(|(k, _)| k.qualified())
+                .collect();
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                ?absent,
+                "kube source synced; first mesh state published"
+            );
+        }
+        debug!(
+            generation,
+            build_us = t.elapsed().as_micros() as u64,
+            "mesh state rebuilt"
+        );
+        rebuilt.send_replace(Arc::new(Rebuilt {
+            generation,
+            rejections: out.rejections,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_names() {
+        let c = KubeConfig::default();
+        assert!(!c.enabled);
+        assert!(c.write_status && c.discover_sandboxes);
+        assert_eq!(c.debounce_ms, 10);
+        let c: KubeConfig =
+            serde_yaml::from_str("enabled: true\nkubeconfig: /k\ngatewayClassName: x").unwrap();
+        assert_eq!(c.kubeconfig.as_deref(), Some(std::path::Path::new("/k")));
+        assert_eq!(c.gateway_class_name, "x");
+        assert!(serde_yaml::from_str::<KubeConfig>("enabld: true").is_err());
+    }
+
+    #[test]
+    fn merge_appends_every_kind() {
+        let mut file = ResourceSet::default();
+        for (i, doc) in [
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {}",
+        ]
+        .iter()
+        .enumerate()
+        {
+            file.add_document(i, serde_yaml::from_str(doc).unwrap())
+                .unwrap();
+        }
+        let mut set = file.clone();
+        merge(&mut set, &file);
+        assert_eq!(set.namespaces.len(), 2);
+        assert_eq!(set.http_routes.len(), 2);
+    }
+}
