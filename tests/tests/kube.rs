@@ -3,12 +3,8 @@
 //! condition, the source rides out an API server outage, the seed scenarios' documents apply
 //! unchanged, and `deploy/` applies. Needs root and `apiserver.sh install` (or `cargo xtask setup`).
 //!
-//! Each test starts its own API server; they run one at a time (each server takes ~350 MB and the
-//! machine has two cores).
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+//! Each test starts its own API server (~5 s, ~350 MB); `cargo xtask test` runs them one at a time.
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice::state::{MeshSettings, MeshState};
@@ -16,13 +12,6 @@ use sluice_tests::{
     kube_mesh::{Mesh, apply, delete, install_crds, json_at, mentions},
     kube_server::KubeServer,
 };
-
-/// Serialises the tests of this file.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -141,7 +130,6 @@ fn state_json(s: &MeshState) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_every_watched_kind_flows_into_mesh_state() {
-    let _serial = serial();
     let server = KubeServer::start();
     let client = server.client().await;
     install_crds(&client).await;
@@ -263,7 +251,6 @@ async fn kube_every_watched_kind_flows_into_mesh_state() {
 /// namespace relabels, and prints the distribution.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_propagation_latency_is_under_100ms() {
-    let _serial = serial();
     let server = KubeServer::start();
     let client = server.client().await;
     install_crds(&client).await;

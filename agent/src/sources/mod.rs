@@ -18,7 +18,7 @@ pub enum Running {
     /// The config file's resources, published once.
     File(StatePublisher),
     /// The kube watchers (plus the file's resources), and the status writer.
-    Kube(kube::Running),
+    Kube(Box<kube::Running>),
 }
 
 /// Starts the source the config asks for and returns once the first state is published: the
@@ -48,5 +48,5 @@ pub async fn start(
     let running = kube::Running::start(client, agent, options, publisher);
     info!("waiting for the first list of every watched kind");
     running.source.synced().await;
-    Ok(Running::Kube(running))
+    Ok(Running::Kube(Box::new(running)))
 }
