@@ -105,13 +105,13 @@ impl Agent {
             if let Some(line) = self.log_lines().into_iter().find(|l| pred(l)) {
                 return line;
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "agent exited ({status}) while waiting for {what}:\n{}",
-                        self.tail()
-                    );
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "agent exited ({status}) while waiting for {what}:\n{}",
+                    self.tail()
+                );
             }
             assert!(
                 Instant::now() < deadline,

@@ -482,10 +482,10 @@ impl World {
                 .lines()
                 .map_while(Result::ok)
             {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if tx.send(v).is_err() {
-                        break;
-                    }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
                 }
             }
         });

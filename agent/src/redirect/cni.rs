@@ -145,10 +145,10 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
                 .cloned()
                 .unwrap_or_default();
             // DEL must succeed when the agent is gone or the pod unknown (spec: idempotent).
-            if let Ok(answer) = call(&socket, &Request::Del { uid }) {
-                if !answer.ok {
-                    eprintln!("sluice: agent: {}", answer.error.unwrap_or_default());
-                }
+            if let Ok(answer) = call(&socket, &Request::Del { uid })
+                && !answer.ok
+            {
+                eprintln!("sluice: agent: {}", answer.error.unwrap_or_default());
             }
             Ok(None)
         }

@@ -174,18 +174,27 @@ pub async fn remove(netns: &Netns, home: &HomeNetns) -> Result<(), PodNetError> 
             for rule in rules {
                 let ours = rule.attributes.iter().any(|a| matches!(a, rtnetlink::packet_route::rule::RuleAttribute::FwMark(m) if *m == TRANSPARENT_MARK))
                     && rule.attributes.iter().any(|a| matches!(a, rtnetlink::packet_route::rule::RuleAttribute::Table(t) if *t == TRANSPARENT_ROUTE_TABLE));
-                if ours {
-                    if let Err(source) = handle.rule().del(rule).execute().await {
-                        if !absent(&source) {
-                            return Err(PodNetError::Netlink { netns: name.clone(), what: "removing the transparent-reply rule", source });
-                        }
-                    }
+                if !ours {
+                    continue;
+                }
+                if let Err(source) = handle.rule().del(rule).execute().await
+                    && !absent(&source)
+                {
+                    return Err(PodNetError::Netlink {
+                        netns: name.clone(),
+                        what: "removing the transparent-reply rule",
+                        source,
+                    });
                 }
             }
-            if let Err(source) = handle.route().del(local_default_route(v4)).execute().await {
-                if !absent(&source) {
-                    return Err(PodNetError::Netlink { netns: name.clone(), what: "removing the transparent-reply route", source });
-                }
+            if let Err(source) = handle.route().del(local_default_route(v4)).execute().await
+                && !absent(&source)
+            {
+                return Err(PodNetError::Netlink {
+                    netns: name.clone(),
+                    what: "removing the transparent-reply route",
+                    source,
+                });
             }
         }
         Ok(())
