@@ -1,6 +1,7 @@
 //! Sluice: an eBPF-accelerated, ambient-style service-mesh node agent.
 //!
 //! Data flows one way: [`sources`] → [`state`] → consumers ([`redirect`], [`proxy`], …).
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod egress;

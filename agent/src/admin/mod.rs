@@ -1,0 +1,10 @@
+//! Observability: Prometheus metrics (Istio's TCP metrics plus Sluice's own), the readiness
+//! probe and the localhost admin endpoint.
+//!
+//! [`metrics::Metrics`] is shared by the proxy, identity and redirect code through an `Arc`;
+//! [`server`] exposes it, readiness and a configuration dump over HTTP/1.1.
+pub mod metrics;
+pub mod server;
+
+pub use metrics::{ConnectionLabels, Metrics};
+pub use server::{Ready, ServeError, Server, serve_admin, serve_metrics, serve_readiness};
