@@ -273,6 +273,19 @@ impl Metrics {
         self.opened.get_or_create(labels).inc();
     }
 
+    /// Counts a connection opened and returns its handle: bytes are added through the handle
+    /// without any further lookup, and dropping it counts the close. Use this when the labels
+    /// are known at open; use [`Metrics::opened`]/[`Metrics::closed`] when the close needs
+    /// other labels (e.g. `response_flags` learnt late).
+    pub fn connection(&self, labels: &ConnectionLabels) -> ConnectionMetrics {
+        self.opened(labels);
+        ConnectionMetrics {
+            closed: self.closed.get_or_create_owned(labels),
+            sent: self.sent_bytes.get_or_create_owned(labels),
+            received: self.received_bytes.get_or_create_owned(labels),
+        }
+    }
+
     /// Counts a connection closed and the bytes it carried: `sent` towards the destination,
     /// `received` from it.
     pub fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
@@ -318,6 +331,34 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+/// One open connection's counters, from [`Metrics::connection`]. Dropping it counts the
+/// connection as closed; bytes already added stay counted.
+#[derive(Debug)]
+#[must_use = "dropping the handle counts the connection as closed"]
+pub struct ConnectionMetrics {
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+impl ConnectionMetrics {
+    /// Adds bytes sent towards the destination (`istio_tcp_sent_bytes_total`).
+    pub fn sent(&self, bytes: u64) {
+        self.sent.inc_by(bytes);
+    }
+
+    /// Adds bytes received from the destination (`istio_tcp_received_bytes_total`).
+    pub fn received(&self, bytes: u64) {
+        self.received.inc_by(bytes);
+    }
+}
+
+impl Drop for ConnectionMetrics {
+    fn drop(&mut self) {
+        self.closed.inc();
     }
 }
 
@@ -407,6 +448,41 @@ mod tests {
         );
         assert!(text.contains("# TYPE istio_tcp_connections_opened counter"));
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn a_connection_handle_counts_bytes_live_and_the_close_on_drop() {
+        let m = Metrics::new();
+        let web = labels(ConnectionLabels::SOURCE, "web");
+        let w = label_text(&web);
+        let conn = m.connection(&web);
+        conn.sent(100);
+        conn.received(40);
+        conn.sent(1);
+        let text = m.encode().unwrap();
+        assert_eq!(
+            sample(&text, "istio_tcp_connections_opened_total", &w),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "istio_tcp_connections_closed_total", &w),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "istio_tcp_sent_bytes_total", &w), Some(101.0));
+        assert_eq!(
+            sample(&text, "istio_tcp_received_bytes_total", &w),
+            Some(40.0)
+        );
+
+        drop(conn);
+        // The handle and the label-based calls feed the same series.
+        m.closed(&web, 9, 0);
+        let text = m.encode().unwrap();
+        assert_eq!(
+            sample(&text, "istio_tcp_connections_closed_total", &w),
+            Some(2.0)
+        );
+        assert_eq!(sample(&text, "istio_tcp_sent_bytes_total", &w), Some(110.0));
     }
 
     #[test]

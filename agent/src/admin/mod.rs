@@ -6,5 +6,7 @@
 pub mod metrics;
 pub mod server;
 
-pub use metrics::{ConnectionLabels, Metrics};
-pub use server::{Ready, ServeError, Server, serve_admin, serve_metrics, serve_readiness};
+pub use metrics::{ConnectionLabels, ConnectionMetrics, Metrics};
+pub use server::{
+    BlockReady, ConfigDump, Ready, ServeError, Server, serve_admin, serve_metrics, serve_readiness,
+};

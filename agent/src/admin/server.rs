@@ -4,11 +4,12 @@
 //! Each `serve_*` binds at once (so a taken port fails startup with the address named), then
 //! answers on a spawned task until [`Server::abort`] or the runtime ends. Unknown paths get 404,
 //! methods other than GET and HEAD get 405.
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -73,10 +74,25 @@ impl Server {
     }
 }
 
-/// Whether the agent is ready to take traffic: a cheap, clonable flag, false until
-/// [`Ready::set_ready`].
+/// Whether the agent is ready to take traffic: a cheap, clonable flag. It is ready once
+/// [`Ready::set_ready`] has been called and no [`BlockReady`] guard is held.
 #[derive(Clone, Debug, Default)]
-pub struct Ready(Arc<AtomicBool>);
+pub struct Ready(Arc<ReadyState>);
+
+#[derive(Debug, Default)]
+struct ReadyState {
+    set: AtomicBool,
+    next_block: AtomicU64,
+    /// Startup tasks still running, by guard id.
+    blocked: Mutex<BTreeMap<u64, String>>,
+}
+
+impl ReadyState {
+    fn blocked(&self) -> MutexGuard<'_, BTreeMap<u64, String>> {
+        // A poisoned lock only means a holder panicked between two map operations.
+        self.blocked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 impl Ready {
     /// A flag that starts not ready.
@@ -84,19 +100,50 @@ impl Ready {
         Self::default()
     }
 
-    /// Marks the agent ready: `/healthz/ready` answers 200 from now on.
+    /// Marks the agent ready: `/healthz/ready` answers 200 from now on, once no
+    /// [`BlockReady`] is held.
     pub fn set_ready(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.set.store(true, Ordering::Release);
     }
 
     /// Marks the agent not ready again (e.g. while draining): `/healthz/ready` answers 503.
     pub fn set_not_ready(&self) {
-        self.0.store(false, Ordering::Release);
+        self.0.set.store(false, Ordering::Release);
+    }
+
+    /// Holds readiness back until the returned guard is dropped; `task` names it in the 503
+    /// body. For startup work (first certificate, first MeshState, eBPF attached).
+    pub fn block(&self, task: impl Into<String>) -> BlockReady {
+        let id = self.0.next_block.fetch_add(1, Ordering::Relaxed);
+        self.0.blocked().insert(id, task.into());
+        BlockReady {
+            ready: self.clone(),
+            id,
+        }
+    }
+
+    /// Names of the tasks still holding readiness back, in the order they started.
+    pub fn pending(&self) -> Vec<String> {
+        self.0.blocked().values().cloned().collect()
     }
 
     /// The current state.
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.set.load(Ordering::Acquire) && self.0.blocked().is_empty()
+    }
+}
+
+/// Keeps [`Ready`] at not ready while held.
+#[derive(Debug)]
+#[must_use = "readiness is only held back while the guard lives"]
+pub struct BlockReady {
+    ready: Ready,
+    id: u64,
+}
+
+impl Drop for BlockReady {
+    fn drop(&mut self) {
+        self.ready.0.blocked().remove(&self.id);
     }
 }
 
@@ -122,7 +169,15 @@ pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<Se
 pub async fn serve_readiness(addr: SocketAddr, ready: Ready) -> Result<Server, ServeError> {
     serve("readiness", addr, move |path| match path {
         READY_PATH if ready.is_ready() => respond(StatusCode::OK, TEXT, "ready\n"),
-        READY_PATH => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n"),
+        READY_PATH => {
+            let pending = ready.pending();
+            let body = if pending.is_empty() {
+                "not ready\n".to_owned()
+            } else {
+                format!("not ready: waiting for {}\n", pending.join(", "))
+            };
+            respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, body)
+        }
         _ => not_found(),
     })
     .await
@@ -303,6 +358,30 @@ mod tests {
         ready.set_not_ready();
         assert_eq!(request(addr, "GET", READY_PATH).await.0, 503);
         assert_eq!(request(addr, "GET", "/healthz").await.0, 404);
+    }
+
+    #[tokio::test]
+    async fn readiness_waits_for_every_blocker_and_names_them() {
+        let ready = Ready::new();
+        let certs = ready.block("first certificate");
+        let state = ready.block("first MeshState");
+        ready.set_ready();
+        let server = serve_readiness(loopback(), ready.clone()).await.unwrap();
+        let addr = server.local_addr();
+
+        let (status, _, body) = request(addr, "GET", READY_PATH).await;
+        assert_eq!(status, 503);
+        assert_eq!(
+            body,
+            "not ready: waiting for first certificate, first MeshState\n"
+        );
+        drop(certs);
+        let (status, _, body) = request(addr, "GET", READY_PATH).await;
+        assert_eq!(status, 503);
+        assert_eq!(body, "not ready: waiting for first MeshState\n");
+        drop(state);
+        assert_eq!(request(addr, "GET", READY_PATH).await.0, 200);
+        assert!(ready.pending().is_empty());
     }
 
     #[tokio::test]
