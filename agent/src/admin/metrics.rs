@@ -4,7 +4,7 @@
 //! The registry has no prefix, so every name here is the exact exposed name. Counters are
 //! registered without `_total`; the OpenMetrics encoder appends it to the sample name.
 use std::fmt::{self, Write as _};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
@@ -19,80 +19,11 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 
+use super::tcp::{ConnectionLabels, ConnectionMetrics, TcpConnections};
 use crate::identity::CertInfo;
 
 /// Name of the certificate expiry gauge.
 const CERTIFICATE_EXPIRY: &str = "sluice_certificate_expiry_seconds";
-
-/// Istio's standard labels on a TCP connection's metrics. Every field is one label of the same
-/// name; values are free text (escaped on output). Unknown values are `"unknown"` in Istio.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ConnectionLabels {
-    /// Which side reports: [`ConnectionLabels::SOURCE`] or [`ConnectionLabels::DESTINATION`].
-    pub reporter: String,
-    /// Source workload name (e.g. the Deployment's name).
-    pub source_workload: String,
-    /// Source workload's namespace.
-    pub source_workload_namespace: String,
-    /// Source SPIFFE identity, `spiffe://<td>/ns/<ns>/sa/<sa>`, or `"unknown"`.
-    pub source_principal: String,
-    /// Destination workload name.
-    pub destination_workload: String,
-    /// Destination workload's namespace.
-    pub destination_workload_namespace: String,
-    /// Destination SPIFFE identity, or `"unknown"`.
-    pub destination_principal: String,
-    /// [`ConnectionLabels::MUTUAL_TLS`] or [`ConnectionLabels::NONE`].
-    pub connection_security_policy: String,
-    /// [`ConnectionLabels::TCP`] for every L4 connection.
-    pub request_protocol: String,
-    /// `"-"` ([`ConnectionLabels::NO_FLAGS`]) or a short Envoy-style code such as `"UF"`.
-    pub response_flags: String,
-}
-
-impl ConnectionLabels {
-    /// `reporter` value when the source side's proxy reports.
-    pub const SOURCE: &str = "source";
-    /// `reporter` value when the destination side's proxy reports.
-    pub const DESTINATION: &str = "destination";
-    /// `connection_security_policy` for HBONE (mTLS) connections.
-    pub const MUTUAL_TLS: &str = "mutual_tls";
-    /// `connection_security_policy` for plaintext connections.
-    pub const NONE: &str = "none";
-    /// `request_protocol` for L4 connections.
-    pub const TCP: &str = "tcp";
-    /// `response_flags` when nothing went wrong.
-    pub const NO_FLAGS: &str = "-";
-    /// Istio's value for a label Sluice cannot know.
-    pub const UNKNOWN: &str = "unknown";
-
-    fn pairs(&self) -> [(&'static str, &str); 10] {
-        [
-            ("reporter", &self.reporter),
-            ("source_workload", &self.source_workload),
-            ("source_workload_namespace", &self.source_workload_namespace),
-            ("source_principal", &self.source_principal),
-            ("destination_workload", &self.destination_workload),
-            (
-                "destination_workload_namespace",
-                &self.destination_workload_namespace,
-            ),
-            ("destination_principal", &self.destination_principal),
-            (
-                "connection_security_policy",
-                &self.connection_security_policy,
-            ),
-            ("request_protocol", &self.request_protocol),
-            ("response_flags", &self.response_flags),
-        ]
-    }
-}
-
-impl EncodeLabelSet for ConnectionLabels {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
-        encode_pairs(&self.pairs(), encoder)
-    }
-}
 
 /// The one label `reason` of the denial and refusal counters.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -106,7 +37,7 @@ impl EncodeLabelSet for ReasonLabel {
     }
 }
 
-fn encode_pairs(pairs: &[(&str, &str)], encoder: &mut LabelSetEncoder) -> fmt::Result {
+pub(super) fn encode_pairs(pairs: &[(&str, &str)], encoder: &mut LabelSetEncoder) -> fmt::Result {
     for (key, value) in pairs {
         EncodeLabel::encode(&(*key, Escaped(value)), encoder.encode_label())?;
     }
@@ -115,7 +46,7 @@ fn encode_pairs(pairs: &[(&str, &str)], encoder: &mut LabelSetEncoder) -> fmt::R
 
 /// A label value escaped as the exposition formats require (`\\`, `\"`, `\n`); the
 /// prometheus-client text encoder writes values verbatim.
-struct Escaped<'a>(&'a str);
+pub(super) struct Escaped<'a>(pub(super) &'a str);
 
 impl EncodeLabelValue for Escaped<'_> {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
@@ -173,14 +104,11 @@ impl Collector for CertificateExpiry {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    opened: Family<ConnectionLabels, Counter>,
-    closed: Family<ConnectionLabels, Counter>,
-    sent_bytes: Family<ConnectionLabels, Counter>,
-    received_bytes: Family<ConnectionLabels, Counter>,
+    tcp: Arc<TcpConnections>,
     pool_connections: Gauge,
     handshakes: Counter,
     policy_denials: Family<ReasonLabel, Counter>,
-    certificates: std::sync::Arc<CertificateExpiry>,
+    certificates: Arc<CertificateExpiry>,
     captured_pods: Gauge,
     egress_refusals: Family<ReasonLabel, Counter>,
 }
@@ -195,37 +123,15 @@ impl Metrics {
     /// A registry with every metric registered and at zero.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let opened = Family::<ConnectionLabels, Counter>::default();
-        let closed = Family::<ConnectionLabels, Counter>::default();
-        let sent_bytes = Family::<ConnectionLabels, Counter>::default();
-        let received_bytes = Family::<ConnectionLabels, Counter>::default();
+        let tcp = Arc::new(TcpConnections::default());
         let pool_connections = Gauge::default();
         let handshakes = Counter::default();
         let policy_denials = Family::<ReasonLabel, Counter>::default();
-        let certificates = std::sync::Arc::new(CertificateExpiry::default());
+        let certificates = Arc::new(CertificateExpiry::default());
         let captured_pods = Gauge::default();
         let egress_refusals = Family::<ReasonLabel, Counter>::default();
 
-        registry.register(
-            "istio_tcp_connections_opened",
-            "Total TCP connections opened.",
-            opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "Total TCP connections closed.",
-            closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent during TCP connections, towards the destination.",
-            sent_bytes.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received during TCP connections, from the destination.",
-            received_bytes.clone(),
-        );
+        registry.register_collector(Box::new(tcp.clone()));
         registry.register(
             "sluice_hbone_pool_connections",
             "HBONE (HTTP/2 over mTLS) connections currently held in the outbound pool.",
@@ -255,10 +161,7 @@ impl Metrics {
 
         Self {
             registry,
-            opened,
-            closed,
-            sent_bytes,
-            received_bytes,
+            tcp,
             pool_connections,
             handshakes,
             policy_denials,
@@ -270,7 +173,7 @@ impl Metrics {
 
     /// Counts a connection opened (`istio_tcp_connections_opened_total`).
     pub fn opened(&self, labels: &ConnectionLabels) {
-        self.opened.get_or_create(labels).inc();
+        self.tcp.opened(labels);
     }
 
     /// Counts a connection opened and returns its handle: bytes are added through the handle
@@ -278,20 +181,13 @@ impl Metrics {
     /// are known at open; use [`Metrics::opened`]/[`Metrics::closed`] when the close needs
     /// other labels (e.g. `response_flags` learnt late).
     pub fn connection(&self, labels: &ConnectionLabels) -> ConnectionMetrics {
-        self.opened(labels);
-        ConnectionMetrics {
-            closed: self.closed.get_or_create_owned(labels),
-            sent: self.sent_bytes.get_or_create_owned(labels),
-            received: self.received_bytes.get_or_create_owned(labels),
-        }
+        self.tcp.connection(labels)
     }
 
     /// Counts a connection closed and the bytes it carried: `sent` towards the destination,
     /// `received` from it.
     pub fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
-        self.closed.get_or_create(labels).inc();
-        self.sent_bytes.get_or_create(labels).inc_by(sent);
-        self.received_bytes.get_or_create(labels).inc_by(received);
+        self.tcp.closed(labels, sent, received);
     }
 
     /// Counts a connection refused by policy (`sluice_policy_denials_total{reason}`).
@@ -331,34 +227,6 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
-    }
-}
-
-/// One open connection's counters, from [`Metrics::connection`]. Dropping it counts the
-/// connection as closed; bytes already added stay counted.
-#[derive(Debug)]
-#[must_use = "dropping the handle counts the connection as closed"]
-pub struct ConnectionMetrics {
-    closed: Counter,
-    sent: Counter,
-    received: Counter,
-}
-
-impl ConnectionMetrics {
-    /// Adds bytes sent towards the destination (`istio_tcp_sent_bytes_total`).
-    pub fn sent(&self, bytes: u64) {
-        self.sent.inc_by(bytes);
-    }
-
-    /// Adds bytes received from the destination (`istio_tcp_received_bytes_total`).
-    pub fn received(&self, bytes: u64) {
-        self.received.inc_by(bytes);
-    }
-}
-
-impl Drop for ConnectionMetrics {
-    fn drop(&mut self) {
-        self.closed.inc();
     }
 }
 
@@ -434,9 +302,10 @@ mod tests {
             sample(&text, "istio_tcp_connections_closed_total", &w),
             Some(2.0)
         );
+        // A label set once seen shows all four counters, zero included.
         assert_eq!(
             sample(&text, "istio_tcp_connections_closed_total", &a),
-            None
+            Some(0.0)
         );
         assert_eq!(
             sample(&text, "istio_tcp_sent_bytes_total", &w),

@@ -5,8 +5,10 @@
 //! [`server`] exposes it, readiness and a configuration dump over HTTP/1.1.
 pub mod metrics;
 pub mod server;
+pub mod tcp;
 
-pub use metrics::{ConnectionLabels, ConnectionMetrics, Metrics};
+pub use metrics::Metrics;
 pub use server::{
     BlockReady, ConfigDump, Ready, ServeError, Server, serve_admin, serve_metrics, serve_readiness,
 };
+pub use tcp::{ConnectionLabels, ConnectionMetrics};
