@@ -19,7 +19,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 
-use super::tcp::{ConnectionLabels, ConnectionMetrics, TcpConnections};
+use super::tcp::TcpConnections;
+pub use super::tcp::{ConnectionLabels, ConnectionMetrics};
 use crate::identity::CertInfo;
 
 /// Name of the certificate expiry gauge.
