@@ -128,8 +128,223 @@ fn capture() {
     println!("ratio capture_vs_iptables_p99 {:.2}", ebpf.1 / ipt.1);
 }
 
-/// Through the mesh (HBONE between two node proxies) vs direct: lands with issue 3.
+/// Client processes' JSON result; panics with the agents' log tails on `{"error":..}`.
+fn run_ok(w: &World, pod: &str, args: &[&str]) -> serde_json::Value {
+    let v = w.run_in(pod, args);
+    if v.get("error").is_some() {
+        let logs: Vec<String> = w.agents.values().map(|a| a.tail()).collect();
+        panic!("{args:?} in {pod}: {v}\nagent log:\n{}", logs.join("\n"));
+    }
+    v
+}
+
+/// `rr ADDR SIZE COUNT` samples (µs per round trip on one connection).
+fn rr_samples(w: &World, pod: &str, addr: &str, size: usize, count: usize) -> Vec<u64> {
+    run_ok(w, pod, &["rr", addr, &size.to_string(), &count.to_string()])["samples_us"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .filter_map(|x| x.as_u64())
+        .collect()
+}
+
+/// User + system CPU seconds of a process so far (`/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+/// Resident memory of a process in MiB (`VmRSS` in `/proc/<pid>/status`).
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn agents_cpu(w: &World) -> f64 {
+    w.agents
+        .values()
+        .filter_map(|a| a.pid())
+        .map(cpu_seconds)
+        .sum()
+}
+
+fn mean(v: &[u64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.iter().sum::<u64>() as f64 / v.len() as f64
+}
+
+/// Through the mesh vs direct, across two nodes: a captured client pod talks to a server pod on
+/// the other node (outbound proxy → HBONE mutual TLS → inbound proxy → server); the direct
+/// pair uses the same veth path with no proxy. Rounds alternate the two paths.
 fn mesh() {
-    eprintln!("bench mesh: not available yet — it needs the HBONE data path (issue 3)");
-    std::process::exit(1);
+    const HANDSHAKE_PODS: usize = 16;
+    const BULK_SECONDS: &str = "3";
+    const ROUNDS: usize = 3;
+    let mut pods = vec![
+        PodSpec::new("m1", "mesh", 1),
+        PodSpec::new("m2", "mesh", 2),
+        PodSpec::new("w2", "mesh", 2),
+        PodSpec::new("d1", "plain", 1),
+        PodSpec::new("d2", "plain", 2),
+    ];
+    let hs: Vec<String> = (0..HANDSHAKE_PODS).map(|i| format!("h{i}")).collect();
+    pods.extend(hs.iter().map(|h| PodSpec::new(h, "mesh", 1)));
+    let mut w = World::build(2, &pods);
+    w.namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]);
+    w.namespace("plain", &[]);
+    w.start_agent(1, "");
+    w.start_agent(2, "");
+    for p in &pods {
+        w.enroll(&p.name);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let rss: Vec<f64> = w
+        .agents
+        .values()
+        .filter_map(|a| a.pid())
+        .map(rss_mib)
+        .collect();
+    let rss_idle = rss.iter().copied().fold(0.0, f64::max);
+
+    let (m2, d2, w2) = (w.pod("m2").ipv4, w.pod("d2").ipv4, w.pod("w2").ipv4);
+    let _servers = [
+        w.serve("m2", "0.0.0.0:8080"),
+        w.sink("m2", "0.0.0.0:9000"),
+        w.serve("d2", "0.0.0.0:8080"),
+        w.sink("d2", "0.0.0.0:9000"),
+        w.serve("w2", "0.0.0.0:8080"),
+    ];
+    let echo = |ip| SocketAddr::new(ip, 8080).to_string();
+    let sink = |ip| SocketAddr::new(ip, 9000).to_string();
+    // (name, client pod, server ip)
+    let paths = [("direct", "d1", d2), ("sluice", "m1", m2)];
+
+    // Check the paths are what they claim: the mesh pair captured and carried over HBONE.
+    let c = w.connect("m1", &echo(m2), 10_000);
+    assert!(c.captured(), "m1 → m2 was not captured");
+    let hbone =
+        w.agents[&1].wait_access(1, |l| l["direction"] == "outbound" && l["route"] == "hbone");
+    assert!(hbone >= 1, "m1 → m2 did not go over HBONE");
+    let c = w.connect("d1", &echo(d2), 10_000);
+    assert!(!c.captured(), "d1 → d2 was captured");
+
+    // Bulk throughput, 1 and 4 streams; the agents' CPU while the mesh path runs.
+    let mut bulk = [[0.0f64; 2]; 2]; // [streams index][path] bytes/s, summed over rounds
+    let (mut mesh_cpu, mut mesh_bytes) = (0.0, 0.0);
+    for _ in 0..2 {
+        for (si, streams) in ["1", "4"].into_iter().enumerate() {
+            for (pi, (_, pod, ip)) in paths.iter().enumerate() {
+                let before = agents_cpu(&w);
+                let v = run_ok(&w, pod, &["bulk", &sink(*ip), BULK_SECONDS, streams]);
+                let bytes = v["bytes"].as_f64().unwrap_or(0.0);
+                if pi == 1 {
+                    mesh_cpu += agents_cpu(&w) - before;
+                    mesh_bytes += bytes;
+                }
+                bulk[si][pi] += v["bytes_per_s"].as_f64().unwrap_or(0.0) / 2.0;
+            }
+        }
+    }
+
+    // Request/response on one connection, and pooled new connections (connect + first byte).
+    let mut rr64: [Vec<u64>; 2] = Default::default();
+    let mut rr16k: [Vec<u64>; 2] = Default::default();
+    let mut conn: [Vec<u64>; 2] = Default::default();
+    for (_, pod, ip) in &paths {
+        rr_samples(&w, pod, &echo(*ip), 64, 200);
+        samples(&w, pod, &echo(*ip), 100);
+    }
+    for _ in 0..ROUNDS {
+        for (pi, (_, pod, ip)) in paths.iter().enumerate() {
+            rr64[pi].extend(rr_samples(&w, pod, &echo(*ip), 64, 2000));
+            rr16k[pi].extend(rr_samples(&w, pod, &echo(*ip), 16 * 1024, 500));
+            conn[pi].extend(samples(&w, pod, &echo(*ip), 400));
+        }
+    }
+
+    // Handshake-bound: each hN pod is a new source identity. Its first connection to w2 gets its
+    // certificate issued; its first connection to m2 then needs a new HBONE connection (the pool
+    // is keyed by source and destination identity), so it pays a full TLS handshake.
+    let mut handshake = Vec::new();
+    for h in &hs {
+        run_ok(&w, h, &["connect", &echo(w2), "100"]);
+        handshake.extend(samples(&w, h, &echo(m2), 1));
+    }
+
+    for v in rr64
+        .iter_mut()
+        .chain(rr16k.iter_mut())
+        .chain(conn.iter_mut())
+    {
+        v.sort_unstable();
+    }
+    handshake.sort_unstable();
+    let mbps = |b: f64| b * 8.0 / 1e6;
+    let conn_rate = |v: &[u64]| 1e6 / mean(v).max(1.0);
+    println!(
+        "\nmesh: node 1 → node 2, direct vs Sluice (captured, HBONE mTLS between node proxies)"
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "figure", "direct", "sluice", "ratio"
+    );
+    let row = |name: &str, d: f64, s: f64| {
+        println!("{name:<34} {d:>12.1} {s:>12.1} {:>8.2}", s / d);
+        s / d
+    };
+    let bulk1 = row("bulk 1 stream (Mbit/s)", mbps(bulk[0][0]), mbps(bulk[0][1]));
+    let bulk4 = row(
+        "bulk 4 streams (Mbit/s)",
+        mbps(bulk[1][0]),
+        mbps(bulk[1][1]),
+    );
+    let p = |v: &[u64], q| percentile(v, q) as f64;
+    let rr64_50 = row("rr 64 B p50 (µs)", p(&rr64[0], 0.5), p(&rr64[1], 0.5));
+    let rr64_99 = row("rr 64 B p99 (µs)", p(&rr64[0], 0.99), p(&rr64[1], 0.99));
+    let rr16k_50 = row("rr 16 KiB p50 (µs)", p(&rr16k[0], 0.5), p(&rr16k[1], 0.5));
+    let pooled = row(
+        "new conns/s, pooled",
+        conn_rate(&conn[0]),
+        conn_rate(&conn[1]),
+    );
+    let hs_ratio = row(
+        "new conns/s, handshake each",
+        conn_rate(&conn[0]),
+        conn_rate(&handshake),
+    );
+    println!(
+        "{:<34} {:>12} {:>12.2}",
+        "agents' CPU s per GB (both nodes)",
+        "-",
+        mesh_cpu / (mesh_bytes / 1e9).max(1e-9)
+    );
+    println!(
+        "{:<34} {:>12} {:>12.1}",
+        "agent idle RSS (MiB, larger node)", "-", rss_idle
+    );
+    println!(
+        "(bulk: {BULK_SECONDS} s per run, 2 runs per path; rr: {ROUNDS}×2000 × 64 B and {ROUNDS}×500 × 16 KiB; \
+         pooled: {ROUNDS}×400 connections; handshake: {HANDSHAKE_PODS} new source identities, one \
+         connection each, against the direct pooled rate)"
+    );
+    println!("ratio bulk1_vs_direct {bulk1:.2}");
+    println!("ratio bulk4_vs_direct {bulk4:.2}");
+    println!("ratio rr64_p50_vs_direct {rr64_50:.2}");
+    println!("ratio rr64_p99_vs_direct {rr64_99:.2}");
+    println!("ratio rr16k_p50_vs_direct {rr16k_50:.2}");
+    println!("ratio conn_pooled_vs_direct {pooled:.2}");
+    println!("ratio conn_handshake_vs_direct {hs_ratio:.2}");
+    println!("rss_idle_mb {rss_idle:.1}");
 }

@@ -10,6 +10,13 @@
 //!   `{"samples_us":[..]}` (connect + first byte, microseconds).
 //! * `hold ADDR SECONDS`: connects and keeps sending until SECONDS pass, then checks the echo
 //!   (a long transfer, for restart tests).
+//! * `sink ADDR`: accepts connections and reads each to its end, discarding the bytes, then
+//!   closes (the receiving end of `bulk`).
+//! * `bulk ADDR SECONDS STREAMS`: STREAMS connections to a `sink`, each sending as fast as it
+//!   can for SECONDS, then half-closing and waiting for the sink to close; prints
+//!   `{"bytes":N,"seconds":S,"bytes_per_s":R}` (all streams together).
+//! * `rr ADDR SIZE COUNT`: one connection to a `serve`; COUNT times: send SIZE bytes, read the
+//!   SIZE-byte echo; prints `{"samples_us":[..]}` (one round trip each, microseconds).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -25,9 +32,14 @@ fn main() {
         Some("connect") => connect(&args[2..]),
         Some("hold") => hold(&args[2..]),
         Some("latency") => latency(&args[2..]),
-        _ => {
-            Err("usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS".into())
-        }
+        Some("sink") => sink(&args[2..]),
+        Some("bulk") => bulk(&args[2..]),
+        Some("rr") => rr(&args[2..]),
+        _ => Err(
+            "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
+                 latency ADDR COUNT | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT"
+                .into(),
+        ),
     };
     if let Err(e) = result {
         println!("{}", json!({ "error": e }));
@@ -203,6 +215,97 @@ fn latency(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("first byte: {e}"))?;
         samples.push(start.elapsed().as_micros() as u64);
     }
+    println!("{}", json!({ "samples_us": samples }));
+    Ok(())
+}
+
+fn sink(args: &[String]) -> Result<(), String> {
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    println!(
+        "{}",
+        json!({"event": "listening", "local": addr.to_string()})
+    );
+    let _ = std::io::stdout().flush();
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = conn.shutdown(Shutdown::Both);
+        });
+    }
+    Ok(())
+}
+
+fn bulk(args: &[String]) -> Result<(), String> {
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let secs: f64 = arg(args, 1, "SECONDS")?;
+    let streams: usize = arg(args, 2, "STREAMS")?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let workers: Vec<_> = (0..streams)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .map_err(|e| format!("connect {addr}: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(20)))
+                    .map_err(|e| e.to_string())?;
+                let chunk = vec![0x5au8; 128 * 1024];
+                let mut sent = 0u64;
+                while Instant::now() < deadline {
+                    s.write_all(&chunk)
+                        .map_err(|e| format!("send after {sent} bytes: {e}"))?;
+                    sent += chunk.len() as u64;
+                }
+                s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+                // The sink closes once it has read everything: the bytes arrived.
+                let mut rest = [0u8; 64];
+                while s
+                    .read(&mut rest)
+                    .map_err(|e| format!("waiting for the sink: {e}"))?
+                    > 0
+                {}
+                Ok(sent)
+            })
+        })
+        .collect();
+    let mut bytes = 0u64;
+    for w in workers {
+        bytes += w.join().map_err(|_| "stream panicked".to_string())??;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"bytes": bytes, "seconds": seconds, "bytes_per_s": bytes as f64 / seconds})
+    );
+    Ok(())
+}
+
+fn rr(args: &[String]) -> Result<(), String> {
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let size: usize = arg(args, 1, "SIZE")?;
+    let count: usize = arg(args, 2, "COUNT")?;
+    let (mut stream, mut reader, _server) = open(addr)?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let request = vec![0xa5u8; size];
+    let mut reply = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = Instant::now();
+        stream
+            .write_all(&request)
+            .map_err(|e| format!("request {i}: {e}"))?;
+        reader
+            .read_exact(&mut reply)
+            .map_err(|e| format!("reply {i}: {e}"))?;
+        samples.push(start.elapsed().as_micros() as u64);
+    }
+    let _ = stream.shutdown(Shutdown::Write);
     println!("{}", json!({ "samples_us": samples }));
     Ok(())
 }
