@@ -473,16 +473,7 @@ impl World {
 
     /// Starts `sluice-testpod serve ADDR` in a pod and waits until it listens.
     pub fn serve(&mut self, pod: &str, addr: &str) -> Server {
-        self.listen(pod, "serve", addr)
-    }
-
-    /// Starts `sluice-testpod sink ADDR` (reads and discards) in a pod; waits until it listens.
-    pub fn sink(&mut self, pod: &str, addr: &str) -> Server {
-        self.listen(pod, "sink", addr)
-    }
-
-    fn listen(&mut self, pod: &str, mode: &str, addr: &str) -> Server {
-        let idx = self.spawn_in(pod, &[mode, addr]);
+        let idx = self.spawn_in(pod, &["serve", addr]);
         let stdout = self.children[idx].stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

@@ -5,7 +5,7 @@
 //! figure divided by the other), for scripts.
 use std::net::SocketAddr;
 
-use sluice_tests::world::{PodSpec, World, ip};
+use sluice_tests::world::{PodSpec, World, ip, testpod_bin};
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
@@ -148,6 +148,34 @@ fn rr_samples(w: &World, pod: &str, addr: &str, size: usize, count: usize) -> Ve
         .collect()
 }
 
+/// `sluice-testpod sink ADDR` in a pod; killed when dropped.
+struct Sink(std::process::Child);
+
+impl Sink {
+    fn start(w: &World, pod: &str, addr: &str) -> Sink {
+        use std::io::BufRead;
+        let mut child = w
+            .pod(pod)
+            .command(testpod_bin())
+            .args(["sink", addr])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start sink");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        assert!(line.contains("listening"), "sink in {pod}: {line:?}");
+        Sink(child)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// User + system CPU seconds of a process so far (`/proc/<pid>/stat`).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -221,10 +249,12 @@ fn mesh() {
     let (m2, d2, w2) = (w.pod("m2").ipv4, w.pod("d2").ipv4, w.pod("w2").ipv4);
     let _servers = [
         w.serve("m2", "0.0.0.0:8080"),
-        w.sink("m2", "0.0.0.0:9000"),
         w.serve("d2", "0.0.0.0:8080"),
-        w.sink("d2", "0.0.0.0:9000"),
         w.serve("w2", "0.0.0.0:8080"),
+    ];
+    let _sinks = [
+        Sink::start(&w, "m2", "0.0.0.0:9000"),
+        Sink::start(&w, "d2", "0.0.0.0:9000"),
     ];
     let echo = |ip| SocketAddr::new(ip, 8080).to_string();
     let sink = |ip| SocketAddr::new(ip, 9000).to_string();
