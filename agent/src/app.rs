@@ -68,6 +68,37 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Arc::new(ca),
         agent.identity.workload_cert_ttl.get(),
     ));
+    // Observability: Prometheus metrics, readiness, and the loopback-only config dump.
+    let metrics = Arc::new(crate::admin::metrics::Metrics::new());
+    let ready = crate::admin::server::Ready::new();
+    let certs: Arc<std::sync::Mutex<Vec<crate::identity::CertInfo>>> = Arc::default();
+    let _metrics_server =
+        crate::admin::server::serve_metrics(agent.metrics_addr, metrics.clone()).await?;
+    let _ready_server =
+        crate::admin::server::serve_readiness(agent.readiness_addr, ready.clone()).await?;
+    let dump: crate::admin::server::ConfigDump = {
+        let state = state.clone();
+        let certs = certs.clone();
+        Arc::new(move || {
+            let certs = certs.lock().map(|c| c.clone()).unwrap_or_default();
+            serde_json::json!({ "meshState": &*state.current(), "certificates": certs })
+        })
+    };
+    let _admin_server = crate::admin::server::serve_admin(agent.admin_addr, dump).await?;
+    {
+        let identity = identity.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = identity.certificates().await;
+                metrics.set_certificates(&now);
+                if let Ok(mut c) = certs.lock() {
+                    *c = now;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
+    }
     let proxy = ProxyInputs {
         identity,
         state: state.clone(),
@@ -84,6 +115,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .with_context(|| format!("enrollment socket {}", agent.enrollment_socket.display()))?;
     tokio::spawn(enroll::serve(listener, tx));
     let manager_task = tokio::spawn(manager.run(rx, state.clone()));
+    ready.set_ready();
     info!(socket = %agent.enrollment_socket.display(), "ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -529,6 +529,40 @@ impl World {
         Conn::from_json(&v)
     }
 
+    /// `GET path` on `127.0.0.1:port` inside node `i`'s namespace (the agent's admin ports);
+    /// returns the status line and body.
+    pub fn node_http_get(&self, i: usize, port: u16, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let ns = File::open(Path::new("/run/netns").join(self.node_netns(i))).expect("node netns");
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            // SAFETY: setns on this short-lived thread only.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            let mut s =
+                std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to agent");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            .expect("request");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+            (
+                head.lines().next().unwrap_or_default().to_owned(),
+                body.to_owned(),
+            )
+        })
+        .join()
+        .expect("http thread")
+    }
+
     /// Writes node `i`'s agent config and returns its path.
     pub fn agent_config(&self, i: usize, extra_spec: &str) -> PathBuf {
         let dir = self.dir.path().join(format!("node{i}"));
