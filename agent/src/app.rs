@@ -106,11 +106,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         home: home.clone(),
         node_name: agent.node_name.clone(),
     };
-    let mut manager = PodManager::new(capture, home, &agent.state_dir, proxy)
+    let mut manager = PodManager::new(capture, home.clone(), &agent.state_dir, proxy)
         .with_context(|| format!("state directory {}", agent.state_dir.display()))?;
     manager.restore();
 
     let (tx, rx) = mpsc::channel(64);
+    if agent.kube.enabled && agent.kube.discover_sandboxes {
+        // On a cluster node: find the sandboxes of this node's mesh pods without the CNI plugin.
+        let settings = crate::redirect::discover::DiscoverSettings::new(&agent.node_name);
+        tokio::spawn(crate::redirect::discover::run(
+            settings,
+            home,
+            state.clone(),
+            tx.clone(),
+        ));
+    }
     let listener = enroll::bind(&agent.enrollment_socket)
         .with_context(|| format!("enrollment socket {}", agent.enrollment_socket.display()))?;
     tokio::spawn(enroll::serve(listener, tx));

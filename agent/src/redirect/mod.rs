@@ -1,5 +1,6 @@
 //! Capture: eBPF programs and maps, pod network namespaces, enrollment.
 pub mod cni;
+pub mod discover;
 pub mod ebpf;
 pub mod enroll;
 pub mod manager;

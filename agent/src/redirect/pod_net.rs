@@ -98,13 +98,23 @@ fn local_default_route(v4: bool) -> RouteMessage {
     m
 }
 
+/// Writes a sysctl of the calling thread's network namespace. Container runtimes mount `/proc/sys`
+/// read-only in unprivileged containers; the DaemonSet also mounts the host's `/proc` at
+/// `/host/proc`, whose sysctl files resolve the writer's namespace just the same.
+fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
+    match std::fs::write(format!("/proc/sys/{key}"), value) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            std::fs::write(format!("/host/proc/sys/{key}"), value)
+        }
+        r => r,
+    }
+}
+
 /// Sets up reply routing in a pod (idempotent). `families` says which IP versions it has.
 pub async fn install(netns: &Netns, home: &HomeNetns, ips: &[IpAddr]) -> Result<(), PodNetError> {
     let name = netns.path().display().to_string();
     netns
-        .run(home, || {
-            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
-        })?
+        .run(home, || write_sysctl("net/ipv4/tcp_fwmark_accept", "1"))?
         .map_err(|source| PodNetError::Io {
             netns: name.clone(),
             what: "setting net.ipv4.tcp_fwmark_accept",

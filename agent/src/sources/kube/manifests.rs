@@ -159,6 +159,15 @@ impl Document {
 }
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+    files_with(dir, &["yaml", "yml"], out)
+}
+
+/// Files under `dir` (recursively) whose extension is one of `extensions`, sorted.
+fn files_with(
+    dir: &Path,
+    extensions: &[&str],
+    out: &mut Vec<PathBuf>,
+) -> Result<(), ManifestError> {
     let entries = std::fs::read_dir(dir).map_err(|source| ManifestError::Io {
         path: dir.into(),
         source,
@@ -167,11 +176,12 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
     paths.sort();
     for path in paths {
         if path.is_dir() {
-            yaml_files(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
+            files_with(&path, extensions, out)?;
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| extensions.contains(&e))
+        {
             out.push(path);
         }
     }
@@ -206,7 +216,11 @@ pub fn documents(dir: &Path, problems: &mut Vec<String>) -> Result<Vec<Document>
                     }
                     docs.push(doc);
                 }
-                Err(e) => problems.push(format!("{}: document {index}: {e}", file.display())),
+                Err(e) => {
+                    // The stream cannot go on past a syntax error (it would repeat it forever).
+                    problems.push(format!("{}: document {index}: {e}", file.display()));
+                    break;
+                }
             }
         }
     }
@@ -320,6 +334,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
         .and_then(|p| p.service_account_name.clone())
         .unwrap_or_else(|| "default".into());
     let mut mesh_config_name = None;
+    let mut enrollment_socket: Option<PathBuf> = None;
     let config_maps: Vec<ConfigMap> = docs
         .iter()
         .filter(|d| d.kind() == ("v1", "ConfigMap"))
@@ -339,6 +354,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
                         cm.metadata.name.as_deref().unwrap_or("")
                     ));
                 }
+                enrollment_socket = Some(local.agent.enrollment_socket.clone());
                 let settings = AgentConfig::mesh_settings(&local.agent);
                 mesh_config_name = Some(
                     settings
@@ -359,6 +375,51 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
         ));
     }
     done.push("the AgentConfig in the ConfigMap is valid".into());
+
+    // CNI configuration: JSON, and the `sluice` plugin talks to the socket the agent serves.
+    let mut json_files = Vec::new();
+    files_with(dir, &["json", "conflist"], &mut json_files)?;
+    for file in &json_files {
+        let text = std::fs::read_to_string(file).map_err(|source| ManifestError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let value: serde_json::Value = match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(format!("{}: {e}", file.display()));
+                continue;
+            }
+        };
+        let plugins: Vec<&serde_json::Value> = match value.get("plugins").and_then(|p| p.as_array())
+        {
+            Some(list) => list.iter().collect(),
+            None => vec![&value],
+        };
+        for p in plugins
+            .iter()
+            .filter(|p| p.get("type").and_then(|t| t.as_str()) == Some("sluice"))
+        {
+            let socket = p
+                .get("enrollmentSocket")
+                .and_then(|s| s.as_str())
+                .map(PathBuf::from);
+            if let (Some(socket), Some(agent)) = (&socket, &enrollment_socket)
+                && socket != agent
+            {
+                problems.push(format!(
+                    "{}: enrollmentSocket {} is not the agent's {}",
+                    file.display(),
+                    socket.display(),
+                    agent.display()
+                ));
+            }
+        }
+    }
+    done.push(format!(
+        "{} CNI JSON files parse and name the agent's socket",
+        json_files.len()
+    ));
 
     // RBAC bound to the ServiceAccount.
     let is_our_sa = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
@@ -525,6 +586,106 @@ mod tests {
         assert!(
             yaml.contains("default: true"),
             "provisionPublicIps keeps its default"
+        );
+    }
+
+    /// A copy of the repository's deploy/ in a temp dir, edited by `edit(file name, text)`.
+    fn edited_deploy(edit: impl Fn(&str, String) -> String) -> tempfile::TempDir {
+        fn copy(src: &Path, dst: &Path, edit: &dyn Fn(&str, String) -> String) {
+            for e in std::fs::read_dir(src)
+                .expect("read deploy")
+                .filter_map(Result::ok)
+            {
+                let to = dst.join(e.file_name());
+                if e.path().is_dir() {
+                    std::fs::create_dir_all(&to).expect("mkdir");
+                    copy(&e.path(), &to, edit);
+                } else {
+                    let text = std::fs::read_to_string(e.path()).expect("read");
+                    let name = e.file_name().to_string_lossy().to_string();
+                    std::fs::write(&to, edit(&name, text)).expect("write");
+                }
+            }
+        }
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let dst = tempfile::tempdir().expect("tempdir");
+        copy(&src, dst.path(), &edit);
+        dst
+    }
+
+    fn problems(dir: &Path) -> Vec<String> {
+        match check(dir) {
+            Ok(_) => vec![],
+            Err(ManifestError::Check(p)) => p,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_repository_deploy_dir_passes() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let done = check(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert!(done.iter().any(|l| l.contains("RBAC")), "{done:?}");
+    }
+
+    #[test]
+    fn missing_and_extra_verbs_are_named() {
+        let dir = edited_deploy(|name, text| {
+            if name != "rbac.yaml" {
+                return text;
+            }
+            text.replace(
+                "resources: [gateways, httproutes]\n    verbs: [list, watch]",
+                "resources: [gateways, httproutes]\n    verbs: [list]",
+            )
+            .replace(
+                "resources: [peerauthentications, authorizationpolicies]\n    verbs: [list, watch]",
+                "resources: [peerauthentications, authorizationpolicies]\n    verbs: [list, watch, delete]",
+            )
+        });
+        let p = problems(dir.path());
+        assert!(
+            p.iter()
+                .any(|l| l.contains("may not watch gateway.networking.k8s.io/httproutes")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(
+                |l| l.contains("delete on security.istio.io/peerauthentications")
+                    && l.contains("never uses")
+            ),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn stale_crds_bad_documents_and_mismatches_are_caught() {
+        let dir = edited_deploy(|name, text| match name {
+            "sidecars.networking.istio.io.yaml" => {
+                text.replace("outboundTrafficPolicy", "outboundTraficPolicy")
+            }
+            "namespace.yaml" => format!("{text}---\nkind: [unclosed\n"),
+            "configmap.yaml" => text.replace("# meshConfig:", "meshConfig:"),
+            "sluice-plugin.json" => text.replace("/var/run/sluice/enroll.sock", "/tmp/x.sock"),
+            _ => text,
+        });
+        let p = problems(dir.path());
+        assert!(
+            p.iter()
+                .any(|l| l.contains("sidecars.networking.istio.io.yaml: out of date")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|l| l.contains("namespace.yaml: document 1")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|l| l.contains("configmaps is limited to")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|l| l.contains("enrollmentSocket /tmp/x.sock")),
+            "{p:?}"
         );
     }
 

@@ -157,6 +157,9 @@ pub struct Rebuilt {
     /// Counts rebuilds; 0 until the first.
     pub generation: u64,
     pub rejections: Vec<Rejection>,
+    /// Kinds (`Kind.group`) that could not be listed when the source first synced: CRD not
+    /// installed, or forbidden.
+    pub absent: Vec<String>,
 }
 
 /// A running kube source. Dropping it stops the watches and the rebuild loop; the last
@@ -445,9 +448,16 @@ async fn rebuild_loop(
             build_us = t.elapsed().as_micros() as u64,
             "mesh state rebuilt"
         );
+        let absent = WATCHED
+            .iter()
+            .zip(progress)
+            .filter(|(_, p)| *p == KindState::Absent)
+            .map(|(k, _)| k.qualified())
+            .collect();
         rebuilt.send_replace(Arc::new(Rebuilt {
             generation,
             rejections: out.rejections,
+            absent,
         }));
     }
 }
