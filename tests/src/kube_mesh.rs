@@ -231,3 +231,100 @@ pub fn json_at(state: &MeshState, pointer: &str) -> serde_json::Value {
         .cloned()
         .unwrap_or(serde_json::Value::Null)
 }
+
+/// Makes `127.0.0.1:port` inside the network namespace `/run/netns/NETNS` reach the API server
+/// on the host's `127.0.0.1:port`, so that an agent running in a node namespace can use the same
+/// kubeconfig. The listener lives as long as the returned task (abort it, or end the runtime).
+pub async fn bridge_into_netns(netns: &str, port: u16) -> tokio::task::JoinHandle<()> {
+    let path = Path::new("/run/netns").join(netns);
+    let listener = std::thread::spawn(move || {
+        use nix::sched::{CloneFlags, setns};
+        let here = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
+        let there = std::fs::File::open(&path).expect("node netns");
+        setns(&there, CloneFlags::CLONE_NEWNET).expect("entering the node netns");
+        let l = std::net::TcpListener::bind(("127.0.0.1", port));
+        setns(&here, CloneFlags::CLONE_NEWNET).expect("returning home");
+        l
+    })
+    .join()
+    .expect("bridge thread")
+    .expect("binding the bridge listener in the node netns");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    tokio::spawn(async move {
+        while let Ok((mut inside, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outside) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inside, &mut outside).await;
+                }
+            });
+        }
+    })
+}
+
+/// Polls `GET` of the object `doc` names until `pred` holds for its JSON; panics after `timeout`
+/// with the last JSON seen.
+pub async fn wait_object(
+    client: &Client,
+    doc: &serde_json::Value,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let api = api_for(client, doc).await;
+    let name = name_of(doc);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match api.get(&name).await {
+            Ok(obj) => serde_json::to_value(&obj).expect("object serialises"),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+        if pred(&last) {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last:\n{}",
+            serde_json::to_string_pretty(&last).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The condition of `type_` in the list at `pointer` (e.g. `/status/conditions`), as
+/// `(status, reason, message)`.
+pub fn condition(
+    obj: &serde_json::Value,
+    pointer: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let c = obj
+        .pointer(pointer)?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)?;
+    let s = |k: &str| c[k].as_str().unwrap_or("").to_owned();
+    Some((s("status"), s("reason"), s("message")))
+}
+
+/// A client for the same server, impersonating the ServiceAccount `namespace/name` (so the RBAC
+/// rules it is bound to, not the admin's, decide what it may do).
+pub async fn client_as_service_account(
+    server: &crate::kube_server::KubeServer,
+    namespace: &str,
+    name: &str,
+) -> Client {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let kubeconfig = Kubeconfig::read_from(server.kubeconfig_path()).expect("kubeconfig");
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("kube config");
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{namespace}:{name}"));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{namespace}"),
+        "system:authenticated".into(),
+    ]);
+    Client::try_from(config).expect("impersonating client")
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sluice::state::{MeshSettings, MeshState};
 use sluice_tests::{
-    kube_mesh::{Mesh, apply, delete, install_crds, json_at, mentions},
+    kube_mesh::{Mesh, apply, condition, delete, install_crds, json_at, mentions, wait_object},
     kube_server::KubeServer,
 };
 
@@ -294,5 +294,685 @@ async fn kube_propagation_latency_is_under_100ms() {
     assert!(
         p90 < Duration::from_millis(100),
         "p90 {p90:?} ≥ 100 ms: {samples:?}"
+    );
+}
+
+/// An AgentConfig for an in-process kube source with the status writer on.
+fn agent_config(node: &str) -> sluice::config::AgentConfig {
+    let mut agent = sluice::config::AgentConfig {
+        node_name: node.into(),
+        ..Default::default()
+    };
+    agent.kube.enabled = true;
+    agent.kube.lease_namespace = Some("sluice-system".into());
+    agent
+}
+
+/// Starts the kube source with the status writer (as `sluice run` does) and waits for its first
+/// state.
+async fn start_running(
+    client: &kube::Client,
+    node: &str,
+    settings: MeshSettings,
+) -> (sluice::sources::kube::Running, sluice::state::StateHandle) {
+    let (publisher, state) = sluice::state::channel();
+    let options = sluice::sources::kube::SourceOptions {
+        settings,
+        extra: Default::default(),
+        debounce: Duration::from_millis(10),
+    };
+    let running = sluice::sources::kube::Running::start(
+        client.clone(),
+        &agent_config(node),
+        options,
+        publisher,
+    );
+    tokio::time::timeout(Duration::from_secs(60), running.source.synced())
+        .await
+        .expect("kube source not synced within 60 s");
+    (running, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_invalid_resources_are_rejected_with_a_condition_while_valid_ones_apply() {
+    let server = KubeServer::start();
+    let client = server.client().await;
+    install_crds(&client).await;
+    apply(&client, &ns("sluice-system", json!({}))).await;
+    apply(
+        &client,
+        &ns("rj", json!({"istio.io/dataplane-mode": "ambient"})),
+    )
+    .await;
+    let (running, mut state) = start_running(&client, "node-1", MeshSettings::default()).await;
+
+    let meta = |name: &str| json!({"name": name, "namespace": "rj"});
+    let pa_good = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": meta("strict"),
+        "spec": {"mtls": {"mode": "STRICT"}}});
+    let pa_bad = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": meta("sometimes"),
+        "spec": {"selector": {"matchLabels": {"app": "x"}}, "mtls": {"mode": "SOMETIMES"}}});
+    let se_bad = json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": meta("bigport"),
+        "spec": {"hosts": ["big.example.com"], "ports": [{"number": 70000, "name": "x", "protocol": "TCP"}], "resolution": "DNS"}});
+    let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": meta("backend"),
+        "spec": {"ports": [{"port": 8080, "protocol": "TCP"}]}});
+    let gw_good = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": meta("web"),
+        "spec": {"gatewayClassName": "sluice", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}});
+    let gw_bad = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": meta("by-ip"),
+        "spec": {"gatewayClassName": "sluice", "listeners": [{"name": "a", "port": 80, "protocol": "HTTP"}, {"name": "b", "port": 81, "protocol": "HTTP", "hostname": "10.0.0.1"}]}});
+    let gw_other = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": meta("not-ours"),
+        "spec": {"gatewayClassName": "someone-else", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}});
+    let route_good = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": meta("good"),
+        "spec": {"parentRefs": [{"name": "web"}], "rules": [{"backendRefs": [{"name": "backend", "port": 8080}]}]}});
+    let route_bad = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": meta("relative"),
+        "spec": {"parentRefs": [{"name": "web"}], "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "cart"}}],
+                 "backendRefs": [{"name": "backend", "port": 8080}]}]}});
+    let route_missing = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": meta("dangling"),
+        "spec": {"parentRefs": [{"name": "web"}], "rules": [{"backendRefs": [{"name": "nothing", "port": 8080}]}]}});
+    for doc in [
+        &pa_good,
+        &pa_bad,
+        &se_bad,
+        &svc,
+        &gw_good,
+        &gw_bad,
+        &gw_other,
+        &route_good,
+        &route_bad,
+        &route_missing,
+    ] {
+        apply(&client, doc).await;
+    }
+
+    // Valid resources apply; invalid ones stay out of MeshState.
+    let (s, _) =
+        sluice_tests::kube_mesh::wait_for(&mut state, WAIT, "valid resources applied", |s| {
+            mentions(s, "rj", "strict")
+                && s.ingress.gateways.contains_key("rj/web")
+                && s.ingress.routes.contains_key("rj/good")
+                && s.ingress.routes.contains_key("rj/dangling")
+        })
+        .await;
+    assert!(
+        !mentions(&s, "rj", "sometimes"),
+        "invalid PeerAuthentication in the state"
+    );
+    assert!(
+        !mentions(&s, "rj", "bigport"),
+        "invalid ServiceEntry in the state"
+    );
+    assert!(!s.ingress.gateways.contains_key("rj/by-ip"));
+    assert!(!s.ingress.routes.contains_key("rj/relative"));
+
+    // Conditions: Istio-style on Istio kinds, Gateway API conditions on Gateways and routes.
+    let long = Duration::from_secs(45);
+    let istio = |obj: &serde_json::Value| condition(obj, "/status/conditions", "SluiceAccepted");
+    let bad = wait_object(&client, &pa_bad, long, "PeerAuthentication rejected", |o| {
+        istio(o).is_some()
+    })
+    .await;
+    let (status, reason, message) = istio(&bad).expect("condition");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "Invalid"),
+        "{message}"
+    );
+    assert!(message.contains("spec.mtls.mode"), "{message}");
+    let good = wait_object(
+        &client,
+        &pa_good,
+        long,
+        "PeerAuthentication accepted",
+        |o| istio(o).is_some(),
+    )
+    .await;
+    assert_eq!(istio(&good).map(|c| c.0), Some("True".to_owned()));
+    let se = wait_object(&client, &se_bad, long, "ServiceEntry rejected", |o| {
+        istio(o).is_some()
+    })
+    .await;
+    let (status, _, message) = istio(&se).expect("condition");
+    assert_eq!(status, "False");
+    assert!(message.contains("spec.ports"), "{message}");
+
+    let gw = |obj: &serde_json::Value, t: &str| condition(obj, "/status/conditions", t);
+    let web = wait_object(
+        &client,
+        &gw_good,
+        long,
+        "Gateway accepted and programmed",
+        |o| {
+            gw(o, "Programmed").is_some_and(|c| c.0 == "True")
+                && o.pointer("/status/listeners/0/attachedRoutes") == Some(&json!(2))
+        },
+    )
+    .await;
+    assert_eq!(
+        gw(&web, "Accepted").map(|c| c.1),
+        Some("Accepted".to_owned())
+    );
+    let generation = web.pointer("/metadata/generation").cloned();
+    assert_eq!(
+        web.pointer("/status/conditions/0/observedGeneration")
+            .cloned(),
+        generation
+    );
+    let by_ip = wait_object(&client, &gw_bad, long, "Gateway rejected", |o| {
+        gw(o, "Accepted").is_some()
+    })
+    .await;
+    let (status, reason, message) = gw(&by_ip, "Accepted").expect("Accepted");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Invalid"));
+    assert!(message.contains("spec.listeners[1].hostname"), "{message}");
+
+    let parent =
+        |obj: &serde_json::Value, t: &str| condition(obj, "/status/parents/0/conditions", t);
+    let ok = wait_object(&client, &route_good, long, "route accepted", |o| {
+        parent(o, "Accepted").is_some()
+    })
+    .await;
+    assert_eq!(
+        ok.pointer("/status/parents/0/controllerName"),
+        Some(&json!("sluice.dev/gateway-controller"))
+    );
+    assert_eq!(
+        parent(&ok, "Accepted").map(|c| c.0),
+        Some("True".to_owned())
+    );
+    assert_eq!(
+        parent(&ok, "ResolvedRefs").map(|c| c.1),
+        Some("ResolvedRefs".to_owned())
+    );
+    let rel = wait_object(&client, &route_bad, long, "route rejected", |o| {
+        parent(o, "Accepted").is_some()
+    })
+    .await;
+    let (status, reason, message) = parent(&rel, "Accepted").expect("Accepted");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "UnsupportedValue")
+    );
+    assert!(message.contains("path.value"), "{message}");
+    let dangling = wait_object(&client, &route_missing, long, "dangling route", |o| {
+        parent(o, "ResolvedRefs").is_some()
+    })
+    .await;
+    assert_eq!(
+        parent(&dangling, "ResolvedRefs").map(|c| c.1),
+        Some("BackendNotFound".to_owned())
+    );
+
+    // Another controller's Gateway is left alone; the writer holds the Lease.
+    let other = wait_object(&client, &gw_other, long, "other gateway", |o| {
+        o.get("metadata").is_some()
+    })
+    .await;
+    assert!(
+        gw(&other, "Accepted").is_none(),
+        "wrote status on another class's Gateway: {other}"
+    );
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "sluice-status-writer", "namespace": "sluice-system"}});
+    wait_object(&client, &lease, long, "lease held", |o| {
+        o.pointer("/spec/holderIdentity") == Some(&json!("node-1"))
+    })
+    .await;
+
+    // Fixing a resource flips its condition.
+    let fixed = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": meta("sometimes"),
+        "spec": {"selector": {"matchLabels": {"app": "x"}}, "mtls": {"mode": "PERMISSIVE"}}});
+    apply(&client, &fixed).await;
+    wait_object(
+        &client,
+        &pa_bad,
+        long,
+        "fixed PeerAuthentication accepted",
+        |o| istio(o).is_some_and(|c| c.0 == "True"),
+    )
+    .await;
+    drop(running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_status_writer_is_elected_once_and_fails_over() {
+    let server = KubeServer::start();
+    let client = server.client().await;
+    install_crds(&client).await;
+    apply(&client, &ns("sluice-system", json!({}))).await;
+    apply(&client, &ns("el", json!({}))).await;
+    let (first, _s1) = start_running(&client, "node-1", MeshSettings::default()).await;
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "sluice-status-writer", "namespace": "sluice-system"}});
+    let held = wait_object(&client, &lease, WAIT, "node-1 holds the lease", |o| {
+        o.pointer("/spec/holderIdentity") == Some(&json!("node-1"))
+    })
+    .await;
+    let (second, _s2) = start_running(&client, "node-2", MeshSettings::default()).await;
+    // While node-1 renews, node-2 does not take over.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let still = wait_object(&client, &lease, WAIT, "lease", |o| o.get("spec").is_some()).await;
+    assert_eq!(
+        still.pointer("/spec/holderIdentity"),
+        Some(&json!("node-1"))
+    );
+    assert_eq!(
+        still.pointer("/spec/leaseTransitions"),
+        held.pointer("/spec/leaseTransitions")
+    );
+    // node-1 goes away: node-2 takes over after the lease duration and writes status.
+    drop(first);
+    let t = Instant::now();
+    wait_object(
+        &client,
+        &lease,
+        Duration::from_secs(40),
+        "node-2 takes over",
+        |o| o.pointer("/spec/holderIdentity") == Some(&json!("node-2")),
+    )
+    .await;
+    eprintln!("status writer failover took {:?}", t.elapsed());
+    let pa = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "p", "namespace": "el"},
+        "spec": {"mtls": {"mode": "STRICT"}}});
+    apply(&client, &pa).await;
+    wait_object(&client, &pa, WAIT, "status from the new writer", |o| {
+        condition(o, "/status/conditions", "SluiceAccepted").is_some()
+    })
+    .await;
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_missing_crds_do_not_block_the_other_kinds() {
+    let server = KubeServer::start();
+    let client = server.client().await;
+    apply(
+        &client,
+        &ns("nocrd", json!({"istio.io/dataplane-mode": "ambient"})),
+    )
+    .await;
+    apply(&client, &pod("nocrd", "p", "node-a", "10.3.0.5", json!({}))).await;
+    // No CRDs at all: the source still syncs, with the core kinds.
+    let mut mesh = Mesh::start(&client, MeshSettings::default()).await;
+    let absent = mesh.source.rebuilt().borrow().absent.clone();
+    assert!(
+        absent.contains(&"PeerAuthentication.security.istio.io".to_owned()),
+        "{absent:?}"
+    );
+    assert!(!absent.contains(&"Pod".to_owned()), "{absent:?}");
+    mesh.wait_for(WAIT, "core kinds without CRDs", |s| {
+        s.workload_by_name("nocrd", "p")
+            .is_some_and(|w| w.membership.in_mesh())
+    })
+    .await;
+    // The CRDs arrive later: their kinds are picked up without a restart.
+    install_crds(&client).await;
+    let pa = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "late", "namespace": "nocrd"},
+        "spec": {"mtls": {"mode": "STRICT"}}});
+    apply(&client, &pa).await;
+    let (_, took) = mesh
+        .wait_for(
+            Duration::from_secs(60),
+            "a custom resource after its CRD was installed",
+            |s| mentions(s, "nocrd", "late"),
+        )
+        .await;
+    eprintln!("custom resource seen {took:?} after its CRD was installed");
+    // Core kinds kept flowing meanwhile.
+    apply(&client, &ns("nocrd", json!({}))).await;
+    mesh.wait_for(WAIT, "relabel", |s| {
+        s.workload_by_name("nocrd", "p")
+            .is_some_and(|w| !w.membership.in_mesh())
+    })
+    .await;
+}
+
+/// Records every snapshot published from now on.
+fn record(
+    mut state: sluice::state::StateHandle,
+) -> tokio::task::JoinHandle<Vec<sluice::state::Snapshot>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(s) = state.changed().await {
+            seen.push(s);
+        }
+        seen
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_outage_serves_the_last_state_and_catches_up() {
+    let server = KubeServer::start();
+    let client = server.client().await;
+    install_crds(&client).await;
+    apply(
+        &client,
+        &ns("out", json!({"istio.io/dataplane-mode": "ambient"})),
+    )
+    .await;
+    apply(&client, &pod("out", "p", "node-a", "10.4.0.5", json!({}))).await;
+    let se = |name: &str| {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": name, "namespace": "out"},
+        "spec": {"hosts": [format!("{name}.example.com")], "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}], "resolution": "DNS"}})
+    };
+    apply(&client, &se("before")).await;
+    let mut mesh = Mesh::start(&client, MeshSettings::default()).await;
+    let (good, _) = mesh
+        .wait_for(WAIT, "baseline", |s| {
+            mentions(s, "out", "before") && s.workload_by_name("out", "p").is_some()
+        })
+        .await;
+    let recorder = record(mesh.state.clone());
+
+    // 30 s without an API server: the last good state stays, unchanged.
+    tokio::task::block_in_place(|| server.stop_apiserver());
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(30) {
+        assert_eq!(
+            *mesh.state.current(),
+            *good,
+            "state changed while the API server was down"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::task::block_in_place(|| server.start_apiserver());
+    let up = Instant::now();
+
+    // Changes made right after the restart, before the watches have resumed.
+    apply(&client, &se("after")).await;
+    apply(&client, &ns("out", json!({}))).await;
+    delete(&client, &se("before")).await;
+    let (_, _) = mesh
+        .wait_for(Duration::from_secs(90), "catch-up after the restart", |s| {
+            mentions(s, "out", "after")
+                && !mentions(s, "out", "before")
+                && s.workload_by_name("out", "p")
+                    .is_some_and(|w| !w.membership.in_mesh())
+        })
+        .await;
+    eprintln!(
+        "caught up {:?} after the API server was back (outage 30 s)",
+        up.elapsed()
+    );
+
+    // Nothing published in between lost the workload (a relist never published a partial state).
+    drop(mesh);
+    let seen = recorder.await.expect("recorder");
+    for s in &seen {
+        assert!(
+            s.workload_by_name("out", "p").is_some(),
+            "a published state lost the pod"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_seed_documents_apply_unchanged_and_show_up_in_mesh_state() {
+    let server = KubeServer::start();
+    let client = server.client().await;
+    install_crds(&client).await;
+    let settings = MeshSettings {
+        mesh_config: Some((
+            "aks-istio-system".into(),
+            "istio-shared-configmap-asm-1-24".into(),
+        )),
+        ..MeshSettings::default()
+    };
+    let mut mesh = Mesh::start(&client, settings).await;
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+    let mut files: Vec<_> = std::fs::read_dir(&seeds)
+        .expect("tests/seeds")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("seed file");
+        sluice_tests::kube_mesh::apply_yaml(&client, &text).await;
+    }
+    let (s, _) = mesh
+        .wait_for(WAIT, "the seed scenarios in MeshState", |s| {
+            json_at(s, "/egress/policy/mesh_mode") == "REGISTRY_ONLY"
+                && mentions(s, "foo", "default")
+                && mentions(s, "aks-istio-egress", "httpbin-ext")
+                && mentions(s, "aks-istio-egress", "asm-egress-test")
+                && mentions(
+                    s,
+                    "aks-istio-egress",
+                    "direct-httpbin-through-egress-gateway",
+                )
+                && mentions(s, "aks-istio-egress", "egressgateway-for-httpbin")
+                && s.ingress.routes.contains_key("web/store")
+        })
+        .await;
+    let pa = s
+        .policy
+        .peer_authentications
+        .iter()
+        .find(|p| p.namespace == "foo")
+        .expect("seed 001 PeerAuthentication");
+    assert_eq!(pa.mode, Some(sluice::state::policy::MtlsMode::Strict));
+    assert!(s.namespaces["foo"].labels.contains_key("istio-injection"));
+    let route = &s.ingress.routes["web/store"];
+    let weights: Vec<(String, u32)> = route.rules[0]
+        .backends
+        .iter()
+        .map(|b| (b.service.clone(), b.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        vec![("web/store-v1".into(), 90), ("web/store-v2".into(), 10)]
+    );
+    assert_eq!(s.ingress.gateways["web/ingress"].listeners[0].port, 80);
+    assert_eq!(
+        json_at(&s, "/egress/policy/mesh_config"),
+        "aks-istio-system/istio-shared-configmap-asm-1-24"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_deploy_manifests_apply_and_their_rbac_suffices() {
+    let server = KubeServer::start();
+    let client = server.client().await;
+    let deploy = sluice_tests::kube_mesh::deploy_dir();
+    install_crds(&client).await;
+    // Everything in deploy/ by server-side apply; the DaemonSet as a dry run.
+    let mut files: Vec<_> = std::fs::read_dir(&deploy)
+        .expect("deploy/")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort_by_key(|p| !p.ends_with("namespace.yaml"));
+    let mut applied = 0;
+    for file in &files {
+        for doc in sluice_tests::kube_mesh::documents(&std::fs::read_to_string(file).expect("read"))
+        {
+            let dry = doc["kind"] == "DaemonSet";
+            sluice_tests::kube_mesh::try_apply(&client, &doc, dry)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{}: {} {}: {e}",
+                        file.display(),
+                        doc["kind"],
+                        doc["metadata"]["name"]
+                    )
+                });
+            applied += 1;
+        }
+    }
+    eprintln!("applied {applied} documents from deploy/ (DaemonSet as a dry run)");
+    assert!(applied >= 8, "only {applied} documents");
+
+    // The agent's own identity can do everything it needs: list and watch every kind (no kind is
+    // reported absent), hold the Lease, and write status.
+    apply(&client, &ns("rbac", json!({}))).await;
+    let pa = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "p", "namespace": "rbac"},
+        "spec": {"mtls": {"mode": "NEITHER"}}});
+    apply(&client, &pa).await;
+    let as_agent =
+        sluice_tests::kube_mesh::client_as_service_account(&server, "sluice-system", "sluice")
+            .await;
+    let (running, _state) = start_running(&as_agent, "node-1", MeshSettings::default()).await;
+    let absent = running.source.rebuilt().borrow().absent.clone();
+    assert!(
+        absent.is_empty(),
+        "the ServiceAccount could not list {absent:?}"
+    );
+    wait_object(
+        &client,
+        &pa,
+        Duration::from_secs(45),
+        "status written with the agent's RBAC",
+        |o| condition(o, "/status/conditions", "SluiceAccepted").is_some_and(|c| c.0 == "False"),
+    )
+    .await;
+    // And nothing more: it may not, for example, delete pods or read secrets.
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(as_agent.clone(), "rbac");
+    assert!(
+        pods.delete("x", &Default::default())
+            .await
+            .is_err_and(|e| matches!(e, kube::Error::Api(ref s) if s.code == 403))
+    );
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::all(as_agent.clone());
+    assert!(
+        secrets
+            .list(&Default::default())
+            .await
+            .is_err_and(|e| matches!(e, kube::Error::Api(ref s) if s.code == 403))
+    );
+    drop(running);
+}
+
+/// The real agent (`sluice run` with `spec.kube.enabled`) in a node namespace: it reads the
+/// cluster through its kubeconfig, discovers the sandboxes of its node's pods, and enrolls exactly
+/// those in the mesh as namespace and pod labels change. The cluster has none of the CRDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_namespace_relabel_enrolls_and_unenrolls_pods_through_the_agent() {
+    use sluice::redirect::enroll::Request;
+    use sluice_tests::world::{PodSpec, World};
+
+    let server = KubeServer::start();
+    let client = server.client().await;
+    let mut w = World::build(
+        1,
+        &[
+            PodSpec::new("a", "enr", 1),
+            PodSpec::new("b", "enr", 1),
+            PodSpec::new("c", "other", 1),
+        ],
+    );
+    let port: u16 = server
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let _bridge = sluice_tests::kube_mesh::bridge_into_netns(&w.node_netns(1), port).await;
+
+    apply(&client, &ns("enr", json!({}))).await;
+    apply(&client, &ns("other", json!({}))).await;
+    for p in w.pods.clone() {
+        let mut doc = pod(
+            &p.namespace,
+            &p.name,
+            "node1",
+            &p.ipv4.to_string(),
+            json!({}),
+        );
+        doc["status"]["podIPs"] = json!([{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}]);
+        apply(&client, &doc).await;
+    }
+
+    let dir = w.dir.path().join("node1");
+    std::fs::create_dir_all(&dir).expect("node dir");
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node1\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  kube: {{enabled: true, kubeconfig: {}, writeStatus: false}}\n",
+            w.node_cgroup(1).display(),
+            w.pin_dir(1).display(),
+            dir.join("state").display(),
+            dir.join("enroll.sock").display(),
+            server.kubeconfig_path().display(),
+        ),
+    )
+    .expect("agent config");
+    let node_netns = w.node_netns(1);
+    let agent = tokio::task::block_in_place(|| {
+        sluice_tests::agent::Agent::start(&node_netns, &config, &dir)
+    });
+    w.agents.insert(1, agent);
+
+    // The set of (pod name, captured) the agent reports.
+    let listed = |w: &World| -> Vec<(String, bool)> {
+        let resp = tokio::task::block_in_place(|| w.agents[&1].call(&Request::List));
+        assert!(resp.ok, "{resp:?}");
+        let mut v: Vec<(String, bool)> = resp
+            .sandboxes
+            .into_iter()
+            .map(|s| (s.pod.name, s.captured))
+            .collect();
+        v.sort();
+        v
+    };
+    let wait_listed = |w: &World, want: Vec<(&str, bool)>, what: &str| {
+        let want: Vec<(String, bool)> = want.into_iter().map(|(n, c)| (n.to_owned(), c)).collect();
+        let start = Instant::now();
+        loop {
+            let have = listed(w);
+            if have == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what}: agent lists {have:?}, want {want:?}\n{}",
+                w.agents[&1].tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    assert_eq!(listed(&w), vec![], "nothing is in the mesh yet");
+    apply(
+        &client,
+        &ns("enr", json!({"istio.io/dataplane-mode": "ambient"})),
+    )
+    .await;
+    let took = wait_listed(&w, vec![("a", true), ("b", true)], "namespace labelled");
+    eprintln!("namespace labelled → both pods captured in {took:?}");
+
+    let mut b = pod(
+        "enr",
+        "b",
+        "node1",
+        &w.pod("b").ipv4.to_string(),
+        json!({"istio.io/dataplane-mode": "none"}),
+    );
+    b["status"]["podIPs"] =
+        json!([{"ip": w.pod("b").ipv4.to_string()}, {"ip": w.pod("b").ipv6.to_string()}]);
+    apply(&client, &b).await;
+    wait_listed(&w, vec![("a", true)], "pod b opted out");
+
+    let mut c = pod(
+        "other",
+        "c",
+        "node1",
+        &w.pod("c").ipv4.to_string(),
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    );
+    c["status"]["podIPs"] =
+        json!([{"ip": w.pod("c").ipv4.to_string()}, {"ip": w.pod("c").ipv6.to_string()}]);
+    apply(&client, &c).await;
+    wait_listed(&w, vec![("a", true), ("c", true)], "pod c opted in");
+
+    apply(&client, &ns("enr", json!({}))).await;
+    let took = wait_listed(&w, vec![("c", true)], "namespace unlabelled");
+    eprintln!("namespace unlabelled → pod released in {took:?}");
+    let log = w.agents[&1].log_lines();
+    assert!(
+        log.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("discovered the sandbox"))),
+        "no discovery log line"
     );
 }

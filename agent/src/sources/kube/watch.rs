@@ -321,9 +321,11 @@ fn classify(e: &watcher::Error) -> Failure {
         watcher::Error::WatchError(s) => Some(s.as_ref()),
         _ => None,
     };
+    // By code as well as reason: an unknown API group answers with a plain-text "404 page not
+    // found", which kube turns into a Status without the NotFound reason.
     match api {
-        Some(s) if s.is_not_found() => Failure::NotServed,
-        Some(s) if s.is_forbidden() => Failure::Forbidden,
+        Some(s) if s.code == 404 || s.is_not_found() => Failure::NotServed,
+        Some(s) if s.code == 403 || s.is_forbidden() => Failure::Forbidden,
         _ => Failure::Transient,
     }
 }
