@@ -105,6 +105,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         capture: capture.maps(),
         home: home.clone(),
         node_name: agent.node_name.clone(),
+        metrics: metrics.clone(),
     };
     let mut manager = PodManager::new(capture, home.clone(), &agent.state_dir, proxy)
         .with_context(|| format!("state directory {}", agent.state_dir.display()))?;

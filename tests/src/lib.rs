@@ -2,6 +2,9 @@
 //! (`world`, `agent`), and a real kube-apiserver (`kube_server`).
 pub mod agent;
 pub mod bpf;
+pub mod hbone_client;
 pub mod kube_mesh;
 pub mod kube_server;
+pub mod metrics;
+pub mod wire;
 pub mod world;

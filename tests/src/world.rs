@@ -234,6 +234,8 @@ pub struct World {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// More YAML documents (policies, mesh resources) for the agents' config.
     pub extra_resources: String,
+    /// More lines for the agents' `identity:` section (indented two spaces).
+    pub identity_extra: String,
     cgroup_root: PathBuf,
     children: Vec<Child>,
     pub agents: BTreeMap<usize, Agent>,
@@ -257,6 +259,7 @@ impl World {
             pods: Vec::new(),
             namespaces: BTreeMap::new(),
             extra_resources: String::new(),
+            identity_extra: String::new(),
             cgroup_root,
             children: Vec::new(),
             agents: BTreeMap::new(),
@@ -571,13 +574,18 @@ impl World {
         let mut f = File::create(&path).expect("config");
         write!(
             f,
-            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node{i}\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  ebpfLogLevel: debug\n  identity:\n    rootCertFile: {}\n    rootKeyFile: {}\n{extra_spec}\n{}",
+            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node{i}\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  ebpfLogLevel: debug\n  identity:\n    rootCertFile: {}\n    rootKeyFile: {}\n{}\n{extra_spec}\n{}",
             self.node_cgroup(i).display(),
             self.pin_dir(i).display(),
             dir.join("state").display(),
             dir.join("enroll.sock").display(),
             self.root_cert().display(),
             self.dir.path().join("root-key.pem").display(),
+            self.identity_extra
+                .lines()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
             self.resources_yaml(),
         )
         .expect("write config");
@@ -667,6 +675,15 @@ impl Server {
                 .and_then(|s| s.parse().ok())
                 .expect("local"),
         )
+    }
+
+    /// The next accepted connection's `(peer, local)`, if one comes within `timeout`.
+    pub fn try_accepted(
+        &self,
+        timeout: Duration,
+    ) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        let v = self.events.recv_timeout(timeout).ok()?;
+        Some((v["peer"].as_str()?.parse().ok()?, v["local"].as_str()?.parse().ok()?))
     }
 
     /// Drops any events not yet read.

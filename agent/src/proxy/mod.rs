@@ -6,10 +6,11 @@ pub mod inbound;
 pub mod outbound;
 pub mod pod;
 pub mod route;
+pub mod telemetry;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use crate::{identity::SecretManager, redirect::netns::HomeNetns, state::StateHandle};
+use crate::{admin::Metrics, identity::SecretManager, redirect::netns::HomeNetns, state::StateHandle};
 
 /// What the proxy asks of the kernel side of capture.
 pub trait CaptureTables: Send + Sync {
@@ -47,4 +48,6 @@ pub struct ProxyInputs {
     pub node_name: String,
     /// Workload certificates and HBONE TLS configurations.
     pub identity: Arc<SecretManager>,
+    /// Connection, pool and policy metrics.
+    pub metrics: Arc<Metrics>,
 }
