@@ -725,7 +725,11 @@ impl Drop for World {
             let _ = child.wait();
         }
         remove_cgroup_tree(&self.cgroup_root);
-        for ns in self.pods.iter().map(|p| &p.netns).chain(&self.extra_netns) {
+        let extra = self
+            .extra_netns
+            .iter()
+            .filter(|ns| Path::new("/run/netns").join(ns).exists());
+        for ns in self.pods.iter().map(|p| &p.netns).chain(extra) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         for i in 1..=self.nodes {
