@@ -236,7 +236,9 @@ pub struct World {
     pub extra_resources: String,
     /// More lines for the agents' `identity:` section (indented two spaces).
     pub identity_extra: String,
-    cgroup_root: PathBuf,
+    pub(crate) cgroup_root: PathBuf,
+    /// More network namespaces of this world (the internet), removed when it drops.
+    pub(crate) extra_netns: Vec<String>,
     children: Vec<Child>,
     pub agents: BTreeMap<usize, Agent>,
 }
@@ -261,6 +263,7 @@ impl World {
             extra_resources: String::new(),
             identity_extra: String::new(),
             cgroup_root,
+            extra_netns: Vec::new(),
             children: Vec::new(),
             agents: BTreeMap::new(),
         };
@@ -628,7 +631,8 @@ impl World {
     }
 }
 
-fn link_id(a: usize, b: usize) -> usize {
+/// The third octet of the underlay link between nodes `a` and `b` (`172.30.<id>.<node>`).
+pub(crate) fn link_id(a: usize, b: usize) -> usize {
     a.min(b) * 10 + a.max(b)
 }
 
@@ -738,8 +742,12 @@ impl Drop for World {
             let _ = child.wait();
         }
         remove_cgroup_tree(&self.cgroup_root);
-        for p in &self.pods {
-            let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
+        let extra = self
+            .extra_netns
+            .iter()
+            .filter(|ns| Path::new("/run/netns").join(ns).exists());
+        for ns in self.pods.iter().map(|p| &p.netns).chain(extra) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         for i in 1..=self.nodes {
             let _ = Command::new("ip")

@@ -20,6 +20,10 @@
 //! * `fanout ADDR CONNECTIONS BYTES`: opens CONNECTIONS connections to a `serve` and holds them
 //!   all open at once (each has read the server's line), then each sends BYTES bytes and checks
 //!   the echo; prints `{"connections":N,"ok":K,"errors":[..]}` (the first few errors).
+//! * `http-get ADDR HOST [PATH]`, `tls-get ADDR SNI CA_FILE [PATH]`, `dns SERVER NAME
+//!   [udp|tcp]`: clients of the simulated internet (`sluice_tests::internet::client`).
+//! * `internet DIR DNS_ADDR`: the simulated internet's servers
+//!   (`sluice_tests::internet::server`).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -27,6 +31,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
+use sluice_tests::internet::client;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -39,10 +44,16 @@ fn main() {
         Some("bulk") => bulk(&args[2..]),
         Some("rr") => rr(&args[2..]),
         Some("fanout") => fanout(&args[2..]),
+        Some("http-get") => print(client::http_get(&args[2..])),
+        Some("tls-get") => print(client::tls_get(&args[2..])),
+        Some("dns") => print(client::dns(&args[2..])),
+        Some("internet") => sluice_tests::internet::server::run(&args[2..]),
         _ => Err(
             "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
                  latency ADDR COUNT | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \
-                 fanout ADDR CONNECTIONS BYTES"
+                 fanout ADDR CONNECTIONS BYTES | \
+                 http-get ADDR HOST [PATH] | tls-get ADDR SNI CA_FILE [PATH] | \
+                 dns SERVER NAME [udp|tcp] | internet DIR DNS_ADDR"
                 .into(),
         ),
     };
@@ -50,6 +61,11 @@ fn main() {
         println!("{}", json!({ "error": e }));
         std::process::exit(1);
     }
+}
+
+fn print(result: Result<Value, String>) -> Result<(), String> {
+    println!("{}", result?);
+    Ok(())
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Result<T, String> {
