@@ -22,7 +22,8 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 mod tests {
     #[test]
     fn sums_matching_series() {
-        let text = "# TYPE x counter\nx_total{a=\"1\",b=\"2\"} 3\nx_total{a=\"1\",b=\"3\"} 4\ny 9\n";
+        let text =
+            "# TYPE x counter\nx_total{a=\"1\",b=\"2\"} 3\nx_total{a=\"1\",b=\"3\"} 4\ny 9\n";
         assert_eq!(super::sample(text, "x_total", &[("a", "1")]), 7.0);
         assert_eq!(super::sample(text, "x_total", &[("b", "3")]), 4.0);
         assert_eq!(super::sample(text, "y", &[]), 9.0);

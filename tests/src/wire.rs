@@ -108,7 +108,10 @@ fn open_packet_socket(ifname: &std::ffi::CStr) -> OwnedFd {
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: valid C string.
     let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-    assert!(index != 0, "no interface {ifname:?} in the capture namespace");
+    assert!(
+        index != 0,
+        "no interface {ifname:?} in the capture namespace"
+    );
     // SAFETY: sockaddr_ll is plain data.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
@@ -187,14 +190,21 @@ pub fn parse_ethernet(frame: &[u8]) -> Option<Segment> {
     })
 }
 
-/// The longest run of zero bytes in `payload` (plaintext test data is zeros; ciphertext has
-/// no long runs).
-pub fn longest_zero_run(payload: &[u8]) -> usize {
-    payload
-        .split(|b| *b != 0)
-        .map(<[u8]>::len)
-        .max()
-        .unwrap_or(0)
+/// The longest run of bytes counting up modulo 251 (`x, x+1, x+2, …`), which is what
+/// `sluice-testpod connect` sends: plaintext test data has runs as long as the segment,
+/// ciphertext has none worth the name.
+pub fn longest_counting_run(payload: &[u8]) -> usize {
+    let mut longest = usize::from(!payload.is_empty());
+    let mut run = longest;
+    for w in payload.windows(2) {
+        run = if u16::from(w[1]) == (u16::from(w[0]) + 1) % 251 {
+            run + 1
+        } else {
+            1
+        };
+        longest = longest.max(run);
+    }
+    longest
 }
 
 #[cfg(test)]
@@ -205,7 +215,9 @@ mod tests {
     fn parses_an_ipv4_tcp_frame() {
         let mut f = vec![0u8; 14];
         f[12] = 0x08;
-        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 1, 2, 10, 0, 2, 2];
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 1, 2, 10, 0, 2, 2,
+        ];
         let mut tcp = vec![0u8; 20];
         tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
         tcp[2..4].copy_from_slice(&15008u16.to_be_bytes());
@@ -220,6 +232,7 @@ mod tests {
         assert_eq!(s.src, "10.0.1.2:40000".parse().unwrap());
         assert_eq!(s.dst, "10.0.2.2:15008".parse().unwrap());
         assert_eq!(s.payload, b"\x16\x03\x01hello");
-        assert_eq!(longest_zero_run(&[1, 0, 0, 0, 2, 0]), 3);
+        assert_eq!(longest_counting_run(&[7, 249, 250, 0, 1, 9]), 4);
+        assert_eq!(longest_counting_run(&[]), 0);
     }
 }

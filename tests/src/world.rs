@@ -687,7 +687,10 @@ impl Server {
         timeout: Duration,
     ) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
         let v = self.events.recv_timeout(timeout).ok()?;
-        Some((v["peer"].as_str()?.parse().ok()?, v["local"].as_str()?.parse().ok()?))
+        Some((
+            v["peer"].as_str()?.parse().ok()?,
+            v["local"].as_str()?.parse().ok()?,
+        ))
     }
 
     /// Drops any events not yet read.

@@ -79,7 +79,12 @@ fn mtls_thousand_concurrent_connections_share_the_pool_and_are_counted() {
     let n = w.agents[&2].wait_access(1000, |l| l["route"] == "hbone" && l["outcome"] != "refused");
     assert_eq!(n, 1000);
     let n = w.agents[&1].wait_access(1000, |l| l["route"] == "hbone" && l["outcome"] == "ok");
-    assert_eq!(n, 1000, "outbound side: {:?}", w.agents[&1].access_log().last());
+    assert_eq!(
+        n,
+        1000,
+        "outbound side: {:?}",
+        w.agents[&1].access_log().last()
+    );
 
     // Both sides count them, with Istio's labels.
     let a = "spiffe://cluster.local/ns/mesh/sa/a";
@@ -105,7 +110,10 @@ fn mtls_thousand_concurrent_connections_share_the_pool_and_are_counted() {
         ("destination_principal", b),
         ("connection_security_policy", "mutual_tls"),
     ];
-    for (text, labels) in [(&source, &source_labels), (&destination, &destination_labels)] {
+    for (text, labels) in [
+        (&source, &source_labels),
+        (&destination, &destination_labels),
+    ] {
         let get = |name| metrics::sample(text, name, labels);
         assert_eq!(get("istio_tcp_connections_opened_total"), 1000.0, "{text}");
         assert_eq!(get("istio_tcp_connections_closed_total"), 1000.0);
@@ -223,23 +231,46 @@ fn mtls_refuses_peers_from_another_root_trust_domain_or_time() {
     let line = probe(&from, good, hbone, authority).expect("a valid mesh certificate is accepted");
     assert!(line.contains("accepted"), "{line}");
     let (peer, _) = b_server.accepted();
-    assert_eq!(peer.ip(), w.pod("outside").ipv4, "client address not preserved");
+    assert_eq!(
+        peer.ip(),
+        w.pod("outside").ipv4,
+        "client address not preserved"
+    );
 
     let bad = [
-        ("another root", certificate(&other_root, a, now - hour, now + hour)),
+        (
+            "another root",
+            certificate(&other_root, a, now - hour, now + hour),
+        ),
         (
             "another trust domain",
-            certificate(&mesh, "spiffe://evil.example/ns/mesh/sa/a", now - hour, now + hour),
+            certificate(
+                &mesh,
+                "spiffe://evil.example/ns/mesh/sa/a",
+                now - hour,
+                now + hour,
+            ),
         ),
         ("expired", certificate(&mesh, a, now - 2 * hour, now - hour)),
-        ("not yet valid", certificate(&mesh, a, now + hour, now + 2 * hour)),
+        (
+            "not yet valid",
+            certificate(&mesh, a, now + hour, now + 2 * hour),
+        ),
     ];
     for (what, cert) in bad {
         let result = probe(&from, cert, hbone, authority);
-        assert!(result.is_err(), "a certificate from {what} was accepted: {result:?}");
+        assert!(
+            result.is_err(),
+            "a certificate from {what} was accepted: {result:?}"
+        );
     }
     let refused = w.agents[&2].wait_access(4, |l| l["outcome"] == "handshake");
-    assert_eq!(refused, 4, "refusals not logged: {:?}", w.agents[&2].access_log());
+    assert_eq!(
+        refused,
+        4,
+        "refusals not logged: {:?}",
+        w.agents[&2].access_log()
+    );
     // None of them reached the application.
     assert!(
         b_server.try_accepted(Duration::from_millis(500)).is_none(),
@@ -273,13 +304,13 @@ fn mtls_refuses_a_server_with_the_wrong_identity() {
 
 #[test]
 fn mtls_on_the_wire_between_nodes_is_tls_to_15008() {
-    use sluice_tests::wire::{Capture, longest_zero_run};
+    use sluice_tests::wire::{Capture, longest_counting_run};
     let mut w = world("");
     let _b = w.serve("b", "0.0.0.0:8080");
     let (a, b, outside) = (w.pod("a").ipv4, w.pod("b").ipv4, w.pod("outside").ipv4);
     // Node 1's underlay link to node 2 is `n2`.
     let capture = Capture::start(&w.node_netns(1), "n2");
-    w.connect("a", &to(&w, "b", 8080), 256 * 1024); // zeros, echoed
+    w.connect("a", &to(&w, "b", 8080), 256 * 1024); // a counting pattern, echoed
     w.connect("outside", &to(&w, "b", 8080), 64 * 1024); // plaintext, as a control
     let segments = capture.stop();
 
@@ -289,29 +320,48 @@ fn mtls_on_the_wire_between_nodes_is_tls_to_15008() {
         .filter(|s| !s.payload.is_empty())
         .collect();
     let bytes: usize = mesh.iter().map(|s| s.payload.len()).sum();
-    assert!(bytes > 2 * 256 * 1024, "only {bytes} bytes of a ↔ b crossed the wire");
     assert!(
-        mesh.iter().all(|s| s.dst.port() == 15008 || s.src.port() == 15008),
-        "a ↔ b traffic outside the HBONE port: {:?}",
-        mesh.iter().map(|s| (s.src, s.dst)).find(|(x, y)| x.port() != 15008 && y.port() != 15008)
+        bytes > 2 * 256 * 1024,
+        "only {bytes} bytes of a ↔ b crossed the wire"
     );
-    let first = mesh.iter().find(|s| s.dst.port() == 15008).expect("a client flight");
+    assert!(
+        mesh.iter()
+            .all(|s| s.dst.port() == 15008 || s.src.port() == 15008),
+        "a ↔ b traffic outside the HBONE port: {:?}",
+        mesh.iter()
+            .map(|s| (s.src, s.dst))
+            .find(|(x, y)| x.port() != 15008 && y.port() != 15008)
+    );
+    let first = mesh
+        .iter()
+        .find(|s| s.dst.port() == 15008)
+        .expect("a client flight");
     assert_eq!(
         &first.payload[..2],
         &[0x16, 0x03],
         "the first bytes to 15008 are not a TLS handshake record"
     );
-    let longest = mesh.iter().map(|s| longest_zero_run(&s.payload)).max().unwrap_or(0);
-    assert!(longest < 64, "a run of {longest} zero bytes: plaintext on the wire");
+    let longest = mesh
+        .iter()
+        .map(|s| longest_counting_run(&s.payload))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest < 32,
+        "a {longest}-byte run of the test pattern: plaintext on the wire"
+    );
 
     // The detector sees plaintext when there is some: the non-mesh client's bytes.
     let plain = segments
         .iter()
         .filter(|s| s.src.ip() == outside && s.dst == SocketAddr::new(b, 8080))
-        .map(|s| longest_zero_run(&s.payload))
+        .map(|s| longest_counting_run(&s.payload))
         .max()
         .unwrap_or(0);
-    assert!(plain >= 1024, "the control flow's plaintext was not seen ({plain})");
+    assert!(
+        plain >= 1024,
+        "the control flow's plaintext was not seen ({plain})"
+    );
 }
 
 #[test]
@@ -355,17 +405,36 @@ fn mtls_certificate_rotation_during_a_long_transfer_loses_nothing() {
             serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
         })
     };
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    let (a_before, b_before) = (serial(1, a_id), serial(2, b_id));
-    assert!(!a_before.is_empty() && !b_before.is_empty(), "certificates not issued");
+    // The dump's certificate list is refreshed every few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (a_before, b_before) = loop {
+        let (a, b) = (serial(1, a_id), serial(2, b_id));
+        if (!a.is_empty() && !b.is_empty()) || std::time::Instant::now() > deadline {
+            break (a, b);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(
+        !a_before.is_empty() && !b_before.is_empty(),
+        "certificates not issued (or not in /config_dump)"
+    );
     let result = held.join().expect("hold thread");
-    assert!(result.get("error").is_none(), "the long transfer broke: {result}");
+    assert!(
+        result.get("error").is_none(),
+        "the long transfer broke: {result}"
+    );
     // `hold` checks every echoed byte against what it sent and fails on any difference.
     let echoed = result["echoed"].as_u64().unwrap_or(0);
     assert!(echoed > 1_000_000, "too little came back: {result}");
     let (a_after, b_after) = (serial(1, a_id), serial(2, b_id));
-    assert_ne!(a_before, a_after, "a's certificate was not rotated during the transfer");
-    assert_ne!(b_before, b_after, "b's certificate was not rotated during the transfer");
+    assert_ne!(
+        a_before, a_after,
+        "a's certificate was not rotated during the transfer"
+    );
+    assert_ne!(
+        b_before, b_after,
+        "b's certificate was not rotated during the transfer"
+    );
     // New connections after the rotation handshake with the new certificates.
     w.connect("a", &to(&w, "b", 8080), 1000);
 }

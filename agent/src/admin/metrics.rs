@@ -397,8 +397,10 @@ mod tests {
     fn sluice_metrics_render_with_their_names() {
         let m = Metrics::new();
         let pool = m.hbone_pool_stats();
-        pool.handshakes.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
-        pool.connections.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        pool.handshakes
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        pool.connections
+            .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
         m.set_captured_pods(11);
         m.policy_denied("strict_mtls");
         m.policy_denied("strict_mtls");

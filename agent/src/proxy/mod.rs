@@ -10,7 +10,9 @@ pub mod telemetry;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use crate::{admin::Metrics, identity::SecretManager, redirect::netns::HomeNetns, state::StateHandle};
+use crate::{
+    admin::Metrics, identity::SecretManager, redirect::netns::HomeNetns, state::StateHandle,
+};
 
 /// What the proxy asks of the kernel side of capture.
 pub trait CaptureTables: Send + Sync {

@@ -350,7 +350,9 @@ fn fanout(args: &[String]) -> Result<(), String> {
                     let mut sent = 0u64;
                     while sent < bytes {
                         let k = chunk.len().min((bytes - sent) as usize);
-                        stream.write_all(&chunk[..k]).map_err(|e| format!("send: {e}"))?;
+                        stream
+                            .write_all(&chunk[..k])
+                            .map_err(|e| format!("send: {e}"))?;
                         sent += k as u64;
                     }
                     stream
