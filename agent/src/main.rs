@@ -21,6 +21,15 @@ struct Cli {
         env = "SLUICE_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Runtime threads for `run`: 1 runs everything on one thread (no cross-thread wake-ups),
+    /// more uses a work-stealing pool; 0 means one per CPU.
+    #[arg(
+        long,
+        default_value_t = 0,
+        global = true,
+        env = "SLUICE_WORKER_THREADS"
+    )]
+    worker_threads: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -100,15 +109,27 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The agent's tokio runtime: current-thread for 1 worker, multi-thread otherwise.
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder.enable_all().build()
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Cni => std::process::exit(sluice::redirect::cni::main()),
         Cmd::Run { config, node } => {
             init_logging(cli.log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = runtime(cli.worker_threads)?;
             rt.block_on(sluice::app::run(sluice::app::RunArgs { config, node }))
         }
         Cmd::Enroll { socket, op } => {

@@ -26,6 +26,9 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Renewals never follow each other closer than this, even if a CA hands out certificates
 /// that are already half spent.
 const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
+/// Client configurations cached per source identity at most (one per destination identity
+/// set); the cache starts over beyond this.
+const MAX_CLIENT_CONFIGS: usize = 1024;
 
 /// Issues, caches and renews workload certificates, and builds the HBONE TLS configurations
 /// around them. Cheap to clone; background renewals stop when the last clone is dropped.
@@ -59,6 +62,9 @@ struct Shared {
     sender: Arc<watch::Sender<Arc<WorkloadCert>>>,
     handle: CertHandle,
     server_config: Arc<ServerConfig>,
+    /// HBONE client configurations by accepted server identities (they follow rotations by
+    /// themselves, like `server_config`); dropped with the slot when the identity is forgotten.
+    client_configs: Arc<std::sync::Mutex<HashMap<Vec<Identity>, Arc<ClientConfig>>>>,
     /// Wakes the renewer after a forced rotation, so it re-plans from the new certificate.
     replanned: Arc<Notify>,
 }
@@ -106,8 +112,23 @@ impl SecretManager {
         source: &Identity,
         expected: Vec<Identity>,
     ) -> Result<Arc<ClientConfig>, IdentityError> {
-        let handle = self.fetch(source).await?;
-        Ok(Arc::new(tls::client_config(handle, expected)?))
+        let shared = self.issued(source).await?;
+        let lock = || {
+            shared
+                .client_configs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(config) = lock().get(&expected) {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(tls::client_config(shared.handle.clone(), expected.clone())?);
+        let mut cache = lock();
+        if cache.len() >= MAX_CLIENT_CONFIGS {
+            cache.clear();
+        }
+        cache.insert(expected, config.clone());
+        Ok(config)
     }
 
     /// Replaces `identity`'s certificate now (issuing it first if needed) and returns the new
@@ -180,6 +201,7 @@ impl SecretManager {
                 sender,
                 handle,
                 server_config,
+                client_configs: Arc::default(),
                 replanned,
             },
             _renewer: AbortOnDrop(renewer),
@@ -390,6 +412,28 @@ mod tests {
             .expect("not renewed once the CA came back")
             .unwrap();
         assert_ne!(third.info().serial, second.info().serial);
+    }
+
+    #[tokio::test]
+    async fn client_configs_are_cached_per_destination_set_until_forgotten() {
+        let m = SecretManager::new(Counting::new(), Duration::from_secs(3600));
+        let (web, db, cache) = (id("web"), id("db"), id("cache"));
+        let a = m.client_config(&web, vec![db.clone()]).await.unwrap();
+        let b = m.client_config(&web, vec![db.clone()]).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "same source and destination: one config"
+        );
+        let c = m.client_config(&web, vec![cache.clone()]).await.unwrap();
+        assert!(
+            !Arc::ptr_eq(&a, &c),
+            "another destination identity: another config"
+        );
+        let d = m.client_config(&db, vec![db.clone()]).await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &d), "another source: another config");
+        m.forget(&web).await;
+        let e = m.client_config(&web, vec![db.clone()]).await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &e), "a forgotten source starts over");
     }
 
     #[tokio::test(start_paused = true)]
