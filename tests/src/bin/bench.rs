@@ -316,7 +316,7 @@ fn mesh() {
     let mut bulk = [[0.0f64; 2]; 3]; // [kind][path] bytes/s, averaged over rounds
     let (mut mesh_cpu, mut mesh_bytes) = (0.0, 0.0);
     for _ in 0..2 {
-        for kind in 0..3 {
+        for (kind, figures) in bulk.iter_mut().enumerate() {
             for (pi, (_, pod, ip)) in paths.iter().enumerate() {
                 let before = agents_cpu(&w);
                 let (bytes, rate) = match kind {
@@ -334,7 +334,7 @@ fn mesh() {
                     mesh_cpu += agents_cpu(&w) - before;
                     mesh_bytes += bytes;
                 }
-                bulk[kind][pi] += rate / 2.0;
+                figures[pi] += rate / 2.0;
             }
         }
     }
