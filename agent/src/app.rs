@@ -173,7 +173,22 @@ fn start_egress(
         agent.node_name.clone(),
         agent.egress.pinning.clone(),
     );
-    tokio::spawn(pinning.run(state.clone()));
+    let kube = agent.kube.clone();
+    let pin_state = state.clone();
+    tokio::spawn(async move {
+        let pinning = if kube.enabled {
+            match crate::sources::kube::client(kube.kubeconfig.as_deref()).await {
+                Ok(client) => pinning.with_status(client),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no Kubernetes client for egress status");
+                    pinning
+                }
+            }
+        } else {
+            pinning
+        };
+        pinning.run(pin_state).await;
+    });
     Arc::new(crate::proxy::egress::EgressRuntime::from_config(
         agent,
         dns,

@@ -49,6 +49,9 @@ pub struct PinningLoop {
     settings: PinningSettings,
     pinner: Option<PrefixPinner>,
     last: Option<Vec<PinnedPrefix>>,
+    /// In kube mode: where to report prefixes taken from the agent's config.
+    status: Option<kube::Client>,
+    reported: std::collections::BTreeSet<(String, String, ipnet::IpNet)>,
 }
 
 impl PinningLoop {
@@ -59,6 +62,38 @@ impl PinningLoop {
             settings,
             pinner: None,
             last: None,
+            status: None,
+            reported: Default::default(),
+        }
+    }
+
+    /// Reports prefixes from the agent's config in `status.egressIpPrefix` through `client`
+    /// (server-side apply, field manager `sluice`) once they are pinned.
+    pub fn with_status(mut self, client: kube::Client) -> Self {
+        self.status = Some(client);
+        self
+    }
+
+    async fn report_status(&mut self, state: &MeshState, pinned: &[String]) {
+        let Some(client) = self.status.clone() else {
+            return;
+        };
+        for entry in from_agent_config(state, &self.node_name) {
+            let key = format!("{}/{}", entry.0, entry.1);
+            if !pinned.contains(&key) || self.reported.contains(&entry) {
+                continue;
+            }
+            match crate::sources::kube::status::set_egress_ip_prefix(
+                &client, &entry.0, &entry.1, entry.2,
+            )
+            .await
+            {
+                Ok(()) => {
+                    info!(sgc = %key, prefix = %entry.2, "reported status.egressIpPrefix");
+                    self.reported.insert(entry);
+                }
+                Err(e) => warn!(sgc = %key, error = %e, "writing status.egressIpPrefix"),
+            }
         }
     }
 
@@ -135,10 +170,14 @@ impl PinningLoop {
         }
         let mut current = state.current();
         loop {
-            if let Some(Err(_)) = self.apply(&current).await {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                current = state.current();
-                continue;
+            match self.apply(&current).await {
+                Some(Err(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    current = state.current();
+                    continue;
+                }
+                Some(Ok(report)) => self.report_status(&current, &report.pinned).await,
+                None => {}
             }
             match state.changed().await {
                 Some(s) => current = s,

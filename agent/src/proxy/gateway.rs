@@ -177,11 +177,22 @@ struct Out {
 impl Forward {
     async fn run(self, mut tunnel: DuplexStream) {
         let start = Instant::now();
-        let (sniffed, first) =
+        // Read the first bytes only when the decision may depend on a host (a server-first
+        // protocol would otherwise wait out the timeout).
+        let needs_host = self
+            .inputs
+            .state
+            .current()
+            .egress
+            .needs_host_hint(&self.workload, self.dst.port());
+        let (sniffed, first) = if needs_host {
             match peek::read_host(&mut tunnel, FIRST_BYTES_MAX, FIRST_BYTES_TIMEOUT).await {
                 Ok(r) => r,
                 Err(_) => (Sniffed::Other, Vec::new()),
-            };
+            }
+        } else {
+            (Sniffed::Other, Vec::new())
+        };
         let state = self.inputs.state.current();
         let out = match self.decide(&state, &sniffed) {
             Ok(out) => out,
