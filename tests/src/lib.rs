@@ -1,7 +1,9 @@
 //! Sluice's end-to-end test harness: worlds of network namespaces and cgroups with real agents
-//! (`world`, `agent`), and a real kube-apiserver (`kube_server`).
+//! (`world`, `agent`), a simulated internet behind a gateway node (`internet`), and a real
+//! kube-apiserver (`kube_server`).
 pub mod agent;
 pub mod bpf;
+pub mod internet;
 pub mod kube_mesh;
 pub mod kube_server;
 pub mod world;

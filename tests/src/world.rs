@@ -243,7 +243,9 @@ pub struct World {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// More YAML documents (policies, mesh resources) for the agents' config.
     pub extra_resources: String,
-    cgroup_root: PathBuf,
+    pub(crate) cgroup_root: PathBuf,
+    /// More network namespaces of this world (the internet), removed when it drops.
+    pub(crate) extra_netns: Vec<String>,
     children: Vec<Child>,
     pub agents: BTreeMap<usize, Agent>,
 }
@@ -267,6 +269,7 @@ impl World {
             namespaces: BTreeMap::new(),
             extra_resources: String::new(),
             cgroup_root,
+            extra_netns: Vec::new(),
             children: Vec::new(),
             agents: BTreeMap::new(),
         };
@@ -630,7 +633,8 @@ impl World {
     }
 }
 
-fn link_id(a: usize, b: usize) -> usize {
+/// The third octet of the underlay link between nodes `a` and `b` (`172.30.<id>.<node>`).
+pub(crate) fn link_id(a: usize, b: usize) -> usize {
     a.min(b) * 10 + a.max(b)
 }
 
@@ -731,8 +735,8 @@ impl Drop for World {
             let _ = child.wait();
         }
         remove_cgroup_tree(&self.cgroup_root);
-        for p in &self.pods {
-            let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
+        for ns in self.pods.iter().map(|p| &p.netns).chain(&self.extra_netns) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         for i in 1..=self.nodes {
             let _ = Command::new("ip")

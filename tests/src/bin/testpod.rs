@@ -17,6 +17,10 @@
 //!   `{"bytes":N,"seconds":S,"bytes_per_s":R}` (all streams together).
 //! * `rr ADDR SIZE COUNT`: one connection to a `serve`; COUNT times: send SIZE bytes, read the
 //!   SIZE-byte echo; prints `{"samples_us":[..]}` (one round trip each, microseconds).
+//! * `http-get ADDR HOST [PATH]`, `tls-get ADDR SNI CA_FILE [PATH]`, `dns SERVER NAME
+//!   [udp|tcp]`: clients of the simulated internet (`sluice_tests::internet::client`).
+//! * `internet DIR DNS_ADDR`: the simulated internet's servers
+//!   (`sluice_tests::internet::server`).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -24,6 +28,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
+use sluice_tests::internet::client;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -35,9 +40,15 @@ fn main() {
         Some("sink") => sink(&args[2..]),
         Some("bulk") => bulk(&args[2..]),
         Some("rr") => rr(&args[2..]),
+        Some("http-get") => print(client::http_get(&args[2..])),
+        Some("tls-get") => print(client::tls_get(&args[2..])),
+        Some("dns") => print(client::dns(&args[2..])),
+        Some("internet") => sluice_tests::internet::server::run(&args[2..]),
         _ => Err(
             "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
-                 latency ADDR COUNT | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT"
+                 latency ADDR COUNT | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \
+                 http-get ADDR HOST [PATH] | tls-get ADDR SNI CA_FILE [PATH] | \
+                 dns SERVER NAME [udp|tcp] | internet DIR DNS_ADDR"
                 .into(),
         ),
     };
@@ -45,6 +56,11 @@ fn main() {
         println!("{}", json!({ "error": e }));
         std::process::exit(1);
     }
+}
+
+fn print(result: Result<Value, String>) -> Result<(), String> {
+    println!("{}", result?);
+    Ok(())
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Result<T, String> {
