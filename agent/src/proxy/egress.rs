@@ -187,9 +187,15 @@ pub async fn plan(
         None
     };
     let dns_host = rt.dns.as_ref().and_then(|d| d.host_for(dst.ip()));
+    // A Host or SNI that is no name (an IP literal) says nothing; the resolved name may.
     let hint = sniffed
         .as_ref()
         .and_then(peek::Sniffed::hint)
+        .filter(|h| match h {
+            HostHint::Http(n) | HostHint::Tls(n) | HostHint::Dns(n) => {
+                crate::state::egress::normalise_host(n).is_some()
+            }
+        })
         .or(dns_host.as_deref().map(HostHint::Dns));
     let host = hint.map(|h| match h {
         HostHint::Http(h) | HostHint::Tls(h) | HostHint::Dns(h) => h.to_owned(),
