@@ -108,6 +108,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         home: home.clone(),
         node_name: agent.node_name.clone(),
         egress,
+        metrics: metrics.clone(),
     };
     if let Some(gw) = &agent.egress.gateway {
         let listener = tokio::net::TcpListener::bind(gw.listen)

@@ -102,26 +102,31 @@ pub struct Record {
     pub peer: SocketAddr,
     /// The server address it reached.
     pub local: SocketAddr,
-    /// HTTP (and TLS): the request's Host header, method and path.
+    /// HTTP (and TLS): the request's Host header.
     #[serde(default)]
     pub host: Option<String>,
+    /// HTTP (and TLS): the request's method.
     #[serde(default)]
     pub method: Option<String>,
+    /// HTTP (and TLS): the request's path.
     #[serde(default)]
     pub path: Option<String>,
     /// TLS: the client's SNI.
     #[serde(default)]
     pub sni: Option<String>,
-    /// DNS: `udp` or `tcp`, the query name (lower case, no trailing dot), type, answer code
-    /// (`NoError`, `NXDomain`, `FormErr`) and the addresses answered.
+    /// DNS: `udp` or `tcp`.
     #[serde(default)]
     pub transport: Option<String>,
+    /// DNS: the query name, lower case, without the trailing dot.
     #[serde(default)]
     pub qname: Option<String>,
+    /// DNS: the query type (`A`, `AAAA`, ...).
     #[serde(default)]
     pub qtype: Option<String>,
+    /// DNS: the answer code (`NoError`, `NXDomain`, `FormErr`).
     #[serde(default)]
     pub rcode: Option<String>,
+    /// DNS: the addresses answered.
     #[serde(default)]
     pub answers: Vec<String>,
     /// Why the exchange failed (a TLS handshake, a request that did not parse).

@@ -3,7 +3,10 @@
 //! kube-apiserver (`kube_server`).
 pub mod agent;
 pub mod bpf;
+pub mod hbone_client;
 pub mod internet;
 pub mod kube_mesh;
 pub mod kube_server;
+pub mod metrics;
+pub mod wire;
 pub mod world;

@@ -243,6 +243,8 @@ pub struct World {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// More YAML documents (policies, mesh resources) for the agents' config.
     pub extra_resources: String,
+    /// More lines for the agents' `identity:` section (indented two spaces).
+    pub identity_extra: String,
     pub(crate) cgroup_root: PathBuf,
     /// More network namespaces of this world (the internet), removed when it drops.
     pub(crate) extra_netns: Vec<String>,
@@ -268,6 +270,7 @@ impl World {
             pods: Vec::new(),
             namespaces: BTreeMap::new(),
             extra_resources: String::new(),
+            identity_extra: String::new(),
             cgroup_root,
             extra_netns: Vec::new(),
             children: Vec::new(),
@@ -584,13 +587,18 @@ impl World {
         let mut f = File::create(&path).expect("config");
         write!(
             f,
-            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node{i}\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  ebpfLogLevel: debug\n  identity:\n    rootCertFile: {}\n    rootKeyFile: {}\n{extra_spec}\n{}",
+            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node{i}\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  ebpfLogLevel: debug\n  identity:\n    rootCertFile: {}\n    rootKeyFile: {}\n{}\n{extra_spec}\n{}",
             self.node_cgroup(i).display(),
             self.pin_dir(i).display(),
             dir.join("state").display(),
             dir.join("enroll.sock").display(),
             self.root_cert().display(),
             self.dir.path().join("root-key.pem").display(),
+            self.identity_extra
+                .lines()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
             self.resources_yaml(),
         )
         .expect("write config");
@@ -683,6 +691,18 @@ impl Server {
         )
     }
 
+    /// The next accepted connection's `(peer, local)`, if one comes within `timeout`.
+    pub fn try_accepted(
+        &self,
+        timeout: Duration,
+    ) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        let v = self.events.recv_timeout(timeout).ok()?;
+        Some((
+            v["peer"].as_str()?.parse().ok()?,
+            v["local"].as_str()?.parse().ok()?,
+        ))
+    }
+
     /// Drops any events not yet read.
     pub fn drain(&self) {
         while self.events.try_recv().is_ok() {}
@@ -735,7 +755,11 @@ impl Drop for World {
             let _ = child.wait();
         }
         remove_cgroup_tree(&self.cgroup_root);
-        for ns in self.pods.iter().map(|p| &p.netns).chain(&self.extra_netns) {
+        let extra = self
+            .extra_netns
+            .iter()
+            .filter(|ns| Path::new("/run/netns").join(ns).exists());
+        for ns in self.pods.iter().map(|p| &p.netns).chain(extra) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         for i in 1..=self.nodes {

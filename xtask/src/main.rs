@@ -248,17 +248,9 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     say("unit tests");
     run(Command::new("cargo")
         .current_dir(root)
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "sluice",
-            "-p",
-            "sluice-common",
-            "-p",
-            "xtask",
-            "--",
-        ])
+        // `--workspace` in every step: the same package selection resolves the same features,
+        // so the binaries, the unit tests and the end-to-end tests share one build of the tree.
+        .args(["test", "--release", "--workspace", "--lib", "--bins", "--"])
         .args(&filter))?;
     say("end-to-end tests (one at a time: they share the kernel)");
     run(Command::new("cargo")
@@ -267,8 +259,9 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         .args([
             "test",
             "--release",
-            "-p",
-            "sluice-tests",
+            "--workspace",
+            "--test",
+            "*",
             "--",
             "--test-threads=1",
         ])

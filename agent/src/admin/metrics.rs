@@ -13,7 +13,7 @@ use prometheus_client::encoding::{
     LabelSetEncoder, LabelValueEncoder,
 };
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 use super::tcp::TcpConnections;
 pub use super::tcp::{ConnectionLabels, ConnectionMetrics};
 use crate::identity::CertInfo;
+use crate::proxy::hbone::PoolStats;
 
 /// Name of the certificate expiry gauge.
 const CERTIFICATE_EXPIRY: &str = "sluice_certificate_expiry_seconds";
@@ -61,6 +62,60 @@ impl EncodeLabelValue for Escaped<'_> {
         }
         Ok(())
     }
+}
+
+/// The HBONE client pools' counters, shared by every pool of the node and read at scrape time.
+#[derive(Debug, Default)]
+struct HbonePoolCollector(Arc<PoolStats>);
+
+impl Collector for HbonePoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let s = self.0.snapshot();
+        let families: [(&str, &str, MetricType, u64); 5] = [
+            (
+                "sluice_hbone_pool_connections",
+                "HBONE (HTTP/2 over mTLS) connections currently held in the outbound pools.",
+                MetricType::Gauge,
+                s.connections,
+            ),
+            (
+                "sluice_hbone_handshakes",
+                "TLS handshakes completed for outbound HBONE connections.",
+                MetricType::Counter,
+                s.handshakes,
+            ),
+            (
+                "sluice_hbone_dial_failures",
+                "Outbound HBONE connections that failed (TCP, TLS, HTTP/2 preface or timeout).",
+                MetricType::Counter,
+                s.dial_failures,
+            ),
+            (
+                "sluice_hbone_streams_opened",
+                "HBONE CONNECT streams the peer accepted (200).",
+                MetricType::Counter,
+                s.streams_opened,
+            ),
+            (
+                "sluice_hbone_streams_failed",
+                "HBONE CONNECT streams refused by the peer or failed before an answer.",
+                MetricType::Counter,
+                s.streams_failed,
+            ),
+        ];
+        for (name, help, kind, value) in families {
+            let family = encoder.encode_descriptor(name, help, None, kind)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(value).encode(family)?,
+                _ => ConstGauge::new(saturating_i64_u64(value)).encode(family)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn saturating_i64_u64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Seconds until each held certificate expires, computed at scrape time so the gauge never goes
@@ -106,8 +161,7 @@ impl Collector for CertificateExpiry {
 pub struct Metrics {
     registry: Registry,
     tcp: Arc<TcpConnections>,
-    pool_connections: Gauge,
-    handshakes: Counter,
+    hbone_pool: Arc<HbonePoolCollector>,
     policy_denials: Family<ReasonLabel, Counter>,
     certificates: Arc<CertificateExpiry>,
     captured_pods: Gauge,
@@ -125,24 +179,14 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let tcp = Arc::new(TcpConnections::default());
-        let pool_connections = Gauge::default();
-        let handshakes = Counter::default();
+        let hbone_pool = Arc::new(HbonePoolCollector::default());
         let policy_denials = Family::<ReasonLabel, Counter>::default();
         let certificates = Arc::new(CertificateExpiry::default());
         let captured_pods = Gauge::default();
         let egress_refusals = Family::<ReasonLabel, Counter>::default();
 
         registry.register_collector(Box::new(tcp.clone()));
-        registry.register(
-            "sluice_hbone_pool_connections",
-            "HBONE (HTTP/2 over mTLS) connections currently held in the outbound pool.",
-            pool_connections.clone(),
-        );
-        registry.register(
-            "sluice_hbone_handshakes",
-            "TLS handshakes completed for HBONE connections.",
-            handshakes.clone(),
-        );
+        registry.register_collector(Box::new(hbone_pool.clone()));
         registry.register(
             "sluice_policy_denials",
             "Connections refused by PeerAuthentication or AuthorizationPolicy, by reason.",
@@ -163,8 +207,7 @@ impl Metrics {
         Self {
             registry,
             tcp,
-            pool_connections,
-            handshakes,
+            hbone_pool,
             policy_denials,
             certificates,
             captured_pods,
@@ -185,8 +228,8 @@ impl Metrics {
         self.tcp.connection(labels)
     }
 
-    /// Counts a connection closed and the bytes it carried: `sent` towards the destination,
-    /// `received` from it.
+    /// Counts a connection closed and the bytes it carried: `sent` in responses (destination to
+    /// source), `received` in requests (source to destination), as Istio defines them.
     pub fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
         self.tcp.closed(labels, sent, received);
     }
@@ -196,14 +239,9 @@ impl Metrics {
         inc_reason(&self.policy_denials, reason);
     }
 
-    /// Counts one completed HBONE TLS handshake.
-    pub fn handshake(&self) {
-        self.handshakes.inc();
-    }
-
-    /// Sets the number of pooled HBONE connections.
-    pub fn set_pool_connections(&self, n: usize) {
-        self.pool_connections.set(saturating_i64(n));
+    /// The counters every outbound HBONE pool of this node shares (read at scrape time).
+    pub fn hbone_pool_stats(&self) -> Arc<PoolStats> {
+        self.hbone_pool.0.clone()
     }
 
     /// Sets the number of pods whose traffic is captured.
@@ -358,9 +396,11 @@ mod tests {
     #[test]
     fn sluice_metrics_render_with_their_names() {
         let m = Metrics::new();
-        m.handshake();
-        m.handshake();
-        m.set_pool_connections(3);
+        let pool = m.hbone_pool_stats();
+        pool.handshakes
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        pool.connections
+            .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
         m.set_captured_pods(11);
         m.policy_denied("strict_mtls");
         m.policy_denied("strict_mtls");

@@ -187,12 +187,14 @@ pub struct ConnectionMetrics {
 }
 
 impl ConnectionMetrics {
-    /// Adds bytes sent towards the destination (`istio_tcp_sent_bytes_total`).
+    /// Adds response bytes, from the destination back to the source
+    /// (`istio_tcp_sent_bytes_total`, "bytes sent during response" in Istio's definition).
     pub fn sent(&self, bytes: u64) {
         self.series.sent.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Adds bytes received from the destination (`istio_tcp_received_bytes_total`).
+    /// Adds request bytes, from the source towards the destination
+    /// (`istio_tcp_received_bytes_total`, "bytes received during request").
     pub fn received(&self, bytes: u64) {
         self.series.received.fetch_add(bytes, Ordering::Relaxed);
     }

@@ -15,6 +15,7 @@ use super::{
     },
     inbound::connect_transparent,
     pod::PodContext,
+    telemetry::{self, Peer, Reporter},
 };
 use crate::{identity::peer_identity, policy, state::Identity};
 
@@ -129,6 +130,7 @@ async fn authorize_and_connect(
         destination_port: dst.port(),
     });
     if !decision.is_allowed() {
+        inputs.metrics.policy_denied("authorization");
         return Err(refuse(RefusalStatus::Forbidden, decision.to_string()));
     }
     let app = match connect_transparent(pod, inputs, SocketAddr::new(src.ip(), 0), dst).await {
@@ -141,7 +143,23 @@ async fn authorize_and_connect(
         }
     };
     let dst_identity = workload.identity(&state.trust_domain);
+    let metrics = inputs.metrics.connection(&telemetry::labels(
+        Reporter::Destination,
+        Peer {
+            workload: state.workload_by_ip(src.ip()),
+            principal: Some(&source),
+        },
+        Peer {
+            workload: Some(workload),
+            principal: Some(&dst_identity),
+        },
+        true,
+    ));
     Ok(Upstream::new(app).on_close(move |report| {
+        // Istio's names: "received" are request bytes, "sent" response bytes.
+        metrics.received(report.hbone_to_tcp);
+        metrics.sent(report.tcp_to_hbone);
+        drop(metrics);
         info!(
             target: "sluice::access",
             direction = "inbound",

@@ -11,7 +11,11 @@ use socket2::Domain;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{info, warn};
 
-use super::{ProxyInputs, copy, pod::PodContext};
+use super::{
+    ProxyInputs, copy,
+    pod::PodContext,
+    telemetry::{self, Peer, Reporter},
+};
 
 /// Accepts steered connections on a pod's inbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
@@ -43,7 +47,8 @@ async fn handle(
         }
     };
     let _ = client.set_nodelay(true);
-    if let Err(reason) = plaintext_allowed(&inputs, peer, dst) {
+    if let Err((kind, reason)) = plaintext_allowed(&inputs, peer, dst) {
+        inputs.metrics.policy_denied(kind);
         info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %format!("{}/{}", pod.namespace, pod.name), src = %peer, dst = %dst, outcome = "denied", reason = %reason, "connection refused");
         // Reset rather than close, so the client sees a refusal and not an empty answer.
         if let Ok(std) = client.into_std() {
@@ -51,12 +56,34 @@ async fn handle(
         }
         return;
     }
+    let labels = {
+        let state = inputs.state.current();
+        telemetry::labels(
+            Reporter::Destination,
+            Peer {
+                workload: state.workload_by_ip(peer.ip()),
+                principal: None,
+            },
+            Peer {
+                workload: state.workload_by_ip(dst.ip()),
+                principal: None,
+            },
+            false,
+        )
+    };
+    let metrics = inputs.metrics.connection(&labels);
     let result = match connect_transparent(&pod, &inputs, peer, dst).await {
         Ok(mut app) => copy::bidirectional(&mut client, &mut app)
             .await
             .map_err(|e| ("copy", e)),
         Err(e) => Err(("connect", e)),
     };
+    if let Ok(t) = &result {
+        // Istio's names: "received" are request bytes, "sent" response bytes.
+        metrics.received(t.sent);
+        metrics.sent(t.received);
+    }
+    drop(metrics);
     let duration_ms = start.elapsed().as_millis() as u64;
     let pod_name = format!("{}/{}", pod.namespace, pod.name);
     match result {
@@ -87,19 +114,23 @@ async fn handle(
 }
 
 /// Policy for plaintext arriving at a pod: PeerAuthentication must allow it (not STRICT) and
-/// AuthorizationPolicy must allow an unauthenticated source.
+/// AuthorizationPolicy must allow an unauthenticated source. A refusal names the kind of policy
+/// (the metric's reason) and why.
 fn plaintext_allowed(
     inputs: &ProxyInputs,
     peer: SocketAddr,
     dst: SocketAddr,
-) -> Result<(), String> {
+) -> Result<(), (&'static str, String)> {
     let state = inputs.state.current();
     let Some(workload) = state.workload_by_ip(dst.ip()) else {
         return Ok(());
     };
     let mode = state.policy.mtls_mode(workload, dst.port());
     if !mode.allows_plaintext() {
-        return Err(format!("PeerAuthentication {mode:?} refuses plaintext"));
+        return Err((
+            "peer_authentication",
+            format!("PeerAuthentication {mode:?} refuses plaintext"),
+        ));
     }
     let decision = state.policy.authorize(&crate::policy::ConnectionInfo {
         source_identity: None,
@@ -111,7 +142,7 @@ fn plaintext_allowed(
     if decision.is_allowed() {
         Ok(())
     } else {
-        Err(decision.to_string())
+        Err(("authorization", decision.to_string()))
     }
 }
 

@@ -9,10 +9,13 @@ pub mod outbound;
 pub mod peek;
 pub mod pod;
 pub mod route;
+pub mod telemetry;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use crate::{identity::SecretManager, redirect::netns::HomeNetns, state::StateHandle};
+use crate::{
+    admin::Metrics, identity::SecretManager, redirect::netns::HomeNetns, state::StateHandle,
+};
 
 /// What the proxy asks of the kernel side of capture.
 pub trait CaptureTables: Send + Sync {
@@ -52,4 +55,6 @@ pub struct ProxyInputs {
     pub identity: Arc<SecretManager>,
     /// Egress settings, the DNS ServiceEntry cache and refusal metrics.
     pub egress: Arc<egress::EgressRuntime>,
+    /// Connection, pool and policy metrics.
+    pub metrics: Arc<Metrics>,
 }

@@ -11,7 +11,9 @@ use super::{
     hbone::{Baggage, PoolKey, RequestMeta, SpliceCounters, SpliceEnd, splice},
     pod::PodContext,
     route,
+    telemetry::{self, Peer, Reporter},
 };
+use crate::state::WorkloadUid;
 
 /// Accepts captured connections on a pod's outbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
@@ -47,7 +49,8 @@ async fn handle(
         return;
     };
     let _ = client.set_nodelay(true);
-    let route = route::choose(&inputs.state.current(), orig);
+    let state = inputs.state.current();
+    let route = route::choose(&state, orig);
     let pod_name = format!("{}/{}", pod.namespace, pod.name);
     let src = pod
         .ips
@@ -56,7 +59,32 @@ async fn handle(
         .or(pod.ips.first())
         .copied();
     let src = src.map(|ip| ip.to_string()).unwrap_or_default();
-    match route {
+    let source_workload = state
+        .workloads
+        .get(&WorkloadUid(pod.uid.clone()))
+        .or_else(|| state.workload_by_name(&pod.namespace, &pod.name));
+    let destination_workload = state.workload_by_ip(orig.ip());
+    let source_identity = source_workload.map(|w| w.identity(&state.trust_domain));
+    let dst_identity = match &route {
+        route::Route::Hbone { identity, .. } => Some(identity.clone()),
+        route::Route::Direct { .. } => None,
+    };
+    let mtls = dst_identity.is_some();
+    let labels = telemetry::labels(
+        Reporter::Source,
+        Peer {
+            workload: source_workload,
+            principal: source_identity.as_ref().filter(|_| mtls),
+        },
+        Peer {
+            workload: destination_workload,
+            principal: dst_identity.as_ref(),
+        },
+        mtls,
+    );
+    drop(state);
+    let metrics = inputs.metrics.connection(&labels);
+    let (result, route_name) = match route {
         route::Route::Direct { dst } => {
             let (peer, identity) = match super::egress::plan(&client, &pod, &inputs, dst).await {
                 super::egress::Plan::Direct => (None, None),
@@ -83,7 +111,7 @@ async fn handle(
                     .map_err(|e| ("copy", e.to_string())),
                 Err(e) => Err(("connect", e.to_string())),
             };
-            log(&pod_name, &src, orig, "direct", None, start, result);
+            (result, "direct")
         }
         route::Route::Hbone {
             dst,
@@ -91,17 +119,24 @@ async fn handle(
             identity,
         } => {
             let result = hbone(client, &pod, &inputs, dst, peer, &identity).await;
-            log(
-                &pod_name,
-                &src,
-                orig,
-                "hbone",
-                Some(&identity),
-                start,
-                result,
-            );
+            (result, "hbone")
         }
+    };
+    if let Ok(t) = &result {
+        // Istio's names: "received" are request bytes, "sent" response bytes.
+        metrics.received(t.sent);
+        metrics.sent(t.received);
     }
+    drop(metrics);
+    log(
+        &pod_name,
+        &src,
+        orig,
+        route_name,
+        dst_identity.as_ref(),
+        start,
+        result,
+    );
 }
 
 fn log(

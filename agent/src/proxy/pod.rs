@@ -15,7 +15,7 @@ use tokio::{
 
 use super::{
     ProxyInputs,
-    hbone::{Dial, H2Config, HbonePool, PoolConfig, PoolKey},
+    hbone::{Dial, H2Config, HbonePool, PoolConfig, PoolKey, PoolStats},
     hbone_inbound, inbound, outbound,
 };
 use crate::redirect::netns::{HomeNetns, Netns};
@@ -40,13 +40,15 @@ impl PodContext {
         netns: Arc<Netns>,
         ips: Vec<IpAddr>,
         home: HomeNetns,
+        pool_stats: Arc<PoolStats>,
     ) -> Self {
         let dial = PodDial {
             netns: netns.clone(),
             home,
         };
         let pool =
-            HbonePool::with_dialer(PoolConfig::default(), H2Config::default(), Arc::new(dial));
+            HbonePool::with_dialer(PoolConfig::default(), H2Config::default(), Arc::new(dial))
+                .with_stats(pool_stats);
         Self {
             uid,
             namespace,

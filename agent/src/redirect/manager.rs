@@ -284,6 +284,7 @@ impl PodManager {
             netns.clone(),
             sb.ips.clone(),
             self.home.clone(),
+            self.proxy.metrics.hbone_pool_stats(),
         ));
         let proxy = PodProxy::start(ctx, self.proxy.clone()).map_err(|e| e.to_string())?;
         let cookie = netns.cookie();

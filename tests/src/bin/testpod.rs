@@ -17,6 +17,9 @@
 //!   `{"bytes":N,"seconds":S,"bytes_per_s":R}` (all streams together).
 //! * `rr ADDR SIZE COUNT`: one connection to a `serve`; COUNT times: send SIZE bytes, read the
 //!   SIZE-byte echo; prints `{"samples_us":[..]}` (one round trip each, microseconds).
+//! * `fanout ADDR CONNECTIONS BYTES`: opens CONNECTIONS connections to a `serve` and holds them
+//!   all open at once (each has read the server's line), then each sends BYTES bytes and checks
+//!   the echo; prints `{"connections":N,"ok":K,"errors":[..]}` (the first few errors).
 //! * `http-get ADDR HOST [PATH]`, `tls-get ADDR SNI CA_FILE [PATH]`, `dns SERVER NAME
 //!   [udp|tcp]`: clients of the simulated internet (`sluice_tests::internet::client`).
 //! * `internet DIR DNS_ADDR`: the simulated internet's servers
@@ -40,6 +43,7 @@ fn main() {
         Some("sink") => sink(&args[2..]),
         Some("bulk") => bulk(&args[2..]),
         Some("rr") => rr(&args[2..]),
+        Some("fanout") => fanout(&args[2..]),
         Some("http-get") => print(client::http_get(&args[2..])),
         Some("tls-get") => print(client::tls_get(&args[2..])),
         Some("dns") => print(client::dns(&args[2..])),
@@ -47,6 +51,7 @@ fn main() {
         _ => Err(
             "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
                  latency ADDR COUNT | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \
+                 fanout ADDR CONNECTIONS BYTES | \
                  http-get ADDR HOST [PATH] | tls-get ADDR SNI CA_FILE [PATH] | \
                  dns SERVER NAME [udp|tcp] | internet DIR DNS_ADDR"
                 .into(),
@@ -323,5 +328,58 @@ fn rr(args: &[String]) -> Result<(), String> {
     }
     let _ = stream.shutdown(Shutdown::Write);
     println!("{}", json!({ "samples_us": samples }));
+    Ok(())
+}
+
+fn fanout(args: &[String]) -> Result<(), String> {
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let n: usize = arg(args, 1, "CONNECTIONS")?;
+    let bytes: u64 = arg(args, 2, "BYTES")?;
+    // Every connection is open (and greeted) before any of them sends: truly concurrent.
+    let all_open = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let workers: Vec<_> = (0..n)
+        .map(|_| {
+            let all_open = all_open.clone();
+            std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || -> Result<(), String> {
+                    let opened = open(addr);
+                    all_open.wait();
+                    let (mut stream, mut reader, _server) = opened?;
+                    let chunk = vec![0u8; 4096];
+                    let mut sent = 0u64;
+                    while sent < bytes {
+                        let k = chunk.len().min((bytes - sent) as usize);
+                        stream
+                            .write_all(&chunk[..k])
+                            .map_err(|e| format!("send: {e}"))?;
+                        sent += k as u64;
+                    }
+                    stream
+                        .shutdown(Shutdown::Write)
+                        .map_err(|e| format!("half-close: {e}"))?;
+                    let mut echoed = Vec::new();
+                    reader
+                        .read_to_end(&mut echoed)
+                        .map_err(|e| format!("echo: {e}"))?;
+                    if echoed.len() as u64 != bytes || echoed.iter().any(|b| *b != 0) {
+                        return Err(format!("echo of {} bytes, expected {bytes}", echoed.len()));
+                    }
+                    Ok(())
+                })
+                .map_err(|e| format!("thread: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for w in workers {
+        match w.join() {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) if errors.len() < 5 => errors.push(e),
+            Ok(Err(_)) => {}
+            Err(_) => errors.push("worker panicked".to_owned()),
+        }
+    }
+    println!("{}", json!({"connections": n, "ok": ok, "errors": errors}));
     Ok(())
 }

@@ -266,6 +266,15 @@ impl HbonePool {
         }
     }
 
+    /// This pool counting into `stats` (shared with other pools, e.g. node-wide metrics)
+    /// instead of its own counters. Call before the pool is used.
+    pub fn with_stats(mut self, stats: Arc<PoolStats>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.stats = stats;
+        }
+        self
+    }
+
     /// The pool's counters.
     pub fn stats(&self) -> &PoolStats {
         &self.inner.stats

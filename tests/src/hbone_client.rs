@@ -1,0 +1,160 @@
+//! A hand-made HBONE client for tests that need a peer no agent would ever be: one presenting
+//! a certificate from another root, another trust domain, or one that has expired. It trusts
+//! any server, so that the *server's* checks are what the test observes.
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    sign::CertifiedKey,
+};
+use sluice::{
+    identity::{BuiltinCa, CustomCert, WorkloadCert, crypto_provider},
+    proxy::hbone::{Baggage, H2Config, HbonePool, PoolConfig, PoolKey, RequestMeta},
+    state::Identity,
+};
+use tokio::io::AsyncBufReadExt;
+
+/// A certificate for `identity` signed by `ca`, valid from `not_before` to `not_after`.
+pub fn certificate(
+    ca: &BuiltinCa,
+    identity: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> WorkloadCert {
+    ca.issue_custom(&CustomCert {
+        identity: identity.parse().expect("SPIFFE identity"),
+        not_before,
+        not_after,
+    })
+    .expect("issue test certificate")
+}
+
+/// From inside the network namespace at `netns`, opens HBONE to `hbone` (`<ip>:15008`)
+/// presenting `cert`, asks for `authority`, and returns the first line the application behind
+/// it sends (the test server announces itself), or the error that stopped it.
+pub fn probe(
+    netns: &Path,
+    cert: WorkloadCert,
+    hbone: SocketAddr,
+    authority: SocketAddr,
+) -> Result<String, String> {
+    let ns = File::open(netns).map_err(|e| format!("open {}: {e}", netns.display()))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on this short-lived thread only; its sockets are made after it.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let source = cert.identity().clone();
+            let tls = Arc::new(trusting_client_config(cert.certified_key().clone()));
+            let pool = HbonePool::new(PoolConfig::default(), H2Config::default());
+            let key = PoolKey {
+                source,
+                destination: hbone,
+                // Not checked by this client.
+                destination_identity: Identity::new("any", "any", "any"),
+            };
+            let meta = RequestMeta::new(SocketAddr::new(hbone.ip(), 0), Baggage::default());
+            let attempt = async {
+                let stream = pool
+                    .connect(&key, tls, authority, &meta)
+                    .await
+                    .map_err(|e| format!("CONNECT: {e}"))?;
+                let (recv, _send) = stream.into_split();
+                let mut line = String::new();
+                tokio::io::BufReader::new(recv)
+                    .read_line(&mut line)
+                    .await
+                    .map_err(|e| format!("reading from the application: {e}"))?;
+                if line.is_empty() {
+                    return Err("the stream ended before the application spoke".to_owned());
+                }
+                Ok(line)
+            };
+            tokio::time::timeout(Duration::from_secs(10), attempt)
+                .await
+                .map_err(|_| "timed out".to_owned())?
+        })
+    })
+    .join()
+    .map_err(|_| "probe thread panicked".to_owned())?
+}
+
+/// TLS 1.3, ALPN `h2`, presenting `key`, trusting every server.
+fn trusting_client_config(key: Arc<CertifiedKey>) -> rustls::ClientConfig {
+    let provider = crypto_provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TrustAnyServer(provider)))
+        .with_client_cert_resolver(Arc::new(Present(key)));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_sni = false;
+    config
+}
+
+#[derive(Debug)]
+struct Present(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Present {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Debug)]
+struct TrustAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for TrustAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
