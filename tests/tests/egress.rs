@@ -592,7 +592,9 @@ fn ip_json(ns: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]))
 }
 
-/// Addresses, rules and routes of the gateway node, leaving out Sluice's own interface.
+/// Addresses, rules and routes of the gateway node, leaving out Sluice's own interface and
+/// IPv6 link-local ones (the kernel adds those by itself once duplicate address detection ends,
+/// at a time of its choosing).
 fn network_snapshot(ns: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for link in ip_json(ns, &["addr"])
@@ -605,6 +607,9 @@ fn network_snapshot(ns: &str) -> BTreeSet<String> {
             continue;
         }
         for a in link["addr_info"].as_array().cloned().unwrap_or_default() {
+            if a["local"].as_str().is_some_and(|l| l.starts_with("fe80:")) {
+                continue;
+            }
             out.insert(format!("addr {name} {}/{}", a["local"], a["prefixlen"]));
         }
     }
@@ -621,7 +626,8 @@ fn network_snapshot(ns: &str) -> BTreeSet<String> {
             .cloned()
             .unwrap_or_default()
         {
-            if r["dev"] != "sluice-egress" {
+            let link_local = r["dst"].as_str().is_some_and(|d| d.starts_with("fe80:"));
+            if r["dev"] != "sluice-egress" && !link_local {
                 out.insert(format!("route {r}"));
             }
         }
