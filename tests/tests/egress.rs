@@ -813,3 +813,57 @@ fn egress_500_static_gateway_configurations_reconcile() {
     );
     assert_same(&before, &network_snapshot(&ns), "removing 500 SGCs");
 }
+
+/// Bulk throughput from a pod to the internet: straight out (ALLOW_ANY, routed by the gateway
+/// node's kernel) against pinned through the gateway (HBONE to the gateway agent, then TCP from
+/// the prefix). Prints both; asserts only that both moved data and the pinned path really went
+/// through the gateway.
+#[test]
+fn egress_throughput_gateway_vs_direct() {
+    let e = Egress::build(
+        &[
+            PodSpec::new("direct", "shop", 1),
+            PodSpec::new("pinned", "shop", 1).annotate(SGC_ANNOTATION, "pinned"),
+        ],
+        &sgc("pinned", None),
+        &[],
+    );
+    let ns = e.node_ns();
+    wait_until(Duration::from_secs(10), "the prefix pinned", || {
+        prefix_addresses(&ns, PINNED_PREFIX.parse().expect("net")).len() == 14
+    });
+    let sink_addr = SocketAddr::from((SERVERS[0], 9000)).to_string();
+    let mut sink = Command::new("ip")
+        .args(["netns", "exec", &e.net.netns])
+        .arg(sluice_tests::world::testpod_bin())
+        .args(["sink", &sink_addr])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sink");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..2 {
+        for (i, pod) in ["direct", "pinned"].iter().enumerate() {
+            let v = e.w.run_in(pod, &["bulk", &sink_addr, "3", "1"]);
+            let rate = v["bytes_per_s"].as_f64().unwrap_or(0.0);
+            assert!(rate > 0.0, "{pod}: {v}");
+            rates[i].push(rate);
+        }
+    }
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let through = e.w.agents[&2].wait_access(1, |l| {
+        l["direction"] == "egress_gateway"
+            && l["outcome"] == "ok"
+            && l["bind"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("198.51.100."))
+    });
+    assert!(through >= 1, "{:?}", e.w.agents[&2].access_log());
+    let best = |r: &[f64]| r.iter().cloned().fold(0.0, f64::max) / 1e6;
+    let (d, g) = (best(&rates[0]), best(&rates[1]));
+    println!(
+        "egress throughput (1 stream, best of 2 x 3 s): direct {d:.0} MB/s, via gateway (HBONE + prefix) {g:.0} MB/s, ratio {:.2}",
+        g / d
+    );
+}
