@@ -50,7 +50,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     // Sources → state.
     let (publisher, state) = state::channel();
-    let source = crate::sources::start(&agent, &local.resources, publisher).await?;
+    let source =
+        crate::sources::start(&agent, &local.resources, publisher, Some(&args.config)).await?;
 
     // Capture.
     let home = HomeNetns::capture().context("opening the agent's own network namespace")?;
@@ -99,14 +100,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         });
     }
+    let egress = start_egress(&agent, &state, metrics.clone());
     let proxy = ProxyInputs {
         identity,
         state: state.clone(),
         capture: capture.maps(),
         home: home.clone(),
         node_name: agent.node_name.clone(),
+        egress,
         metrics: metrics.clone(),
     };
+    if let Some(gw) = &agent.egress.gateway {
+        let listener = tokio::net::TcpListener::bind(gw.listen)
+            .await
+            .with_context(|| format!("egress gateway listener {}", gw.listen))?;
+        info!(listen = %gw.listen, "egress gateway role");
+        tokio::spawn(crate::proxy::gateway::serve(listener, proxy.clone()));
+    }
     let mut manager = PodManager::new(capture, home.clone(), &agent.state_dir, proxy)
         .with_context(|| format!("state directory {}", agent.state_dir.display()))?;
     manager.restore();
@@ -139,4 +149,50 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // connections already established continue. `sluice cleanup` removes everything.
     drop(source);
     Ok(())
+}
+
+/// Egress consumers: the DNS ServiceEntry resolver and prefix pinning; returns what the proxy
+/// needs of egress.
+fn start_egress(
+    agent: &AgentConfig,
+    state: &state::StateHandle,
+    metrics: Arc<crate::admin::metrics::Metrics>,
+) -> Arc<crate::proxy::egress::EgressRuntime> {
+    use crate::egress::dns::{DnsCache, Resolver};
+    let server = agent.egress.dns_server.or_else(Resolver::system_server);
+    let dns = server.map(|s| {
+        let cache = DnsCache::new(Resolver::new(s, std::time::Duration::from_secs(2)));
+        tokio::spawn(cache.clone().run(state.clone()));
+        cache
+    });
+    if dns.is_none() {
+        tracing::warn!(
+            "no DNS server for egress (spec.egress.dnsServer, /etc/resolv.conf): DNS ServiceEntries are not resolved"
+        );
+    }
+    let pinning = crate::egress::pinning::PinningLoop::new(
+        agent.node_name.clone(),
+        agent.egress.pinning.clone(),
+    );
+    let kube = agent.kube.clone();
+    let pin_state = state.clone();
+    tokio::spawn(async move {
+        let pinning = if kube.enabled {
+            match crate::sources::kube::client(kube.kubeconfig.as_deref()).await {
+                Ok(client) => pinning.with_status(client),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no Kubernetes client for egress status");
+                    pinning
+                }
+            }
+        } else {
+            pinning
+        };
+        pinning.run(pin_state).await;
+    });
+    Arc::new(crate::proxy::egress::EgressRuntime::from_config(
+        agent,
+        dns,
+        Some(metrics),
+    ))
 }

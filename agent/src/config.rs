@@ -111,17 +111,105 @@ pub struct ConfigMapRef {
 }
 
 /// Egress settings of the agent.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressConfig {
     /// Egress prefix per StaticGatewayConfiguration (`namespace/name` → CIDR), for SGCs whose
     /// `status.egressIpPrefix` no cloud controller fills.
     #[serde(default)]
     pub static_gateway_prefixes: BTreeMap<String, IpNet>,
+    /// DNS server for `resolution: DNS` ServiceEntries and gateway upstreams (`ip:port`); the
+    /// first `nameserver` of `/etc/resolv.conf` when unset.
+    #[serde(default)]
+    pub dns_server: Option<SocketAddr>,
+    /// How many of a client's first bytes the proxy peeks for an HTTP `Host` or TLS SNI.
+    #[serde(default = "defaults::peek_bytes")]
+    pub peek_bytes: usize,
+    /// How long it waits for them.
+    #[serde(default = "defaults::peek_timeout_ms")]
+    pub peek_timeout_ms: u64,
+    /// The service account egress gateways present (in `gatewayNamespace`): pods' proxies
+    /// require it of the gateway, and a gateway-role agent serves with it.
+    #[serde(default = "defaults::gateway_service_account")]
+    pub gateway_service_account: String,
+    /// Namespace of that service account; the root namespace when unset.
+    #[serde(default)]
+    pub gateway_namespace: Option<String>,
+    /// Gateway role: when set, this agent accepts HBONE from pods on its node address and
+    /// forwards what the egress decision routes to a gateway this node hosts.
+    #[serde(default)]
+    pub gateway: Option<GatewayRoleConfig>,
+    /// Static prefix pinning on this node.
+    #[serde(default)]
+    pub pinning: PinningSettings,
+}
+
+/// Gateway role of an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayRoleConfig {
+    /// Where to accept HBONE (the node's address, port 15008).
+    #[serde(default = "defaults::gateway_listen")]
+    pub listen: SocketAddr,
+    /// CA certificates (PEM) to verify upstreams with when TLS-originating and the
+    /// DestinationRule names none; the system roots when unset.
+    #[serde(default)]
+    pub upstream_ca_file: Option<PathBuf>,
+}
+
+/// How this node programs static egress prefixes.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PinningSettings {
+    /// Program the prefixes of StaticGatewayConfigurations placed on this node.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// The uplink interface; the interface of the main table's default route when unset.
+    #[serde(default)]
+    pub uplink_interface: Option<String>,
+    /// The uplink's IPv4 next hop; the main table's default gateway when unset.
+    #[serde(default)]
+    pub uplink_gateway_v4: Option<std::net::Ipv4Addr>,
+    /// The uplink's IPv6 next hop.
+    #[serde(default)]
+    pub uplink_gateway_v6: Option<std::net::Ipv6Addr>,
+}
+
+impl Default for PinningSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            uplink_interface: None,
+            uplink_gateway_v4: None,
+            uplink_gateway_v6: None,
+        }
+    }
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
 }
 
 mod defaults {
     use std::{net::SocketAddr, path::PathBuf};
+
+    pub fn peek_bytes() -> usize {
+        crate::proxy::peek::DEFAULT_PEEK_BYTES
+    }
+    pub fn peek_timeout_ms() -> u64 {
+        crate::proxy::peek::DEFAULT_PEEK_TIMEOUT.as_millis() as u64
+    }
+    pub fn gateway_service_account() -> String {
+        "sluice-egress-gateway".into()
+    }
+    pub fn gateway_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 15008))
+    }
+    pub fn yes() -> bool {
+        true
+    }
 
     pub fn trust_domain() -> String {
         "cluster.local".into()

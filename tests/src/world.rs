@@ -162,6 +162,7 @@ pub struct Pod {
     pub ipv6: IpAddr,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl Pod {
@@ -203,6 +204,7 @@ pub struct PodSpec {
     pub node: usize,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl PodSpec {
@@ -214,12 +216,19 @@ impl PodSpec {
             node,
             service_account: name.into(),
             labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
         }
     }
 
     /// Adds a pod label.
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.insert(k.into(), v.into());
+        self
+    }
+
+    /// Adds a pod annotation.
+    pub fn annotate(mut self, k: &str, v: &str) -> Self {
+        self.annotations.insert(k.into(), v.into());
         self
     }
 }
@@ -411,6 +420,7 @@ impl World {
             ipv6: format!("fd00:{i}::{j}").parse().expect("ip"),
             service_account: spec.service_account,
             labels: spec.labels,
+            annotations: spec.annotations,
         };
         self.pods.push(pod.clone());
         pod
@@ -454,7 +464,7 @@ impl World {
         for p in &self.pods {
             let doc = serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
+                "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels, "annotations": p.annotations},
                 "spec": {"nodeName": format!("node{}", p.node), "serviceAccountName": p.service_account, "containers": []},
                 "status": {"podIPs": [{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}]},
             });

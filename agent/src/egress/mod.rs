@@ -3,7 +3,9 @@
 //!
 //! The decisions themselves (which connection goes where) are pure and live in
 //! [`crate::state::egress`]; this module applies their node-local side effects.
+pub mod dns;
 pub mod netlink;
+pub mod pinning;
 pub mod prefix;
 
 pub use netlink::{

@@ -168,6 +168,8 @@ impl PrefixError {
 /// A netlink failure that stopped a reconcile part-way (the next one picks up from there).
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
+    #[error("opening a netlink socket: {0}")]
+    Socket(std::io::Error),
     #[error("{what}: {source}")]
     Request {
         what: String,

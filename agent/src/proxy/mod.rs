@@ -1,9 +1,12 @@
 //! The node proxy: per-pod listeners, outbound and inbound connection handling.
 pub mod copy;
+pub mod egress;
+pub mod gateway;
 pub mod hbone;
 pub mod hbone_inbound;
 pub mod inbound;
 pub mod outbound;
+pub mod peek;
 pub mod pod;
 pub mod route;
 pub mod telemetry;
@@ -50,6 +53,8 @@ pub struct ProxyInputs {
     pub node_name: String,
     /// Workload certificates and HBONE TLS configurations.
     pub identity: Arc<SecretManager>,
+    /// Egress settings, the DNS ServiceEntry cache and refusal metrics.
+    pub egress: Arc<egress::EgressRuntime>,
     /// Connection, pool and policy metrics.
     pub metrics: Arc<Metrics>,
 }

@@ -86,6 +86,25 @@ async fn handle(
     let metrics = inputs.metrics.connection(&labels);
     let (result, route_name) = match route {
         route::Route::Direct { dst } => {
+            let (peer, identity) = match super::egress::plan(&client, &pod, &inputs, dst).await {
+                super::egress::Plan::Direct => (None, None),
+                super::egress::Plan::Refused => return,
+                super::egress::Plan::Gateway { peer, identity, .. } => (Some(peer), Some(identity)),
+            };
+            if let (Some(peer), Some(identity)) = (peer, identity) {
+                // To an egress gateway: HBONE, asking for the original destination.
+                let result = hbone(client, &pod, &inputs, dst, peer, &identity).await;
+                log(
+                    &pod_name,
+                    &src,
+                    orig,
+                    "egress_gateway",
+                    Some(&identity),
+                    start,
+                    result,
+                );
+                return;
+            }
             let result = match connect_direct(&pod, &inputs, dst).await {
                 Ok(mut upstream) => copy::bidirectional(&mut client, &mut upstream)
                     .await

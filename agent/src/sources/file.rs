@@ -45,6 +45,70 @@ struct AgentConfigDocument {
     spec: Option<serde_yaml::Value>,
 }
 
+/// How often the config file is checked for changes.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Republishes the file's resources whenever the file changes (its agent settings stay as they
+/// were at start: changing those needs a restart). A file that no longer parses is reported and
+/// changes nothing. Dropping it stops watching; the last state stays.
+#[derive(Debug)]
+pub struct Watch {
+    task: Option<tokio::task::JoinHandle<()>>,
+    _publisher: Option<std::sync::Arc<crate::state::StatePublisher>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+impl Watch {
+    /// Watches `path` (when given), publishing through `publisher`.
+    pub fn start(
+        path: Option<PathBuf>,
+        agent: AgentConfig,
+        publisher: crate::state::StatePublisher,
+    ) -> Self {
+        let publisher = std::sync::Arc::new(publisher);
+        let Some(path) = path else {
+            return Self {
+                task: None,
+                _publisher: Some(publisher),
+            };
+        };
+        let task = tokio::spawn({
+            let publisher = publisher.clone();
+            async move {
+                let mut last = std::fs::read(&path).ok();
+                loop {
+                    tokio::time::sleep(WATCH_INTERVAL).await;
+                    let now = std::fs::read(&path).ok();
+                    if now.is_none() || now == last {
+                        continue;
+                    }
+                    last = now;
+                    match load(&path) {
+                        Ok(file) => {
+                            tracing::info!(path = %path.display(), "config file changed; republishing its resources");
+                            super::publish_file(&file.resources, &agent, &publisher);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "config file changed but does not parse; keeping the last state")
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            task: Some(task),
+            _publisher: Some(publisher),
+        }
+    }
+}
+
 /// Reads and parses `path`.
 pub fn load(path: &Path) -> Result<LocalFile, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {

@@ -15,8 +15,8 @@ use crate::{
 
 /// The source `sluice run` started; dropping it stops the source (the last state stays).
 pub enum Running {
-    /// The config file's resources, published once.
-    File(StatePublisher),
+    /// The config file's resources, republished when the file changes.
+    File(file::Watch),
     /// The kube watchers (plus the file's resources), and the status writer.
     Kube(Box<kube::Running>),
 }
@@ -28,14 +28,15 @@ pub async fn start(
     agent: &AgentConfig,
     resources: &ResourceSet,
     publisher: StatePublisher,
+    config_path: Option<&std::path::Path>,
 ) -> anyhow::Result<Running> {
     if !agent.kube.enabled {
-        let built = state::build(resources, &agent.mesh_settings());
-        for r in &built.rejections {
-            warn!(rejection = %r, "resource left out of the mesh state");
-        }
-        publisher.publish(built.state);
-        return Ok(Running::File(publisher));
+        publish_file(resources, agent, &publisher);
+        return Ok(Running::File(file::Watch::start(
+            config_path.map(Into::into),
+            agent.clone(),
+            publisher,
+        )));
     }
     let client = kube::client(agent.kube.kubeconfig.as_deref())
         .await
@@ -49,4 +50,17 @@ pub async fn start(
     info!("waiting for the first list of every watched kind");
     running.source.synced().await;
     Ok(Running::Kube(Box::new(running)))
+}
+
+/// Builds and publishes the file's resources, logging what was left out.
+pub(crate) fn publish_file(
+    resources: &ResourceSet,
+    agent: &AgentConfig,
+    publisher: &StatePublisher,
+) {
+    let built = state::build(resources, &agent.mesh_settings());
+    for r in &built.rejections {
+        warn!(rejection = %r, "resource left out of the mesh state");
+    }
+    publisher.publish(built.state);
 }

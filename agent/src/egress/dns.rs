@@ -1,0 +1,436 @@
+//! The agent's own resolver for egress: ServiceEntries with `resolution: DNS` are resolved here
+//! (and re-resolved when their TTL runs out), so that under `REGISTRY_ONLY` a connection to one
+//! of their addresses is known to be for that host; in gateway role, upstream hosts are resolved
+//! with the same server.
+//!
+//! A deliberately small stub resolver: A and AAAA queries over UDP (TCP is not tried on
+//! truncation), to one configured server (`spec.egress.dnsServer`, else the first `nameserver`
+//! of `/etc/resolv.conf`).
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use hickory_proto::{
+    op::{Message, Query, ResponseCode},
+    rr::{Name, RData, RecordType},
+};
+use tokio::{net::UdpSocket, time::Instant};
+use tracing::{debug, warn};
+
+use crate::state::StateHandle;
+
+/// Shortest and longest time an answer is kept, whatever its TTL says.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+pub const MAX_TTL: Duration = Duration::from_secs(300);
+/// How soon a failed lookup is retried.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// Why a lookup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("{0:?} is not a DNS name")]
+    BadName(String),
+    #[error("DNS server {server}: {source}")]
+    Io {
+        server: SocketAddr,
+        source: io::Error,
+    },
+    #[error("DNS server {server} did not answer within {timeout:?}")]
+    Timeout {
+        server: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("DNS server {server} answered {code} for {host}")]
+    Rcode {
+        server: SocketAddr,
+        host: String,
+        code: ResponseCode,
+    },
+    #[error("DNS: {0}")]
+    Proto(String),
+}
+
+/// Addresses of one name and how long they hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub addrs: Vec<IpAddr>,
+    pub ttl: Duration,
+}
+
+/// A stub resolver asking one server.
+#[derive(Clone, Debug)]
+pub struct Resolver {
+    server: SocketAddr,
+    timeout: Duration,
+}
+
+impl Resolver {
+    /// Asks `server`, waiting at most `timeout` per query.
+    pub fn new(server: SocketAddr, timeout: Duration) -> Self {
+        Self { server, timeout }
+    }
+
+    /// The server asked.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// The first `nameserver` of `/etc/resolv.conf`, port 53.
+    pub fn system_server() -> Option<SocketAddr> {
+        let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+        text.lines().find_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next() == Some("nameserver"))
+                .then(|| parts.next())
+                .flatten()
+                .and_then(|a| a.split('%').next()?.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+    }
+
+    /// A and AAAA records of `host` (IPv4 first). An IP literal answers itself.
+    pub async fn lookup(&self, host: &str) -> Result<Answer, DnsError> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(Answer {
+                addrs: vec![ip],
+                ttl: MAX_TTL,
+            });
+        }
+        let (a, aaaa) = tokio::join!(
+            self.query(host, RecordType::A),
+            self.query(host, RecordType::AAAA)
+        );
+        let mut addrs = Vec::new();
+        let mut ttl = MAX_TTL;
+        let mut first_err = None;
+        for r in [a, aaaa] {
+            match r {
+                Ok(ans) => {
+                    if !ans.addrs.is_empty() {
+                        ttl = ttl.min(ans.ttl);
+                    }
+                    addrs.extend(ans.addrs);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match (addrs.is_empty(), first_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(Answer {
+                addrs,
+                ttl: ttl.clamp(MIN_TTL, MAX_TTL),
+            }),
+        }
+    }
+
+    async fn query(&self, host: &str, kind: RecordType) -> Result<Answer, DnsError> {
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        let name = Name::from_ascii(&fqdn).map_err(|_| DnsError::BadName(host.to_owned()))?;
+        let mut msg = Message::query();
+        msg.metadata.recursion_desired = true;
+        msg.add_query(Query::query(name, kind));
+        let id = msg.metadata.id;
+        let wire = msg.to_vec().map_err(|e| DnsError::Proto(e.to_string()))?;
+        let io = |source| DnsError::Io {
+            server: self.server,
+            source,
+        };
+        let bind: SocketAddr = if self.server.is_ipv4() {
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| DnsError::Proto("bind".into()))?
+        } else {
+            "[::]:0"
+                .parse()
+                .map_err(|_| DnsError::Proto("bind".into()))?
+        };
+        let sock = UdpSocket::bind(bind).await.map_err(io)?;
+        sock.connect(self.server).await.map_err(io)?;
+        let deadline = Instant::now() + self.timeout;
+        let mut buf = vec![0u8; 4096];
+        // Send once, resend once halfway if nothing came back (UDP may drop).
+        sock.send(&wire).await.map_err(io)?;
+        let mut resent = false;
+        loop {
+            let wait = if resent {
+                deadline
+            } else {
+                Instant::now() + self.timeout / 2
+            };
+            let n = match tokio::time::timeout_at(wait, sock.recv(&mut buf)).await {
+                Ok(r) => r.map_err(io)?,
+                Err(_) if !resent => {
+                    resent = true;
+                    sock.send(&wire).await.map_err(io)?;
+                    continue;
+                }
+                Err(_) => {
+                    return Err(DnsError::Timeout {
+                        server: self.server,
+                        timeout: self.timeout,
+                    });
+                }
+            };
+            let Ok(reply) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            if reply.metadata.id != id {
+                continue;
+            }
+            match reply.metadata.response_code {
+                ResponseCode::NoError => {}
+                ResponseCode::NXDomain => {
+                    return Ok(Answer {
+                        addrs: vec![],
+                        ttl: MIN_TTL,
+                    });
+                }
+                code => {
+                    return Err(DnsError::Rcode {
+                        server: self.server,
+                        host: host.to_owned(),
+                        code,
+                    });
+                }
+            }
+            let mut addrs = Vec::new();
+            let mut ttl = u32::MAX;
+            for rec in &reply.answers {
+                let ip = match &rec.data {
+                    RData::A(a) => IpAddr::V4(a.0),
+                    RData::AAAA(a) => IpAddr::V6(a.0),
+                    _ => continue, // CNAMEs are followed by the server's own records
+                };
+                ttl = ttl.min(rec.ttl);
+                addrs.push(ip);
+            }
+            let ttl = if addrs.is_empty() {
+                MIN_TTL
+            } else {
+                Duration::from_secs(u64::from(ttl))
+            };
+            return Ok(Answer { addrs, ttl });
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    /// Host → its addresses and when to ask again.
+    hosts: BTreeMap<String, (Vec<IpAddr>, Instant)>,
+    by_ip: HashMap<IpAddr, BTreeSet<String>>,
+}
+
+impl Entries {
+    fn rebuild_index(&mut self) {
+        self.by_ip.clear();
+        for (host, (addrs, _)) in &self.hosts {
+            for ip in addrs {
+                self.by_ip.entry(*ip).or_default().insert(host.clone());
+            }
+        }
+    }
+}
+
+/// Answers for the hosts of DNS-resolution ServiceEntries, kept fresh by [`DnsCache::run`].
+#[derive(Debug)]
+pub struct DnsCache {
+    resolver: Resolver,
+    entries: RwLock<Entries>,
+}
+
+impl DnsCache {
+    /// An empty cache resolving with `resolver`.
+    pub fn new(resolver: Resolver) -> Arc<Self> {
+        Arc::new(Self {
+            resolver,
+            entries: RwLock::default(),
+        })
+    }
+
+    /// The resolver behind the cache.
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
+    /// A host (of a DNS-resolution ServiceEntry) that resolved to `ip`, if any (the first by name).
+    pub fn host_for(&self, ip: IpAddr) -> Option<String> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .by_ip
+            .get(&ip)
+            .and_then(|s| s.iter().next().cloned())
+    }
+
+    /// The addresses currently known for `host`.
+    pub fn addrs_of(&self, host: &str) -> Vec<IpAddr> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .hosts
+            .get(host)
+            .map(|(a, _)| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// Resolves every host in `wanted` whose answer is due, forgets hosts no longer wanted, and
+    /// returns when the next answer falls due.
+    pub async fn refresh(&self, wanted: &BTreeSet<String>) -> Instant {
+        let now = Instant::now();
+        let due: Vec<String> = {
+            let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+            let before = entries.hosts.len();
+            entries.hosts.retain(|h, _| wanted.contains(h));
+            if entries.hosts.len() != before {
+                entries.rebuild_index();
+            }
+            wanted
+                .iter()
+                .filter(|h| entries.hosts.get(*h).is_none_or(|(_, at)| *at <= now))
+                .cloned()
+                .collect()
+        };
+        let results = futures::future::join_all(due.iter().map(|h| self.resolver.lookup(h))).await;
+        {
+            let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+            for (host, result) in due.into_iter().zip(results) {
+                match result {
+                    Ok(ans) => {
+                        debug!(%host, addrs = ?ans.addrs, ttl = ?ans.ttl, "egress DNS answer");
+                        entries.hosts.insert(host, (ans.addrs, now + ans.ttl));
+                    }
+                    Err(e) => {
+                        warn!(%host, error = %e, "resolving a DNS ServiceEntry host");
+                        // Keep the last answer for a while rather than forgetting the host.
+                        let old = entries
+                            .hosts
+                            .get(&host)
+                            .map(|(a, _)| a.clone())
+                            .unwrap_or_default();
+                        entries.hosts.insert(host, (old, now + RETRY));
+                    }
+                }
+            }
+            entries.rebuild_index();
+            entries
+                .hosts
+                .values()
+                .map(|(_, at)| *at)
+                .min()
+                .unwrap_or(now + MAX_TTL)
+        }
+    }
+
+    /// Keeps the cache equal to the DNS hosts of the current MeshState until aborted.
+    pub async fn run(self: Arc<Self>, mut state: StateHandle) {
+        let mut wanted = state.current().egress.dns_hosts();
+        loop {
+            let next = self.refresh(&wanted).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                changed = state.changed() => match changed {
+                    Some(s) => wanted = s.egress.dns_hosts(),
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode},
+        rr::{Record, rdata::A},
+    };
+
+    use super::*;
+
+    /// A real UDP DNS server on loopback answering `*.test` with 198.51.100.<n> where n counts
+    /// the queries so far, TTL `ttl`; AAAA is answered empty; `gone.test` is NXDOMAIN.
+    async fn server(ttl: u32) -> (SocketAddr, Arc<AtomicU32>) {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = sock.local_addr().expect("addr");
+        let count = Arc::new(AtomicU32::new(0));
+        let c = count.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+                let Some(query) = q.queries.first().cloned() else {
+                    continue;
+                };
+                r.add_query(query.clone());
+                if query.name().to_ascii() == "gone.test." {
+                    r.metadata.response_code = ResponseCode::NXDomain;
+                } else if query.query_type() == RecordType::A {
+                    let k = c.fetch_add(1, Ordering::SeqCst) + 1;
+                    let ip = std::net::Ipv4Addr::new(198, 51, 100, k as u8);
+                    r.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        ttl,
+                        RData::A(A(ip)),
+                    ));
+                }
+                let _ = sock.send_to(&r.to_vec().expect("encode"), peer).await;
+            }
+        });
+        (addr, count)
+    }
+
+    #[tokio::test]
+    async fn lookups_return_addresses_and_ttl() {
+        let (addr, _) = server(7).await;
+        let r = Resolver::new(addr, Duration::from_secs(2));
+        let ans = r.lookup("api.test").await.expect("answer");
+        assert_eq!(ans.addrs, vec![IpAddr::from([198, 51, 100, 1])]);
+        assert_eq!(ans.ttl, Duration::from_secs(7));
+        let none = r.lookup("gone.test").await.expect("nxdomain is an answer");
+        assert!(none.addrs.is_empty());
+        assert!(r.lookup("bad name!").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unanswering_server_times_out() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let r = Resolver::new(
+            silent.local_addr().expect("addr"),
+            Duration::from_millis(200),
+        );
+        let err = r.lookup("api.test").await.expect_err("no answer");
+        assert!(matches!(err, DnsError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_cache_re_resolves_on_ttl_and_forgets_unwanted_hosts() {
+        let (addr, count) = server(1).await;
+        let cache = DnsCache::new(Resolver::new(addr, Duration::from_secs(2)));
+        let wanted: BTreeSet<String> = ["api.test".to_owned()].into();
+        let next = cache.refresh(&wanted).await;
+        let first = IpAddr::from([198, 51, 100, 1]);
+        assert_eq!(cache.host_for(first).as_deref(), Some("api.test"));
+        // Not due yet: no new query.
+        cache.refresh(&wanted).await;
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        tokio::time::sleep_until(next).await;
+        cache.refresh(&wanted).await;
+        assert_eq!(count.load(Ordering::SeqCst), 2, "re-resolved after the TTL");
+        assert_eq!(cache.host_for(first), None, "the old address is forgotten");
+        assert_eq!(
+            cache.host_for(IpAddr::from([198, 51, 100, 2])).as_deref(),
+            Some("api.test")
+        );
+        cache.refresh(&BTreeSet::new()).await;
+        assert_eq!(cache.host_for(IpAddr::from([198, 51, 100, 2])), None);
+    }
+}
