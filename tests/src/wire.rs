@@ -56,10 +56,10 @@ impl Capture {
                     let n = unsafe {
                         libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
                     };
-                    if n > 0 {
-                        if let Some(seg) = parse_ethernet(&buf[..n as usize]) {
-                            frames.push(seg);
-                        }
+                    if n > 0
+                        && let Some(seg) = parse_ethernet(&buf[..n as usize])
+                    {
+                        frames.push(seg);
                     }
                 }
                 frames
