@@ -369,8 +369,14 @@ impl Drop for Internet {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
+        // The world may have removed it already.
+        if std::path::Path::new("/run/netns")
+            .join(&self.netns)
+            .exists()
+        {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns])
+                .status();
+        }
     }
 }

@@ -395,11 +395,17 @@ async fn rebuild_loop(
         let Some(first) = first else {
             return;
         };
+        // Whether anything but an absent kind's failing retry arrived in this batch.
+        let mut meaningful = false;
         let mut apply = |s: Signal| match s {
-            Signal::Changed(_) => {}
-            Signal::Listed(i) => progress[i] = KindState::Listed,
+            Signal::Changed(_) => meaningful = true,
+            Signal::Listed(i) => {
+                meaningful = true;
+                progress[i] = KindState::Listed;
+            }
             Signal::Absent(i) => {
                 if progress[i] == KindState::Waiting {
+                    meaningful = true;
                     progress[i] = KindState::Absent;
                 }
             }
@@ -419,8 +425,10 @@ async fn rebuild_loop(
         if progress.contains(&KindState::Waiting) {
             continue;
         }
-        if matches!(first, Signal::Absent(_)) && generation > 0 {
-            // A failing watch of an absent kind changes nothing.
+        if !meaningful && generation > 0 {
+            // Only failing watches of absent kinds: nothing changed. (Judged on the whole batch:
+            // a change that arrives in the same debounce window as such a retry must not be
+            // dropped with it.)
             continue;
         }
         let t = Instant::now();
