@@ -248,8 +248,8 @@ async fn kube_every_watched_kind_flows_into_mesh_state() {
 }
 
 /// Every one of a series of single changes (namespace relabels) reaches MeshState; prints the
-/// propagation distribution (API call issued → MeshState published). The figure is a
-/// measurement, not a pass/fail bound: `cargo xtask bench kube` reports it too.
+/// propagation distribution (API call issued → MeshState published; run with `--nocapture`).
+/// The figure is a measurement, not a pass/fail bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_single_changes_propagate_to_mesh_state() {
     let server = KubeServer::start();
