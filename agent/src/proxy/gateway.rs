@@ -37,18 +37,12 @@ use tracing::{info, warn};
 use super::{
     ProxyInputs,
     egress::{EgressRuntime, hosts_target},
-    hbone::{
-        ConnectRequest, ConnectionInfo, H2Config, HboneServer, Refusal, RefusalStatus, SpliceIo,
-        Upstream,
-    },
+    hbone::{ConnectRequest, H2Config, HboneServer, Refusal, RefusalStatus, SpliceIo, Upstream},
     peek::{self, Sniffed},
 };
-use crate::{
-    identity::peer_identity,
-    state::{
-        MeshState, Workload,
-        egress::{DestinationScope, EgressDecision, GatewayMode, GatewayTarget, UpstreamTls},
-    },
+use crate::state::{
+    MeshState, Workload,
+    egress::{DestinationScope, EgressDecision, GatewayMode, GatewayTarget, UpstreamTls},
 };
 
 /// How long the gateway waits for the tunnel's first bytes.
@@ -93,24 +87,10 @@ async fn serve_one<H: super::hbone::ConnectHandler>(
     server: &HboneServer<H>,
     inputs: &ProxyInputs,
 ) -> anyhow::Result<()> {
-    let _ = tcp.set_nodelay(true);
-    let local = tcp.local_addr()?;
     let me = inputs
         .egress
         .gateway_identity(&inputs.state.current().trust_domain);
-    let tls = inputs.identity.server_config(&me).await?;
-    let stream = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
-    let peer_identity = peer_identity(stream.get_ref().1)
-        .ok_or_else(|| anyhow::anyhow!("client presented no SPIFFE identity"))?;
-    let info = ConnectionInfo {
-        peer_identity,
-        peer_addr: peer,
-        local_addr: local,
-    };
-    server
-        .serve_connection(stream, info, std::future::pending())
-        .await?;
-    Ok(())
+    super::hbone_inbound::serve_as(tcp, peer, server, &me, inputs).await
 }
 
 /// Checks who asks, answers 200 and leaves the rest to a task reading the tunnel.

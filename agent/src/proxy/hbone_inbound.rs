@@ -57,10 +57,23 @@ async fn serve_one<H: super::hbone::ConnectHandler>(
     pod: &PodContext,
     inputs: &ProxyInputs,
 ) -> anyhow::Result<()> {
+    let workload = identity_of_pod(pod, inputs)?;
+    serve_as(tcp, peer, server, &workload, inputs).await
+}
+
+/// Terminates mutual TLS on `tcp` as `identity` (the client must prove a mesh identity) and
+/// serves HBONE on it until the connection ends. Shared by the pod listeners and the egress
+/// gateway.
+pub(crate) async fn serve_as<H: super::hbone::ConnectHandler>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    server: &HboneServer<H>,
+    identity: &Identity,
+    inputs: &ProxyInputs,
+) -> anyhow::Result<()> {
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr()?;
-    let workload = identity_of_pod(pod, inputs)?;
-    let tls = inputs.identity.server_config(&workload).await?;
+    let tls = inputs.identity.server_config(identity).await?;
     let stream = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
     let peer_identity = peer_identity(stream.get_ref().1)
         .ok_or_else(|| anyhow::anyhow!("client presented no SPIFFE identity"))?;
