@@ -109,6 +109,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         node_name: agent.node_name.clone(),
         egress,
         metrics: metrics.clone(),
+        hbone: Arc::new((&agent.hbone).into()),
     };
     if let Some(gw) = &agent.egress.gateway {
         let listener = tokio::net::TcpListener::bind(gw.listen)

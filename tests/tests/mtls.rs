@@ -133,6 +133,28 @@ fn mtls_thousand_concurrent_connections_share_the_pool_and_are_counted() {
     );
 }
 
+/// `spec.hbone` reaches the pods' pools: with at most 5 streams per HBONE connection, 20
+/// connections held open at once from one pod need at least 4 TLS connections (with the
+/// default of 100 they share one).
+#[test]
+fn mtls_pool_limits_come_from_the_agent_config() {
+    let mut w = world("");
+    w.start_agent(1, "  hbone:\n    maxStreamsPerConnection: 5\n");
+    w.enroll("a");
+    let _b = w.serve("b", "0.0.0.0:8080");
+    let v = w.run_in("a", &["fanout", &to(&w, "b", 8080), "20", "1024"]);
+    assert_eq!(v["ok"], 20, "{v}");
+    let (_, text) = w.node_http_get(1, 15020, "/metrics");
+    let handshakes = metrics::sample(&text, "sluice_hbone_handshakes_total", &[]);
+    let pooled = metrics::sample(&text, "sluice_hbone_pool_connections", &[]);
+    // Concurrent callers share a dial, so 4 is what the pool should make; a race may add one.
+    assert!(
+        (4.0..=6.0).contains(&handshakes),
+        "{handshakes} TLS handshakes for 20 concurrent connections at 5 streams each"
+    );
+    assert_eq!(pooled, handshakes, "idle connections stay pooled");
+}
+
 const STRICT: &str = r#"
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication

@@ -37,7 +37,7 @@ use tracing::{info, warn};
 use super::{
     ProxyInputs,
     egress::{EgressRuntime, hosts_target},
-    hbone::{ConnectRequest, H2Config, HboneServer, Refusal, RefusalStatus, SpliceIo, Upstream},
+    hbone::{ConnectRequest, HboneServer, Refusal, RefusalStatus, SpliceIo, Upstream},
     peek::{self, Sniffed},
 };
 use crate::state::{
@@ -54,7 +54,7 @@ const PIPE_BYTES: usize = 64 * 1024;
 
 /// Accepts HBONE from pods on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, inputs: ProxyInputs) {
-    let server = Arc::new(HboneServer::new(H2Config::default(), {
+    let server = Arc::new(HboneServer::new(inputs.hbone.h2.clone(), {
         let inputs = inputs.clone();
         move |req: ConnectRequest| {
             let inputs = inputs.clone();

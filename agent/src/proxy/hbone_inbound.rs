@@ -10,9 +10,7 @@ use tracing::{info, warn};
 
 use super::{
     ProxyInputs,
-    hbone::{
-        ConnectRequest, ConnectionInfo, H2Config, HboneServer, Refusal, RefusalStatus, Upstream,
-    },
+    hbone::{ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus, Upstream},
     inbound::connect_transparent,
     pod::PodContext,
     telemetry::{self, Peer, Reporter},
@@ -21,7 +19,7 @@ use crate::{identity::peer_identity, policy, state::Identity};
 
 /// Accepts HBONE connections on one pod address until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
-    let server = Arc::new(HboneServer::new(H2Config::default(), {
+    let server = Arc::new(HboneServer::new(inputs.hbone.h2.clone(), {
         let pod = pod.clone();
         let inputs = inputs.clone();
         move |req: ConnectRequest| {

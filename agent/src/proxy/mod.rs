@@ -57,4 +57,24 @@ pub struct ProxyInputs {
     pub egress: Arc<egress::EgressRuntime>,
     /// Connection, pool and policy metrics.
     pub metrics: Arc<Metrics>,
+    /// HBONE pool and HTTP/2 limits (`spec.hbone`).
+    pub hbone: Arc<HboneTuning>,
+}
+
+/// The HBONE limits every pod's pool and every HBONE listener uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HboneTuning {
+    /// Client pool limits.
+    pub pool: hbone::PoolConfig,
+    /// HTTP/2 settings, client and server side.
+    pub h2: hbone::H2Config,
+}
+
+impl From<&crate::config::HboneSettings> for HboneTuning {
+    fn from(s: &crate::config::HboneSettings) -> Self {
+        Self {
+            pool: s.pool(),
+            h2: s.h2(),
+        }
+    }
 }

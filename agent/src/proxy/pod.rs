@@ -15,7 +15,7 @@ use tokio::{
 
 use super::{
     ProxyInputs,
-    hbone::{Dial, H2Config, HbonePool, PoolConfig, PoolKey, PoolStats},
+    hbone::{Dial, HbonePool, PoolKey, PoolStats},
     hbone_inbound, inbound, outbound,
 };
 use crate::redirect::netns::{HomeNetns, Netns};
@@ -41,14 +41,14 @@ impl PodContext {
         ips: Vec<IpAddr>,
         home: HomeNetns,
         pool_stats: Arc<PoolStats>,
+        tuning: &super::HboneTuning,
     ) -> Self {
         let dial = PodDial {
             netns: netns.clone(),
             home,
         };
-        let pool =
-            HbonePool::with_dialer(PoolConfig::default(), H2Config::default(), Arc::new(dial))
-                .with_stats(pool_stats);
+        let pool = HbonePool::with_dialer(tuning.pool.clone(), tuning.h2.clone(), Arc::new(dial))
+            .with_stats(pool_stats);
         Self {
             uid,
             namespace,
@@ -122,6 +122,9 @@ pub struct ListenError {
     pub source: io::Error,
 }
 
+/// Accept queue of a pod's listeners.
+const LISTEN_BACKLOG: i32 = 4096;
+
 fn listen_in(netns: &Netns, home: &HomeNetns, addr: SocketAddr) -> io::Result<TcpListener> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
@@ -134,7 +137,9 @@ fn listen_in(netns: &Netns, home: &HomeNetns, addr: SocketAddr) -> io::Result<Tc
         socket.set_only_v6(true)?;
     }
     socket.bind(&addr.into())?;
-    socket.listen(1024)?;
+    // Bursts of connects from one pod queue here while the proxy accepts; the kernel caps
+    // this at net.core.somaxconn.
+    socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
 }
 

@@ -285,6 +285,7 @@ impl PodManager {
             sb.ips.clone(),
             self.home.clone(),
             self.proxy.metrics.hbone_pool_stats(),
+            &self.proxy.hbone,
         ));
         let proxy = PodProxy::start(ctx, self.proxy.clone()).map_err(|e| e.to_string())?;
         let cookie = netns.cookie();

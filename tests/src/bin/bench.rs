@@ -252,7 +252,15 @@ fn bulk_parallel(w: &World, pods: &[&str], addr: &str, secs: &str) -> (f64, f64)
 /// the other node (outbound proxy → HBONE mutual TLS → inbound proxy → server); the direct
 /// pair uses the same veth path with no proxy. Rounds alternate the two paths.
 fn mesh() {
-    const HANDSHAKE_PODS: usize = 24;
+    // For profiling one figure: `SLUICE_BENCH_HANDSHAKE_PODS=200` (default 24).
+    let handshake_pods: usize = std::env::var("SLUICE_BENCH_HANDSHAKE_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    // For profiling: `SLUICE_BENCH_ONLY=bulk,rr,conn,handshake` runs only those parts (the
+    // others print as 0).
+    let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
     const BULK_SECONDS: &str = "3";
     const ROUNDS: usize = 3;
     let started = std::time::Instant::now();
@@ -267,7 +275,7 @@ fn mesh() {
     ];
     pods.extend(mesh_clients.iter().map(|p| PodSpec::new(p, "mesh", 1)));
     pods.extend(direct_clients.iter().map(|p| PodSpec::new(p, "plain", 1)));
-    let hs: Vec<String> = (0..HANDSHAKE_PODS).map(|i| format!("h{i}")).collect();
+    let hs: Vec<String> = (0..handshake_pods).map(|i| format!("h{i}")).collect();
     pods.extend(hs.iter().map(|h| PodSpec::new(h, "mesh", 1)));
     let mut w = World::build(2, &pods);
     w.namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]);
@@ -315,7 +323,7 @@ fn mesh() {
     let clients = [&direct_clients, &mesh_clients];
     let mut bulk = [[0.0f64; 2]; 3]; // [kind][path] bytes/s, averaged over rounds
     let (mut mesh_cpu, mut mesh_bytes) = (0.0, 0.0);
-    for _ in 0..2 {
+    for _ in 0..if part("bulk") { 2 } else { 0 } {
         for (kind, figures) in bulk.iter_mut().enumerate() {
             for (pi, (_, pod, ip)) in paths.iter().enumerate() {
                 let before = agents_cpu(&w);
@@ -350,9 +358,13 @@ fn mesh() {
     let pooled_handshakes = handshakes(&w, 1);
     for _ in 0..ROUNDS {
         for (pi, (_, pod, ip)) in paths.iter().enumerate() {
-            rr64[pi].extend(rr_samples(&w, pod, &echo(*ip), 64, 2000));
-            rr16k[pi].extend(rr_samples(&w, pod, &echo(*ip), 16 * 1024, 500));
-            conn[pi].extend(samples(&w, pod, &echo(*ip), 400));
+            if part("rr") {
+                rr64[pi].extend(rr_samples(&w, pod, &echo(*ip), 64, 2000));
+                rr16k[pi].extend(rr_samples(&w, pod, &echo(*ip), 16 * 1024, 500));
+            }
+            if part("conn") || part("handshake") {
+                conn[pi].extend(samples(&w, pod, &echo(*ip), 400));
+            }
         }
     }
 
@@ -366,7 +378,7 @@ fn mesh() {
     );
     let mut handshake = Vec::new();
     let mut measured_handshakes = 0;
-    for h in &hs {
+    for h in hs.iter().filter(|_| part("handshake")) {
         run_ok(&w, h, &["connect", &echo(w2), "100"]);
         let before = handshakes(&w, 1);
         handshake.extend(samples(&w, h, &echo(m2), 1));
@@ -389,7 +401,13 @@ fn mesh() {
     let mbps = |b: f64| b * 8.0 / 1e6;
     // Connections per second from the median connect + first byte time (one connection at a
     // time): a mean would be dominated by the few slow outliers a shared machine produces.
-    let conn_rate = |v: &[u64]| 1e6 / (percentile(v, 0.5) as f64).max(1.0);
+    let conn_rate = |v: &[u64]| {
+        if v.is_empty() {
+            0.0
+        } else {
+            1e6 / (percentile(v, 0.5) as f64).max(1.0)
+        }
+    };
     println!(
         "\nmesh: node 1 → node 2, direct vs Sluice (captured, HBONE mTLS between node proxies)"
     );
@@ -397,9 +415,15 @@ fn mesh() {
         "{:<34} {:>12} {:>12} {:>8}",
         "figure", "direct", "sluice", "ratio"
     );
+    // Parts left out by SLUICE_BENCH_ONLY measured nothing: say so instead of printing 0.
     let row = |name: &str, d: f64, s: f64| {
-        println!("{name:<34} {d:>12.1} {s:>12.1} {:>8.2}", s / d);
-        s / d
+        if d > 0.0 && s > 0.0 {
+            println!("{name:<34} {d:>12.1} {s:>12.1} {:>8.2}", s / d);
+            s / d
+        } else {
+            println!("{name:<34} {:>12} {:>12}", "not run", "not run");
+            f64::NAN
+        }
     };
     let bulk1 = row("bulk 1 stream (Mbit/s)", mbps(bulk[0][0]), mbps(bulk[0][1]));
     let bulk4 = row(
@@ -440,17 +464,23 @@ fn mesh() {
         "(bulk: {BULK_SECONDS} s per run, 2 runs per path, 4 streams from 4 client pods or from one; \
          rr: {ROUNDS}×2000 × 64 B and {ROUNDS}×500 × 16 KiB; conns/s = 1 / median connect + first \
          byte time, one connection at a time: pooled {ROUNDS}×400 connections (0 TLS handshakes, \
-         checked), handshake {HANDSHAKE_PODS} new source identities, one connection each \
+         checked), handshake {handshake_pods} new source identities, one connection each \
          ({measured_handshakes} TLS handshakes counted by sluice_hbone_handshakes_total), both \
          against the direct rate; {:.0} s in all)",
         started.elapsed().as_secs_f64()
     );
-    println!("ratio bulk1_vs_direct {bulk1:.2}");
-    println!("ratio bulk4_vs_direct {bulk4:.2}");
-    println!("ratio rr64_p50_vs_direct {rr64_50:.2}");
-    println!("ratio rr64_p99_vs_direct {rr64_99:.2}");
-    println!("ratio rr16k_p50_vs_direct {rr16k_50:.2}");
-    println!("ratio conn_pooled_vs_direct {pooled:.2}");
-    println!("ratio conn_handshake_vs_direct {hs_ratio:.2}");
+    for (name, value) in [
+        ("bulk1_vs_direct", bulk1),
+        ("bulk4_vs_direct", bulk4),
+        ("rr64_p50_vs_direct", rr64_50),
+        ("rr64_p99_vs_direct", rr64_99),
+        ("rr16k_p50_vs_direct", rr16k_50),
+        ("conn_pooled_vs_direct", pooled),
+        ("conn_handshake_vs_direct", hs_ratio),
+    ] {
+        if value.is_finite() {
+            println!("ratio {name} {value:.2}");
+        }
+    }
     println!("rss_idle_mb {rss_idle:.1}");
 }

@@ -75,9 +75,27 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Result<T,
         .map_err(|_| format!("bad {what}"))
 }
 
+/// A listener with a deep accept queue: std's 128 overflows when a thousand connections arrive
+/// at once on a loaded machine, and the dropped handshakes then wait for SYN retransmits
+/// (1 s, 3 s, 7 s, 15 s…), which is the test's backlog, not the proxy's latency.
+fn listen(addr: SocketAddr) -> Result<TcpListener, String> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        Ok(socket.into())
+    };
+    bind().map_err(|e| format!("bind {addr}: {e}"))
+}
+
 fn serve(args: &[String]) -> Result<(), String> {
     let addr: SocketAddr = arg(args, 0, "ADDR")?;
-    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let listener = listen(addr)?;
     println!(
         "{}",
         json!({"event": "listening", "local": addr.to_string()})
@@ -242,7 +260,7 @@ fn latency(args: &[String]) -> Result<(), String> {
 
 fn sink(args: &[String]) -> Result<(), String> {
     let addr: SocketAddr = arg(args, 0, "ADDR")?;
-    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let listener = listen(addr)?;
     println!(
         "{}",
         json!({"event": "listening", "local": addr.to_string()})
