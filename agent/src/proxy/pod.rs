@@ -15,7 +15,7 @@ use tokio::{
 
 use super::{
     ProxyInputs,
-    hbone::{Dial, HbonePool, PoolKey, PoolStats},
+    hbone::{Dial, HbonePool, PoolKey},
     hbone_inbound, inbound, outbound,
 };
 use crate::redirect::netns::{HomeNetns, Netns};
@@ -32,23 +32,23 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    /// A context for a pod, with its own HBONE pool.
+    /// A context for a pod, with its own HBONE pool (limits from `inputs.hbone`, counting into
+    /// the node-wide pool metrics).
     pub fn new(
         uid: String,
         namespace: String,
         name: String,
         netns: Arc<Netns>,
         ips: Vec<IpAddr>,
-        home: HomeNetns,
-        pool_stats: Arc<PoolStats>,
-        tuning: &super::HboneTuning,
+        inputs: &ProxyInputs,
     ) -> Self {
         let dial = PodDial {
             netns: netns.clone(),
-            home,
+            home: inputs.home.clone(),
         };
+        let tuning = &inputs.hbone;
         let pool = HbonePool::with_dialer(tuning.pool.clone(), tuning.h2.clone(), Arc::new(dial))
-            .with_stats(pool_stats);
+            .with_stats(inputs.metrics.hbone_pool_stats());
         Self {
             uid,
             namespace,

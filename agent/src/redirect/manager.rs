@@ -283,9 +283,7 @@ impl PodManager {
             sb.name.clone(),
             netns.clone(),
             sb.ips.clone(),
-            self.home.clone(),
-            self.proxy.metrics.hbone_pool_stats(),
-            &self.proxy.hbone,
+            &self.proxy,
         ));
         let proxy = PodProxy::start(ctx, self.proxy.clone()).map_err(|e| e.to_string())?;
         let cookie = netns.cookie();
