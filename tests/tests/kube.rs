@@ -525,6 +525,36 @@ async fn kube_invalid_resources_are_rejected_with_a_condition_while_valid_ones_a
         |o| istio(o).is_some_and(|c| c.0 == "True"),
     )
     .await;
+
+    // Breaking a valid resource keeps its last valid version in force (a typo must not drop
+    // STRICT), while the condition reports what is wrong with the new one.
+    let pa_broken = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": meta("strict"),
+        "spec": {"mtls": {"mode": "STRCT"}}});
+    apply(&client, &pa_broken).await;
+    let broken = wait_object(
+        &client,
+        &pa_good,
+        long,
+        "broken PeerAuthentication rejected",
+        |o| istio(o).is_some_and(|c| c.0 == "False"),
+    )
+    .await;
+    let (_, _, message) = istio(&broken).expect("condition");
+    assert!(
+        message.contains("spec.mtls.mode") && message.contains("last valid version"),
+        "{message}"
+    );
+    let (s, _) = sluice_tests::kube_mesh::wait_for(&mut state, WAIT, "STRICT kept", |s| {
+        mentions(s, "rj", "strict")
+    })
+    .await;
+    let kept = s
+        .policy
+        .peer_authentications
+        .iter()
+        .find(|p| p.namespace == "rj" && p.name == "strict")
+        .expect("rj/strict in the state");
+    assert_eq!(kept.mode, Some(sluice::policy::MtlsMode::Strict));
     drop(running);
 }
 

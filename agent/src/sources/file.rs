@@ -71,6 +71,7 @@ impl Watch {
         path: Option<PathBuf>,
         agent: AgentConfig,
         publisher: crate::state::StatePublisher,
+        mut last_good: crate::state::LastGood,
     ) -> Self {
         let publisher = std::sync::Arc::new(publisher);
         let Some(path) = path else {
@@ -93,7 +94,12 @@ impl Watch {
                     match load(&path) {
                         Ok(file) => {
                             tracing::info!(path = %path.display(), "config file changed; republishing its resources");
-                            super::publish_file(&file.resources, &agent, &publisher);
+                            super::publish_file(
+                                &file.resources,
+                                &agent,
+                                &publisher,
+                                &mut last_good,
+                            );
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "config file changed but does not parse; keeping the last state")

@@ -31,11 +31,13 @@ pub async fn start(
     config_path: Option<&std::path::Path>,
 ) -> anyhow::Result<Running> {
     if !agent.kube.enabled {
-        publish_file(resources, agent, &publisher);
+        let mut last_good = state::LastGood::default();
+        publish_file(resources, agent, &publisher, &mut last_good);
         return Ok(Running::File(file::Watch::start(
             config_path.map(Into::into),
             agent.clone(),
             publisher,
+            last_good,
         )));
     }
     let client = kube::client(agent.kube.kubeconfig.as_deref())
@@ -52,15 +54,17 @@ pub async fn start(
     Ok(Running::Kube(Box::new(running)))
 }
 
-/// Builds and publishes the file's resources, logging what was left out.
+/// Builds and publishes the file's resources (falling back to the last valid version of a
+/// resource an edit made invalid), logging what was rejected.
 pub(crate) fn publish_file(
     resources: &ResourceSet,
     agent: &AgentConfig,
     publisher: &StatePublisher,
+    last_good: &mut state::LastGood,
 ) {
-    let built = state::build(resources, &agent.mesh_settings());
+    let built = last_good.build(resources, &agent.mesh_settings());
     for r in &built.rejections {
-        warn!(rejection = %r, "resource left out of the mesh state");
+        warn!(rejection = %r, "resource rejected");
     }
     publisher.publish(built.state);
 }

@@ -7,6 +7,7 @@
 pub mod build;
 pub mod egress;
 pub mod ingress;
+pub mod last_good;
 pub mod policy;
 pub mod workload;
 
@@ -16,6 +17,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use build::{BuildOutput, build};
+pub use last_good::LastGood;
 pub use workload::{
     Identity, Membership, Namespace, Node, Service, ServicePort, Workload, WorkloadUid,
 };

@@ -148,6 +148,66 @@ fn rr_samples(w: &World, pod: &str, addr: &str, size: usize, count: usize) -> Ve
         .collect()
 }
 
+/// CPU cost of one full mutual TLS handshake with the agents' own configurations (ECDSA P-256
+/// certificates both ways), both sides together, in µs: `rounds` handshakes between in-memory
+/// rustls connections on this thread. The floor under the handshake-bound connection rate.
+fn handshake_cpu_us(rounds: u32) -> f64 {
+    use std::time::{Duration, SystemTime};
+
+    use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
+    use sluice::identity::{BuiltinCa, CertHandle, CustomCert, client_config, server_config};
+
+    let ca = BuiltinCa::generate("cluster.local").expect("CA");
+    let now = SystemTime::now();
+    let cert = |id: &str| {
+        CertHandle::fixed(
+            ca.issue_custom(&CustomCert {
+                identity: id.parse().expect("identity"),
+                not_before: now - Duration::from_secs(3600),
+                not_after: now + Duration::from_secs(3600),
+            })
+            .expect("certificate"),
+        )
+    };
+    let server_id = "spiffe://cluster.local/ns/bench/sa/server";
+    let server = std::sync::Arc::new(server_config(cert(server_id)).expect("server config"));
+    let client = std::sync::Arc::new(
+        client_config(
+            cert("spiffe://cluster.local/ns/bench/sa/client"),
+            vec![server_id.parse().expect("identity")],
+        )
+        .expect("client config"),
+    );
+    let name = ServerName::IpAddress(std::net::IpAddr::from([10, 0, 0, 1]).into());
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        let mut c = ClientConnection::new(client.clone(), name.clone()).expect("client");
+        let mut s = ServerConnection::new(server.clone()).expect("server");
+        let mut wire = Vec::new();
+        while c.is_handshaking() || s.is_handshaking() {
+            wire.clear();
+            while c.wants_write() {
+                c.write_tls(&mut wire).expect("client writes");
+            }
+            let mut flight = wire.as_slice();
+            while !flight.is_empty() {
+                s.read_tls(&mut flight).expect("server reads");
+                s.process_new_packets().expect("server handshake");
+            }
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).expect("server writes");
+            }
+            let mut flight = wire.as_slice();
+            while !flight.is_empty() {
+                c.read_tls(&mut flight).expect("client reads");
+                c.process_new_packets().expect("client handshake");
+            }
+        }
+    }
+    started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+}
+
 /// `sluice-testpod sink ADDR` in a pod; killed when dropped.
 struct Sink(std::process::Child);
 
@@ -460,6 +520,11 @@ fn mesh() {
         "{:<34} {:>12} {:>12.1}",
         "agent idle RSS (MiB, larger node)", "-", rss_idle
     );
+    let handshake_cpu = handshake_cpu_us(300);
+    println!(
+        "{:<34} {:>12} {:>12.0}",
+        "TLS handshake CPU, both sides (µs)", "-", handshake_cpu
+    );
     println!(
         "(bulk: {BULK_SECONDS} s per run, 2 runs per path, 4 streams from 4 client pods or from one; \
          rr: {ROUNDS}×2000 × 64 B and {ROUNDS}×500 × 16 KiB; conns/s = 1 / median connect + first \
@@ -483,4 +548,5 @@ fn mesh() {
         }
     }
     println!("rss_idle_mb {rss_idle:.1}");
+    println!("handshake_cpu_us {handshake_cpu:.0}");
 }

@@ -345,7 +345,7 @@ impl RejectionLog {
                     name = %r.name,
                     field = %r.field,
                     generation = generation.unwrap_or(0),
-                    "resource left out of the mesh state: {}: {}",
+                    "resource rejected: {}: {}",
                     r.field,
                     r.message
                 );
@@ -366,6 +366,7 @@ async fn rebuild_loop(
     let mut progress = [KindState::Waiting; WATCHED.len()];
     let mut log = RejectionLog::default();
     let mut generation = 0u64;
+    let mut last_good = state::LastGood::default();
     let started = Instant::now();
     let mut next_waiting_report = started + Duration::from_secs(10);
     loop {
@@ -434,7 +435,7 @@ async fn rebuild_loop(
         let t = Instant::now();
         let mut set = stores.resource_set();
         merge(&mut set, &options.extra);
-        let out = state::build(&set, &options.settings);
+        let out = last_good.build(&set, &options.settings);
         log.log(&stores, &out.rejections);
         publisher.publish(out.state);
         generation += 1;
