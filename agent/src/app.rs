@@ -110,6 +110,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         egress,
         metrics: metrics.clone(),
         hbone: Arc::new((&agent.hbone).into()),
+        host: Arc::new(crate::proxy::host::HostAddresses::new(
+            agent.capture.node_traffic_bypasses_policy,
+        )),
     };
     if let Some(gw) = &agent.egress.gateway {
         let listener = tokio::net::TcpListener::bind(gw.listen)

@@ -44,7 +44,7 @@ impl EbpfLogLevel {
 }
 
 /// Which traffic is never captured.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CaptureConfig {
     /// Ports captured in neither direction.
@@ -59,6 +59,10 @@ pub struct CaptureConfig {
     /// Destination networks never captured on the way out.
     #[serde(default)]
     pub excluded_cidrs: Vec<IpNet>,
+    /// Plaintext from the node's own addresses (kubelet probes) reaches pods whatever their
+    /// PeerAuthentication and AuthorizationPolicy say, as in Istio's ambient mode.
+    #[serde(default = "defaults::yes")]
+    pub node_traffic_bypasses_policy: bool,
 }
 
 /// `kind: AgentConfig` (`apiVersion: sluice.dev/v1alpha1`), under `spec`.
@@ -308,6 +312,12 @@ impl Default for PinningSettings {
     }
 }
 
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
 impl Default for EgressConfig {
     fn default() -> Self {
         serde_yaml::from_str("{}").expect("defaults deserialize")
@@ -518,6 +528,7 @@ mod tests {
         let c = AgentConfig::default();
         assert_eq!(c.bpf_pin_path, PathBuf::from("/sys/fs/bpf/sluice"));
         assert_eq!(c.ebpf_log_level, EbpfLogLevel::Warn);
+        assert!(c.capture.node_traffic_bypasses_policy);
         assert_eq!(c.validate(), Err(ConfigError::NoNodeName));
     }
 

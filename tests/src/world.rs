@@ -526,6 +526,21 @@ impl World {
             .unwrap_or_else(|e| panic!("sluice-testpod {args:?} in {pod} printed {text:?}: {e}"))
     }
 
+    /// `sluice-testpod ARGS` in node `i`'s own namespace (as the kubelet or another host
+    /// process would run), parsed from its JSON line.
+    pub fn run_on_node(&self, i: usize, args: &[&str]) -> serde_json::Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node_netns(i)])
+            .arg(testpod_bin())
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run on node");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("sluice-testpod {args:?} on node {i} printed {text:?}: {e}"))
+    }
+
     /// `connect ADDR BYTES` from a pod; `Err` with the client's error if it failed.
     pub fn try_connect(&self, pod: &str, addr: &str, bytes: u64) -> Result<Conn, String> {
         let v = self.run_in(pod, &["connect", addr, &bytes.to_string()]);

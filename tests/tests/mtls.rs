@@ -177,6 +177,33 @@ fn mtls_strict_refuses_plaintext_and_permissive_accepts_it() {
     assert_eq!(denied, 1, "no denial logged");
     // Mesh traffic still flows under STRICT.
     w.connect("a", &to(&w, "b", 8080), 1000);
+    // So do the node's own connections (kubelet probes), through the proxy to the app.
+    let probe = w.run_on_node(2, &["connect", &to(&w, "b", 8080), "100"]);
+    assert!(
+        probe.get("error").is_none(),
+        "probe from the node refused: {probe}"
+    );
+    let from_node = w.agents[&2].wait_access(1, |l| {
+        l["route"] == "plaintext" && l["from_node"] == true && l["outcome"] == "ok"
+    });
+    assert_eq!(
+        from_node,
+        1,
+        "the node's probe did not pass the inbound proxy: {:?}",
+        w.agents[&2].access_log()
+    );
+    // With the exemption switched off the node is a plaintext client like any other: refused.
+    w.start_agent(2, "  capture:\n    nodeTrafficBypassesPolicy: false\n");
+    w.enroll("b");
+    let probe = w.run_on_node(2, &["connect", &to(&w, "b", 8080), "100"]);
+    assert!(
+        probe.get("error").is_some(),
+        "STRICT let the node's plaintext through with the exemption off: {probe}"
+    );
+    let denied = w.agents[&2].wait_access(1, |l| {
+        l["route"] == "plaintext" && l["outcome"] == "denied" && l["src"].as_str().is_some()
+    });
+    assert_eq!(denied, 1, "{:?}", w.agents[&2].access_log());
     // Delete the policy: the namespace default (PERMISSIVE) lets the same client in.
     w.extra_resources.clear();
     w.start_agent(2, "");

@@ -47,7 +47,9 @@ async fn handle(
         }
     };
     let _ = client.set_nodelay(true);
-    if let Err((kind, reason)) = plaintext_allowed(&inputs, peer, dst) {
+    // The node itself (kubelet probes) is not held to the pod's policies.
+    let from_node = inputs.host.exempts(peer.ip());
+    if !from_node && let Err((kind, reason)) = plaintext_allowed(&inputs, peer, dst) {
         inputs.metrics.policy_denied(kind);
         info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %format!("{}/{}", pod.namespace, pod.name), src = %peer, dst = %dst, outcome = "denied", reason = %reason, "connection refused");
         // Reset rather than close, so the client sees a refusal and not an empty answer.
@@ -90,9 +92,11 @@ async fn handle(
         Ok(t) => info!(
             target: "sluice::access",
             direction = "inbound",
+            route = "plaintext",
             pod = %pod_name,
             src = %peer,
             dst = %dst,
+            from_node,
             sent = t.sent,
             received = t.received,
             duration_ms,
@@ -102,6 +106,7 @@ async fn handle(
         Err((stage, e)) => info!(
             target: "sluice::access",
             direction = "inbound",
+            route = "plaintext",
             pod = %pod_name,
             src = %peer,
             dst = %dst,

@@ -4,6 +4,7 @@ pub mod egress;
 pub mod gateway;
 pub mod hbone;
 pub mod hbone_inbound;
+pub mod host;
 pub mod inbound;
 pub mod outbound;
 pub mod peek;
@@ -59,6 +60,8 @@ pub struct ProxyInputs {
     pub metrics: Arc<Metrics>,
     /// HBONE pool and HTTP/2 limits (`spec.hbone`).
     pub hbone: Arc<HboneTuning>,
+    /// The node's own addresses, whose plaintext to pods skips the pods' policies.
+    pub host: Arc<host::HostAddresses>,
 }
 
 /// The HBONE limits every pod's pool and every HBONE listener uses.
