@@ -7,7 +7,7 @@
 //! the uplink to the internet (`203.0.113.0/24`, DNS at `203.0.113.53`).
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     process::Command,
     time::{Duration, Instant},
 };
@@ -15,37 +15,13 @@ use std::{
 use ipnet::IpNet;
 use serde_json::Value;
 use sluice_tests::{
-    internet::{DNS_SERVER, INTERNET_ADDR, Internet, InternetSpec, SERVERS, UPLINK_NODE},
-    world::{PodSpec, World},
+    egress_world::{
+        Egress, GATEWAY_NODE_ADDR, PINNED_PREFIX, SGC_ANNOTATION, ip_json, prefix_addresses, sgc,
+        wait_until,
+    },
+    internet::{INTERNET_ADDR, SERVERS, UPLINK_NODE},
+    world::PodSpec,
 };
-
-const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
-const SGC_ANNOTATION: &str = "kubernetes.azure.com/static-gateway-configuration";
-const GATEWAY_NODE_ADDR: &str = "172.30.12.2";
-/// The prefix the agents' config gives StaticGatewayConfiguration `shop/pinned`.
-const PINNED_PREFIX: &str = "198.51.100.16/28";
-
-fn nodes_yaml() -> String {
-    format!(
-        r#"---
-apiVersion: v1
-kind: Node
-metadata: {{name: node1}}
-status: {{addresses: [{{type: InternalIP, address: 172.30.12.1}}]}}
----
-apiVersion: v1
-kind: Node
-metadata:
-  name: node2
-  labels: {{kubernetes.azure.com/agentpool: gwpool, istio: egressgateway}}
-status: {{addresses: [{{type: InternalIP, address: {GATEWAY_NODE_ADDR}}}]}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: istio-system}}
-"#
-    )
-}
 
 const REGISTRY_ONLY: &str = r#"---
 apiVersion: v1
@@ -168,109 +144,6 @@ spec:
     )
 }
 
-fn sgc(name: &str, status_prefix: Option<&str>) -> String {
-    let status = status_prefix
-        .map(|p| format!("status: {{egressIpPrefix: \"{p}\"}}\n"))
-        .unwrap_or_default();
-    format!(
-        r#"---
-apiVersion: egressgateway.kubernetes.azure.com/v1alpha1
-kind: StaticGatewayConfiguration
-metadata: {{name: {name}, namespace: shop}}
-spec:
-  gatewayNodepoolName: gwpool
-  excludeCidrs: [10.0.0.0/8, 172.30.0.0/16]
-{status}"#
-    )
-}
-
-/// The AgentConfig lines of node `i` (gateway role and pinning on node 2).
-fn agent_spec(i: usize, prefixes: &str) -> String {
-    let mut s = format!(
-        "  egress:\n    dnsServer: {DNS_SERVER}:53\n    staticGatewayPrefixes: {{{prefixes}}}\n"
-    );
-    if i == 2 {
-        s.push_str(&format!(
-            "    gateway: {{listen: \"0.0.0.0:15008\"}}\n    pinning: {{uplinkInterface: uplink, uplinkGatewayV4: {INTERNET_ADDR}}}\n"
-        ));
-    }
-    s
-}
-
-struct Egress {
-    w: World,
-    net: Internet,
-    prefixes: String,
-}
-
-impl Egress {
-    /// Two nodes, the internet behind node 2, pods on node 1, agents started with `resources`.
-    fn build(pods: &[PodSpec], resources: &str, dns: &[(&str, Ipv4Addr)]) -> Egress {
-        let mut w = World::build(2, pods);
-        w.namespace("shop", &[AMBIENT]);
-        let spec = InternetSpec {
-            tls_hosts: vec![
-                "secure.example".into(),
-                "orig.example".into(),
-                "badca.example".into(),
-            ],
-            dns: dns.iter().map(|(n, a)| (n.to_string(), vec![*a])).collect(),
-            dns_ttl: 2,
-            ..InternetSpec::default()
-        };
-        let net = w.add_internet_with(2, spec);
-        let mut e = Egress {
-            w,
-            net,
-            prefixes: format!("shop/pinned: {PINNED_PREFIX}"),
-        };
-        e.w.extra_resources = format!("{}{resources}", nodes_yaml());
-        for i in [1, 2] {
-            let spec = agent_spec(i, &e.prefixes);
-            e.w.start_agent(i, &spec);
-        }
-        for p in pods {
-            assert!(e.w.enroll(&p.name), "{} not captured", p.name);
-        }
-        e
-    }
-
-    /// Rewrites both agents' config files with `resources` (they reload them).
-    fn set_resources(&mut self, resources: &str) {
-        self.w.extra_resources = format!("{}{resources}", nodes_yaml());
-        for i in [1, 2] {
-            self.w.agent_config(i, &agent_spec(i, &self.prefixes));
-        }
-    }
-
-    fn http_get(&self, pod: &str, addr: Ipv4Addr, host: &str) -> Value {
-        self.w.run_in(
-            pod,
-            &["http-get", &SocketAddr::from((addr, 80)).to_string(), host],
-        )
-    }
-
-    fn tls_get(&self, pod: &str, addr: Ipv4Addr, sni: &str, ca: &str) -> Value {
-        self.w.run_in(
-            pod,
-            &[
-                "tls-get",
-                &SocketAddr::from((addr, 443)).to_string(),
-                sni,
-                ca,
-            ],
-        )
-    }
-
-    fn metrics(&self, node: usize) -> String {
-        self.w.node_http_get(node, 15020, "/metrics").1
-    }
-
-    fn node_ns(&self) -> String {
-        self.w.node_netns(2)
-    }
-}
-
 fn ok(v: &Value, what: &str) {
     assert_eq!(v["status"], 200, "{what}: {v}");
 }
@@ -295,14 +168,6 @@ fn assert_same(before: &BTreeSet<String>, after: &BTreeSet<String>, what: &str) 
         gone.is_empty() && new.is_empty(),
         "{what}: removed {gone:?}, added {new:?}"
     );
-}
-
-fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -582,16 +447,6 @@ fn capture_between_nodes(e: &Egress, f: impl FnOnce()) -> Capture {
     }
 }
 
-/// `ip -j` output in the gateway node.
-fn ip_json(ns: &str, args: &[&str]) -> Value {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-j"])
-        .args(args)
-        .output()
-        .expect("ip");
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]))
-}
-
 /// Addresses, rules and routes of the gateway node, leaving out Sluice's own interface and
 /// IPv6 link-local ones (the kernel adds those by itself once duplicate address detection ends,
 /// at a time of its choosing).
@@ -633,18 +488,6 @@ fn network_snapshot(ns: &str) -> BTreeSet<String> {
         }
     }
     out
-}
-
-fn prefix_addresses(ns: &str, prefix: IpNet) -> Vec<IpAddr> {
-    ip_json(ns, &["addr"])
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-        .filter_map(|a| a["local"].as_str()?.parse::<IpAddr>().ok())
-        .filter(|ip| prefix.contains(ip))
-        .collect()
 }
 
 /// Rules whose source is in `needle` (a textual prefix of the address), and how many of them
@@ -812,58 +655,4 @@ fn egress_500_static_gateway_configurations_reconcile() {
         start.elapsed().as_millis()
     );
     assert_same(&before, &network_snapshot(&ns), "removing 500 SGCs");
-}
-
-/// Bulk throughput from a pod to the internet: straight out (ALLOW_ANY, routed by the gateway
-/// node's kernel) against pinned through the gateway (HBONE to the gateway agent, then TCP from
-/// the prefix). Prints both; asserts only that both moved data and the pinned path really went
-/// through the gateway.
-#[test]
-fn egress_throughput_gateway_vs_direct() {
-    let e = Egress::build(
-        &[
-            PodSpec::new("direct", "shop", 1),
-            PodSpec::new("pinned", "shop", 1).annotate(SGC_ANNOTATION, "pinned"),
-        ],
-        &sgc("pinned", None),
-        &[],
-    );
-    let ns = e.node_ns();
-    wait_until(Duration::from_secs(10), "the prefix pinned", || {
-        prefix_addresses(&ns, PINNED_PREFIX.parse().expect("net")).len() == 14
-    });
-    let sink_addr = SocketAddr::from((SERVERS[0], 9000)).to_string();
-    let mut sink = Command::new("ip")
-        .args(["netns", "exec", &e.net.netns])
-        .arg(sluice_tests::world::testpod_bin())
-        .args(["sink", &sink_addr])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("sink");
-    std::thread::sleep(Duration::from_millis(500));
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for _ in 0..2 {
-        for (i, pod) in ["direct", "pinned"].iter().enumerate() {
-            let v = e.w.run_in(pod, &["bulk", &sink_addr, "3", "1"]);
-            let rate = v["bytes_per_s"].as_f64().unwrap_or(0.0);
-            assert!(rate > 0.0, "{pod}: {v}");
-            rates[i].push(rate);
-        }
-    }
-    let _ = sink.kill();
-    let _ = sink.wait();
-    let through = e.w.agents[&2].wait_access(1, |l| {
-        l["direction"] == "egress_gateway"
-            && l["outcome"] == "ok"
-            && l["bind"]
-                .as_str()
-                .is_some_and(|b| b.starts_with("198.51.100."))
-    });
-    assert!(through >= 1, "{:?}", e.w.agents[&2].access_log());
-    let best = |r: &[f64]| r.iter().cloned().fold(0.0, f64::max) / 1e6;
-    let (d, g) = (best(&rates[0]), best(&rates[1]));
-    println!(
-        "egress throughput (1 stream, best of 2 x 3 s): direct {d:.0} MB/s, via gateway (HBONE + prefix) {g:.0} MB/s, ratio {:.2}",
-        g / d
-    );
 }

@@ -37,12 +37,14 @@ fn main() {
     match which.as_str() {
         "capture" => capture(),
         "mesh" => mesh(),
+        "egress" => egress(),
         "all" => {
             capture();
             mesh();
+            egress();
         }
         other => {
-            eprintln!("unknown benchmark {other:?}: capture | mesh | all");
+            eprintln!("unknown benchmark {other:?}: capture | mesh | egress | all");
             std::process::exit(2);
         }
     }
@@ -146,6 +148,82 @@ fn rr_samples(w: &World, pod: &str, addr: &str, size: usize, count: usize) -> Ve
         .iter()
         .filter_map(|x| x.as_u64())
         .collect()
+}
+
+/// Bulk throughput from a pod to a server on the simulated internet: straight out (ALLOW_ANY,
+/// routed by the nodes' kernels) against pinned to a static egress prefix (HBONE to the gateway
+/// node's agent, then TCP from an address of the prefix). Interleaved, best of three 3 s runs.
+fn egress() {
+    use sluice_tests::{
+        egress_world::{Egress, PINNED_PREFIX, SGC_ANNOTATION, prefix_addresses, sgc, wait_until},
+        internet::SERVERS,
+    };
+    use std::time::Duration;
+
+    const RUNS: usize = 3;
+    let e = Egress::build(
+        &[
+            PodSpec::new("direct", "shop", 1),
+            PodSpec::new("pinned", "shop", 1).annotate(SGC_ANNOTATION, "pinned"),
+        ],
+        &sgc("pinned", None),
+        &[],
+    );
+    let ns = e.node_ns();
+    let prefix = PINNED_PREFIX.parse().expect("prefix");
+    wait_until(Duration::from_secs(10), "the prefix pinned", || {
+        !prefix_addresses(&ns, prefix).is_empty()
+    });
+    let sink_addr = SocketAddr::from((SERVERS[0], 9000)).to_string();
+    let mut sink = std::process::Command::new("ip")
+        .args(["netns", "exec", &e.net.netns])
+        .arg(testpod_bin())
+        .args(["sink", &sink_addr])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sink");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut best = [0.0f64; 2];
+    for _ in 0..RUNS {
+        for (i, pod) in ["direct", "pinned"].iter().enumerate() {
+            let v = run_ok(&e.w, pod, &["bulk", &sink_addr, "3", "1"]);
+            best[i] = best[i].max(v["bytes_per_s"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let _ = sink.kill();
+    let _ = sink.wait();
+    // The pinned path must really have left through the gateway, from the prefix.
+    let through = e.w.agents[&2].wait_access(1, |l| {
+        l["direction"] == "egress_gateway"
+            && l["outcome"] == "ok"
+            && l["bind"]
+                .as_str()
+                .and_then(|b| b.parse().ok())
+                .is_some_and(|ip: std::net::IpAddr| prefix.contains(&ip))
+    });
+    assert!(
+        through >= 1,
+        "no connection left through the gateway from {PINNED_PREFIX}: {:?}",
+        e.w.agents[&2].access_log()
+    );
+    let mbps = |b: f64| b * 8.0 / 1e6;
+    println!("\negress: pod on node 1 → server on the simulated internet behind node 2");
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "figure", "direct", "pinned", "ratio"
+    );
+    let ratio = best[1] / best[0].max(1.0);
+    println!(
+        "{:<34} {:>12.1} {:>12.1} {:>8.2}",
+        "bulk 1 stream (Mbit/s)",
+        mbps(best[0]),
+        mbps(best[1]),
+        ratio
+    );
+    println!(
+        "(best of {RUNS} interleaved 3 s runs; pinned = HBONE to the gateway agent, TCP from {PINNED_PREFIX})"
+    );
+    println!("ratio egress_pinned_vs_direct {ratio:.2}");
 }
 
 /// CPU cost of one full mutual TLS handshake with the agents' own configurations (ECDSA P-256
