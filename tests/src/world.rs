@@ -514,31 +514,20 @@ impl World {
 
     /// Runs `sluice-testpod` with `args` in a pod and returns its JSON result.
     pub fn run_in(&self, pod: &str, args: &[&str]) -> serde_json::Value {
-        let out = self
-            .pod(pod)
-            .command(testpod_bin())
-            .args(args)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run in pod");
-        let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(text.trim())
-            .unwrap_or_else(|e| panic!("sluice-testpod {args:?} in {pod} printed {text:?}: {e}"))
+        testpod_json(
+            self.pod(pod).command(testpod_bin()),
+            args,
+            &format!("in {pod}"),
+        )
     }
 
     /// `sluice-testpod ARGS` in node `i`'s own namespace (as the kubelet or another host
     /// process would run), parsed from its JSON line.
     pub fn run_on_node(&self, i: usize, args: &[&str]) -> serde_json::Value {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.node_netns(i)])
-            .arg(testpod_bin())
-            .args(args)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run on node");
-        let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(text.trim())
-            .unwrap_or_else(|e| panic!("sluice-testpod {args:?} on node {i} printed {text:?}: {e}"))
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node_netns(i)])
+            .arg(testpod_bin());
+        testpod_json(cmd, args, &format!("on node {i}"))
     }
 
     /// `connect ADDR BYTES` from a pod; `Err` with the client's error if it failed.
@@ -784,4 +773,17 @@ impl Drop for World {
             let _ = std::fs::remove_dir_all(self.pin_dir(i));
         }
     }
+}
+
+/// Runs `cmd` (a `sluice-testpod` invocation) with `args` and parses the JSON line it prints;
+/// `place` says where it ran, for the panic message.
+fn testpod_json(mut cmd: Command, args: &[&str], place: &str) -> serde_json::Value {
+    let out = cmd
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("sluice-testpod {args:?} {place}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("sluice-testpod {args:?} {place} printed {text:?}: {e}"))
 }

@@ -41,15 +41,7 @@ status: {podIP: 10.0.2.2}
 "#;
 
 fn world(policies: &str) -> (MeshState, Vec<Rejection>) {
-    let mut set = ResourceSet::default();
-    let text = format!("{WORLD}\n---\n{policies}");
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
-        if value.is_null() {
-            continue;
-        }
-        set.add_document(i, value).unwrap();
-    }
+    let set = ResourceSet::from_yaml(&format!("{WORLD}\n---\n{policies}")).unwrap();
     let out = build(&set, &MeshSettings::default());
     (out.state, out.rejections)
 }

@@ -85,6 +85,20 @@ pub const AGENT_CONFIG_API_VERSION: &str = "sluice.dev/v1alpha1";
 pub const AGENT_CONFIG_KIND: &str = "AgentConfig";
 
 impl ResourceSet {
+    /// Every document of a YAML stream (empty documents skipped; an AgentConfig document is
+    /// left out, as [`ResourceSet::add_document`] does).
+    pub fn from_yaml(text: &str) -> Result<Self, DocumentError> {
+        let mut set = Self::default();
+        for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = serde_yaml::Value::deserialize(doc)
+                .map_err(|source| DocumentError::Yaml { index, source })?;
+            if !value.is_null() {
+                set.add_document(index, value)?;
+            }
+        }
+        Ok(set)
+    }
+
     /// Adds one parsed YAML document; `Ok(false)` if it is the agent's own config document
     /// (which the caller reads separately).
     pub fn add_document(

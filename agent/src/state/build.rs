@@ -321,12 +321,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> ResourceSet {
-        let mut set = ResourceSet::default();
-        for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-            let value = serde::Deserialize::deserialize(doc).unwrap();
-            set.add_document(i, value).unwrap();
-        }
-        set
+        ResourceSet::from_yaml(yaml).unwrap()
     }
 
     const WORLD: &str = r#"

@@ -421,12 +421,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> ResourceSet {
-        let mut set = ResourceSet::default();
-        for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-            let value = serde::Deserialize::deserialize(doc).expect("yaml");
-            set.add_document(i, value).expect("known kind");
-        }
-        set
+        ResourceSet::from_yaml(yaml).expect("known kinds")
     }
 
     const WORLD: &str = r#"

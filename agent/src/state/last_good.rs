@@ -168,15 +168,7 @@ status: {podIP: 10.0.1.2}
 "#;
 
     fn set(extra: &str) -> ResourceSet {
-        let mut set = ResourceSet::default();
-        let text = format!("{WORLD}\n---\n{extra}");
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
-            if !value.is_null() {
-                set.add_document(i, value).unwrap();
-            }
-        }
-        set
+        ResourceSet::from_yaml(&format!("{WORLD}\n---\n{extra}")).unwrap()
     }
 
     fn pa(mode: &str) -> String {

@@ -157,14 +157,7 @@ fn settings() -> MeshSettings {
 }
 
 fn parse(yaml: &str) -> ResourceSet {
-    let mut set = ResourceSet::default();
-    for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-        let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("yaml");
-        if !value.is_null() {
-            set.add_document(i, value).expect("known kind");
-        }
-    }
-    set
+    ResourceSet::from_yaml(yaml).expect("known kinds")
 }
 
 fn build_with(extra: &str, settings: &MeshSettings) -> BuildOutput {
