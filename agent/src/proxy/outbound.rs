@@ -1,6 +1,7 @@
 //! Outbound: connections a pod's application made, captured by `sluice_connect4/6`.
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
+use bytes::{Bytes, BytesMut};
 use sluice_common::PROXY_MARK;
 use socket2::Domain;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -8,7 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     ProxyInputs, copy,
-    hbone::{Baggage, PoolKey, RequestMeta, SpliceCounters, SpliceEnd, splice},
+    hbone::{Baggage, EARLY_DATA_MAX, PoolKey, RequestMeta, SpliceCounters, SpliceEnd, splice},
     pod::PodContext,
     route,
     telemetry::{self, Peer, Reporter},
@@ -212,12 +213,17 @@ async fn hbone(
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .unwrap_or(src_addr.ip());
     let meta = RequestMeta::new(SocketAddr::new(src_ip, 0), Baggage::default());
+    let early = first_flight(&client);
+    let counters = SpliceCounters::default();
+    counters
+        .tcp_to_hbone
+        .store(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let stream = pod
         .pool
-        .connect(&key, tls, dst, &meta)
+        .connect_with_data(&key, tls, dst, &meta, early)
         .await
         .map_err(|e| ("connect", e.to_string()))?;
-    let report = splice(client, stream, &SpliceCounters::default()).await;
+    let report = splice(client, stream, &counters).await;
     let t = copy::Transferred {
         sent: report.tcp_to_hbone,
         received: report.hbone_to_tcp,
@@ -225,6 +231,27 @@ async fn hbone(
     match report.end {
         SpliceEnd::Closed => Ok(t),
         other => Err(("copy", format!("{other:?}"))),
+    }
+}
+
+/// What the client has already sent (up to [`EARLY_DATA_MAX`] bytes), read without waiting,
+/// to go out with the `CONNECT`. Empty when nothing is there yet (a server-speaks-first
+/// protocol), at end of stream (the splice reads the end again) and on errors (the splice
+/// meets them again).
+fn first_flight(client: &TcpStream) -> Bytes {
+    let mut buf = BytesMut::with_capacity(EARLY_DATA_MAX);
+    // Straight to the socket: tokio's `try_read` would not even try before the reactor has
+    // reported the new socket readable.
+    match socket2::SockRef::from(client).recv_with_flags(
+        &mut buf.spare_capacity_mut()[..EARLY_DATA_MAX],
+        libc::MSG_DONTWAIT,
+    ) {
+        Ok(n) => {
+            // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(n) };
+            buf.freeze()
+        }
+        Err(_) => Bytes::new(),
     }
 }
 

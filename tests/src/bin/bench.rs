@@ -15,8 +15,15 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn samples(w: &World, pod: &str, addr: &str, count: usize) -> Vec<u64> {
-    let v = w.run_in(pod, &["latency", addr, &count.to_string()]);
+/// `latency` samples: connect + the server's first byte, or with `request`, connect + a byte
+/// sent by the client and echoed.
+fn samples_mode(w: &World, pod: &str, addr: &str, count: usize, request: bool) -> Vec<u64> {
+    let count = count.to_string();
+    let mut args = vec!["latency", addr, &count];
+    if request {
+        args.push("request");
+    }
+    let v = w.run_in(pod, &args);
     if v.get("error").is_some() {
         let logs: Vec<String> = w.agents.values().map(|a| a.tail()).collect();
         panic!(
@@ -30,6 +37,10 @@ fn samples(w: &World, pod: &str, addr: &str, count: usize) -> Vec<u64> {
         .iter()
         .filter_map(|x| x.as_u64())
         .collect()
+}
+
+fn samples(w: &World, pod: &str, addr: &str, count: usize) -> Vec<u64> {
+    samples_mode(w, pod, addr, count, false)
 }
 
 fn main() {
@@ -489,6 +500,7 @@ fn mesh() {
     let mut rr64: [Vec<u64>; 2] = Default::default();
     let mut rr16k: [Vec<u64>; 2] = Default::default();
     let mut conn: [Vec<u64>; 2] = Default::default();
+    let mut conn_request: [Vec<u64>; 2] = Default::default();
     for (_, pod, ip) in &paths {
         rr_samples(&w, pod, &echo(*ip), 64, 200);
         samples(&w, pod, &echo(*ip), 100);
@@ -502,6 +514,9 @@ fn mesh() {
             }
             if part("conn") || part("handshake") {
                 conn[pi].extend(samples(&w, pod, &echo(*ip), 400));
+            }
+            if part("conn") {
+                conn_request[pi].extend(samples_mode(&w, pod, &echo(*ip), 400, true));
             }
         }
     }
@@ -532,6 +547,7 @@ fn mesh() {
         .iter_mut()
         .chain(rr16k.iter_mut())
         .chain(conn.iter_mut())
+        .chain(conn_request.iter_mut())
     {
         v.sort_unstable();
     }
@@ -583,6 +599,11 @@ fn mesh() {
         conn_rate(&conn[0]),
         conn_rate(&conn[1]),
     );
+    let pooled_request = row(
+        "new conns/s, pooled, client first",
+        conn_rate(&conn_request[0]),
+        conn_rate(&conn_request[1]),
+    );
     let hs_ratio = row(
         "new conns/s, handshake each",
         conn_rate(&conn[0]),
@@ -607,7 +628,7 @@ fn mesh() {
         "(bulk: {BULK_SECONDS} s per run, 2 runs per path, 4 streams from 4 client pods or from one; \
          rr: {ROUNDS}×2000 × 64 B and {ROUNDS}×500 × 16 KiB; conns/s = 1 / median connect + first \
          byte time, one connection at a time: pooled {ROUNDS}×400 connections (0 TLS handshakes, \
-         checked), handshake {handshake_pods} new source identities, one connection each \
+         checked), and as many where the client sends a byte first and times its echo, handshake {handshake_pods} new source identities, one connection each \
          ({measured_handshakes} TLS handshakes counted by sluice_hbone_handshakes_total), both \
          against the direct rate; {:.0} s in all)",
         started.elapsed().as_secs_f64()
@@ -619,6 +640,7 @@ fn mesh() {
         ("rr64_p99_vs_direct", rr64_99),
         ("rr16k_p50_vs_direct", rr16k_50),
         ("conn_pooled_vs_direct", pooled),
+        ("conn_pooled_request_vs_direct", pooled_request),
         ("conn_handshake_vs_direct", hs_ratio),
     ] {
         if value.is_finite() {

@@ -6,7 +6,8 @@
 //! * `connect ADDR BYTES`: connects, reads the server's line, sends BYTES bytes, half-closes,
 //!   reads the echo, checks it, and prints
 //!   `{"local":..,"peer":..,"server":{..},"echoed":N}` (or `{"error":..}` and exits 1).
-//! * `latency ADDR COUNT`: COUNT times: connect, read the server's first byte, close; prints
+//! * `latency ADDR COUNT [request]`: COUNT times: connect, read the server's first byte (or,
+//!   with `request`, send a byte and read its echo), close; prints
 //!   `{"samples_us":[..]}` (connect + first byte, microseconds).
 //! * `hold ADDR SECONDS`: connects and keeps sending until SECONDS pass, then checks the echo
 //!   (a long transfer, for restart tests).
@@ -50,7 +51,7 @@ fn main() {
         Some("internet") => sluice_tests::internet::server::run(&args[2..]),
         _ => Err(
             "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
-                 latency ADDR COUNT | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \
+                 latency ADDR COUNT [request] | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \
                  fanout ADDR CONNECTIONS BYTES | \
                  http-get ADDR HOST [PATH] | tls-get ADDR SNI CA_FILE [PATH] | \
                  dns SERVER NAME [udp|tcp] | internet DIR DNS_ADDR"
@@ -239,9 +240,17 @@ fn hold(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `latency ADDR COUNT [request]`: µs from connect to the server's first byte (the `serve`
+/// greeting); with `request`, the client speaks first: it sends one byte at once and times
+/// until `serve` has echoed it (after its greeting line).
 fn latency(args: &[String]) -> Result<(), String> {
     let addr: SocketAddr = arg(args, 0, "ADDR")?;
     let count: usize = arg(args, 1, "COUNT")?;
+    let request = match args.get(2).map(String::as_str) {
+        None => false,
+        Some("request") => true,
+        Some(other) => return Err(format!("latency: unknown mode {other:?}")),
+    };
     let mut samples = Vec::with_capacity(count);
     let mut byte = [0u8; 1];
     for _ in 0..count {
@@ -250,8 +259,24 @@ fn latency(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("connect {addr}: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
-        s.read_exact(&mut byte)
-            .map_err(|e| format!("first byte: {e}"))?;
+        if request {
+            s.write_all(b"?").map_err(|e| format!("request: {e}"))?;
+            // The greeting line, then the echo.
+            let mut reader = BufReader::new(&mut s);
+            let mut greeting = String::new();
+            reader
+                .read_line(&mut greeting)
+                .map_err(|e| format!("greeting: {e}"))?;
+            reader
+                .read_exact(&mut byte)
+                .map_err(|e| format!("echo: {e}"))?;
+            if byte[0] != b'?' {
+                return Err(format!("echo: got {:?}, sent '?'", byte[0] as char));
+            }
+        } else {
+            s.read_exact(&mut byte)
+                .map_err(|e| format!("first byte: {e}"))?;
+        }
         samples.push(start.elapsed().as_micros() as u64);
     }
     println!("{}", json!({ "samples_us": samples }));

@@ -25,7 +25,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-pub use client::{ConnectError, DialError};
+pub use client::{ConnectError, DialError, EARLY_DATA_MAX};
 pub use config::{H2Config, Keepalive, PoolConfig};
 pub use headers::{Baggage, RequestMeta, TraceParent, parse_forwarded_for};
 pub use pool::{Dial, HbonePool, PoolKey, PoolStats, PoolStatsSnapshot, TcpDial};

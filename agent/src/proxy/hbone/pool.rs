@@ -290,6 +290,22 @@ impl HbonePool {
         authority: SocketAddr,
         meta: &RequestMeta,
     ) -> Result<HboneStream, ConnectError> {
+        self.connect_with_data(key, tls, authority, meta, Bytes::new())
+            .await
+    }
+
+    /// [`Self::connect`], sending `early` (the client's first bytes, at most
+    /// [`EARLY_DATA_MAX`](super::EARLY_DATA_MAX)) right after the `CONNECT` instead of after
+    /// the answer. A retried stream sends them again; a refused one never delivered them.
+    pub async fn connect_with_data(
+        &self,
+        key: &PoolKey,
+        tls: Arc<rustls::ClientConfig>,
+        authority: SocketAddr,
+        meta: &RequestMeta,
+        early: Bytes,
+    ) -> Result<HboneStream, ConnectError> {
+        debug_assert!(early.len() <= super::EARLY_DATA_MAX);
         let stats = &self.inner.stats;
         // One retry, for a stream the peer did not process (GOAWAY, REFUSED_STREAM, dead conn).
         let mut retry = true;
@@ -300,7 +316,7 @@ impl HbonePool {
                 // Retired between the claim and here; the next claim will not pick it.
                 continue;
             };
-            let failure = match client::open_stream(sender, req).await {
+            let failure = match client::open_stream(sender, req, &early).await {
                 Ok((send, recv)) => {
                     stats.streams_opened.fetch_add(1, Ordering::Relaxed);
                     return Ok(HboneStream::new(send, recv, Some(Arc::new(slot))));

@@ -208,3 +208,78 @@ async fn draining_lets_open_streams_finish_then_ends_the_connection() {
     assert!(served.is_ok(), "{served:?}");
     assert_eq!(server.server.stats().snapshot().connections, 0);
 }
+
+/// The client's first bytes go out with the `CONNECT`: the app gets them, in order before what
+/// follows, once the stream is accepted; a refused stream's never reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_reaches_the_app_only_through_an_accepted_stream() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let (received_tx, mut received) = mpsc::unbounded_channel();
+    let app = serve_app(move |mut tcp| {
+        let received_tx = received_tx.clone();
+        async move {
+            let got = read_all(&mut tcp).await.unwrap_or_default();
+            let _ = tcp.write_all(b"done").await;
+            let _ = received_tx.send(got);
+        }
+    })
+    .await;
+    // Refuses the first request, forwards the others.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handler = move |req: ConnectRequest| {
+        let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                Err(Refusal::new(RefusalStatus::Forbidden, "first one"))
+            } else {
+                forward(req).await
+            }
+        }
+    };
+    let pki = TestPki::new();
+    let server = ServerHarness::start(&pki, H2Config::default(), handler).await;
+    let client = Client::new(
+        &pki,
+        server.addr,
+        PoolConfig::default(),
+        H2Config::default(),
+    )
+    .await;
+    let meta = RequestMeta::new((LOCALHOST, 40000).into(), Default::default());
+    let connect = |early: &'static [u8]| {
+        client.pool.connect_with_data(
+            &client.key,
+            client.tls.clone(),
+            app,
+            &meta,
+            bytes::Bytes::from_static(early),
+        )
+    };
+
+    let err = within(30, connect(b"not for the app"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "{err}");
+
+    let mut stream = within(30, connect(b"first flight, ")).await.unwrap();
+    stream.write_all(b"then the rest").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    within(30, stream.read_to_end(&mut back)).await.unwrap();
+    assert_eq!(back, b"done");
+    let got = within(30, received.recv())
+        .await
+        .expect("the app saw a connection");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "first flight, then the rest",
+        "what the app read"
+    );
+    assert!(
+        received.try_recv().is_err(),
+        "the refused stream reached the app"
+    );
+}
