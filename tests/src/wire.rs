@@ -50,18 +50,27 @@ impl Capture {
                 let sock = open_packet_socket(&ifname);
                 let _ = ready_tx.send(());
                 let mut frames = Vec::new();
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) && frames.len() < MAX_FRAMES {
+                // Room for a whole GSO frame (64 KiB of IP plus the link header).
+                let mut buf = vec![0u8; 128 * 1024];
+                let mut read = |flags: libc::c_int, frames: &mut Vec<Segment>| {
                     // SAFETY: valid fd and buffer.
                     let n = unsafe {
-                        libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                        libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags)
                     };
                     if n > 0
                         && let Some(seg) = parse_ethernet(&buf[..n as usize])
                     {
                         frames.push(seg);
                     }
+                    n
+                };
+                while !stop.load(Ordering::Relaxed) && frames.len() < MAX_FRAMES {
+                    read(0, &mut frames);
                 }
+                // What was captured before the stop but not read yet belongs to the capture.
+                while frames.len() < MAX_FRAMES && read(libc::MSG_DONTWAIT, &mut frames) >= 0 {}
+                let drops = packet_drops(&sock);
+                assert_eq!(drops, 0, "the capture socket dropped {drops} frames");
                 frames
             })
         };
@@ -126,6 +135,24 @@ fn open_packet_socket(ifname: &std::ffi::CStr) -> OwnedFd {
         )
     };
     assert_eq!(rc, 0, "bind capture: {}", std::io::Error::last_os_error());
+    // Bursts of 64 KiB GSO frames overflow the default receive buffer.
+    let rcvbuf: libc::c_int = 64 << 20;
+    // SAFETY: valid fd and option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&rcvbuf as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "SO_RCVBUFFORCE on the capture: {}",
+        std::io::Error::last_os_error()
+    );
     // Wake up regularly to notice `stop`.
     let tv = libc::timeval {
         tv_sec: 0,
@@ -142,6 +169,31 @@ fn open_packet_socket(ifname: &std::ffi::CStr) -> OwnedFd {
         );
     }
     sock
+}
+
+/// Frames the kernel dropped on this packet socket (`PACKET_STATISTICS`, which also resets
+/// the counters).
+fn packet_drops(sock: &OwnedFd) -> u32 {
+    // SAFETY: tpacket_stats is plain data.
+    let mut stats: libc::tpacket_stats = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: valid fd, and a buffer of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&mut stats as *mut libc::tpacket_stats).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "PACKET_STATISTICS: {}",
+        std::io::Error::last_os_error()
+    );
+    stats.tp_drops
 }
 
 /// Parses an Ethernet frame carrying IPv4 or IPv6 TCP.
