@@ -53,7 +53,13 @@ fn capture_outbound_same_node_and_cross_node() {
             "a → {}: not captured: {conn:?}",
             target.name
         );
-        // The server got the connection at exactly the address the client dialled…
+        // The client still sees the address it dialled as its peer (sluice_getpeer4)…
+        assert_eq!(
+            conn.peer,
+            SocketAddr::new(target.ipv4, 8080),
+            "getpeername shows the proxy, not the dialled address"
+        );
+        // …the server got the connection at exactly that address…
         assert_eq!(
             conn.server_local,
             SocketAddr::new(target.ipv4, 8080),
@@ -110,11 +116,21 @@ fn capture_recovers_ipv6_and_v4_mapped_destinations() {
         );
         assert_eq!(conn.server_local, SocketAddr::new(target.ipv6, 8080));
         assert_eq!(conn.server_peer.ip(), a.ipv6);
+        assert_eq!(
+            conn.peer,
+            SocketAddr::new(target.ipv6, 8080),
+            "getpeername6 shows the proxy, not the dialled address"
+        );
     }
     // A dual-stack socket dialling an IPv4 address travels as IPv4 and is captured as such.
     let mapped = format!("[::ffff:{}]:8080", b.ipv4);
     let conn = w.connect("a", &mapped, 10_000);
     assert!(conn.captured(), "v4-mapped connect not captured: {conn:?}");
+    assert_eq!(
+        conn.peer.to_string(),
+        mapped,
+        "getpeername6 of a v4-mapped connect shows the proxy"
+    );
     let local = match conn.server_local.ip() {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -263,8 +279,8 @@ fn capture_survives_agent_restart_without_duplicates() {
     let before = attached(&w);
     assert_eq!(
         before.len(),
-        3,
-        "expected connect4, connect6 and sock_ops on {}: {before:?}",
+        5,
+        "expected connect4, connect6, getpeername4, getpeername6 and sock_ops on {}: {before:?}",
         cgroup.display()
     );
     assert_eq!(bpf::sk_lookup_links(&a.netns_path()), 1);
@@ -320,16 +336,26 @@ fn capture_removed_pod_leaves_no_map_entries() {
                 found.push("sluice_orig_peer".into());
             }
         }
-        for (_, v) in bpf::map_entries(&maps.join("sluice_orig_ck")) {
-            if bpf::u64_at(&v, 32) == cookie {
-                found.push("sluice_orig_ck".into());
+        // Both hold the original destination, whose netns cookie is at offset 32. A closed
+        // socket's `sluice_peer_name` entry goes with its close.
+        for name in ["sluice_orig_ck", "sluice_peer_name"] {
+            for (_, v) in bpf::map_entries(&maps.join(name)) {
+                if bpf::u64_at(&v, 32) == cookie {
+                    found.push(name.into());
+                }
             }
         }
         found
     };
+    let before = mentions_a(&w);
     assert!(
-        mentions_a(&w).contains(&"sluice_enrolled".to_string()),
+        before.contains(&"sluice_enrolled".to_string()),
         "a should be enrolled before removal"
+    );
+    // The connection above is closed: getpeername's record of it went with the close.
+    assert!(
+        !before.contains(&"sluice_peer_name".to_string()),
+        "a closed socket's sluice_peer_name entry remains: {before:?}"
     );
     w.unenroll("a");
     assert_eq!(

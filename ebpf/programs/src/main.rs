@@ -6,7 +6,12 @@
 //!   application asked for is recorded under the socket's cookie.
 //! * `sluice_sockops` (cgroup `sock_ops`, same root): once such a connect is established, the
 //!   record moves to a key the proxy can compute from its accepted socket: (pod netns cookie,
-//!   family, client source port). The proxy reads it and deletes it.
+//!   family, client source port). The proxy reads it and deletes it. The socket's cookie keeps
+//!   the original destination in `sluice_peer_name` until the socket closes (a state callback
+//!   removes it).
+//! * `sluice_getpeer4` / `sluice_getpeer6` (cgroup `getpeername4`/`getpeername6`, same
+//!   root): a captured socket reports the address the application dialled as its peer, not the
+//!   proxy's loopback listener.
 //! * `sluice_sk_lookup` (`sk_lookup`, attached to each enrolled pod's network namespace): a TCP
 //!   SYN for a pod address arriving from outside the pod is handed to the proxy's inbound
 //!   listener; the accepted socket's local address is then the original destination.
@@ -18,7 +23,10 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, sk_action,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
@@ -26,8 +34,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, trace};
 use sluice_common::{
-    AF_INET, AF_INET6, Config, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, IpKey, OrigDst, PeerKey, SourceKey,
-    log_level,
+    AF_INET, AF_INET6, Config, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, IpKey, OrigDst, PeerKey,
+    SourceKey, log_level,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -48,6 +56,11 @@ static ENROLLED: HashMap<u64, u8> = HashMap::pinned(16384, 0);
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 
 /// Original destination of a captured connection, by what the proxy sees of it.
+/// Original destination by socket cookie for captured connections, while they are open: what
+/// `getpeername` reports.
+#[map(name = "sluice_peer_name")]
+static PEER_NAME: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+
 #[map(name = "sluice_orig_peer")]
 static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(65536, 0);
 
@@ -153,7 +166,11 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
         return PROCEED;
     }
     let orig = OrigDst {
-        ip: IpKey { family: AF_INET, _pad: 0, addr: [ip, 0, 0, 0] },
+        ip: IpKey {
+            family: AF_INET,
+            _pad: 0,
+            addr: [ip, 0, 0, 0],
+        },
         port,
         listener_family: AF_INET,
         _pad: 0,
@@ -178,7 +195,12 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: the context pointer is valid and writable for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let w = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     let port = u16::from_be(sa.user_port as u16);
     if port_excluded(port, EXCLUDE_OUTBOUND) {
         return PROCEED;
@@ -190,7 +212,11 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             return PROCEED;
         }
         let orig = OrigDst {
-            ip: IpKey { family: AF_INET, _pad: 0, addr: [w[3], 0, 0, 0] },
+            ip: IpKey {
+                family: AF_INET,
+                _pad: 0,
+                addr: [w[3], 0, 0, 0],
+            },
             port,
             listener_family: AF_INET,
             _pad: 0,
@@ -201,12 +227,17 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
         }
         sa.user_ip6[3] = u32::from_ne_bytes([127, 0, 0, 1]);
     } else {
-        let loopback = w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+        let loopback =
+            w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]);
         if loopback || EXCLUDED_V6.get(&Key::new(128, v6_bytes(w))).is_some() {
             return PROCEED;
         }
         let orig = OrigDst {
-            ip: IpKey { family: AF_INET6, _pad: 0, addr: w },
+            ip: IpKey {
+                family: AF_INET6,
+                _pad: 0,
+                addr: w,
+            },
             port,
             listener_family: AF_INET6,
             _pad: 0,
@@ -222,22 +253,37 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     }
     sa.user_port = u32::from(cfg.outbound_port.to_be());
     if cfg.log_level >= log_level::DEBUG {
-        debug!(&ctx, "connect6 captured: port {} (v4-mapped: {})", port, mapped as u8);
+        debug!(
+            &ctx,
+            "connect6 captured: port {} (v4-mapped: {})", port, mapped as u8
+        );
     }
     PROCEED
 }
 
 #[sock_ops]
 pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        return 1;
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => captured_established(&ctx),
+        // Only captured sockets asked for state callbacks (below).
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: helper allowed for sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = PEER_NAME.remove(&cookie);
+        }
+        _ => {}
     }
+    1
+}
+
+#[inline(always)]
+fn captured_established(ctx: &SockOpsContext) {
     // SAFETY: helper allowed for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup; the value is copied out before the entry is removed.
     let orig = match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
         Some(orig) => *orig,
-        None => return 1,
+        None => return,
     };
     // SAFETY: helper allowed for sock_ops programs (Linux 5.15+).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -250,10 +296,61 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     };
     let _ = ORIG_BY_PEER.insert(&key, &orig, 0);
     let _ = ORIG_BY_COOKIE.remove(&cookie);
-    if config().log_level >= log_level::TRACE {
-        trace!(&ctx, "sockops: captured connection from port {} established", key.port);
+    // Remember the dialled address for getpeername until the socket closes; without the state
+    // callback the LRU would still bound the map.
+    if PEER_NAME.insert(&cookie, &orig, 0).is_ok() {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
-    1
+    if config().log_level >= log_level::TRACE {
+        trace!(
+            ctx,
+            "sockops: captured connection from port {} established", key.port
+        );
+    }
+}
+
+/// The original destination of a captured socket, if `ctx`'s socket is one.
+#[inline(always)]
+fn peer_name(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: helper allowed for cgroup_sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup, copied out.
+    unsafe { PEER_NAME.get(&cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sluice_getpeer4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = peer_name(&ctx) {
+        if orig.ip.family == AF_INET {
+            // SAFETY: the context pointer is valid and writable for the program's run.
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip4 = orig.ip.addr[0];
+            sa.user_port = u32::from(orig.port.to_be());
+        }
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sluice_getpeer6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = peer_name(&ctx) {
+        // SAFETY: the context pointer is valid and writable for the program's run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if orig.ip.family == AF_INET {
+            // A dual-stack socket that dialled an IPv4 address: report it v4-mapped.
+            sa.user_ip6[0] = 0;
+            sa.user_ip6[1] = 0;
+            sa.user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+            sa.user_ip6[3] = orig.ip.addr[0];
+        } else {
+            sa.user_ip6[0] = orig.ip.addr[0];
+            sa.user_ip6[1] = orig.ip.addr[1];
+            sa.user_ip6[2] = orig.ip.addr[2];
+            sa.user_ip6[3] = orig.ip.addr[3];
+        }
+        sa.user_port = u32::from(orig.port.to_be());
+    }
+    PROCEED
 }
 
 #[sk_lookup]
@@ -273,7 +370,11 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     let key = if l.family == u32::from(AF_INET) {
         // SAFETY: in-bounds field of the context.
         let ip4 = unsafe { core::ptr::read_volatile(&l.local_ip4) };
-        IpKey { family: AF_INET, _pad: 0, addr: [ip4, 0, 0, 0] }
+        IpKey {
+            family: AF_INET,
+            _pad: 0,
+            addr: [ip4, 0, 0, 0],
+        }
     } else {
         // SAFETY: in-bounds fields of the context.
         let w = unsafe {
@@ -284,13 +385,21 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
                 core::ptr::read_volatile(&l.local_ip6[3]),
             ]
         };
-        IpKey { family: AF_INET6, _pad: 0, addr: w }
+        IpKey {
+            family: AF_INET6,
+            _pad: 0,
+            addr: w,
+        }
     };
     // The proxy's own connection to the application, from the real client's address.
     let remote = if l.family == u32::from(AF_INET) {
         // SAFETY: in-bounds field of the context.
         let ip4 = unsafe { core::ptr::read_volatile(&l.remote_ip4) };
-        IpKey { family: AF_INET, _pad: 0, addr: [ip4, 0, 0, 0] }
+        IpKey {
+            family: AF_INET,
+            _pad: 0,
+            addr: [ip4, 0, 0, 0],
+        }
     } else {
         // SAFETY: in-bounds fields of the context.
         let w = unsafe {
@@ -301,11 +410,19 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
                 core::ptr::read_volatile(&l.remote_ip6[3]),
             ]
         };
-        IpKey { family: AF_INET6, _pad: 0, addr: w }
+        IpKey {
+            family: AF_INET6,
+            _pad: 0,
+            addr: w,
+        }
     };
     // SAFETY: in-bounds field of the context.
     let remote_port = u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) });
-    let source = SourceKey { ip: remote, port: remote_port, _pad: 0 };
+    let source = SourceKey {
+        ip: remote,
+        port: remote_port,
+        _pad: 0,
+    };
     // SAFETY: read-only lookup.
     if unsafe { TRANSPARENT_SOURCES.get(&source) }.is_some() {
         return sk_action::SK_PASS;
@@ -320,7 +437,10 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
         // SAFETY: read-only lookup.
         Err(_) if unsafe { POD_IPS.get(&key) }.is_some() => {
             if cfg.log_level >= log_level::DEBUG {
-                debug!(&ctx, "sk_lookup dropped port {}: enrolled pod has no proxy listener", port);
+                debug!(
+                    &ctx,
+                    "sk_lookup dropped port {}: enrolled pod has no proxy listener", port
+                );
             }
             sk_action::SK_DROP
         }

@@ -147,8 +147,8 @@ fn main() {
 fn explain(c: &sluice_tests::world::Conn, from: &str, to: &str, to_in_mesh: bool) {
     if c.captured() {
         say(&format!(
-            "   {from}'s socket was rewritten by sluice_connect4/6 to the proxy's listener {} (its own address became {}).",
-            c.peer, c.local
+            "   {from}'s socket was rewritten by sluice_connect4/6 to the proxy's loopback listener (its own address became {}); sluice_getpeer4/6 still show it {} as its peer.",
+            c.local, c.peer
         ));
         say(&format!(
             "   The proxy recovered the original destination {} and connected there.",
