@@ -36,13 +36,7 @@ async fn concurrent_streams_share_one_connection() {
     let app = echo_app().await;
     let pki = TestPki::new();
     let server = ServerHarness::start(&pki, H2Config::default(), forward).await;
-    let client = Client::new(
-        &pki,
-        server.addr,
-        PoolConfig::default(),
-        H2Config::default(),
-    )
-    .await;
+    let client = Client::with_defaults(&pki, server.addr).await;
 
     let mut streams = within(30, open_many(&client, app, 50)).await;
     within(
@@ -107,13 +101,7 @@ async fn the_peers_stream_limit_is_respected() {
         ..H2Config::default()
     };
     let server = ServerHarness::start(&pki, h2, forward).await;
-    let client = Client::new(
-        &pki,
-        server.addr,
-        PoolConfig::default(),
-        H2Config::default(),
-    )
-    .await;
+    let client = Client::with_defaults(&pki, server.addr).await;
 
     let mut streams = Vec::new();
     for i in 0..12 {
@@ -334,13 +322,7 @@ async fn a_server_with_an_unexpected_identity_is_refused() {
     let app = echo_app().await;
     let pki = TestPki::new();
     let server = ServerHarness::start(&pki, H2Config::default(), forward).await;
-    let mut client = Client::new(
-        &pki,
-        server.addr,
-        PoolConfig::default(),
-        H2Config::default(),
-    )
-    .await;
+    let mut client = Client::with_defaults(&pki, server.addr).await;
     let someone_else = crate::state::workload::Identity::new(TRUST_DOMAIN, "other-ns", "other-sa");
     client.tls = pki.client_config(&client_identity(), &someone_else).await;
     client.key.destination_identity = someone_else;

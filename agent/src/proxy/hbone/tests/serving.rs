@@ -10,8 +10,7 @@ use tokio::{
 
 use super::support::*;
 use crate::proxy::hbone::{
-    ALPN_H2, Baggage, ConnectRequest, H2Config, PoolConfig, Refusal, RefusalStatus, RequestMeta,
-    Upstream,
+    ALPN_H2, Baggage, ConnectRequest, H2Config, Refusal, RefusalStatus, RequestMeta, Upstream,
 };
 
 /// Refuses by the authority's port: 1 → 400, 2 → 401, 3 → 403, 4 → 503; forwards otherwise.
@@ -31,13 +30,7 @@ async fn refusals_answer_their_status_and_keep_the_connection() {
     let app = echo_app().await;
     let pki = TestPki::new();
     let server = ServerHarness::start(&pki, H2Config::default(), refuse_by_port).await;
-    let client = Client::new(
-        &pki,
-        server.addr,
-        PoolConfig::default(),
-        H2Config::default(),
-    )
-    .await;
+    let client = Client::with_defaults(&pki, server.addr).await;
     for (port, status) in [
         (1, StatusCode::BAD_REQUEST),
         (2, StatusCode::UNAUTHORIZED),
@@ -138,13 +131,7 @@ async fn the_handler_sees_authority_identity_and_ztunnel_headers() {
     };
     let pki = TestPki::new();
     let server = ServerHarness::start(&pki, H2Config::default(), handler).await;
-    let client = Client::new(
-        &pki,
-        server.addr,
-        PoolConfig::default(),
-        H2Config::default(),
-    )
-    .await;
+    let client = Client::with_defaults(&pki, server.addr).await;
     let baggage = Baggage {
         namespace: Some("client-ns".into()),
         workload_kind: Some("deployment".into()),
@@ -177,13 +164,7 @@ async fn draining_lets_open_streams_finish_then_ends_the_connection() {
     let app = echo_app().await;
     let pki = TestPki::new();
     let mut server = ServerHarness::start(&pki, H2Config::default(), forward).await;
-    let client = Client::new(
-        &pki,
-        server.addr,
-        PoolConfig::default(),
-        H2Config::default(),
-    )
-    .await;
+    let client = Client::with_defaults(&pki, server.addr).await;
     let mut open = within(30, client.connect(app)).await.unwrap();
     open.write_all(b"before").await.unwrap();
 
@@ -241,13 +222,7 @@ async fn early_data_reaches_the_app_only_through_an_accepted_stream() {
     };
     let pki = TestPki::new();
     let server = ServerHarness::start(&pki, H2Config::default(), handler).await;
-    let client = Client::new(
-        &pki,
-        server.addr,
-        PoolConfig::default(),
-        H2Config::default(),
-    )
-    .await;
+    let client = Client::with_defaults(&pki, server.addr).await;
     let meta = RequestMeta::new((LOCALHOST, 40000).into(), Default::default());
     let connect = |early: &'static [u8]| {
         client.pool.connect_with_data(

@@ -194,6 +194,11 @@ impl Client {
         }
     }
 
+    /// A client of `server` with the default pool and HTTP/2 settings.
+    pub async fn with_defaults(pki: &TestPki, server: SocketAddr) -> Self {
+        Self::new(pki, server, PoolConfig::default(), H2Config::default()).await
+    }
+
     pub async fn connect(&self, authority: SocketAddr) -> Result<HboneStream, ConnectError> {
         let meta = RequestMeta::new((LOCALHOST, 40000).into(), Default::default());
         self.pool
