@@ -55,12 +55,12 @@ static ENROLLED: HashMap<u64, u8> = HashMap::pinned(16384, 0);
 #[map(name = "sluice_orig_ck")]
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 
-/// Original destination of a captured connection, by what the proxy sees of it.
 /// Original destination by socket cookie for captured connections, while they are open: what
 /// `getpeername` reports.
 #[map(name = "sluice_peer_name")]
 static PEER_NAME: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 
+/// Original destination of a captured connection, by what the proxy sees of it.
 #[map(name = "sluice_orig_peer")]
 static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(65536, 0);
 
