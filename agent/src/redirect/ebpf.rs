@@ -42,8 +42,8 @@ const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 const CONNECT4: &str = "sluice_connect4";
 const CONNECT6: &str = "sluice_connect6";
-const GETPEERNAME4: &str = "sluice_getpeer4";
-const GETPEERNAME6: &str = "sluice_getpeer6";
+const GETPEER4: &str = "sluice_getpeer4";
+const GETPEER6: &str = "sluice_getpeer6";
 const SOCKOPS: &str = "sluice_sockops";
 const SK_LOOKUP: &str = "sluice_sk_lookup";
 
@@ -430,7 +430,7 @@ impl Capture {
             path: cgroup_root.into(),
             source,
         })?;
-        for name in [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6] {
+        for name in [CONNECT4, CONNECT6, GETPEER4, GETPEER6] {
             let prog: &mut CgroupSockAddr = bpf
                 .program_mut(name)
                 .ok_or(EbpfError::MissingProgram(name))?
