@@ -33,8 +33,7 @@ use sluice_common::{
 
 use super::netns::Netns;
 
-/// The compiled programs, embedded at build time (see `agent/build.rs`).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf.o"));
+pub mod object;
 
 /// bpf_link attachments to a cgroup take no flags (the kernel refuses BPF_F_ALLOW_MULTI there)
 /// and always coexist with other programs; aya spells "no flags" `Single`.
@@ -50,6 +49,8 @@ const SK_LOOKUP: &str = "sluice_sk_lookup";
 /// Errors loading, attaching or updating the programs and maps.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
+    #[error(transparent)]
+    NoKernelPrograms(#[from] object::NoKernelPrograms),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {0} missing from the eBPF object")]
@@ -411,6 +412,7 @@ impl Capture {
         cgroup_root: &Path,
         settings: &CaptureSettings,
     ) -> Result<Self, EbpfError> {
+        let object = object::embedded()?;
         for sub in ["maps", "progs", "links"] {
             let dir = pin_dir.join(sub);
             std::fs::create_dir_all(&dir).map_err(|source| EbpfError::Pin {
@@ -421,7 +423,7 @@ impl Capture {
         }
         let mut bpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir.join("maps"))
-            .load(OBJECT)?;
+            .load(object)?;
         if let Err(e) = aya_log::EbpfLogger::init(&mut bpf).map(spawn_ebpf_logger) {
             tracing::warn!(error = %e, "eBPF log forwarding unavailable");
         }
