@@ -10,8 +10,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// Where `cargo xtask build-ebpf` leaves the object (xtask/src/main.rs names the same path).
-const OBJECT: &str = "../ebpf/programs/target/bpfel-unknown-none/release/sluice-ebpf";
+/// Where `cargo xtask build-ebpf` leaves the object, from the workspace root (xtask/src/main.rs
+/// names the same path).
+const OBJECT: &str = "ebpf/programs/target/bpfel-unknown-none/release/sluice-ebpf";
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -30,7 +31,10 @@ fn main() {
             path
         }
         None => {
-            let path = manifest.join(OBJECT);
+            let path = manifest
+                .parent()
+                .expect("agent/ is in the workspace")
+                .join(OBJECT);
             // Cargo reruns a build script on every build while a watched path is missing, so
             // watch the object when it exists and otherwise its nearest existing ancestor
             // directory: creating the object (or the directories on the way to it) changes that

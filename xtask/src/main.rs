@@ -22,7 +22,7 @@ enum Cmd {
     Setup,
     /// Build the eBPF object (nightly, bpfel-unknown-none).
     BuildEbpf,
-    /// Build the eBPF object, then the agent and test binaries (release).
+    /// Build the eBPF object, then the agent, the test binaries and the tests (release).
     Build,
     /// Run the whole suite as root (unit and end-to-end); runs `setup` and `build` first.
     Test {
@@ -208,6 +208,9 @@ fn setup(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where `build-ebpf` leaves the object that `agent/build.rs` embeds (it names the same path).
+const EBPF_OBJECT: &str = "ebpf/programs/target/bpfel-unknown-none/release/sluice-ebpf";
+
 fn build_ebpf(root: &Path) -> Result<()> {
     say("building the eBPF programs (nightly, bpfel-unknown-none)");
     run(Command::new("cargo")
@@ -226,18 +229,56 @@ fn build_ebpf(root: &Path) -> Result<()> {
             "build-std=core",
             "--target",
             "bpfel-unknown-none",
-        ]))
+        ]))?;
+    // Without the object agent/build.rs embeds an empty stub (so that plain cargo and editors
+    // work on a fresh clone); xtask never ships that.
+    check_ebpf_object(&root.join(EBPF_OBJECT))
 }
 
+/// Fails unless `object` is a non-empty file: the real programs, not what a stub build embeds.
+fn check_ebpf_object(object: &Path) -> Result<()> {
+    let len = std::fs::metadata(object)
+        .with_context(|| format!("the eBPF build left no object at {}", object.display()))?
+        .len();
+    if len == 0 {
+        bail!(
+            "the eBPF object {} is empty: a sluice built from it would have no kernel programs",
+            object.display()
+        );
+    }
+    Ok(())
+}
+
+/// `cargo` for a step of the build, with the same environment as a `cargo` typed in a shell.
+///
+/// `cargo xtask` runs inside `cargo run`, which sets `CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME` and
+/// the like for xtask. Children inherit them, and cargo compares the build scripts'
+/// `rerun-if-env-changed` variables against its own environment: ring's build script watches
+/// exactly these, so a build under xtask and one outside it (`.ci/run`'s clippy, a hand-typed
+/// `cargo build`) would each find ring dirty and rebuild it with rustls, kube and all above them.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root);
+    for (key, _) in env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || key.starts_with("CARGO_BIN_")
+            || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "OUT_DIR"].contains(&&*key)
+        {
+            cmd.env_remove(&*key);
+        }
+    }
+    cmd
+}
+
+/// `cargo build` of every unit a later `test`, `demo` or `bench` uses: the binaries and all
+/// test targets, with the same package selection (`--workspace`, hence the same unified
+/// features) as every other step. A warm `test` right after `build` then compiles nothing.
 fn build(root: &Path) -> Result<()> {
     build_ebpf(root)?;
-    say("building the agent and test binaries (release)");
-    run(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "--workspace",
-        "--bins",
-    ]))
+    say("building the agent, the test binaries and the tests (release)");
+    run(cargo(root).args(["build", "--release", "--workspace", "--bins", "--tests"]))
 }
 
 fn test(root: &Path, filter: Option<&str>) -> Result<()> {
@@ -246,15 +287,11 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     build(root)?;
     let filter: Vec<&str> = filter.into_iter().collect();
     say("unit tests");
-    run(Command::new("cargo")
-        .current_dir(root)
-        // `--workspace` in every step: the same package selection resolves the same features,
-        // so the binaries, the unit tests and the end-to-end tests share one build of the tree.
+    run(cargo(root)
         .args(["test", "--release", "--workspace", "--lib", "--bins", "--"])
         .args(&filter))?;
     say("end-to-end tests (one at a time: they share the kernel)");
-    run(Command::new("cargo")
-        .current_dir(root)
+    run(cargo(root)
         .env("SLUICE_BIN", agent_bin(root))
         .args([
             "test",
@@ -269,22 +306,45 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
 }
 
 fn manifests(root: &Path, check: bool) -> Result<()> {
-    build_ebpf(root)?;
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root)
-        .args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "sluice",
-            "--",
-            "manifests",
-            "--dir",
-        ])
-        .arg(root.join("deploy"));
+    // The binary `build` made: a `cargo run -p sluice` would resolve features for the agent
+    // alone (without tempfile, rustix leaves bitflags' `std` off) and rebuild half the tree.
+    build(root)?;
+    let mut cmd = Command::new(agent_bin(root));
+    cmd.args(["manifests", "--dir"]).arg(root.join("deploy"));
     if check {
         cmd.arg("--check");
     }
     run(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_empty_ebpf_object_is_refused() {
+        let dir = env::temp_dir().join(format!("xtask-object-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let object = dir.join("sluice-ebpf");
+
+        let missing = check_ebpf_object(&object).unwrap_err().to_string();
+        assert!(missing.contains("left no object"), "{missing}");
+
+        std::fs::write(&object, b"").unwrap();
+        let empty = check_ebpf_object(&object).unwrap_err().to_string();
+        assert!(empty.contains("no kernel programs"), "{empty}");
+
+        std::fs::write(&object, b"\x7fELF").unwrap();
+        check_ebpf_object(&object).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_object_path_matches_the_agent_build_script() {
+        let build_rs = std::fs::read_to_string(workspace_root().join("agent/build.rs")).unwrap();
+        assert!(
+            build_rs.contains(&format!("\"{EBPF_OBJECT}\"")),
+            "agent/build.rs"
+        );
+    }
 }
