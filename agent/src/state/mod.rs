@@ -9,6 +9,7 @@ pub mod egress;
 pub mod ingress;
 pub mod last_good;
 pub mod policy;
+pub mod rejections;
 pub mod workload;
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 
 pub use build::{BuildOutput, build};
 pub use last_good::LastGood;
+pub use rejections::{Rejection, Rejections};
 pub use workload::{
     Identity, Membership, Namespace, Node, Service, ServicePort, Workload, WorkloadUid,
 };
@@ -77,29 +79,6 @@ impl MeshState {
         self.workloads
             .values()
             .find(|w| w.namespace == namespace && w.name == name)
-    }
-}
-
-/// A resource left out of MeshState, and why. Logged, and written back as a status condition
-/// where the kind has status.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Rejection {
-    /// `Kind.group`, e.g. `PeerAuthentication.security.istio.io`.
-    pub kind: String,
-    pub namespace: Option<String>,
-    pub name: String,
-    /// Path of the offending field, e.g. `spec.mtls.mode`.
-    pub field: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for Rejection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name)?,
-            None => write!(f, "{} {}", self.kind, self.name)?,
-        }
-        write!(f, ": {}: {}", self.field, self.message)
     }
 }
 
