@@ -8,7 +8,11 @@
 //! rejection of the new version is still reported (log line and status condition).
 use kube::Resource;
 
-use super::{BuildOutput, MeshSettings, build, rejections::Rejection};
+use super::{
+    build::{BuildOutput, build},
+    rejections::Rejection,
+    settings::MeshSettings,
+};
 use crate::resources::{
     ResourceSet,
     kinds::{self, KindVisitor, WatchedKind},

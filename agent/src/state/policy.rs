@@ -21,7 +21,7 @@ use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Serialize;
 
-use super::build::Rejections;
+use super::rejections::Rejections;
 use crate::resources::{
     ResourceSet,
     istio_security::{

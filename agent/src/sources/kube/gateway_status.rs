@@ -30,6 +30,9 @@ use crate::{
     },
 };
 
+/// The controller name Sluice writes into Gateway API route status.
+pub const CONTROLLER_NAME: &str = "sluice.dev/gateway-controller";
+
 /// Turns `conds` into API conditions, keeping `lastTransitionTime` from `previous` where the
 /// status did not change.
 pub fn conditions(
@@ -127,7 +130,7 @@ pub fn route_status(
         .unwrap_or(&[]);
     let mut out: Vec<RouteParentStatus> = previous
         .iter()
-        .filter(|p| p.controller_name != super::CONTROLLER_NAME)
+        .filter(|p| p.controller_name != CONTROLLER_NAME)
         .cloned()
         .collect();
     for parent in &route.spec.parent_refs {
@@ -166,12 +169,12 @@ pub fn route_status(
         };
         let prev = previous
             .iter()
-            .find(|p| p.controller_name == super::CONTROLLER_NAME && &p.parent_ref == parent)
+            .find(|p| p.controller_name == CONTROLLER_NAME && &p.parent_ref == parent)
             .map(|p| p.conditions.as_slice())
             .unwrap_or(&[]);
         out.push(RouteParentStatus {
             parent_ref: parent.clone(),
-            controller_name: super::CONTROLLER_NAME.to_owned(),
+            controller_name: CONTROLLER_NAME.to_owned(),
             conditions: conditions(&[accepted, resolved], generation, prev, now),
         });
     }

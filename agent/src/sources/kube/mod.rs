@@ -90,10 +90,8 @@ impl Default for KubeConfig {
     }
 }
 
-/// The controller name Sluice writes into Gateway API route status.
-pub const CONTROLLER_NAME: &str = "sluice.dev/gateway-controller";
-/// The field manager of every write Sluice makes.
-pub const FIELD_MANAGER: &str = "sluice";
+pub use gateway_status::CONTROLLER_NAME;
+pub use status::{FIELD_MANAGER, Rebuilt};
 
 /// Why the kube source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -150,17 +148,6 @@ impl SourceOptions {
             )
         })
     }
-}
-
-/// One rebuild's outcome, for the status writer.
-#[derive(Clone, Debug, Default)]
-pub struct Rebuilt {
-    /// Counts rebuilds; 0 until the first.
-    pub generation: u64,
-    pub rejections: Vec<Rejection>,
-    /// Kinds (`Kind.group`) that could not be listed when the source first synced: CRD not
-    /// installed, or forbidden.
-    pub absent: Vec<String>,
 }
 
 /// A running kube source. Dropping it stops the watches and the rebuild loop; the last

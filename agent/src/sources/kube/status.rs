@@ -1,5 +1,5 @@
 //! The status writer: conditions back to the cluster, by server-side apply with field manager
-//! [`FIELD_MANAGER`](super::FIELD_MANAGER), from the one agent that holds the status Lease.
+//! [`FIELD_MANAGER`], from the one agent that holds the status Lease.
 //!
 //! * Istio kinds (networking and security): a condition of type [`ISTIO_CONDITION`] in
 //!   `status.conditions`, shaped like the conditions istiod writes for ambient mode
@@ -31,8 +31,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
-    FIELD_MANAGER, Rebuilt,
-    gateway_status::{self, same_conditions},
+    gateway_status::{self, CONTROLLER_NAME, same_conditions},
     watch::Stores,
 };
 use crate::{
@@ -43,6 +42,20 @@ use crate::{
     },
     state::{Rejection, StateHandle},
 };
+
+/// The field manager of every write Sluice makes.
+pub const FIELD_MANAGER: &str = "sluice";
+
+/// One rebuild's outcome, for the status writer.
+#[derive(Clone, Debug, Default)]
+pub struct Rebuilt {
+    /// Counts rebuilds; 0 until the first.
+    pub generation: u64,
+    pub rejections: Vec<Rejection>,
+    /// Kinds (`Kind.group`) that could not be listed when the source first synced: CRD not
+    /// installed, or forbidden.
+    pub absent: Vec<String>,
+}
 
 /// Condition type Sluice writes on Istio resources (after istiod's `<Component>Accepted`).
 pub const ISTIO_CONDITION: &str = "SluiceAccepted";
@@ -291,8 +304,7 @@ impl StatusWriter {
                 now,
             );
             let have = route.status.clone().unwrap_or_default().parents;
-            let ours =
-                |p: &&gateway_api::RouteParentStatus| p.controller_name == super::CONTROLLER_NAME;
+            let ours = |p: &&gateway_api::RouteParentStatus| p.controller_name == CONTROLLER_NAME;
             let want_ours: Vec<_> = want.iter().filter(ours).collect();
             let have_ours: Vec<_> = have.iter().filter(ours).collect();
             let same = want_ours.len() == have_ours.len()
