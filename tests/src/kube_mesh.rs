@@ -220,7 +220,8 @@ pub fn mentions(state: &MeshState, namespace: &str, name: &str) -> bool {
         }
     }
     let v = serde_json::to_value(state).expect("state serialises");
-    walk(&v, namespace, name, &format!("{namespace}/{name}"))
+    let joined = sluice::resources::NamespacedName::new(namespace, name).key();
+    walk(&v, namespace, name, &joined)
 }
 
 /// The part of the state's JSON under `path` (JSON pointer), for assertions on shapes.

@@ -5,38 +5,16 @@
 pub mod gateway_api;
 pub mod istio_networking;
 pub mod istio_security;
+pub mod kinds;
 pub mod mesh_config;
+pub mod name;
 pub mod static_egress;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use serde::Deserialize;
 
-/// Every resource the mesh reads, as last seen.
-#[derive(Clone, Debug, Default)]
-pub struct ResourceSet {
-    pub namespaces: Vec<Namespace>,
-    pub pods: Vec<Pod>,
-    pub services: Vec<Service>,
-    pub nodes: Vec<Node>,
-    pub config_maps: Vec<ConfigMap>,
-    /// `networking.istio.io` ServiceEntries (the external-service registry).
-    pub service_entries: Vec<istio_networking::ServiceEntry>,
-    /// `networking.istio.io` Sidecars (per-namespace/workload outbound traffic policy).
-    pub sidecars: Vec<istio_networking::Sidecar>,
-    /// `networking.istio.io` Gateways (egress gateways).
-    pub istio_gateways: Vec<istio_networking::Gateway>,
-    pub virtual_services: Vec<istio_networking::VirtualService>,
-    pub destination_rules: Vec<istio_networking::DestinationRule>,
-    pub static_gateway_configurations: Vec<static_egress::StaticGatewayConfiguration>,
-    /// `security.istio.io` PeerAuthentications (mTLS modes).
-    pub peer_authentications: Vec<istio_security::PeerAuthentication>,
-    /// `security.istio.io` AuthorizationPolicies.
-    pub authorization_policies: Vec<istio_security::AuthorizationPolicy>,
-    /// `gateway.networking.k8s.io` Gateways (ingress listeners).
-    pub gateways: Vec<gateway_api::Gateway>,
-    /// `gateway.networking.k8s.io` HTTPRoutes.
-    pub http_routes: Vec<gateway_api::HTTPRoute>,
-}
+pub use kinds::ResourceSet;
+use kinds::{KindVisitor, WatchedKind};
+pub use name::NamespacedName;
 
 /// Why a YAML document could not be read as a resource.
 #[derive(Debug, thiserror::Error)]
@@ -118,63 +96,42 @@ impl ResourceSet {
             name: name.clone(),
             source,
         };
-        match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Namespace") => self
-                .namespaces
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            ("v1", "Pod") => self
-                .pods
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            ("v1", "Service") => self
-                .services
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            ("v1", "Node") => self
-                .nodes
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            ("v1", "ConfigMap") => self
-                .config_maps
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            (v, kind) if istio_networking::is_api_version(v) => match kind {
-                "ServiceEntry" => self
-                    .service_entries
-                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
-                "Sidecar" => self
-                    .sidecars
-                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
-                "Gateway" => self
-                    .istio_gateways
-                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
-                "VirtualService" => self
-                    .virtual_services
-                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
-                "DestinationRule" => self
-                    .destination_rules
-                    .push(serde_yaml::from_value(doc).map_err(invalid)?),
-                _ => {
-                    return Err(DocumentError::UnknownKind {
-                        index,
-                        api_version,
-                        kind: kind.to_owned(),
-                    });
+        if (api_version.as_str(), kind.as_str()) == (AGENT_CONFIG_API_VERSION, AGENT_CONFIG_KIND) {
+            return Ok(false);
+        }
+        /// Adds the document to the list of the kind it names.
+        struct Add<'a> {
+            set: &'a mut ResourceSet,
+            api_version: &'a str,
+            kind: &'a str,
+            doc: Option<serde_yaml::Value>,
+            result: Option<Result<(), serde_yaml::Error>>,
+        }
+        impl KindVisitor for Add<'_> {
+            fn visit<K: WatchedKind>(&mut self) {
+                if self.result.is_some()
+                    || self.kind != K::kind(&())
+                    || !K::accepts_api_version(self.api_version)
+                {
+                    return;
                 }
-            },
-            (v, "PeerAuthentication") if istio_security::is_api_version(v) => self
-                .peer_authentications
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            (v, "AuthorizationPolicy") if istio_security::is_api_version(v) => self
-                .authorization_policies
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            (static_egress::API_VERSION, "StaticGatewayConfiguration") => self
-                .static_gateway_configurations
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            (gateway_api::API_VERSION, "Gateway") => self
-                .gateways
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            (gateway_api::API_VERSION, "HTTPRoute") => self
-                .http_routes
-                .push(serde_yaml::from_value(doc).map_err(invalid)?),
-            (AGENT_CONFIG_API_VERSION, AGENT_CONFIG_KIND) => return Ok(false),
-            _ => {
+                let Some(doc) = self.doc.take() else { return };
+                self.result =
+                    Some(serde_yaml::from_value::<K>(doc).map(|o| K::list_mut(self.set).push(o)));
+            }
+        }
+        let mut add = Add {
+            set: self,
+            api_version: &api_version,
+            kind: &kind,
+            doc: Some(doc),
+            result: None,
+        };
+        kinds::for_each_kind(&mut add);
+        match add.result {
+            Some(Ok(())) => {}
+            Some(Err(source)) => return Err(invalid(source)),
+            None => {
                 return Err(DocumentError::UnknownKind {
                     index,
                     api_version,

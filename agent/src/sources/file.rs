@@ -7,6 +7,7 @@ use serde::Deserialize;
 use crate::{
     config::AgentConfig,
     resources::{AGENT_CONFIG_KIND, DocumentError, ResourceSet},
+    state::{LastGood, StatePublisher},
 };
 
 /// What a config file holds.
@@ -94,12 +95,7 @@ impl Watch {
                     match load(&path) {
                         Ok(file) => {
                             tracing::info!(path = %path.display(), "config file changed; republishing its resources");
-                            super::publish_file(
-                                &file.resources,
-                                &agent,
-                                &publisher,
-                                &mut last_good,
-                            );
+                            publish(&file.resources, &agent, &publisher, &mut last_good);
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "config file changed but does not parse; keeping the last state")
@@ -166,6 +162,21 @@ pub fn parse(text: &str, path: &Path) -> Result<LocalFile, FileError> {
         })?;
     }
     Ok(file)
+}
+
+/// Builds and publishes the file's resources (falling back to the last valid version of a
+/// resource an edit made invalid), logging what was rejected.
+pub(crate) fn publish(
+    resources: &ResourceSet,
+    agent: &AgentConfig,
+    publisher: &StatePublisher,
+    last_good: &mut LastGood,
+) {
+    let built = last_good.build(resources, &agent.mesh_settings());
+    for r in &built.rejections {
+        tracing::warn!(rejection = %r, "resource rejected");
+    }
+    publisher.publish(built.state);
 }
 
 #[cfg(test)]

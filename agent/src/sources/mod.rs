@@ -5,7 +5,7 @@ pub mod kube;
 use std::time::Duration;
 
 use anyhow::Context;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{
     config::AgentConfig,
@@ -32,7 +32,7 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     if !agent.kube.enabled {
         let mut last_good = state::LastGood::default();
-        publish_file(resources, agent, &publisher, &mut last_good);
+        file::publish(resources, agent, &publisher, &mut last_good);
         return Ok(Running::File(file::Watch::start(
             config_path.map(Into::into),
             agent.clone(),
@@ -52,19 +52,4 @@ pub async fn start(
     info!("waiting for the first list of every watched kind");
     running.source.synced().await;
     Ok(Running::Kube(Box::new(running)))
-}
-
-/// Builds and publishes the file's resources (falling back to the last valid version of a
-/// resource an edit made invalid), logging what was rejected.
-pub(crate) fn publish_file(
-    resources: &ResourceSet,
-    agent: &AgentConfig,
-    publisher: &StatePublisher,
-    last_good: &mut state::LastGood,
-) {
-    let built = last_good.build(resources, &agent.mesh_settings());
-    for r in &built.rejections {
-        warn!(rejection = %r, "resource rejected");
-    }
-    publisher.publish(built.state);
 }

@@ -7,10 +7,12 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    Membership, MeshSettings, MeshState, Namespace, Node, Rejection, Service, ServicePort,
-    Workload, WorkloadUid,
+    mesh::MeshState,
+    rejections::Rejection,
+    settings::MeshSettings,
+    workload::{Membership, Namespace, Node, Service, ServicePort, Workload, WorkloadUid},
 };
-use crate::resources::ResourceSet;
+use crate::resources::{NamespacedName, ResourceSet, kinds::WatchedKind};
 
 /// Label that puts a namespace or pod in the ambient mesh (`ambient`) or keeps a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -24,29 +26,9 @@ pub struct BuildOutput {
     pub rejections: Vec<Rejection>,
 }
 
-/// Collects what [`build`] leaves out.
-#[derive(Debug, Default)]
-pub struct Rejections(pub Vec<Rejection>);
-
-impl Rejections {
-    /// Records that `kind namespace/name` was left out because of `field`.
-    pub fn reject(
-        &mut self,
-        kind: &str,
-        namespace: Option<&str>,
-        name: &str,
-        field: &str,
-        message: impl Into<String>,
-    ) {
-        self.0.push(Rejection {
-            kind: kind.to_owned(),
-            namespace: namespace.map(str::to_owned),
-            name: name.to_owned(),
-            field: field.to_owned(),
-            message: message.into(),
-        });
-    }
-}
+// Re-exported for the sub-builders that still import it from here (`state/egress*`); new code
+// imports `state::rejections`.
+pub use super::rejections::Rejections;
 
 /// Builds the mesh model from everything the sources have seen.
 pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
@@ -76,13 +58,18 @@ pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
         if let Some(svc) = service(svc, &out.state.workloads, &mut rejected) {
             out.state
                 .services
-                .insert(format!("{}/{}", svc.namespace, svc.name), svc);
+                .insert(NamespacedName::new(&svc.namespace, &svc.name).key(), svc);
         }
     }
     out.state.egress =
         super::egress::build(resources, settings, &out.state.workloads, &mut rejected);
     out.state.policy = super::policy::normalise(resources, &settings.root_namespace, &mut rejected);
-    out.state.ingress = super::ingress::build(resources, &mut rejected);
+    out.state.ingress = super::ingress::build(
+        resources,
+        &out.state.namespaces,
+        &out.state.services,
+        &mut rejected,
+    );
     out.rejections = rejected.0;
     out
 }
@@ -110,7 +97,7 @@ fn node(node: &K8sNode, out: &mut Rejections) -> Option<Node> {
             Ok(ip) => addresses.push(ip),
             Err(_) => {
                 out.reject(
-                    "Node",
+                    &K8sNode::qualified(),
                     None,
                     &name,
                     &format!("status.addresses[{i}].address"),
@@ -165,14 +152,20 @@ fn workload(
         .clone()
         .unwrap_or_else(|| "default".into());
     if name.is_empty() {
-        out.reject("Pod", Some(&namespace), "", "metadata.name", "missing");
+        out.reject(
+            &Pod::qualified(),
+            Some(&namespace),
+            "",
+            "metadata.name",
+            "missing",
+        );
         return None;
     }
     let uid = pod
         .metadata
         .uid
         .clone()
-        .unwrap_or_else(|| format!("{namespace}/{name}"));
+        .unwrap_or_else(|| NamespacedName::new(&namespace, &name).key());
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let mut ips = Vec::new();
@@ -193,7 +186,7 @@ fn workload(
             Ok(_) => {}
             Err(_) => {
                 out.reject(
-                    "Pod",
+                    &Pod::qualified(),
                     Some(&namespace),
                     &name,
                     &field,
@@ -247,7 +240,7 @@ fn service(
             Ok(ip) => vips.push(ip),
             Err(_) => {
                 out.reject(
-                    "Service",
+                    &K8sService::qualified(),
                     Some(&namespace),
                     &name,
                     &format!("spec.clusterIPs[{i}]"),
@@ -261,7 +254,7 @@ fn service(
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let Ok(port) = u16::try_from(p.port) else {
             out.reject(
-                "Service",
+                &K8sService::qualified(),
                 Some(&namespace),
                 &name,
                 &format!("spec.ports[{i}].port"),
@@ -275,7 +268,7 @@ fn service(
                 Ok(n) if n > 0 => n,
                 _ => {
                     out.reject(
-                        "Service",
+                        &K8sService::qualified(),
                         Some(&namespace),
                         &name,
                         &format!("spec.ports[{i}].targetPort"),

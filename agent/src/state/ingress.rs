@@ -7,18 +7,26 @@
 //! the Gateway API treats as a partial failure is kept out without rejecting the resource, and the
 //! status writer reports it: a listener with a protocol Sluice does not serve, a backend that is
 //! not a Service.
+//!
+//! Attachment is decided here too, so that the status writer and a data plane read one answer:
+//! each route parent carries whether the route attached to that Gateway (and to which listeners,
+//! or why not), each listener the routes attached to it, each route whether its backends resolve,
+//! and each Gateway the Gateway API conditions of every listener in its spec.
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::build::Rejections;
-use crate::resources::{
-    ResourceSet,
-    gateway_api::{self, HTTPRoute, HttpRouteMatch},
+use super::{
+    rejections::Rejections,
+    workload::{Namespace, Service},
 };
+use kube::Resource;
 
-const GATEWAY_KIND: &str = "Gateway.gateway.networking.k8s.io";
-const ROUTE_KIND: &str = "HTTPRoute.gateway.networking.k8s.io";
+use crate::resources::{
+    NamespacedName, ResourceSet,
+    gateway_api::{self, HTTPRoute, HttpRouteMatch},
+    kinds::WatchedKind,
+};
 
 /// Ingress configuration, normalised.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -37,6 +45,59 @@ pub struct IngressGateway {
     /// `spec.gatewayClassName`.
     pub class: String,
     pub listeners: Vec<IngressListener>,
+    /// The Gateway API conditions of every listener in the spec (those Sluice cannot serve too).
+    pub listener_conditions: Vec<ListenerConditions>,
+}
+
+/// What the Gateway API asks a condition to say (the status writer adds generation and time).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The conditions of one listener of a Gateway's spec, as far as the listener alone decides them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ListenerConditions {
+    pub name: String,
+    /// HTTPRoutes may attach (an HTTP or HTTPS listener).
+    pub carries_http: bool,
+    pub accepted: Cond,
+    pub resolved_refs: Cond,
+    pub conflicted: Cond,
+}
+
+impl ListenerConditions {
+    /// Programmed, unless the Gateway as a whole is rejected.
+    pub fn programmed(&self, gateway_rejected: bool) -> Cond {
+        if !gateway_rejected
+            && self.accepted.status
+            && self.resolved_refs.status
+            && !self.conflicted.status
+        {
+            Cond::new("Programmed", true, "Programmed", "listener programmed")
+        } else {
+            Cond::new("Programmed", false, "Invalid", "listener is not programmed")
+        }
+    }
 }
 
 /// Protocols a listener may carry.
@@ -89,6 +150,8 @@ pub struct IngressListener {
     /// Requests must match this host name (`*.`-prefixed for a wildcard); `None` = any.
     pub hostname: Option<String>,
     pub allowed_namespaces: AllowedNamespaces,
+    /// `namespace/name` of every route attached here, once per parent reference that attached it.
+    pub attached_routes: Vec<String>,
 }
 
 /// An HTTPRoute.
@@ -99,6 +162,8 @@ pub struct HttpRoute {
     pub parents: Vec<RouteParent>,
     pub hostnames: Vec<String>,
     pub rules: Vec<HttpRule>,
+    /// Whether every backend is a Service of the route's namespace that exists.
+    pub resolved_refs: Cond,
 }
 
 /// A Gateway (or one of its listeners) a route attaches to.
@@ -108,6 +173,16 @@ pub struct RouteParent {
     pub name: String,
     pub section_name: Option<String>,
     pub port: Option<u16>,
+    /// Whether the route attached to this Gateway, and where.
+    pub attachment: Attachment,
+}
+
+/// Outcome of attaching one route to one parent reference.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Attachment {
+    /// Listener names the route attached to (empty: not accepted).
+    pub listeners: Vec<String>,
+    pub accepted: Cond,
 }
 
 /// One rule: any of `matches`, sent to `backends` by weight.
@@ -145,24 +220,288 @@ pub struct HttpBackend {
     pub weight: u32,
 }
 
-/// Normalises every Gateway and HTTPRoute in `resources`.
-pub fn build(resources: &ResourceSet, out: &mut Rejections) -> Ingress {
+/// Normalises every Gateway and HTTPRoute in `resources` and attaches the routes, against the
+/// mesh's `namespaces` (for listener namespace selectors) and `services` (for backends).
+pub fn build(
+    resources: &ResourceSet,
+    namespaces: &BTreeMap<String, Namespace>,
+    services: &BTreeMap<String, Service>,
+    out: &mut Rejections,
+) -> Ingress {
     let mut ingress = Ingress::default();
     for gw in &resources.gateways {
         if let Some(g) = gateway(gw, out) {
             ingress
                 .gateways
-                .insert(format!("{}/{}", g.namespace, g.name), g);
+                .insert(NamespacedName::new(&g.namespace, &g.name).key(), g);
         }
     }
     for route in &resources.http_routes {
-        if let Some(r) = http_route(route, out) {
+        if let Some(r) = http_route(route, services, out) {
             ingress
                 .routes
-                .insert(format!("{}/{}", r.namespace, r.name), r);
+                .insert(NamespacedName::new(&r.namespace, &r.name).key(), r);
         }
     }
+    attach_all(&mut ingress, namespaces);
     ingress
+}
+
+/// Decides every route parent's attachment and lists each listener's attached routes.
+fn attach_all(ingress: &mut Ingress, namespaces: &BTreeMap<String, Namespace>) {
+    let Ingress { gateways, routes } = ingress;
+    for (key, route) in routes.iter_mut() {
+        let attachments: Vec<Attachment> = route
+            .parents
+            .iter()
+            .map(|parent| {
+                match gateways.get(&NamespacedName::new(&parent.namespace, &parent.name).key()) {
+                    Some(gw) => attach(route, parent, gw, namespaces),
+                    None => Attachment {
+                        listeners: vec![],
+                        accepted: Cond::new(
+                            "Accepted",
+                            false,
+                            "NoMatchingParent",
+                            format!(
+                                "Gateway {} is not accepted",
+                                NamespacedName::new(&parent.namespace, &parent.name)
+                            ),
+                        ),
+                    },
+                }
+            })
+            .collect();
+        for (parent, attachment) in route.parents.iter_mut().zip(attachments) {
+            if let Some(gw) =
+                gateways.get_mut(&NamespacedName::new(&parent.namespace, &parent.name).key())
+            {
+                for l in gw
+                    .listeners
+                    .iter_mut()
+                    .filter(|l| attachment.listeners.contains(&l.name))
+                {
+                    l.attached_routes.push(key.clone());
+                }
+            }
+            parent.attachment = attachment;
+        }
+    }
+}
+
+/// Whether a listener hostname and a route hostname can match the same request.
+pub fn hostnames_intersect(listener: &str, route: &str) -> bool {
+    fn covers(wild: &str, name: &str) -> bool {
+        // `*.example.com` covers `a.example.com` and `a.b.example.com`, not `example.com`.
+        wild.strip_prefix('*')
+            .is_some_and(|suffix| name.len() > suffix.len() && name.ends_with(suffix))
+    }
+    listener == route || covers(listener, route) || covers(route, listener)
+}
+
+/// Attaches `route` to `gateway` through `parent`, following the listener rules: section name
+/// and port, protocol, allowed namespaces, then hostnames.
+pub fn attach(
+    route: &HttpRoute,
+    parent: &RouteParent,
+    gateway: &IngressGateway,
+    namespaces: &BTreeMap<String, Namespace>,
+) -> Attachment {
+    let route_ns = route.namespace.as_str();
+    let port = parent.port;
+    let matching: Vec<_> = gateway
+        .listeners
+        .iter()
+        .filter(|l| parent.section_name.as_deref().is_none_or(|s| s == l.name))
+        .filter(|l| port.is_none_or(|p| p == l.port))
+        .collect();
+    let gw_name = NamespacedName::new(&gateway.namespace, &gateway.name);
+    let fail = |reason: &'static str, message: String| Attachment {
+        listeners: vec![],
+        accepted: Cond::new("Accepted", false, reason, message),
+    };
+    if matching.is_empty() {
+        return fail(
+            "NoMatchingParent",
+            format!(
+                "Gateway {gw_name} has no listener{}{}",
+                parent
+                    .section_name
+                    .as_ref()
+                    .map(|s| format!(" named {s}"))
+                    .unwrap_or_default(),
+                port.map(|p| format!(" on port {p}")).unwrap_or_default()
+            ),
+        );
+    }
+    let ns_labels = namespaces.get(route_ns).map(|n| &n.labels);
+    let allowed: Vec<_> = matching
+        .iter()
+        .filter(|l| l.protocol.carries_http())
+        .filter(|l| match &l.allowed_namespaces {
+            AllowedNamespaces::Same => route_ns == gateway.namespace,
+            AllowedNamespaces::All => true,
+            AllowedNamespaces::Selector(sel) => {
+                ns_labels.is_some_and(|labels| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            }
+        })
+        .collect();
+    if allowed.is_empty() {
+        return fail(
+            "NotAllowedByListeners",
+            format!("no listener of Gateway {gw_name} allows HTTPRoutes from namespace {route_ns}"),
+        );
+    }
+    let hosts = &route.hostnames;
+    let listeners: Vec<String> = allowed
+        .iter()
+        .filter(|l| match &l.hostname {
+            None => true,
+            Some(lh) => hosts.is_empty() || hosts.iter().any(|h| hostnames_intersect(lh, h)),
+        })
+        .map(|l| l.name.clone())
+        .collect();
+    if listeners.is_empty() {
+        return fail(
+            "NoMatchingListenerHostname",
+            format!("no listener hostname of Gateway {gw_name} matches {hosts:?}"),
+        );
+    }
+    Attachment {
+        listeners,
+        accepted: Cond::new("Accepted", true, "Accepted", "accepted by Sluice"),
+    }
+}
+
+/// `ResolvedRefs` of a route: every backend must be a Service of the route's namespace that
+/// exists in `services` (keyed `namespace/name`).
+pub fn resolved_refs(route: &HTTPRoute, services: &BTreeMap<String, Service>) -> Cond {
+    let route_ns = route.metadata.namespace.as_deref().unwrap_or("default");
+    for (i, rule) in route.spec.rules.iter().enumerate() {
+        for (j, b) in rule.backend_refs.iter().enumerate() {
+            let field = format!("spec.rules[{i}].backendRefs[{j}]");
+            let group = b.group.as_deref().unwrap_or("");
+            let kind = b.kind.as_deref().unwrap_or("Service");
+            if !group.is_empty() || kind != "Service" {
+                return Cond::new(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidKind",
+                    format!("{field}: {kind}.{group} is not a Service"),
+                );
+            }
+            let ns = b.namespace.as_deref().unwrap_or(route_ns);
+            let service = NamespacedName::new(ns, &b.name);
+            if ns != route_ns {
+                return Cond::new(
+                    "ResolvedRefs",
+                    false,
+                    "RefNotPermitted",
+                    format!(
+                        "{field}: Service {service} is in another namespace (ReferenceGrants are not supported)"
+                    ),
+                );
+            }
+            if !services.contains_key(&service.key()) {
+                return Cond::new(
+                    "ResolvedRefs",
+                    false,
+                    "BackendNotFound",
+                    format!("{field}: Service {service} not found"),
+                );
+            }
+        }
+    }
+    Cond::new(
+        "ResolvedRefs",
+        true,
+        "ResolvedRefs",
+        "all backends resolved",
+    )
+}
+
+/// The conditions of every listener in `gw`'s spec: `Accepted` (a protocol Sluice knows),
+/// `ResolvedRefs` (route kinds and certificate references) and `Conflicted` (port sharing).
+pub fn listener_conditions(gw: &gateway_api::Gateway) -> Vec<ListenerConditions> {
+    let listeners = &gw.spec.listeners;
+    listeners
+        .iter()
+        .map(|l| {
+            let protocol = ListenerProtocol::parse(&l.protocol);
+            let accepted = match protocol {
+                Some(_) => Cond::new("Accepted", true, "Accepted", "listener accepted"),
+                None => Cond::new(
+                    "Accepted",
+                    false,
+                    "UnsupportedProtocol",
+                    format!("protocol {} is not supported", l.protocol),
+                ),
+            };
+            let bad_kind = l.allowed_routes.as_ref().and_then(|a| {
+                a.kinds.iter().find(|k| {
+                    k.kind != gateway_api::HTTPRoute::kind(&())
+                        || k.group.as_deref().unwrap_or(gateway_api::GROUP) != gateway_api::GROUP
+                })
+            });
+            let bad_cert = l.tls.as_ref().and_then(|t| {
+                t.certificate_refs.iter().find(|c| {
+                    !c.group.as_deref().unwrap_or("").is_empty()
+                        || c.kind.as_deref().unwrap_or("Secret") != "Secret"
+                })
+            });
+            let resolved_refs = match (bad_kind, bad_cert) {
+                (Some(k), _) => Cond::new(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidRouteKinds",
+                    format!("route kind {} is not supported", k.kind),
+                ),
+                (None, Some(c)) => Cond::new(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidCertificateRef",
+                    format!("certificate reference {} is not a Secret", c.name),
+                ),
+                (None, None) => {
+                    Cond::new("ResolvedRefs", true, "ResolvedRefs", "references resolved")
+                }
+            };
+            let same_port: Vec<_> = listeners
+                .iter()
+                .filter(|o| o.name != l.name && o.port == l.port)
+                .collect();
+            let conflicted = if same_port.iter().any(|o| o.protocol != l.protocol) {
+                Cond::new(
+                    "Conflicted",
+                    true,
+                    "ProtocolConflict",
+                    format!(
+                        "another listener uses port {} with another protocol",
+                        l.port
+                    ),
+                )
+            } else if same_port.iter().any(|o| o.hostname == l.hostname) {
+                Cond::new(
+                    "Conflicted",
+                    true,
+                    "HostnameConflict",
+                    format!(
+                        "another listener uses port {} with the same hostname",
+                        l.port
+                    ),
+                )
+            } else {
+                Cond::new("Conflicted", false, "NoConflicts", "no conflicts")
+            };
+            ListenerConditions {
+                name: l.name.clone(),
+                carries_http: protocol.is_some_and(ListenerProtocol::carries_http),
+                accepted,
+                resolved_refs,
+                conflicted,
+            }
+        })
+        .collect()
 }
 
 /// True for a DNS-1123 subdomain, optionally with a leading `*.` label (a Gateway API
@@ -195,7 +534,13 @@ fn object_name(
 fn gateway(gw: &gateway_api::Gateway, out: &mut Rejections) -> Option<IngressGateway> {
     let (namespace, name) = object_name(&gw.metadata);
     let mut reject = |field: String, message: String| {
-        out.reject(GATEWAY_KIND, Some(&namespace), &name, &field, message);
+        out.reject(
+            &gateway_api::Gateway::qualified(),
+            Some(&namespace),
+            &name,
+            &field,
+            message,
+        );
     };
     let mut names = BTreeSet::new();
     let mut listeners = Vec::new();
@@ -278,11 +623,13 @@ fn gateway(gw: &gateway_api::Gateway, out: &mut Rejections) -> Option<IngressGat
             protocol,
             hostname: l.hostname.clone(),
             allowed_namespaces,
+            attached_routes: Vec::new(),
         });
     }
     Some(IngressGateway {
         class: gw.spec.gateway_class_name.clone(),
         listeners,
+        listener_conditions: listener_conditions(gw),
         namespace,
         name,
     })
@@ -329,10 +676,20 @@ fn http_match(m: &HttpRouteMatch, field: &str) -> Result<HttpMatch, (String, Str
     })
 }
 
-fn http_route(route: &HTTPRoute, out: &mut Rejections) -> Option<HttpRoute> {
+fn http_route(
+    route: &HTTPRoute,
+    services: &BTreeMap<String, Service>,
+    out: &mut Rejections,
+) -> Option<HttpRoute> {
     let (namespace, name) = object_name(&route.metadata);
     let mut reject = |field: String, message: String| {
-        out.reject(ROUTE_KIND, Some(&namespace), &name, &field, message);
+        out.reject(
+            &gateway_api::HTTPRoute::qualified(),
+            Some(&namespace),
+            &name,
+            &field,
+            message,
+        );
     };
     for (i, h) in route.spec.hostnames.iter().enumerate() {
         if !valid_hostname(h) {
@@ -356,6 +713,11 @@ fn http_route(route: &HTTPRoute, out: &mut Rejections) -> Option<HttpRoute> {
             name: p.name.clone(),
             section_name: p.section_name.clone(),
             port: p.port.and_then(|p| u16::try_from(p).ok()),
+            // Decided once every Gateway is known (`attach_all`).
+            attachment: Attachment {
+                listeners: vec![],
+                accepted: Cond::new("Accepted", false, "Pending", ""),
+            },
         })
         .collect();
     let mut rules = Vec::new();
@@ -396,11 +758,8 @@ fn http_route(route: &HTTPRoute, out: &mut Rejections) -> Option<HttpRoute> {
                 return None;
             };
             backends.push(HttpBackend {
-                service: format!(
-                    "{}/{}",
-                    b.namespace.as_deref().unwrap_or(&namespace),
-                    b.name
-                ),
+                service: NamespacedName::new(b.namespace.as_deref().unwrap_or(&namespace), &b.name)
+                    .key(),
                 port,
                 weight: b.weight.and_then(|w| u32::try_from(w).ok()).unwrap_or(1),
             });
@@ -408,6 +767,7 @@ fn http_route(route: &HTTPRoute, out: &mut Rejections) -> Option<HttpRoute> {
         rules.push(HttpRule { matches, backends });
     }
     Some(HttpRoute {
+        resolved_refs: resolved_refs(route, services),
         hostnames: route.spec.hostnames.clone(),
         parents,
         rules,
@@ -462,7 +822,7 @@ spec:
     #[test]
     fn gateways_keep_the_listeners_they_can_serve() {
         let mut out = Rejections::default();
-        let ingress = build(&parse(WORLD), &mut out);
+        let ingress = build(&parse(WORLD), &BTreeMap::new(), &BTreeMap::new(), &mut out);
         let web = &ingress.gateways["ingress/web"];
         assert_eq!(web.class, "sluice");
         assert_eq!(web.listeners.len(), 1, "the QUIC listener is left out");
@@ -473,7 +833,7 @@ spec:
     #[test]
     fn routes_default_their_matches_and_namespaces() {
         let mut out = Rejections::default();
-        let ingress = build(&parse(WORLD), &mut out);
+        let ingress = build(&parse(WORLD), &BTreeMap::new(), &BTreeMap::new(), &mut out);
         let shop = &ingress.routes["shop/shop"];
         assert_eq!(shop.parents[0].namespace, "ingress");
         let first = &shop.rules[0];
@@ -496,7 +856,7 @@ spec:
     #[test]
     fn invalid_resources_are_rejected_naming_the_field() {
         let mut out = Rejections::default();
-        let ingress = build(&parse(WORLD), &mut out);
+        let ingress = build(&parse(WORLD), &BTreeMap::new(), &BTreeMap::new(), &mut out);
         assert!(!ingress.routes.contains_key("shop/relative"));
         assert!(!ingress.gateways.contains_key("ingress/twice"));
         let fields: Vec<(&str, &str)> = out
@@ -523,5 +883,161 @@ spec:
         for bad in ["", "10.0.0.1", "Example.com", "a..b", "-a.b", "*", "a.b:80"] {
             assert!(!valid_hostname(bad), "{bad}");
         }
+    }
+
+    /// A mesh with two namespaces (one labelled for a listener's selector), a Service, and a
+    /// Gateway whose HTTP listener admits `*.example.com` routes from labelled namespaces.
+    const ATTACH_WORLD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {expose: "yes"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: hidden}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.0.5, ports: [{port: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web, namespace: ingress, generation: 3}
+spec:
+  gatewayClassName: sluice
+  listeners:
+  - {name: http, port: 80, protocol: HTTP, hostname: "*.example.com", allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {expose: "yes"}}}}}
+  - {name: udp, port: 53, protocol: UDP}
+  - {name: quic, port: 443, protocol: example.com/QUIC}
+"#;
+
+    fn attach_world(routes: &str) -> crate::state::MeshState {
+        let set = parse(&format!("{ATTACH_WORLD}---\n{routes}"));
+        let out = crate::state::build(&set, &crate::state::MeshSettings::default());
+        assert!(out.rejections.is_empty(), "{:?}", out.rejections);
+        out.state
+    }
+
+    fn accepted<'a>(state: &'a crate::state::MeshState, route: &str) -> &'a Attachment {
+        &state.ingress.routes[route].parents[0].attachment
+    }
+
+    #[test]
+    fn routes_attach_by_namespace_selector_and_hostname() {
+        let route = |ns: &str, name: &str, spec: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                 metadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+            )
+        };
+        let parent = "parentRefs: [{name: web, namespace: ingress";
+        let state = attach_world(
+            &[
+                route(
+                    "shop",
+                    "ok",
+                    &format!("{{{parent}}}], hostnames: [a.example.com]}}"),
+                ),
+                route("hidden", "wrong-ns", &format!("{{{parent}}}]}}")),
+                route(
+                    "shop",
+                    "wrong-host",
+                    &format!("{{{parent}}}], hostnames: [example.org]}}"),
+                ),
+                route(
+                    "shop",
+                    "wrong-section",
+                    &format!("{{{parent}, sectionName: nope}}]}}"),
+                ),
+                route("shop", "wrong-port", &format!("{{{parent}, port: 81}}]}}")),
+                route("shop", "no-gateway", "{parentRefs: [{name: gone}]}"),
+            ]
+            .concat(),
+        );
+        let ok = accepted(&state, "shop/ok");
+        assert_eq!(ok.listeners, vec!["http"]);
+        assert_eq!((ok.accepted.status, ok.accepted.reason), (true, "Accepted"));
+        for (route, reason) in [
+            ("hidden/wrong-ns", "NotAllowedByListeners"),
+            ("shop/wrong-host", "NoMatchingListenerHostname"),
+            ("shop/wrong-section", "NoMatchingParent"),
+            ("shop/wrong-port", "NoMatchingParent"),
+            ("shop/no-gateway", "NoMatchingParent"),
+        ] {
+            let a = accepted(&state, route);
+            assert!(a.listeners.is_empty(), "{route}");
+            assert_eq!(
+                (a.accepted.status, a.accepted.reason),
+                (false, reason),
+                "{route}"
+            );
+        }
+        assert_eq!(
+            accepted(&state, "shop/no-gateway").accepted.message,
+            "Gateway shop/gone is not accepted"
+        );
+        // The listener lists what attached to it; the UDP listener takes no HTTPRoutes.
+        let gw = &state.ingress.gateways["ingress/web"];
+        assert_eq!(gw.listeners[0].attached_routes, vec!["shop/ok"]);
+        assert!(gw.listeners[1].attached_routes.is_empty());
+    }
+
+    #[test]
+    fn hostnames_intersect_with_wildcards_on_either_side() {
+        assert!(hostnames_intersect("*.example.com", "a.example.com"));
+        assert!(hostnames_intersect("a.b.example.com", "*.example.com"));
+        assert!(hostnames_intersect("a.example.com", "a.example.com"));
+        assert!(!hostnames_intersect("*.example.com", "example.com"));
+        assert!(!hostnames_intersect("a.example.com", "b.example.com"));
+    }
+
+    #[test]
+    fn backends_resolve_to_services_of_the_route_namespace() {
+        let state = attach_world("");
+        let r = |b: &str| -> HTTPRoute {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: r, namespace: shop}}\nspec: {{rules: [{{backendRefs: [{b}]}}]}}"
+            ))
+            .expect("route")
+        };
+        let reason = |b: &str| resolved_refs(&r(b), &state.services).reason;
+        assert_eq!(reason("{name: cart, port: 8080}"), "ResolvedRefs");
+        assert_eq!(reason("{name: gone, port: 8080}"), "BackendNotFound");
+        assert_eq!(
+            reason("{name: cart, namespace: web, port: 8080}"),
+            "RefNotPermitted"
+        );
+        assert_eq!(
+            reason("{group: example.com, kind: Bucket, name: b}"),
+            "InvalidKind"
+        );
+        // The normalised route carries the same answer.
+        let state = attach_world(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: r, namespace: shop}\nspec: {rules: [{backendRefs: [{name: gone, port: 80}]}]}",
+        );
+        assert_eq!(
+            state.ingress.routes["shop/r"].resolved_refs.reason,
+            "BackendNotFound"
+        );
+    }
+
+    #[test]
+    fn listener_conditions_cover_every_listener_of_the_spec() {
+        let state = attach_world("");
+        let conds = &state.ingress.gateways["ingress/web"].listener_conditions;
+        let names: Vec<&str> = conds.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["http", "udp", "quic"]);
+        assert!(conds[0].carries_http && !conds[1].carries_http);
+        assert_eq!(conds[1].accepted.reason, "Accepted");
+        assert_eq!(
+            (conds[2].accepted.status, conds[2].accepted.reason),
+            (false, "UnsupportedProtocol")
+        );
+        assert_eq!(conds[2].programmed(false).reason, "Invalid");
+        assert_eq!(conds[0].programmed(false).reason, "Programmed");
+        assert_eq!(conds[0].programmed(true).reason, "Invalid");
+        assert_eq!(conds[0].conflicted.reason, "NoConflicts");
     }
 }

@@ -8,8 +8,15 @@
 //! rejection of the new version is still reported (log line and status condition).
 use kube::Resource;
 
-use super::{BuildOutput, MeshSettings, Rejection, build};
-use crate::resources::ResourceSet;
+use super::{
+    build::{BuildOutput, build},
+    rejections::Rejection,
+    settings::MeshSettings,
+};
+use crate::resources::{
+    ResourceSet,
+    kinds::{self, KindVisitor, WatchedKind},
+};
 
 /// What the message of a rejection whose previous version stays in force ends with.
 pub const KEPT_NOTE: &str = "; the last valid version stays in force";
@@ -78,37 +85,32 @@ trait KindOp {
     fn apply<T: Resource + Clone>(&mut self, current: &mut Vec<T>, accepted: &[T]) -> bool;
 }
 
-/// Runs `op` on the lists of `kind` (as [`Rejection::kind`] names it); false for other kinds.
+/// Runs `op` on the lists of `kind` (as [`Rejection::kind`] names it, any watched kind); false
+/// for other kinds.
 fn by_kind(
     kind: &str,
     set: &mut ResourceSet,
     accepted: &ResourceSet,
     op: &mut impl KindOp,
 ) -> bool {
-    macro_rules! table {
-        ($($kind:literal => $field:ident),* $(,)?) => {
-            match kind {
-                $($kind => op.apply(&mut set.$field, &accepted.$field),)*
-                _ => false,
-            }
-        };
+    struct Apply<'a, O> {
+        set: &'a mut ResourceSet,
+        accepted: &'a ResourceSet,
+        op: &'a mut O,
+        done: bool,
     }
-    table! {
-        "Node" => nodes,
-        "Pod" => pods,
-        "Service" => services,
-        "ConfigMap" => config_maps,
-        "ServiceEntry.networking.istio.io" => service_entries,
-        "Sidecar.networking.istio.io" => sidecars,
-        "Gateway.networking.istio.io" => istio_gateways,
-        "VirtualService.networking.istio.io" => virtual_services,
-        "DestinationRule.networking.istio.io" => destination_rules,
-        "StaticGatewayConfiguration.egressgateway.kubernetes.azure.com" => static_gateway_configurations,
-        "PeerAuthentication.security.istio.io" => peer_authentications,
-        "AuthorizationPolicy.security.istio.io" => authorization_policies,
-        "Gateway.gateway.networking.k8s.io" => gateways,
-        "HTTPRoute.gateway.networking.k8s.io" => http_routes,
+    impl<O: KindOp> KindVisitor for Apply<'_, O> {
+        fn visit<K: WatchedKind>(&mut self) {
+            self.done = self.op.apply(K::list_mut(self.set), K::list(self.accepted));
+        }
     }
+    let mut apply = Apply {
+        set,
+        accepted,
+        op,
+        done: false,
+    };
+    kinds::visit_named(kind, &mut apply) && apply.done
 }
 
 fn is<T: Resource>(o: &T, ns: Option<&str>, name: &str) -> bool {
@@ -229,5 +231,28 @@ status: {podIP: 10.0.1.2}
         // Its invalid version is not remembered as "last good" either.
         let out = last.build(&set(&pa("STRCT")), &MeshSettings::default());
         assert_eq!(web_mode(&out), MtlsMode::Permissive);
+    }
+
+    #[test]
+    fn every_watched_kind_can_fall_back_namespaces_included() {
+        /// Reports that it reached a kind's lists.
+        struct Reached;
+        impl KindOp for Reached {
+            fn apply<T: Resource + Clone>(&mut self, _: &mut Vec<T>, _: &[T]) -> bool {
+                true
+            }
+        }
+        let names: Vec<String> = kinds::watched().iter().map(|k| k.qualified()).collect();
+        assert!(names.iter().any(|n| n == "Namespace"), "{names:?}");
+        for name in &names {
+            let (mut set, accepted) = (ResourceSet::default(), ResourceSet::default());
+            assert!(by_kind(name, &mut set, &accepted, &mut Reached), "{name}");
+        }
+        assert!(!by_kind(
+            "Unknown.example.com",
+            &mut ResourceSet::default(),
+            &ResourceSet::default(),
+            &mut Reached
+        ));
     }
 }

@@ -8,100 +8,24 @@ pub mod build;
 pub mod egress;
 pub mod ingress;
 pub mod last_good;
+pub mod mesh;
 pub mod policy;
+pub mod rejections;
+pub mod settings;
 pub mod workload;
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::sync::watch;
 
 pub use build::{BuildOutput, build};
 pub use last_good::LastGood;
+pub use mesh::MeshState;
+pub use rejections::{Rejection, Rejections};
+pub use settings::MeshSettings;
 pub use workload::{
     Identity, Membership, Namespace, Node, Service, ServicePort, Workload, WorkloadUid,
 };
-
-/// Settings that shape how resources become state (not resources themselves).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct MeshSettings {
-    /// SPIFFE trust domain of this mesh.
-    pub trust_domain: String,
-    /// Istio's root namespace: mesh-wide policies live there.
-    pub root_namespace: String,
-    /// Namespace and name of the mesh config ConfigMap (`outboundTrafficPolicy`); Istio's
-    /// default (`istio` in the root namespace) when unset.
-    pub mesh_config: Option<(String, String)>,
-    /// Egress prefixes for StaticGatewayConfigurations (`namespace/name` → prefix), used when
-    /// an SGC's `status.egressIpPrefix` is empty.
-    pub static_gateway_prefixes: BTreeMap<String, ipnet::IpNet>,
-}
-
-impl Default for MeshSettings {
-    fn default() -> Self {
-        Self {
-            trust_domain: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            mesh_config: None,
-            static_gateway_prefixes: BTreeMap::new(),
-        }
-    }
-}
-
-/// Everything the data path knows about the mesh at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct MeshState {
-    pub trust_domain: String,
-    pub root_namespace: String,
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub workloads: BTreeMap<WorkloadUid, Workload>,
-    /// Services by `namespace/name`.
-    pub services: BTreeMap<String, Service>,
-    pub nodes: BTreeMap<String, Node>,
-    pub policy: policy::Policies,
-    pub egress: egress::Egress,
-    pub ingress: ingress::Ingress,
-    /// Address → workload, for every workload IP.
-    #[serde(skip)]
-    pub by_ip: BTreeMap<IpAddr, WorkloadUid>,
-}
-
-impl MeshState {
-    /// The workload that owns `ip`, if any.
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.by_ip.get(&ip).and_then(|uid| self.workloads.get(uid))
-    }
-
-    /// The workload named `namespace/name`.
-    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Workload> {
-        self.workloads
-            .values()
-            .find(|w| w.namespace == namespace && w.name == name)
-    }
-}
-
-/// A resource left out of MeshState, and why. Logged, and written back as a status condition
-/// where the kind has status.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Rejection {
-    /// `Kind.group`, e.g. `PeerAuthentication.security.istio.io`.
-    pub kind: String,
-    pub namespace: Option<String>,
-    pub name: String,
-    /// Path of the offending field, e.g. `spec.mtls.mode`.
-    pub field: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for Rejection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name)?,
-            None => write!(f, "{} {}", self.kind, self.name)?,
-        }
-        write!(f, ": {}: {}", self.field, self.message)
-    }
-}
 
 /// Shared, immutable snapshot.
 pub type Snapshot = Arc<MeshState>;

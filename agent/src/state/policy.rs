@@ -21,17 +21,15 @@ use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Serialize;
 
-use super::build::Rejections;
+use super::rejections::Rejections;
 use crate::resources::{
     ResourceSet,
     istio_security::{
         AuthorizationPolicy, Condition, PeerAuthentication, PortText, Rule, Source,
         WorkloadSelector,
     },
+    kinds::WatchedKind,
 };
-
-const PA_KIND: &str = "PeerAuthentication.security.istio.io";
-const AP_KIND: &str = "AuthorizationPolicy.security.istio.io";
 
 /// All policies, normalised.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -305,7 +303,13 @@ fn peer_authentication(
 ) -> Option<Normalised<PeerAuthn>> {
     let (namespace, name) = names(&pa.metadata);
     let mut reject = |field: &str, message: String| {
-        out.reject(PA_KIND, Some(&namespace), &name, field, message);
+        out.reject(
+            &PeerAuthentication::qualified(),
+            Some(&namespace),
+            &name,
+            field,
+            message,
+        );
     };
     let spec = &pa.spec;
     let mode = match mtls_mode(spec.mtls.as_ref().and_then(|m| m.mode.as_deref())) {
@@ -345,7 +349,7 @@ fn peer_authentication(
     let scope = match labels {
         Some(_) if namespace == root_namespace => {
             return Some(Normalised::Ignored(IgnoredPolicy {
-                kind: PA_KIND.into(),
+                kind: PeerAuthentication::qualified(),
                 namespace,
                 name,
                 reason: "a PeerAuthentication with a selector in the root namespace is ignored"
@@ -379,7 +383,7 @@ fn authorization_policy(
     let spec = &ap.spec;
     let ignored = |reason: &str| {
         Some(Normalised::Ignored(IgnoredPolicy {
-            kind: AP_KIND.into(),
+            kind: AuthorizationPolicy::qualified(),
             namespace: namespace.clone(),
             name: name.clone(),
             reason: reason.into(),
@@ -394,7 +398,7 @@ fn authorization_policy(
         Some("AUDIT") => return ignored("AUDIT only logs; the node proxy does not audit"),
         Some(other) => {
             out.reject(
-                AP_KIND,
+                &AuthorizationPolicy::qualified(),
                 Some(&namespace),
                 &name,
                 "spec.action",
@@ -416,7 +420,13 @@ fn authorization_policy(
                 rules.extend(rule);
             }
             Err((field, message)) => {
-                out.reject(AP_KIND, Some(&namespace), &name, &field, message);
+                out.reject(
+                    &AuthorizationPolicy::qualified(),
+                    Some(&namespace),
+                    &name,
+                    &field,
+                    message,
+                );
                 return None;
             }
         }

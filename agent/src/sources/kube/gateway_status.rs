@@ -1,54 +1,37 @@
-//! Gateway API status as the spec describes it, computed by pure functions: the Gateway's
-//! `Accepted` and `Programmed` conditions, per-listener `Accepted`, `Programmed`, `ResolvedRefs`
-//! and `Conflicted` with attached-route counts, and for each HTTPRoute one `parents` entry per
-//! Gateway of Sluice's class with `Accepted` and `ResolvedRefs` — each with the spec's reasons and
-//! `observedGeneration`.
+//! Gateway API status as the spec describes it, written from what `state::build` decided
+//! ([`state::ingress`](crate::state::ingress)): the Gateway's `Accepted` and `Programmed`
+//! conditions, per-listener `Accepted`, `Programmed`, `ResolvedRefs` and `Conflicted` with
+//! attached-route counts, and for each HTTPRoute one `parents` entry per Gateway of Sluice's class
+//! with `Accepted` and `ResolvedRefs` — each with the spec's reasons and `observedGeneration`.
+//! These functions only turn those answers (and rejections) into API conditions.
 //!
 //! Limits: cross-namespace backends are `RefNotPermitted` (ReferenceGrants are not read),
 //! certificate Secrets are not looked up (only their kind is checked), and `Programmed` means
 //! "in every agent's MeshState", which is what serves ingress.
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
+use kube::Resource;
 
 use crate::{
-    resources::gateway_api::{
-        self, Gateway, GatewayStatus, HTTPRoute, ListenerStatus, ParentReference, RouteGroupKind,
-        RouteParentStatus,
+    resources::{
+        NamespacedName,
+        gateway_api::{
+            self, Gateway, GatewayStatus, HTTPRoute, ListenerStatus, ParentReference,
+            RouteGroupKind, RouteParentStatus,
+        },
     },
     state::{
         MeshState, Rejection,
-        ingress::{AllowedNamespaces, IngressGateway, ListenerProtocol},
+        ingress::{self, Cond, IngressGateway, RouteParent},
     },
 };
 
-/// What a condition says.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cond {
-    pub type_: &'static str,
-    pub status: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Cond {
-    fn new(
-        type_: &'static str,
-        status: bool,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            type_,
-            status,
-            reason,
-            message: message.into(),
-        }
-    }
-}
+/// The controller name Sluice writes into Gateway API route status.
+pub const CONTROLLER_NAME: &str = "sluice.dev/gateway-controller";
 
 /// Turns `conds` into API conditions, keeping `lastTransitionTime` from `previous` where the
 /// status did not change.
@@ -97,159 +80,33 @@ pub fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
     a == b
 }
 
-fn key(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
-}
-
 fn http_route_kind() -> RouteGroupKind {
     RouteGroupKind {
         group: Some(gateway_api::GROUP.to_owned()),
-        kind: "HTTPRoute".to_owned(),
+        kind: HTTPRoute::kind(&()).into_owned(),
     }
 }
 
-/// Whether a listener hostname and a route hostname can match the same request.
-pub fn hostnames_intersect(listener: &str, route: &str) -> bool {
-    fn covers(wild: &str, name: &str) -> bool {
-        // `*.example.com` covers `a.example.com` and `a.b.example.com`, not `example.com`.
-        wild.strip_prefix('*')
-            .is_some_and(|suffix| name.len() > suffix.len() && name.ends_with(suffix))
-    }
-    listener == route || covers(listener, route) || covers(route, listener)
-}
-
-/// Outcome of attaching one route to one parent reference.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Attachment {
-    /// Listener names the route attached to (empty: not accepted).
-    pub listeners: Vec<String>,
-    pub accepted: Cond,
-}
-
-/// Attaches `route` to `gateway` through `parent`, following the listener rules.
-pub fn attach(
-    route: &HTTPRoute,
+/// The parent of the normalised route `route_key` that `parent` names.
+fn state_parent<'a>(
+    state: &'a MeshState,
+    route_key: &str,
+    gw_ns: &str,
     parent: &ParentReference,
-    gateway: &IngressGateway,
-    state: &MeshState,
-) -> Attachment {
-    let route_ns = route.metadata.namespace.as_deref().unwrap_or("default");
+) -> Option<&'a RouteParent> {
     let port = parent.port.and_then(|p| u16::try_from(p).ok());
-    let matching: Vec<_> = gateway
-        .listeners
+    state
+        .ingress
+        .routes
+        .get(route_key)?
+        .parents
         .iter()
-        .filter(|l| parent.section_name.as_deref().is_none_or(|s| s == l.name))
-        .filter(|l| port.is_none_or(|p| p == l.port))
-        .collect();
-    let fail = |reason: &'static str, message: String| Attachment {
-        listeners: vec![],
-        accepted: Cond::new("Accepted", false, reason, message),
-    };
-    if matching.is_empty() {
-        return fail(
-            "NoMatchingParent",
-            format!(
-                "Gateway {}/{} has no listener{}{}",
-                gateway.namespace,
-                gateway.name,
-                parent
-                    .section_name
-                    .as_ref()
-                    .map(|s| format!(" named {s}"))
-                    .unwrap_or_default(),
-                port.map(|p| format!(" on port {p}")).unwrap_or_default()
-            ),
-        );
-    }
-    let ns_labels = state.namespaces.get(route_ns).map(|n| &n.labels);
-    let allowed: Vec<_> = matching
-        .iter()
-        .filter(|l| l.protocol.carries_http())
-        .filter(|l| match &l.allowed_namespaces {
-            AllowedNamespaces::Same => route_ns == gateway.namespace,
-            AllowedNamespaces::All => true,
-            AllowedNamespaces::Selector(sel) => {
-                ns_labels.is_some_and(|labels| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
-            }
+        .find(|p| {
+            p.namespace == gw_ns
+                && p.name == parent.name
+                && p.section_name == parent.section_name
+                && p.port == port
         })
-        .collect();
-    if allowed.is_empty() {
-        return fail(
-            "NotAllowedByListeners",
-            format!(
-                "no listener of Gateway {}/{} allows HTTPRoutes from namespace {route_ns}",
-                gateway.namespace, gateway.name
-            ),
-        );
-    }
-    let hosts = &route.spec.hostnames;
-    let listeners: Vec<String> = allowed
-        .iter()
-        .filter(|l| match &l.hostname {
-            None => true,
-            Some(lh) => hosts.is_empty() || hosts.iter().any(|h| hostnames_intersect(lh, h)),
-        })
-        .map(|l| l.name.clone())
-        .collect();
-    if listeners.is_empty() {
-        return fail(
-            "NoMatchingListenerHostname",
-            format!(
-                "no listener hostname of Gateway {}/{} matches {hosts:?}",
-                gateway.namespace, gateway.name
-            ),
-        );
-    }
-    Attachment {
-        listeners,
-        accepted: Cond::new("Accepted", true, "Accepted", "accepted by Sluice"),
-    }
-}
-
-/// `ResolvedRefs` of a route: every backend must be a Service of the route's namespace that exists.
-pub fn resolved_refs(route: &HTTPRoute, state: &MeshState) -> Cond {
-    let route_ns = route.metadata.namespace.as_deref().unwrap_or("default");
-    for (i, rule) in route.spec.rules.iter().enumerate() {
-        for (j, b) in rule.backend_refs.iter().enumerate() {
-            let field = format!("spec.rules[{i}].backendRefs[{j}]");
-            let group = b.group.as_deref().unwrap_or("");
-            let kind = b.kind.as_deref().unwrap_or("Service");
-            if !group.is_empty() || kind != "Service" {
-                return Cond::new(
-                    "ResolvedRefs",
-                    false,
-                    "InvalidKind",
-                    format!("{field}: {kind}.{group} is not a Service"),
-                );
-            }
-            let ns = b.namespace.as_deref().unwrap_or(route_ns);
-            if ns != route_ns {
-                return Cond::new(
-                    "ResolvedRefs",
-                    false,
-                    "RefNotPermitted",
-                    format!(
-                        "{field}: Service {ns}/{} is in another namespace (ReferenceGrants are not supported)",
-                        b.name
-                    ),
-                );
-            }
-            if !state.services.contains_key(&key(ns, &b.name)) {
-                return Cond::new(
-                    "ResolvedRefs",
-                    false,
-                    "BackendNotFound",
-                    format!("{field}: Service {ns}/{} not found", b.name),
-                );
-            }
-        }
-    }
-    Cond::new(
-        "ResolvedRefs",
-        true,
-        "ResolvedRefs",
-        "all backends resolved",
-    )
 }
 
 /// The status Sluice wants on an HTTPRoute: the entries of other controllers as they are, and one
@@ -263,6 +120,8 @@ pub fn route_status(
     now: Timestamp,
 ) -> Vec<RouteParentStatus> {
     let route_ns = route.metadata.namespace.as_deref().unwrap_or("default");
+    let route_key = NamespacedName::new(route_ns, route.metadata.name.as_deref().unwrap_or(""));
+    let route_key = route_key.key();
     let generation = route.metadata.generation;
     let previous = route
         .status
@@ -271,24 +130,23 @@ pub fn route_status(
         .unwrap_or(&[]);
     let mut out: Vec<RouteParentStatus> = previous
         .iter()
-        .filter(|p| p.controller_name != super::CONTROLLER_NAME)
+        .filter(|p| p.controller_name != CONTROLLER_NAME)
         .cloned()
         .collect();
     for parent in &route.spec.parent_refs {
         let is_gateway = parent.group.as_deref().unwrap_or(gateway_api::GROUP)
             == gateway_api::GROUP
-            && parent.kind.as_deref().unwrap_or("Gateway") == "Gateway";
+            && parent.kind.as_deref().unwrap_or("Gateway") == Gateway::kind(&());
         let gw_ns = parent.namespace.as_deref().unwrap_or(route_ns);
-        let Some(gw) = gateways.get(&key(gw_ns, &parent.name)) else {
+        let gw_name = NamespacedName::new(gw_ns, &parent.name);
+        let Some(gw) = gateways.get(&gw_name.key()) else {
             continue;
         };
         if !is_gateway || gw.spec.gateway_class_name != class {
             continue;
         }
-        let accepted = match (
-            rejection,
-            state.ingress.gateways.get(&key(gw_ns, &parent.name)),
-        ) {
+        let decided = state_parent(state, &route_key, gw_ns, parent);
+        let accepted = match (rejection, decided) {
             (Some(r), _) => Cond::new(
                 "Accepted",
                 false,
@@ -299,54 +157,55 @@ pub fn route_status(
                 "Accepted",
                 false,
                 "NoMatchingParent",
-                format!("Gateway {gw_ns}/{} is not accepted", parent.name),
+                format!("Gateway {gw_name} is not accepted"),
             ),
-            (None, Some(ig)) => attach(route, parent, ig, state).accepted,
+            (None, Some(p)) => p.attachment.accepted.clone(),
         };
-        let resolved = resolved_refs(route, state);
+        // A rejected route is not in MeshState (or only its last valid version): its own backends
+        // are judged by the same rule.
+        let resolved = match (rejection, state.ingress.routes.get(&route_key)) {
+            (None, Some(r)) => r.resolved_refs.clone(),
+            _ => ingress::resolved_refs(route, &state.services),
+        };
         let prev = previous
             .iter()
-            .find(|p| p.controller_name == super::CONTROLLER_NAME && &p.parent_ref == parent)
+            .find(|p| p.controller_name == CONTROLLER_NAME && &p.parent_ref == parent)
             .map(|p| p.conditions.as_slice())
             .unwrap_or(&[]);
         out.push(RouteParentStatus {
             parent_ref: parent.clone(),
-            controller_name: super::CONTROLLER_NAME.to_owned(),
+            controller_name: CONTROLLER_NAME.to_owned(),
             conditions: conditions(&[accepted, resolved], generation, prev, now),
         });
     }
     out
 }
 
-/// Routes attached to each listener of the Gateway `namespace/name`.
+/// Routes attached to each listener of `gateway`, leaving out rejected routes (whose last valid
+/// version may still be attached in MeshState).
 pub fn attached_routes(
     gateway: &IngressGateway,
-    routes: &[HTTPRoute],
     rejected_routes: &[&Rejection],
-    state: &MeshState,
 ) -> BTreeMap<String, i32> {
-    let mut counts = BTreeMap::new();
-    for route in routes {
-        let route_ns = route.metadata.namespace.as_deref().unwrap_or("default");
-        let route_name = route.metadata.name.as_deref().unwrap_or("");
-        if rejected_routes
-            .iter()
-            .any(|r| r.namespace.as_deref() == Some(route_ns) && r.name == route_name)
-        {
-            continue;
-        }
-        for parent in &route.spec.parent_refs {
-            if parent.namespace.as_deref().unwrap_or(route_ns) != gateway.namespace
-                || parent.name != gateway.name
-            {
-                continue;
-            }
-            for l in attach(route, parent, gateway, state).listeners {
-                *counts.entry(l).or_insert(0) += 1;
-            }
-        }
-    }
-    counts
+    gateway
+        .listeners
+        .iter()
+        .map(|l| {
+            let count = l
+                .attached_routes
+                .iter()
+                .filter(|key| {
+                    !rejected_routes.iter().any(|r| {
+                        r.namespace
+                            .as_deref()
+                            .is_some_and(|ns| NamespacedName::new(ns, &r.name).key() == **key)
+                    })
+                })
+                .count();
+            (l.name.clone(), i32::try_from(count).unwrap_or(i32::MAX))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// The status Sluice wants on a Gateway of its class.
@@ -359,85 +218,15 @@ pub fn gateway_status(
 ) -> GatewayStatus {
     let generation = gw.metadata.generation;
     let previous = gw.status.clone().unwrap_or_default();
+    // The listeners of this version of the Gateway: as MeshState has them when it was accepted,
+    // else judged now by the same rule.
+    let decided = match (rejection, normalised) {
+        (None, Some(g)) => Cow::Borrowed(&g.listener_conditions),
+        _ => Cow::Owned(ingress::listener_conditions(gw)),
+    };
+    let invalid_listeners = decided.iter().filter(|l| !l.accepted.status).count();
     let mut listeners = Vec::new();
-    let mut invalid_listeners = 0;
-    for l in &gw.spec.listeners {
-        let protocol = ListenerProtocol::parse(&l.protocol);
-        let accepted = match protocol {
-            Some(_) => Cond::new("Accepted", true, "Accepted", "listener accepted"),
-            None => {
-                invalid_listeners += 1;
-                Cond::new(
-                    "Accepted",
-                    false,
-                    "UnsupportedProtocol",
-                    format!("protocol {} is not supported", l.protocol),
-                )
-            }
-        };
-        let bad_kind = l.allowed_routes.as_ref().and_then(|a| {
-            a.kinds.iter().find(|k| {
-                k.kind != "HTTPRoute"
-                    || k.group.as_deref().unwrap_or(gateway_api::GROUP) != gateway_api::GROUP
-            })
-        });
-        let bad_cert = l.tls.as_ref().and_then(|t| {
-            t.certificate_refs.iter().find(|c| {
-                !c.group.as_deref().unwrap_or("").is_empty()
-                    || c.kind.as_deref().unwrap_or("Secret") != "Secret"
-            })
-        });
-        let resolved = match (bad_kind, bad_cert) {
-            (Some(k), _) => Cond::new(
-                "ResolvedRefs",
-                false,
-                "InvalidRouteKinds",
-                format!("route kind {} is not supported", k.kind),
-            ),
-            (None, Some(c)) => Cond::new(
-                "ResolvedRefs",
-                false,
-                "InvalidCertificateRef",
-                format!("certificate reference {} is not a Secret", c.name),
-            ),
-            (None, None) => Cond::new("ResolvedRefs", true, "ResolvedRefs", "references resolved"),
-        };
-        let same_port: Vec<_> = gw
-            .spec
-            .listeners
-            .iter()
-            .filter(|o| o.name != l.name && o.port == l.port)
-            .collect();
-        let conflicted = if same_port.iter().any(|o| o.protocol != l.protocol) {
-            Cond::new(
-                "Conflicted",
-                true,
-                "ProtocolConflict",
-                format!(
-                    "another listener uses port {} with another protocol",
-                    l.port
-                ),
-            )
-        } else if same_port.iter().any(|o| o.hostname == l.hostname) {
-            Cond::new(
-                "Conflicted",
-                true,
-                "HostnameConflict",
-                format!(
-                    "another listener uses port {} with the same hostname",
-                    l.port
-                ),
-            )
-        } else {
-            Cond::new("Conflicted", false, "NoConflicts", "no conflicts")
-        };
-        let programmed_ok =
-            rejection.is_none() && accepted.status && resolved.status && !conflicted.status;
-        let programmed = if programmed_ok {
-            Cond::new("Programmed", true, "Programmed", "listener programmed")
-        } else {
-            Cond::new("Programmed", false, "Invalid", "listener is not programmed")
-        };
+    for l in decided.iter() {
         let prev = previous
             .listeners
             .iter()
@@ -446,14 +235,19 @@ pub fn gateway_status(
             .unwrap_or(&[]);
         listeners.push(ListenerStatus {
             name: l.name.clone(),
-            supported_kinds: if protocol.is_some_and(ListenerProtocol::carries_http) {
+            supported_kinds: if l.carries_http {
                 vec![http_route_kind()]
             } else {
                 vec![]
             },
             attached_routes: attached.get(&l.name).copied().unwrap_or(0),
             conditions: conditions(
-                &[accepted, programmed, resolved, conflicted],
+                &[
+                    l.accepted.clone(),
+                    l.programmed(rejection.is_some()),
+                    l.resolved_refs.clone(),
+                    l.conflicted.clone(),
+                ],
                 generation,
                 prev,
                 now,
@@ -577,61 +371,39 @@ spec:
     }
 
     #[test]
-    fn routes_attach_by_namespace_selector_and_hostname() {
-        let (set, state, _) = world("");
+    fn attached_routes_count_the_state_s_attachments_but_not_rejected_routes() {
+        let (_, state, _) = world(
+            r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: a, namespace: shop}
+spec: {parentRefs: [{name: web, namespace: ingress}], hostnames: [a.example.com]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: b, namespace: shop}
+spec: {parentRefs: [{name: web, namespace: ingress}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: c, namespace: hidden}
+spec: {parentRefs: [{name: web, namespace: ingress}]}"#,
+        );
         let gw = &state.ingress.gateways["ingress/web"];
-        let parent = ParentReference {
-            name: "web".into(),
-            namespace: Some("ingress".into()),
-            ..Default::default()
-        };
-        let ok = route("metadata: {name: r, namespace: shop}\nspec: {hostnames: [a.example.com]}");
-        assert_eq!(attach(&ok, &parent, gw, &state).listeners, vec!["http"]);
-        let wrong_ns = route("metadata: {name: r, namespace: hidden}\nspec: {}");
         assert_eq!(
-            attach(&wrong_ns, &parent, gw, &state).accepted.reason,
-            "NotAllowedByListeners"
+            attached_routes(gw, &[]),
+            BTreeMap::from([("http".into(), 2)])
         );
-        let wrong_host =
-            route("metadata: {name: r, namespace: shop}\nspec: {hostnames: [example.org]}");
-        assert_eq!(
-            attach(&wrong_host, &parent, gw, &state).accepted.reason,
-            "NoMatchingListenerHostname"
-        );
-        let wrong_section = ParentReference {
-            section_name: Some("nope".into()),
-            ..parent.clone()
+        let r = Rejection {
+            kind: "HTTPRoute.gateway.networking.k8s.io".into(),
+            namespace: Some("shop".into()),
+            name: "b".into(),
+            field: "f".into(),
+            message: "m".into(),
         };
         assert_eq!(
-            attach(&ok, &wrong_section, gw, &state).accepted.reason,
-            "NoMatchingParent"
-        );
-        assert_eq!(set.gateways.len(), 1);
-    }
-
-    #[test]
-    fn backends_resolve_to_services_of_the_route_namespace() {
-        let (_, state, _) = world("");
-        let r = |b: &str| {
-            route(&format!(
-                "metadata: {{name: r, namespace: shop}}\nspec: {{rules: [{{backendRefs: [{b}]}}]}}"
-            ))
-        };
-        assert_eq!(
-            resolved_refs(&r("{name: cart, port: 8080}"), &state).reason,
-            "ResolvedRefs"
-        );
-        assert_eq!(
-            resolved_refs(&r("{name: gone, port: 8080}"), &state).reason,
-            "BackendNotFound"
-        );
-        assert_eq!(
-            resolved_refs(&r("{name: cart, namespace: web, port: 8080}"), &state).reason,
-            "RefNotPermitted"
-        );
-        assert_eq!(
-            resolved_refs(&r("{group: example.com, kind: Bucket, name: b}"), &state).reason,
-            "InvalidKind"
+            attached_routes(gw, &[&r]),
+            BTreeMap::from([("http".into(), 1)])
         );
     }
 
@@ -640,6 +412,13 @@ spec:
         let (set, state, rejections) = world("");
         assert!(rejections.is_empty(), "{rejections:?}");
         let gw = &set.gateways[0];
+        assert_eq!(
+            gateway_status(gw, None, None, &BTreeMap::new(), Timestamp::now())
+                .listeners
+                .len(),
+            3,
+            "without MeshState's answer the listeners are judged from the spec"
+        );
         let attached = BTreeMap::from([("http".to_owned(), 2)]);
         let now = Timestamp::now();
         let s = gateway_status(
@@ -717,15 +496,17 @@ spec:
 
     #[test]
     fn route_status_keeps_other_controllers_entries() {
-        let (set, state, _) = world("");
+        // The route as the store has it, and in MeshState (which decided its attachment).
+        let yaml = "metadata: {name: r, namespace: shop, generation: 7}\nspec: {parentRefs: [{name: web, namespace: ingress}, {name: other, namespace: ingress}], rules: [{backendRefs: [{name: cart, port: 8080}]}]}\nstatus: {parents: [{parentRef: {name: other, namespace: ingress}, controllerName: example.com/other, conditions: []}]}";
+        let (set, state, _) = world(&format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n{yaml}"
+        ));
         let gateways: BTreeMap<String, &Gateway> = set
             .gateways
             .iter()
             .map(|g| ("ingress/web".to_owned(), g))
             .collect();
-        let mut r = route(
-            "metadata: {name: r, namespace: shop, generation: 7}\nspec: {parentRefs: [{name: web, namespace: ingress}, {name: other, namespace: ingress}], rules: [{backendRefs: [{name: cart, port: 8080}]}]}\nstatus: {parents: [{parentRef: {name: other, namespace: ingress}, controllerName: example.com/other, conditions: []}]}",
-        );
+        let mut r = route(yaml);
         let s = route_status(&r, None, &gateways, "sluice", &state, Timestamp::now());
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].controller_name, "example.com/other");
@@ -739,5 +520,30 @@ spec:
         r.spec.parent_refs.truncate(1);
         let not_ours = route_status(&r, None, &gateways, "other-class", &state, Timestamp::now());
         assert_eq!(not_ours.len(), 1, "only the other controller's entry");
+        // Rejected: the rejection is the answer, and its backends are judged all the same.
+        let rejection = Rejection {
+            kind: "HTTPRoute.gateway.networking.k8s.io".into(),
+            namespace: Some("shop".into()),
+            name: "r".into(),
+            field: "spec.hostnames[0]".into(),
+            message: "bad".into(),
+        };
+        let s = route_status(
+            &r,
+            Some(&rejection),
+            &gateways,
+            "sluice",
+            &state,
+            Timestamp::now(),
+        );
+        let ours = &s[1];
+        assert_eq!(
+            cond(&ours.conditions, "Accepted"),
+            ("False", "UnsupportedValue")
+        );
+        assert_eq!(
+            cond(&ours.conditions, "ResolvedRefs"),
+            ("True", "ResolvedRefs")
+        );
     }
 }

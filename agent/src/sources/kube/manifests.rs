@@ -19,13 +19,14 @@ use k8s_openapi::{
 use kube::CustomResourceExt;
 use serde::Deserialize;
 
-use super::{
-    kinds::{Reach, WATCHED},
-    lease,
-};
+use super::lease;
 use crate::{
     config::AgentConfig,
-    resources::{gateway_api, istio_networking, istio_security, static_egress},
+    resources::{
+        gateway_api, istio_networking, istio_security,
+        kinds::{Reach, watched},
+        static_egress,
+    },
 };
 
 /// Header of every generated file.
@@ -234,13 +235,13 @@ type Grant = (String, String, String);
 /// `mesh_config_name` is the ConfigMap the deployed config names (the only one it reads).
 pub fn required_grants() -> BTreeSet<Grant> {
     let mut need = BTreeSet::new();
-    for k in &WATCHED {
+    for k in watched() {
         for verb in k.verbs() {
-            need.insert((k.group.to_owned(), k.plural.to_owned(), (*verb).to_owned()));
+            need.insert((k.group.clone(), k.plural.clone(), (*verb).to_owned()));
         }
-        if k.writes_status {
+        if k.writes_status() {
             need.insert((
-                k.group.to_owned(),
+                k.group.clone(),
                 format!("{}/status", k.plural),
                 "patch".to_owned(),
             ));
@@ -503,7 +504,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
                 }
             )),
             Some(Some(names)) => {
-                let one_object = WATCHED
+                let one_object = watched()
                     .iter()
                     .any(|k| k.reach == Reach::OneObject && k.group == g.0 && k.plural == g.1);
                 let lease_named = g.1 == "leases" && names.contains(lease::NAME);
@@ -548,7 +549,7 @@ mod tests {
     #[test]
     fn crds_cover_every_custom_watched_kind() {
         let crds = crds();
-        for k in WATCHED.iter().filter(|k| k.custom) {
+        for k in watched().iter().filter(|k| k.custom) {
             let crd = crds
                 .iter()
                 .find(|c| c.spec.group == k.group && c.spec.names.plural == k.plural)
@@ -562,7 +563,7 @@ mod tests {
                 k.qualified(),
                 k.version
             );
-            if k.writes_status {
+            if k.writes_status() {
                 assert!(
                     crd.spec
                         .versions

@@ -1,7 +1,7 @@
 //! The kube source: MeshState from a Kubernetes API server.
 //!
-//! Watchers and reflector stores ([`watch`]) keep a local copy of every kind in
-//! [`kinds::WATCHED`]. Each change wakes the rebuild loop, which waits a short debounce for
+//! Watchers and reflector stores ([`watch`]) keep a local copy of every kind in the registry
+//! ([`kinds`](crate::resources::kinds)). Each change wakes the rebuild loop, which waits a short debounce for
 //! whatever else arrives with it, turns all stores into a
 //! [`ResourceSet`] and runs the same pure [`state::build`] as the file source, then publishes.
 //! Until every kind has been listed once (or found absent) nothing is published, so consumers
@@ -11,7 +11,6 @@
 //! Rejections are logged once per resource generation and handed to the status writer
 //! ([`status`]), which one agent at a time (elected through a Lease) writes back as conditions.
 pub mod gateway_status;
-pub mod kinds;
 pub mod lease;
 pub mod manifests;
 pub mod status;
@@ -36,10 +35,12 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    resources::ResourceSet,
+    resources::{
+        ResourceSet,
+        kinds::{self, KindVisitor, WatchedKind},
+    },
     state::{self, MeshSettings, Rejection, StatePublisher},
 };
-use kinds::WATCHED;
 use watch::{Signal, Stores, Watches};
 
 /// `spec.kube` of the AgentConfig.
@@ -89,10 +90,8 @@ impl Default for KubeConfig {
     }
 }
 
-/// The controller name Sluice writes into Gateway API route status.
-pub const CONTROLLER_NAME: &str = "sluice.dev/gateway-controller";
-/// The field manager of every write Sluice makes.
-pub const FIELD_MANAGER: &str = "sluice";
+pub use gateway_status::CONTROLLER_NAME;
+pub use status::{FIELD_MANAGER, Rebuilt};
 
 /// Why the kube source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -149,17 +148,6 @@ impl SourceOptions {
             )
         })
     }
-}
-
-/// One rebuild's outcome, for the status writer.
-#[derive(Clone, Debug, Default)]
-pub struct Rebuilt {
-    /// Counts rebuilds; 0 until the first.
-    pub generation: u64,
-    pub rejections: Vec<Rejection>,
-    /// Kinds (`Kind.group`) that could not be listed when the source first synced: CRD not
-    /// installed, or forbidden.
-    pub absent: Vec<String>,
 }
 
 /// A running kube source. Dropping it stops the watches and the rebuild loop; the last
@@ -276,46 +264,15 @@ impl Running {
     }
 }
 
-/// Appends `extra`'s resources to `set` (every field: the destructuring breaks the build when
-/// ResourceSet grows a field this does not copy).
+/// Appends `extra`'s resources to `set`, kind by kind.
 fn merge(set: &mut ResourceSet, extra: &ResourceSet) {
-    let ResourceSet {
-        namespaces,
-        pods,
-        services,
-        nodes,
-        config_maps,
-        service_entries,
-        sidecars,
-        istio_gateways,
-        virtual_services,
-        destination_rules,
-        static_gateway_configurations,
-        peer_authentications,
-        authorization_policies,
-        gateways,
-        http_routes,
-    } = extra;
-    set.namespaces.extend(namespaces.iter().cloned());
-    set.pods.extend(pods.iter().cloned());
-    set.services.extend(services.iter().cloned());
-    set.nodes.extend(nodes.iter().cloned());
-    set.config_maps.extend(config_maps.iter().cloned());
-    set.service_entries.extend(service_entries.iter().cloned());
-    set.sidecars.extend(sidecars.iter().cloned());
-    set.istio_gateways.extend(istio_gateways.iter().cloned());
-    set.virtual_services
-        .extend(virtual_services.iter().cloned());
-    set.destination_rules
-        .extend(destination_rules.iter().cloned());
-    set.static_gateway_configurations
-        .extend(static_gateway_configurations.iter().cloned());
-    set.peer_authentications
-        .extend(peer_authentications.iter().cloned());
-    set.authorization_policies
-        .extend(authorization_policies.iter().cloned());
-    set.gateways.extend(gateways.iter().cloned());
-    set.http_routes.extend(http_routes.iter().cloned());
+    struct Merge<'a>(&'a mut ResourceSet, &'a ResourceSet);
+    impl KindVisitor for Merge<'_> {
+        fn visit<K: WatchedKind>(&mut self) {
+            K::list_mut(self.0).extend(K::list(self.1).iter().cloned());
+        }
+    }
+    kinds::for_each_kind(&mut Merge(set, extra));
 }
 
 /// Per-kind progress towards the first publish.
@@ -363,7 +320,7 @@ async fn rebuild_loop(
     publisher: StatePublisher,
     rebuilt: tokio_watch::Sender<Arc<Rebuilt>>,
 ) {
-    let mut progress = [KindState::Waiting; WATCHED.len()];
+    let mut progress = [KindState::Waiting; kinds::COUNT];
     let mut log = RejectionLog::default();
     let mut generation = 0u64;
     let mut last_good = state::LastGood::default();
@@ -375,7 +332,7 @@ async fn rebuild_loop(
             match tokio::time::timeout_at(next_waiting_report.into(), signals.recv()).await {
                 Ok(s) => s,
                 Err(_) => {
-                    let waiting: Vec<String> = WATCHED
+                    let waiting: Vec<String> = kinds::watched()
                         .iter()
                         .zip(progress)
                         .filter(|(_, p)| *p == KindState::Waiting)
@@ -440,7 +397,7 @@ async fn rebuild_loop(
         publisher.publish(out.state);
         generation += 1;
         if generation == 1 {
-            let absent: Vec<String> = WATCHED
+            let absent: Vec<String> = kinds::watched()
                 .iter()
                 .zip(progress)
                 .filter(|(_, p)| *p == KindState::Absent)
@@ -457,7 +414,7 @@ async fn rebuild_loop(
             build_us = t.elapsed().as_micros() as u64,
             "mesh state rebuilt"
         );
-        let absent = WATCHED
+        let absent = kinds::watched()
             .iter()
             .zip(progress)
             .filter(|(_, p)| *p == KindState::Absent)

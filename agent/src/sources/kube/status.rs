@@ -1,5 +1,5 @@
 //! The status writer: conditions back to the cluster, by server-side apply with field manager
-//! [`FIELD_MANAGER`](super::FIELD_MANAGER), from the one agent that holds the status Lease.
+//! [`FIELD_MANAGER`], from the one agent that holds the status Lease.
 //!
 //! * Istio kinds (networking and security): a condition of type [`ISTIO_CONDITION`] in
 //!   `status.conditions`, shaped like the conditions istiod writes for ambient mode
@@ -17,7 +17,6 @@
 //! store that has not yet seen its own write does not cause a second one.
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::Debug,
     sync::Arc,
     time::Duration,
 };
@@ -25,24 +24,38 @@ use std::{
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, Resource,
-    api::{Patch, PatchParams},
-    runtime::reflector::Store,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
 };
-use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
-    FIELD_MANAGER, Rebuilt,
-    gateway_status::{self, same_conditions},
-    kinds::{self, WATCHED},
+    gateway_status::{self, CONTROLLER_NAME, same_conditions},
     watch::Stores,
 };
 use crate::{
-    resources::{gateway_api, static_egress},
+    resources::{
+        NamespacedName, gateway_api,
+        kinds::{self, KindVisitor, StatusWrite, WatchedKind, watched},
+        static_egress,
+    },
     state::{Rejection, StateHandle},
 };
+
+/// The field manager of every write Sluice makes.
+pub const FIELD_MANAGER: &str = "sluice";
+
+/// One rebuild's outcome, for the status writer.
+#[derive(Clone, Debug, Default)]
+pub struct Rebuilt {
+    /// Counts rebuilds; 0 until the first.
+    pub generation: u64,
+    pub rejections: Vec<Rejection>,
+    /// Kinds (`Kind.group`) that could not be listed when the source first synced: CRD not
+    /// installed, or forbidden.
+    pub absent: Vec<String>,
+}
 
 /// Condition type Sluice writes on Istio resources (after istiod's `<Component>Accepted`).
 pub const ISTIO_CONDITION: &str = "SluiceAccepted";
@@ -72,7 +85,7 @@ fn rejection_for<'a>(
     namespace: &str,
     name: &str,
 ) -> Option<&'a Rejection> {
-    let qualified = WATCHED[kind].qualified();
+    let qualified = watched()[kind].qualified();
     rejections.iter().find(|r| {
         r.kind == qualified && r.namespace.as_deref() == Some(namespace) && r.name == name
     })
@@ -169,64 +182,42 @@ impl StatusWriter {
         let now = Timestamp::now();
         let stores = self.stores.clone();
         let r = &rebuilt.rejections;
-        self.istio(&stores.service_entries, kinds::SERVICE_ENTRIES, r, now)
-            .await;
-        self.istio(&stores.sidecars, kinds::SIDECARS, r, now).await;
-        self.istio(&stores.istio_gateways, kinds::ISTIO_GATEWAYS, r, now)
-            .await;
-        self.istio(&stores.virtual_services, kinds::VIRTUAL_SERVICES, r, now)
-            .await;
-        self.istio(&stores.destination_rules, kinds::DESTINATION_RULES, r, now)
-            .await;
-        self.istio(
-            &stores.peer_authentications,
-            kinds::PEER_AUTHENTICATIONS,
-            r,
+        // Istio kinds, in registry order: decide first, then write.
+        let mut istio = IstioConditions {
+            stores: &stores,
+            rejections: r,
             now,
-        )
-        .await;
-        self.istio(
-            &stores.authorization_policies,
-            kinds::AUTHORIZATION_POLICIES,
-            r,
-            now,
-        )
-        .await;
+            patches: Vec::new(),
+        };
+        kinds::for_each_kind(&mut istio);
+        for p in istio.patches {
+            self.apply(p).await;
+        }
         self.gateway_api(&stores, r, now).await;
     }
 
-    async fn apply<K>(
-        &mut self,
-        kind: usize,
-        namespace: &str,
-        name: &str,
-        status: Value,
-        print: String,
-    ) where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + Debug,
-    {
-        let key = (kind, namespace.to_owned(), name.to_owned());
-        if self.applied.get(&key) == Some(&print) {
+    async fn apply(&mut self, p: StatusPatch) {
+        let key = (p.kind, p.namespace.clone(), p.name.clone());
+        if self.applied.get(&key) == Some(&p.print) {
             return;
         }
-        let k = &WATCHED[kind];
+        let k = &watched()[p.kind];
         let body = json!({
             "apiVersion": k.api_version(),
             "kind": k.kind,
-            "metadata": {"name": name, "namespace": namespace},
-            "status": status,
+            "metadata": {"name": p.name, "namespace": p.namespace},
+            "status": p.status,
         });
-        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        let (namespace, name) = (p.namespace.as_str(), p.name.as_str());
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &p.resource);
         match api
             .patch_status(name, &apply_params(), &Patch::Apply(&body))
             .await
         {
             Ok(_) => {
                 debug!(kind = %k.qualified(), %namespace, %name, "status written");
-                self.applied.insert(key, print);
+                self.applied.insert(key, p.print);
             }
             Err(kube::Error::Api(s)) if s.is_not_found() => {}
             Err(e) => {
@@ -235,26 +226,150 @@ impl StatusWriter {
         }
     }
 
-    async fn istio<K>(
-        &mut self,
-        store: &Store<K>,
-        kind: usize,
-        rejections: &[Rejection],
-        now: Timestamp,
-    ) where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + Debug
-            + Serialize,
-    {
-        for obj in store.state() {
+    async fn gateway_api(&mut self, stores: &Stores, rejections: &[Rejection], now: Timestamp) {
+        let state = self.state.current();
+        let gateways: Vec<Arc<gateway_api::Gateway>> = stores.get::<gateway_api::Gateway>().state();
+        let routes: Vec<gateway_api::HTTPRoute> = stores
+            .get::<gateway_api::HTTPRoute>()
+            .state()
+            .iter()
+            .map(|r| (**r).clone())
+            .collect();
+        let by_key: BTreeMap<String, &gateway_api::Gateway> = gateways
+            .iter()
+            .filter_map(|g| {
+                Some((
+                    NamespacedName::new(
+                        g.metadata.namespace.as_deref()?,
+                        g.metadata.name.as_deref()?,
+                    )
+                    .key(),
+                    g.as_ref(),
+                ))
+            })
+            .collect();
+        let route_rejections: Vec<&Rejection> = rejections
+            .iter()
+            .filter(|r| r.kind == gateway_api::HTTPRoute::qualified())
+            .collect();
+        for (key, gw) in &by_key {
+            if gw.spec.gateway_class_name != self.gateway_class {
+                continue;
+            }
+            let Some(NamespacedName { namespace, name }) = NamespacedName::parse(key) else {
+                continue;
+            };
+            let rejection = rejection_for(rejections, gateway_api::Gateway::INDEX, namespace, name);
+            let normalised = state.ingress.gateways.get(key.as_str());
+            let attached = normalised
+                .map(|g| gateway_status::attached_routes(g, &route_rejections))
+                .unwrap_or_default();
+            let want = gateway_status::gateway_status(gw, rejection, normalised, &attached, now);
+            let have = gw.status.clone().unwrap_or_default();
+            let same = same_conditions(&want.conditions, &have.conditions)
+                && want.listeners.len() == have.listeners.len()
+                && want.listeners.iter().all(|w| {
+                    have.listeners.iter().any(|h| {
+                        h.name == w.name
+                            && h.attached_routes == w.attached_routes
+                            && h.supported_kinds == w.supported_kinds
+                            && same_conditions(&h.conditions, &w.conditions)
+                    })
+                });
+            if same {
+                continue;
+            }
+            let value = serde_json::to_value(&want).unwrap_or(Value::Null);
+            let print = fingerprint(&value);
+            self.apply(StatusPatch::new::<gateway_api::Gateway>(
+                namespace, name, value, print,
+            ))
+            .await;
+        }
+        for route in &routes {
+            let (Some(namespace), Some(name)) = (
+                route.metadata.namespace.as_deref(),
+                route.metadata.name.as_deref(),
+            ) else {
+                continue;
+            };
+            let rejection =
+                rejection_for(rejections, gateway_api::HTTPRoute::INDEX, namespace, name);
+            let want = gateway_status::route_status(
+                route,
+                rejection,
+                &by_key,
+                &self.gateway_class,
+                &state,
+                now,
+            );
+            let have = route.status.clone().unwrap_or_default().parents;
+            let ours = |p: &&gateway_api::RouteParentStatus| p.controller_name == CONTROLLER_NAME;
+            let want_ours: Vec<_> = want.iter().filter(ours).collect();
+            let have_ours: Vec<_> = have.iter().filter(ours).collect();
+            let same = want_ours.len() == have_ours.len()
+                && want_ours.iter().all(|w| {
+                    have_ours.iter().any(|h| {
+                        h.parent_ref == w.parent_ref
+                            && same_conditions(&h.conditions, &w.conditions)
+                    })
+                });
+            if same {
+                continue;
+            }
+            let value = json!({"parents": want});
+            let print = fingerprint(&value);
+            self.apply(StatusPatch::new::<gateway_api::HTTPRoute>(
+                namespace, name, value, print,
+            ))
+            .await;
+        }
+    }
+}
+
+/// One status to apply: kind, object, the status and its fingerprint.
+struct StatusPatch {
+    kind: usize,
+    resource: ApiResource,
+    namespace: String,
+    name: String,
+    status: Value,
+    print: String,
+}
+
+impl StatusPatch {
+    fn new<K: WatchedKind>(namespace: &str, name: &str, status: Value, print: String) -> Self {
+        Self {
+            kind: K::INDEX,
+            resource: ApiResource::erase::<K>(&()),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            status,
+            print,
+        }
+    }
+}
+
+/// The `SluiceAccepted` conditions every Istio-condition kind wants, as patches.
+struct IstioConditions<'a> {
+    stores: &'a Stores,
+    rejections: &'a [Rejection],
+    now: Timestamp,
+    patches: Vec<StatusPatch>,
+}
+
+impl KindVisitor for IstioConditions<'_> {
+    fn visit<K: WatchedKind>(&mut self) {
+        if K::STATUS != StatusWrite::IstioCondition {
+            return;
+        }
+        for obj in self.stores.get::<K>().state() {
             let meta = obj.meta();
             let (Some(namespace), Some(name)) = (meta.namespace.clone(), meta.name.clone()) else {
                 continue;
             };
-            let rejection = rejection_for(rejections, kind, &namespace, &name);
-            let want = istio_condition(rejection, meta.generation, now);
+            let rejection = rejection_for(self.rejections, K::INDEX, &namespace, &name);
+            let want = istio_condition(rejection, meta.generation, self.now);
             let current = serde_json::to_value(&*obj).unwrap_or(Value::Null);
             let conditions: Vec<Value> = current
                 .pointer("/status/conditions")
@@ -284,102 +399,12 @@ impl StatusWriter {
             if let Some(r) = rejection {
                 info!(rejection = %r, "reporting the rejection in status.conditions");
             }
-            self.apply::<K>(kind, &namespace, &name, json!({"conditions": list}), print)
-                .await;
-        }
-    }
-
-    async fn gateway_api(&mut self, stores: &Stores, rejections: &[Rejection], now: Timestamp) {
-        let state = self.state.current();
-        let gateways: Vec<Arc<gateway_api::Gateway>> = stores.gateways.state();
-        let routes: Vec<gateway_api::HTTPRoute> = stores
-            .http_routes
-            .state()
-            .iter()
-            .map(|r| (**r).clone())
-            .collect();
-        let by_key: BTreeMap<String, &gateway_api::Gateway> = gateways
-            .iter()
-            .filter_map(|g| {
-                Some((
-                    format!(
-                        "{}/{}",
-                        g.metadata.namespace.as_deref()?,
-                        g.metadata.name.as_deref()?
-                    ),
-                    g.as_ref(),
-                ))
-            })
-            .collect();
-        let route_rejections: Vec<&Rejection> = rejections
-            .iter()
-            .filter(|r| r.kind == WATCHED[kinds::HTTP_ROUTES].qualified())
-            .collect();
-        for (key, gw) in &by_key {
-            if gw.spec.gateway_class_name != self.gateway_class {
-                continue;
-            }
-            let (namespace, name) = key.split_once('/').unwrap_or_default();
-            let rejection = rejection_for(rejections, kinds::GATEWAYS, namespace, name);
-            let normalised = state.ingress.gateways.get(key.as_str());
-            let attached = normalised
-                .map(|g| gateway_status::attached_routes(g, &routes, &route_rejections, &state))
-                .unwrap_or_default();
-            let want = gateway_status::gateway_status(gw, rejection, normalised, &attached, now);
-            let have = gw.status.clone().unwrap_or_default();
-            let same = same_conditions(&want.conditions, &have.conditions)
-                && want.listeners.len() == have.listeners.len()
-                && want.listeners.iter().all(|w| {
-                    have.listeners.iter().any(|h| {
-                        h.name == w.name
-                            && h.attached_routes == w.attached_routes
-                            && h.supported_kinds == w.supported_kinds
-                            && same_conditions(&h.conditions, &w.conditions)
-                    })
-                });
-            if same {
-                continue;
-            }
-            let value = serde_json::to_value(&want).unwrap_or(Value::Null);
-            let print = fingerprint(&value);
-            self.apply::<gateway_api::Gateway>(kinds::GATEWAYS, namespace, name, value, print)
-                .await;
-        }
-        for route in &routes {
-            let (Some(namespace), Some(name)) = (
-                route.metadata.namespace.as_deref(),
-                route.metadata.name.as_deref(),
-            ) else {
-                continue;
-            };
-            let rejection = rejection_for(rejections, kinds::HTTP_ROUTES, namespace, name);
-            let want = gateway_status::route_status(
-                route,
-                rejection,
-                &by_key,
-                &self.gateway_class,
-                &state,
-                now,
-            );
-            let have = route.status.clone().unwrap_or_default().parents;
-            let ours =
-                |p: &&gateway_api::RouteParentStatus| p.controller_name == super::CONTROLLER_NAME;
-            let want_ours: Vec<_> = want.iter().filter(ours).collect();
-            let have_ours: Vec<_> = have.iter().filter(ours).collect();
-            let same = want_ours.len() == have_ours.len()
-                && want_ours.iter().all(|w| {
-                    have_ours.iter().any(|h| {
-                        h.parent_ref == w.parent_ref
-                            && same_conditions(&h.conditions, &w.conditions)
-                    })
-                });
-            if same {
-                continue;
-            }
-            let value = json!({"parents": want});
-            let print = fingerprint(&value);
-            self.apply::<gateway_api::HTTPRoute>(kinds::HTTP_ROUTES, namespace, name, value, print)
-                .await;
+            self.patches.push(StatusPatch::new::<K>(
+                &namespace,
+                &name,
+                json!({"conditions": list}),
+                print,
+            ));
         }
     }
 }
@@ -394,7 +419,7 @@ pub async fn set_egress_ip_prefix(
 ) -> Result<(), kube::Error> {
     let body = json!({
         "apiVersion": static_egress::API_VERSION,
-        "kind": "StaticGatewayConfiguration",
+        "kind": static_egress::StaticGatewayConfiguration::kind(&()),
         "metadata": {"name": name, "namespace": namespace},
         "status": {"egressIpPrefix": prefix.to_string()},
     });
@@ -445,6 +470,7 @@ mod tests {
 
     #[test]
     fn rejections_are_found_by_qualified_kind() {
+        use crate::resources::istio_networking;
         let r = Rejection {
             kind: "Gateway.networking.istio.io".into(),
             namespace: Some("a".into()),
@@ -453,9 +479,9 @@ mod tests {
             message: "m".into(),
         };
         let list = [r];
-        assert!(rejection_for(&list, kinds::ISTIO_GATEWAYS, "a", "g").is_some());
+        assert!(rejection_for(&list, istio_networking::Gateway::INDEX, "a", "g").is_some());
         assert!(
-            rejection_for(&list, kinds::GATEWAYS, "a", "g").is_none(),
+            rejection_for(&list, gateway_api::Gateway::INDEX, "a", "g").is_none(),
             "Gateway API is another kind"
         );
     }

@@ -5,10 +5,9 @@
 //! (its CRD is not installed, or RBAC forbids it). Errors never end a watch: the watcher retries
 //! with [`WatchBackoff`] and relists on return, and the store keeps its last contents meanwhile, so
 //! the last good state stays served while the API server is away.
-use std::{fmt::Debug, sync::Arc, time::Duration};
+use std::{any::Any, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -18,17 +17,18 @@ use kube::{
         watcher,
     },
 };
-use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use super::kinds::{self, WATCHED, WatchedKind};
-use crate::resources::{ResourceSet, gateway_api, istio_networking, istio_security, static_egress};
+use crate::resources::{
+    ResourceSet,
+    kinds::{self, KindInfo, KindScope, KindVisitor, Reach, WatchedKind},
+};
 
 /// What a watch task tells the rebuild loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Signal {
-    /// The store of kind `usize` (an index into [`WATCHED`]) changed.
+    /// The store of kind `usize` (a [`WatchedKind::INDEX`]) changed.
     Changed(usize),
     /// The kind's (re)list completed and its store was replaced.
     Listed(usize),
@@ -89,25 +89,9 @@ pub struct WatchScope {
     pub mesh_config: (String, String),
 }
 
-/// The reflector stores of every watched kind.
+/// The reflector stores of every watched kind, one per kind (found by its type).
 #[derive(Clone)]
-pub struct Stores {
-    pub namespaces: Store<Namespace>,
-    pub pods: Store<Pod>,
-    pub services: Store<Service>,
-    pub nodes: Store<Node>,
-    pub mesh_config: Store<ConfigMap>,
-    pub service_entries: Store<istio_networking::ServiceEntry>,
-    pub sidecars: Store<istio_networking::Sidecar>,
-    pub istio_gateways: Store<istio_networking::Gateway>,
-    pub virtual_services: Store<istio_networking::VirtualService>,
-    pub destination_rules: Store<istio_networking::DestinationRule>,
-    pub peer_authentications: Store<istio_security::PeerAuthentication>,
-    pub authorization_policies: Store<istio_security::AuthorizationPolicy>,
-    pub static_gateway_configurations: Store<static_egress::StaticGatewayConfiguration>,
-    pub gateways: Store<gateway_api::Gateway>,
-    pub http_routes: Store<gateway_api::HTTPRoute>,
-}
+pub struct Stores(Arc<[Box<dyn Any + Send + Sync>]>);
 
 /// Running watch tasks; dropping this stops them.
 pub struct Watches {
@@ -134,173 +118,103 @@ fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
 }
 
 impl Stores {
+    /// The store of kind `K`.
+    pub fn get<K: WatchedKind>(&self) -> &Store<K> {
+        self.0
+            .get(K::INDEX)
+            .and_then(|s| s.downcast_ref())
+            .expect("Stores holds one store per kind, at its index")
+    }
+
     /// Everything the stores hold now, as the resource set `state::build` reads.
     pub fn resource_set(&self) -> ResourceSet {
-        ResourceSet {
-            namespaces: sorted(&self.namespaces),
-            pods: sorted(&self.pods),
-            services: sorted(&self.services),
-            nodes: sorted(&self.nodes),
-            config_maps: sorted(&self.mesh_config),
-            service_entries: sorted(&self.service_entries),
-            sidecars: sorted(&self.sidecars),
-            istio_gateways: sorted(&self.istio_gateways),
-            virtual_services: sorted(&self.virtual_services),
-            destination_rules: sorted(&self.destination_rules),
-            peer_authentications: sorted(&self.peer_authentications),
-            authorization_policies: sorted(&self.authorization_policies),
-            static_gateway_configurations: sorted(&self.static_gateway_configurations),
-            gateways: sorted(&self.gateways),
-            http_routes: sorted(&self.http_routes),
+        struct Fill<'a>(&'a Stores, ResourceSet);
+        impl KindVisitor for Fill<'_> {
+            fn visit<K: WatchedKind>(&mut self) {
+                *K::list_mut(&mut self.1) = sorted(self.0.get::<K>());
+            }
         }
+        let mut fill = Fill(self, ResourceSet::default());
+        kinds::for_each_kind(&mut fill);
+        fill.1
     }
 
     /// `metadata.generation` of a watched object, if the store has it (for logging rejections once
     /// per generation). `kind` is the qualified name a [`Rejection`](crate::state::Rejection)
     /// carries.
     pub fn generation(&self, kind: &str, namespace: Option<&str>, name: &str) -> Option<i64> {
-        fn find<K: Resource<DynamicType = ()> + Clone>(
-            store: &Store<K>,
-            namespace: Option<&str>,
-            name: &str,
-        ) -> Option<i64> {
-            let key = match namespace {
-                Some(ns) => reflector::ObjectRef::new(name).within(ns),
-                None => reflector::ObjectRef::new(name),
-            };
-            store.get(&key).and_then(|o| o.meta().generation)
+        struct Find<'a> {
+            stores: &'a Stores,
+            namespace: Option<&'a str>,
+            name: &'a str,
+            found: Option<i64>,
         }
-        let (index, _) = kinds::by_qualified_name(kind)?;
-        match index {
-            kinds::NAMESPACES => find(&self.namespaces, namespace, name),
-            kinds::PODS => find(&self.pods, namespace, name),
-            kinds::SERVICES => find(&self.services, namespace, name),
-            kinds::NODES => find(&self.nodes, namespace, name),
-            kinds::MESH_CONFIG => find(&self.mesh_config, namespace, name),
-            kinds::SERVICE_ENTRIES => find(&self.service_entries, namespace, name),
-            kinds::SIDECARS => find(&self.sidecars, namespace, name),
-            kinds::ISTIO_GATEWAYS => find(&self.istio_gateways, namespace, name),
-            kinds::VIRTUAL_SERVICES => find(&self.virtual_services, namespace, name),
-            kinds::DESTINATION_RULES => find(&self.destination_rules, namespace, name),
-            kinds::PEER_AUTHENTICATIONS => find(&self.peer_authentications, namespace, name),
-            kinds::AUTHORIZATION_POLICIES => find(&self.authorization_policies, namespace, name),
-            kinds::STATIC_GATEWAY_CONFIGURATIONS => {
-                find(&self.static_gateway_configurations, namespace, name)
+        impl KindVisitor for Find<'_> {
+            fn visit<K: WatchedKind>(&mut self) {
+                let key = match self.namespace {
+                    Some(ns) => reflector::ObjectRef::new(self.name).within(ns),
+                    None => reflector::ObjectRef::new(self.name),
+                };
+                self.found = self
+                    .stores
+                    .get::<K>()
+                    .get(&key)
+                    .and_then(|o| o.meta().generation);
             }
-            kinds::GATEWAYS => find(&self.gateways, namespace, name),
-            kinds::HTTP_ROUTES => find(&self.http_routes, namespace, name),
-            _ => None,
         }
+        let mut find = Find {
+            stores: self,
+            namespace,
+            name,
+            found: None,
+        };
+        kinds::visit_named(kind, &mut find);
+        find.found
     }
 }
 
-/// Drops what no consumer reads and what changes all the time, so that stores stay small and
-/// heartbeats do not look like changes: managed fields everywhere, node conditions and images,
-/// pod condition and container statuses.
-fn trim_meta<K: Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
-}
-
-fn trim_node(node: &mut Node) {
-    trim_meta(node);
-    if let Some(status) = node.status.as_mut() {
-        status.conditions = None;
-        status.images = None;
-        status.daemon_endpoints = None;
-        status.node_info = None;
-        status.allocatable = None;
-        status.capacity = None;
-        status.volumes_attached = None;
-        status.volumes_in_use = None;
-    }
-}
-
-fn trim_pod(pod: &mut Pod) {
-    trim_meta(pod);
-    if let Some(status) = pod.status.as_mut() {
-        status.conditions = None;
-        status.container_statuses = None;
-        status.init_container_statuses = None;
-        status.ephemeral_container_statuses = None;
-    }
-}
-
-/// Starts one watch per kind in [`WATCHED`]; every store change is reported on `signals`.
+/// Starts one watch per watched kind; every store change is reported on `signals`.
 pub fn start(
     client: &Client,
     scope: &WatchScope,
     signals: mpsc::UnboundedSender<Signal>,
 ) -> (Stores, Watches) {
-    let mut tasks = Vec::new();
-    let all = watcher::Config::default;
-    let mut spawn = |handle: JoinHandle<()>| tasks.push(handle);
-
-    macro_rules! watch_all {
-        ($ty:ty, $index:expr, $trim:expr) => {{
-            let (store, task) = watch::<$ty>(
-                Api::all(client.clone()),
-                all(),
-                $index,
-                signals.clone(),
-                $trim,
-            );
-            spawn(task);
-            store
-        }};
+    struct Start<'a> {
+        client: &'a Client,
+        scope: &'a WatchScope,
+        signals: &'a mpsc::UnboundedSender<Signal>,
+        stores: Vec<Box<dyn Any + Send + Sync>>,
+        tasks: Vec<JoinHandle<()>>,
     }
-
-    let (cm_ns, cm_name) = &scope.mesh_config;
-    let (mesh_config, task) = watch::<ConfigMap>(
-        Api::namespaced(client.clone(), cm_ns),
-        all().fields(&format!("metadata.name={cm_name}")),
-        kinds::MESH_CONFIG,
-        signals.clone(),
-        trim_meta,
-    );
-    spawn(task);
-
-    let stores = Stores {
-        namespaces: watch_all!(Namespace, kinds::NAMESPACES, trim_meta),
-        pods: watch_all!(Pod, kinds::PODS, trim_pod),
-        services: watch_all!(Service, kinds::SERVICES, trim_meta),
-        nodes: watch_all!(Node, kinds::NODES, trim_node),
-        mesh_config,
-        service_entries: watch_all!(
-            istio_networking::ServiceEntry,
-            kinds::SERVICE_ENTRIES,
-            trim_meta
-        ),
-        sidecars: watch_all!(istio_networking::Sidecar, kinds::SIDECARS, trim_meta),
-        istio_gateways: watch_all!(istio_networking::Gateway, kinds::ISTIO_GATEWAYS, trim_meta),
-        virtual_services: watch_all!(
-            istio_networking::VirtualService,
-            kinds::VIRTUAL_SERVICES,
-            trim_meta
-        ),
-        destination_rules: watch_all!(
-            istio_networking::DestinationRule,
-            kinds::DESTINATION_RULES,
-            trim_meta
-        ),
-        peer_authentications: watch_all!(
-            istio_security::PeerAuthentication,
-            kinds::PEER_AUTHENTICATIONS,
-            trim_meta
-        ),
-        authorization_policies: watch_all!(
-            istio_security::AuthorizationPolicy,
-            kinds::AUTHORIZATION_POLICIES,
-            trim_meta
-        ),
-        static_gateway_configurations: watch_all!(
-            static_egress::StaticGatewayConfiguration,
-            kinds::STATIC_GATEWAY_CONFIGURATIONS,
-            trim_meta
-        ),
-        gateways: watch_all!(gateway_api::Gateway, kinds::GATEWAYS, trim_meta),
-        http_routes: watch_all!(gateway_api::HTTPRoute, kinds::HTTP_ROUTES, trim_meta),
+    impl KindVisitor for Start<'_> {
+        fn visit<K: WatchedKind>(&mut self) {
+            let (api, config) = match K::REACH {
+                Reach::All => (
+                    <K::Scope as KindScope>::api::<K>(self.client.clone(), None),
+                    watcher::Config::default(),
+                ),
+                Reach::OneObject => {
+                    let (ns, name) = &self.scope.mesh_config;
+                    (
+                        <K::Scope as KindScope>::api::<K>(self.client.clone(), Some(ns)),
+                        watcher::Config::default().fields(&format!("metadata.name={name}")),
+                    )
+                }
+            };
+            let (store, task) = watch::<K>(api, config, self.signals.clone());
+            self.stores.push(Box::new(store));
+            self.tasks.push(task);
+        }
+    }
+    let mut start = Start {
+        client,
+        scope,
+        signals: &signals,
+        stores: Vec::with_capacity(kinds::COUNT),
+        tasks: Vec::with_capacity(kinds::COUNT),
     };
-    (stores, Watches { tasks })
+    kinds::for_each_kind(&mut start);
+    (Stores(start.stores.into()), Watches { tasks: start.tasks })
 }
 
 /// Why a list or watch failed, as far as the source cares.
@@ -331,24 +245,20 @@ fn classify(e: &watcher::Error) -> Failure {
 }
 
 /// Spawns `watcher → reflector` for one kind.
-fn watch<K>(
+fn watch<K: WatchedKind>(
     api: Api<K>,
     config: watcher::Config,
-    index: usize,
     signals: mpsc::UnboundedSender<Signal>,
-    trim: fn(&mut K),
-) -> (Store<K>, JoinHandle<()>)
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
+) -> (Store<K>, JoinHandle<()>) {
     let (store, writer) = reflector::store::<K>();
-    let kind: &'static WatchedKind = &WATCHED[index];
+    let index = K::INDEX;
+    let kind: &'static KindInfo = &kinds::watched()[index];
     let seed =
         (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id());
     let stream = reflector::reflector(
         writer,
         watcher(api, config.any_semantic())
-            .modify(trim)
+            .modify(K::trim)
             .backoff(WatchBackoff::new(seed)),
     );
     let task = tokio::spawn(async move {
