@@ -160,6 +160,19 @@ fn sample(metrics: &str, name_and_labels: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The sum of `name`'s samples whose label text satisfies `want`.
+fn tcp_bytes(metrics: &str, name: &str, want: impl Fn(&str) -> bool) -> u64 {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            want(labels).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .map(|v| v as u64)
+        .sum()
+}
+
 /// Fails with what differs between two snapshots.
 fn assert_same(before: &BTreeSet<String>, after: &BTreeSet<String>, what: &str) {
     let gone: Vec<_> = before.difference(after).collect();
@@ -386,6 +399,30 @@ fn egress_gateway_http_passthrough_and_origination_over_mtls() {
             && l["dst_identity"]
                 == "spiffe://cluster.local/ns/istio-system/sa/sluice-egress-gateway"
     }));
+    // The source agent counts the tunnel's bytes as Istio does, as mutual TLS to the gateway.
+    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/sluice-egress-gateway";
+    let to_gateway = |m: &str, name: &str| {
+        tcp_bytes(m, name, |labels| {
+            labels.contains("reporter=\"source\"")
+                && labels.contains("source_workload=\"client\"")
+                && labels.contains(&format!("destination_principal=\"{gateway_id}\""))
+                && labels.contains("connection_security_policy=\"mutual_tls\"")
+        })
+    };
+    let mut m = String::new();
+    let counted = (0..50).any(|_| {
+        m = e.metrics(1);
+        let done = to_gateway(&m, "istio_tcp_received_bytes_total") > 0
+            && to_gateway(&m, "istio_tcp_sent_bytes_total") > 0;
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    assert!(
+        counted,
+        "egress gateway bytes missing from istio_tcp_*_bytes_total (mutual_tls):\n{m}"
+    );
     // And on the wire between the nodes, nothing of the HTTP request is readable.
     let v = capture_between_nodes(&e, || {
         let _ = e.http_get("client", SERVERS[0], "web.example");
