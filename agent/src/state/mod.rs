@@ -8,6 +8,7 @@ pub mod build;
 pub mod egress;
 pub mod ingress;
 pub mod last_good;
+pub mod outbound;
 pub mod policy;
 pub mod workload;
 
