@@ -20,6 +20,7 @@ use sluice_tests::{
         wait_until,
     },
     internet::{INTERNET_ADDR, SERVERS, UPLINK_NODE},
+    metrics,
     world::PodSpec,
 };
 
@@ -158,19 +159,6 @@ fn sample(metrics: &str, name_and_labels: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// The sum of `name`'s samples whose label text satisfies `want`.
-fn tcp_bytes(metrics: &str, name: &str, want: impl Fn(&str) -> bool) -> u64 {
-    metrics
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
-            let (labels, value) = rest.rsplit_once("} ")?;
-            want(labels).then(|| value.trim().parse::<f64>().ok())?
-        })
-        .map(|v| v as u64)
-        .sum()
 }
 
 /// Fails with what differs between two snapshots.
@@ -400,20 +388,22 @@ fn egress_gateway_http_passthrough_and_origination_over_mtls() {
                 == "spiffe://cluster.local/ns/istio-system/sa/sluice-egress-gateway"
     }));
     // The source agent counts the tunnel's bytes as Istio does, as mutual TLS to the gateway.
-    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/sluice-egress-gateway";
-    let to_gateway = |m: &str, name: &str| {
-        tcp_bytes(m, name, |labels| {
-            labels.contains("reporter=\"source\"")
-                && labels.contains("source_workload=\"client\"")
-                && labels.contains(&format!("destination_principal=\"{gateway_id}\""))
-                && labels.contains("connection_security_policy=\"mutual_tls\"")
-        })
-    };
+    let to_gateway = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_principal", client_id),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/istio-system/sa/sluice-egress-gateway",
+        ),
+        ("connection_security_policy", "mutual_tls"),
+    ];
     let mut m = String::new();
     let counted = (0..50).any(|_| {
         m = e.metrics(1);
-        let done = to_gateway(&m, "istio_tcp_received_bytes_total") > 0
-            && to_gateway(&m, "istio_tcp_sent_bytes_total") > 0;
+        let bytes = |name| metrics::sample(&m, name, &to_gateway);
+        let done = bytes("istio_tcp_received_bytes_total") > 0.0
+            && bytes("istio_tcp_sent_bytes_total") > 0.0;
         if !done {
             std::thread::sleep(Duration::from_millis(100));
         }

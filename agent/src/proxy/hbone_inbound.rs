@@ -10,9 +10,9 @@ use tracing::{info, warn};
 
 use super::{
     ProxyInputs,
+    context::PodContext,
     hbone::{ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus, Upstream},
     inbound::connect_transparent,
-    pod::PodContext,
     telemetry::{self, Peer, Reporter},
 };
 use crate::{identity::peer_identity, policy, state::Identity};

@@ -12,8 +12,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{info, warn};
 
 use super::{
-    ProxyInputs, copy,
-    pod::PodContext,
+    ProxyInputs,
+    context::PodContext,
+    copy,
     telemetry::{self, Peer, Reporter},
 };
 

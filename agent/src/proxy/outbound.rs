@@ -13,11 +13,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use super::{
-    ProxyInputs, copy,
+    ProxyInputs,
+    context::PodContext,
+    copy,
     hbone::{Baggage, EARLY_DATA_MAX, PoolKey, RequestMeta, SpliceCounters, SpliceEnd, splice},
-    peek,
-    pod::PodContext,
-    socket,
+    peek, socket,
     telemetry::{self, ConnectionResult, OutboundLog, Outcome, Peer, Reporter},
 };
 use crate::state::{
