@@ -8,9 +8,9 @@
 //! 2. `dst` is any other workload, or a Service address: plain TCP to `dst`. (Services: this
 //!    is where a VIP will resolve to one ready endpoint, see [`service_plan`].)
 //! 3. Outside the mesh, from a source the state knows: the egress decision
-//!    ([`Egress::outbound_decision`]), which may need the HTTP `Host` / TLS SNI first
-//!    ([`Decision::PeekFirst`]); its answer is direct, an egress gateway node over HBONE, or a
-//!    refusal.
+//!    ([`Egress::outbound_decision`](super::egress::Egress::outbound_decision)), which may
+//!    need the HTTP `Host` / TLS SNI first ([`Decision::PeekFirst`]); its answer is direct, an
+//!    egress gateway node over HBONE, or a refusal.
 //! 4. Outside the mesh from a source the state does not know (yet): direct.
 use std::{
     fmt,

@@ -425,12 +425,20 @@ fn cases() -> Vec<Case> {
             Want::Gateway("172.30.12.2:15008"),
         ),
         case(
-            "egress gateway route but the SNI names another host: refused",
+            "listed host as TLS SNI where only HTTP is routed: direct",
             CURL,
             "93.184.216.34:80",
             true,
             Some(Tls("web.example")),
-            Want::Refuse("registry_only", Some("web.example")),
+            Want::Direct,
+        ),
+        case(
+            "REGISTRY_ONLY, unlisted TLS SNI: refused",
+            CURL,
+            "93.184.216.34:80",
+            true,
+            Some(Tls("other.example")),
+            Want::Refuse("registry_only", Some("other.example")),
         ),
         case(
             "egress gateway no node carries: refused",
@@ -475,23 +483,34 @@ fn cases() -> Vec<Case> {
         Case {
             resolved: Some("db.example"),
             ..case(
-                "REGISTRY_ONLY, unlisted address named by the resolver: refused, naming it",
+                "REGISTRY_ONLY, an address the resolver named for a listed host: direct",
                 CURL,
                 "203.0.113.99:5432",
                 false,
                 None,
-                Want::Refuse("registry_only", Some("db.example")),
+                Want::Direct,
+            )
+        },
+        Case {
+            resolved: Some("unknown.example"),
+            ..case(
+                "REGISTRY_ONLY, a resolved name nothing lists: refused, naming it",
+                CURL,
+                "203.0.113.99:5432",
+                false,
+                None,
+                Want::Refuse("registry_only", Some("unknown.example")),
             )
         },
         Case {
             resolved: Some("web.example"),
             ..case(
-                "a resolved name when the peek found none: egress gateway",
+                "a resolved name when the peek found none: admitted, but only HTTP routes to the gateway",
                 CURL,
                 "93.184.216.34:80",
                 true,
                 None,
-                Want::Gateway("172.30.12.2:15008"),
+                Want::Direct,
             )
         },
     ]
