@@ -119,7 +119,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .await
             .with_context(|| format!("egress gateway listener {}", gw.listen))?;
         info!(listen = %gw.listen, "egress gateway role");
-        tokio::spawn(crate::proxy::gateway::serve(listener, proxy.clone()));
+        tokio::spawn(crate::proxy::egress_gateway::serve(listener, proxy.clone()));
     }
     let mut manager = PodManager::new(capture, home.clone(), &agent.state_dir, proxy)
         .with_context(|| format!("state directory {}", agent.state_dir.display()))?;

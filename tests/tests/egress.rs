@@ -20,6 +20,7 @@ use sluice_tests::{
         wait_until,
     },
     internet::{INTERNET_ADDR, SERVERS, UPLINK_NODE},
+    metrics,
     world::PodSpec,
 };
 
@@ -386,6 +387,32 @@ fn egress_gateway_http_passthrough_and_origination_over_mtls() {
             && l["dst_identity"]
                 == "spiffe://cluster.local/ns/istio-system/sa/sluice-egress-gateway"
     }));
+    // The source agent counts the tunnel's bytes as Istio does, as mutual TLS to the gateway.
+    let to_gateway = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_principal", client_id),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/istio-system/sa/sluice-egress-gateway",
+        ),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let mut m = String::new();
+    let counted = (0..50).any(|_| {
+        m = e.metrics(1);
+        let bytes = |name| metrics::sample(&m, name, &to_gateway);
+        let done = bytes("istio_tcp_received_bytes_total") > 0.0
+            && bytes("istio_tcp_sent_bytes_total") > 0.0;
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    assert!(
+        counted,
+        "egress gateway bytes missing from istio_tcp_*_bytes_total (mutual_tls):\n{m}"
+    );
     // And on the wire between the nodes, nothing of the HTTP request is readable.
     let v = capture_between_nodes(&e, || {
         let _ = e.http_get("client", SERVERS[0], "web.example");

@@ -54,16 +54,20 @@ fn mtls_pod_to_pod_across_nodes_carries_identities() {
         "a → b did not go over HBONE: {:?}",
         w.agents[&1].access_log()
     );
-    // …and the receiving side verified a's certificate.
+    // …and the receiving side verified a's certificate, and read a's baggage.
     let received = w.agents[&2].wait_access(1, |l| {
+        let baggage = l["src_baggage"].as_str().unwrap_or("");
         l["route"] == "hbone"
             && l["src_identity"] == "spiffe://cluster.local/ns/mesh/sa/a"
             && l["dst_identity"] == "spiffe://cluster.local/ns/mesh/sa/b"
+            && baggage.contains("k8s.namespace.name=mesh")
+            && baggage.contains("k8s.pod.name=a")
+            && baggage.contains("service.name=a")
     });
     assert_eq!(
         received,
         1,
-        "identities not asserted at the receiver: {:?}",
+        "identities or baggage not seen at the receiver: {:?}",
         w.agents[&2].access_log()
     );
 }

@@ -10,9 +10,9 @@ use tracing::{info, warn};
 
 use super::{
     ProxyInputs,
+    context::PodContext,
     hbone::{ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus, Upstream},
     inbound::connect_transparent,
-    pod::PodContext,
     telemetry::{self, Peer, Reporter},
 };
 use crate::{identity::peer_identity, policy, state::Identity};
@@ -42,7 +42,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInp
         let inputs = inputs.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(tcp, peer, &server, &pod, &inputs).await {
-                info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %format!("{}/{}", pod.namespace, pod.name), src = %peer, outcome = "handshake", error = %e, "connection refused");
+                info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %pod.display_name(), src = %peer, outcome = "handshake", error = %e, "connection refused");
             }
         });
     }
@@ -55,8 +55,13 @@ async fn serve_one<H: super::hbone::ConnectHandler>(
     pod: &PodContext,
     inputs: &ProxyInputs,
 ) -> anyhow::Result<()> {
-    let workload = identity_of_pod(pod, inputs)?;
-    serve_as(tcp, peer, server, &workload, inputs).await
+    let identity = {
+        let state = inputs.state.current();
+        pod.workload(&state)
+            .map(|w| w.identity(&state.trust_domain))
+            .ok_or_else(|| anyhow::anyhow!("pod {} is not in the mesh state", pod.display_name()))?
+    };
+    serve_as(tcp, peer, server, &identity, inputs).await
 }
 
 /// Terminates mutual TLS on `tcp` as `identity` (the client must prove a mesh identity) and
@@ -86,23 +91,6 @@ pub(crate) async fn serve_as<H: super::hbone::ConnectHandler>(
     Ok(())
 }
 
-/// The identity this pod's certificates carry.
-pub(crate) fn identity_of_pod(pod: &PodContext, inputs: &ProxyInputs) -> anyhow::Result<Identity> {
-    let state = inputs.state.current();
-    let w = state
-        .workloads
-        .get(&crate::state::WorkloadUid(pod.uid.clone()))
-        .or_else(|| state.workload_by_name(&pod.namespace, &pod.name))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "pod {}/{} is not in the mesh state",
-                pod.namespace,
-                pod.name
-            )
-        })?;
-    Ok(w.identity(&state.trust_domain))
-}
-
 async fn authorize_and_connect(
     req: ConnectRequest,
     pod: &PodContext,
@@ -112,7 +100,9 @@ async fn authorize_and_connect(
     let dst = req.authority;
     let src = req.connection.peer_addr;
     let source = req.connection.peer_identity.clone();
-    let pod_name = format!("{}/{}", pod.namespace, pod.name);
+    // What the source says about its workload (telemetry only: the certificate is the proof).
+    let src_baggage = req.baggage().header_value();
+    let pod_name = pod.display_name();
     let refuse = |status: RefusalStatus, reason: String| {
         info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %pod_name, src = %src, dst = %dst, src_identity = %source, outcome = "refused", status = status.code().as_u16(), reason = %reason, "connection refused");
         Refusal::new(status, reason)
@@ -180,6 +170,7 @@ async fn authorize_and_connect(
             dst = %dst,
             src_identity = %source,
             dst_identity = %dst_identity,
+            src_baggage = %src_baggage,
             sent = report.hbone_to_tcp,
             received = report.tcp_to_hbone,
             duration_ms = start.elapsed().as_millis() as u64,

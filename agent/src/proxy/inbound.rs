@@ -12,8 +12,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{info, warn};
 
 use super::{
-    ProxyInputs, copy,
-    pod::PodContext,
+    ProxyInputs,
+    context::PodContext,
+    copy,
     telemetry::{self, Peer, Reporter},
 };
 
@@ -51,11 +52,9 @@ async fn handle(
     let from_node = inputs.host.exempts(peer.ip());
     if !from_node && let Err((kind, reason)) = plaintext_allowed(&inputs, peer, dst) {
         inputs.metrics.policy_denied(kind);
-        info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %format!("{}/{}", pod.namespace, pod.name), src = %peer, dst = %dst, outcome = "denied", reason = %reason, "connection refused");
+        info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %pod.display_name(), src = %peer, dst = %dst, outcome = "denied", reason = %reason, "connection refused");
         // Reset rather than close, so the client sees a refusal and not an empty answer.
-        if let Ok(std) = client.into_std() {
-            let _ = socket2::SockRef::from(&std).set_linger(Some(std::time::Duration::ZERO));
-        }
+        super::socket::reset_on_close(&client);
         return;
     }
     let labels = {
@@ -87,7 +86,7 @@ async fn handle(
     }
     drop(metrics);
     let duration_ms = start.elapsed().as_millis() as u64;
-    let pod_name = format!("{}/{}", pod.namespace, pod.name);
+    let pod_name = pod.display_name();
     match result {
         Ok(t) => info!(
             target: "sluice::access",

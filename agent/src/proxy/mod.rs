@@ -1,7 +1,8 @@
 //! The node proxy: per-pod listeners, outbound and inbound connection handling.
+pub mod context;
 pub mod copy;
 pub mod egress;
-pub mod gateway;
+pub mod egress_gateway;
 pub mod hbone;
 pub mod hbone_inbound;
 pub mod host;
@@ -9,7 +10,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod peek;
 pub mod pod;
-pub mod route;
+pub mod socket;
 pub mod telemetry;
 
 use std::{net::SocketAddr, sync::Arc};

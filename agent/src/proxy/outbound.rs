@@ -1,20 +1,29 @@
 //! Outbound: connections a pod's application made, captured by `sluice_connect4/6`.
+//!
+//! Decide, then do, then report once: [`crate::state::outbound::decide`] picks the plan
+//! (peeking the HTTP `Host` / TLS SNI first when it asks), the plan is carried out (direct,
+//! HBONE to the destination pod, HBONE to an egress gateway, or a reset), and one
+//! [`ConnectionResult`] writes the bytes, the metrics and the access-log line.
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::{Bytes, BytesMut};
 use sluice_common::PROXY_MARK;
 use socket2::Domain;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
-    ProxyInputs, copy,
+    ProxyInputs,
+    context::PodContext,
+    copy,
     hbone::{Baggage, EARLY_DATA_MAX, PoolKey, RequestMeta, SpliceCounters, SpliceEnd, splice},
-    pod::PodContext,
-    route,
-    telemetry::{self, Peer, Reporter},
+    peek, socket,
+    telemetry::{self, ConnectionResult, OutboundLog, Outcome, Peer, Reporter},
 };
-use crate::state::WorkloadUid;
+use crate::state::{
+    Identity,
+    outbound::{self, Connection, Decision, Plan},
+};
 
 /// Accepts captured connections on a pod's outbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
@@ -31,12 +40,13 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInp
     }
 }
 
-async fn handle(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    pod: Arc<PodContext>,
-    inputs: ProxyInputs,
-) {
+/// Who the source is, for the tunnel: its identity and the baggage naming it.
+struct Source {
+    identity: Option<Identity>,
+    baggage: Baggage,
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, inputs: ProxyInputs) {
     let start = Instant::now();
     // Captured by our eBPF programs, or (for migrations and comparisons) redirected here by
     // an iptables REDIRECT rule, whose original destination conntrack remembers.
@@ -50,187 +60,197 @@ async fn handle(
         return;
     };
     let _ = client.set_nodelay(true);
-    let state = inputs.state.current();
-    let route = route::choose(&state, orig);
-    let pod_name = format!("{}/{}", pod.namespace, pod.name);
     let src = pod
         .ips
         .iter()
         .find(|ip| ip.is_ipv4() == orig.is_ipv4())
         .or(pod.ips.first())
-        .copied();
-    let src = src.map(|ip| ip.to_string()).unwrap_or_default();
-    let source_workload = state
-        .workloads
-        .get(&WorkloadUid(pod.uid.clone()))
-        .or_else(|| state.workload_by_name(&pod.namespace, &pod.name));
-    let destination_workload = state.workload_by_ip(orig.ip());
-    let source_identity = source_workload.map(|w| w.identity(&state.trust_domain));
-    let dst_identity = match &route {
-        route::Route::Hbone { identity, .. } => Some(identity.clone()),
-        route::Route::Direct { .. } => None,
+        .map(ToString::to_string)
+        .unwrap_or_default();
+
+    // Decide.
+    let state = inputs.state.current();
+    let source = pod.workload(&state);
+    let resolved = inputs.egress.resolved_host(orig.ip());
+    let conn = Connection {
+        source,
+        dst: orig,
+        resolved_host: resolved.as_deref(),
     };
-    let mtls = dst_identity.is_some();
+    let gateway = &inputs.egress.gateway;
+    let plan = match outbound::decide(&state, gateway, &conn) {
+        Decision::Plan(plan) => Ok(plan),
+        Decision::PeekFirst(next) => {
+            let rt = &inputs.egress;
+            match peek::peek_host(&client, rt.peek_bytes, rt.peek_timeout).await {
+                Ok(sniffed) => Ok(next.plan(&state, gateway, &conn, sniffed.hint())),
+                // The client left without a byte: nothing to forward.
+                Err(peek::PeekError::Closed) => Err(Outcome::failed("peek", "client closed")),
+                Err(_) => Ok(next.plan(&state, gateway, &conn, None)),
+            }
+        }
+    };
+    let (route, dst_identity, host) = match &plan {
+        Ok(Plan::Direct { .. }) => ("direct", None, None),
+        Ok(Plan::Hbone { identity, .. }) => ("hbone", Some(identity.clone()), None),
+        Ok(Plan::EgressGateway { identity, .. }) => {
+            ("egress_gateway", Some(identity.clone()), None)
+        }
+        Ok(Plan::Refuse { host, .. }) => ("egress", None, host.clone()),
+        Err(_) => ("egress", None, None),
+    };
+    let mutual_tls = dst_identity.is_some();
+    let source_identity = source.map(|w| w.identity(&state.trust_domain));
     let labels = telemetry::labels(
         Reporter::Source,
         Peer {
-            workload: source_workload,
-            principal: source_identity.as_ref().filter(|_| mtls),
+            workload: source,
+            principal: source_identity.as_ref().filter(|_| mutual_tls),
         },
         Peer {
-            workload: destination_workload,
+            workload: state.workload_by_ip(orig.ip()),
             principal: dst_identity.as_ref(),
         },
-        mtls,
+        mutual_tls,
     );
+    let from = Source {
+        identity: source_identity,
+        baggage: source
+            .map(|w| {
+                let node = w.node.as_ref().and_then(|n| state.nodes.get(n));
+                telemetry::baggage(w, node)
+            })
+            .unwrap_or_default(),
+    };
     drop(state);
-    let metrics = inputs.metrics.connection(&labels);
-    let (result, route_name) = match route {
-        route::Route::Direct { dst } => {
-            let (peer, identity) = match super::egress::plan(&client, &pod, &inputs, dst).await {
-                super::egress::Plan::Direct => (None, None),
-                super::egress::Plan::Refused => return,
-                super::egress::Plan::Gateway { peer, identity, .. } => (Some(peer), Some(identity)),
-            };
-            if let (Some(peer), Some(identity)) = (peer, identity) {
-                // To an egress gateway: HBONE, asking for the original destination.
-                let result = hbone(client, &pod, &inputs, dst, peer, &identity).await;
-                log(
-                    &pod_name,
-                    &src,
-                    orig,
-                    "egress_gateway",
-                    Some(&identity),
-                    start,
-                    result,
-                );
-                return;
+    let result = ConnectionResult::new(
+        &inputs.metrics,
+        &labels,
+        OutboundLog {
+            pod: pod.display_name(),
+            src,
+            orig_dst: orig,
+            route,
+            dst_identity,
+            host,
+        },
+        start,
+    );
+
+    // Do.
+    let outcome = match plan {
+        Err(outcome) => outcome,
+        Ok(Plan::Direct { dst }) => direct(client, &pod, &inputs, dst).await,
+        Ok(
+            Plan::Hbone {
+                dst,
+                peer,
+                identity,
             }
-            let result = match connect_direct(&pod, &inputs, dst).await {
-                Ok(mut upstream) => copy::bidirectional(&mut client, &mut upstream)
-                    .await
-                    .map_err(|e| ("copy", e.to_string())),
-                Err(e) => Err(("connect", e.to_string())),
-            };
-            (result, "direct")
-        }
-        route::Route::Hbone {
-            dst,
-            peer,
-            identity,
-        } => {
-            let result = hbone(client, &pod, &inputs, dst, peer, &identity).await;
-            (result, "hbone")
+            | Plan::EgressGateway {
+                dst,
+                gateway: peer,
+                identity,
+            },
+        ) => hbone(client, &pod, &inputs, from, dst, peer, identity).await,
+        Ok(Plan::Refuse { reason, .. }) => {
+            // RST, not FIN: a refusal must not look like an empty answer.
+            socket::reset_on_close(&client);
+            drop(client);
+            Outcome::Refused {
+                label: reason.label(),
+                reason: reason.to_string(),
+            }
         }
     };
-    if let Ok(t) = &result {
-        // Istio's names: "received" are request bytes, "sent" response bytes.
-        metrics.received(t.sent);
-        metrics.sent(t.received);
-    }
-    drop(metrics);
-    log(
-        &pod_name,
-        &src,
-        orig,
-        route_name,
-        dst_identity.as_ref(),
-        start,
-        result,
-    );
+
+    // Report.
+    result.finish(outcome);
 }
 
-fn log(
-    pod: &str,
-    src: &str,
-    orig: SocketAddr,
-    route: &str,
-    dst_identity: Option<&crate::state::Identity>,
-    start: Instant,
-    result: Result<copy::Transferred, (&'static str, String)>,
-) {
-    let duration_ms = start.elapsed().as_millis() as u64;
-    let dst_identity = dst_identity.map(ToString::to_string).unwrap_or_default();
-    match result {
-        Ok(t) => info!(
-            target: "sluice::access",
-            direction = "outbound",
-            pod,
-            src,
-            orig_dst = %orig,
-            route,
-            dst_identity,
-            sent = t.sent,
-            received = t.received,
-            duration_ms,
-            outcome = "ok",
-            "connection complete"
-        ),
-        Err((stage, error)) => info!(
-            target: "sluice::access",
-            direction = "outbound",
-            pod,
-            src,
-            orig_dst = %orig,
-            route,
-            dst_identity,
-            duration_ms,
-            outcome = stage,
-            error,
-            "connection failed"
-        ),
+/// Plain TCP to `dst` from the pod's own address.
+async fn direct(
+    mut client: TcpStream,
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+    dst: SocketAddr,
+) -> Outcome {
+    let mut upstream = match connect_direct(pod, inputs, dst).await {
+        Ok(u) => u,
+        Err(e) => return Outcome::failed("connect", e),
+    };
+    match copy::bidirectional(&mut client, &mut upstream).await {
+        Ok(t) => Outcome::Done(t),
+        Err(e) => Outcome::failed("copy", e),
     }
 }
 
-/// Through the destination's HBONE listener, as this pod's identity.
+/// Through `peer`'s HBONE listener (a destination pod or an egress gateway), as this pod's
+/// identity, asking for `dst`; `peer` must prove `dst_identity`.
 async fn hbone(
     client: TcpStream,
     pod: &PodContext,
     inputs: &ProxyInputs,
+    from: Source,
     dst: SocketAddr,
     peer: SocketAddr,
-    dst_identity: &crate::state::Identity,
-) -> Result<copy::Transferred, (&'static str, String)> {
-    let source = super::hbone_inbound::identity_of_pod(pod, inputs)
-        .map_err(|e| ("identity", e.to_string()))?;
-    let tls = inputs
+    dst_identity: Identity,
+) -> Outcome {
+    let Some(source) = from.identity else {
+        return Outcome::failed(
+            "identity",
+            format!("pod {} is not in the mesh state", pod.display_name()),
+        );
+    };
+    let tls = match inputs
         .identity
         .client_config(&source, vec![dst_identity.clone()])
         .await
-        .map_err(|e| ("identity", e.to_string()))?;
+    {
+        Ok(tls) => tls,
+        Err(e) => return Outcome::failed("identity", e),
+    };
     let key = PoolKey {
         source,
         destination: peer,
-        destination_identity: dst_identity.clone(),
+        destination_identity: dst_identity,
     };
-    let src_addr = client
-        .local_addr()
-        .map_err(|e| ("connect", e.to_string()))?;
+    let src_addr = match client.local_addr() {
+        Ok(a) => a,
+        Err(e) => return Outcome::failed("connect", e),
+    };
     let src_ip = pod
         .ips
         .iter()
         .copied()
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .unwrap_or(src_addr.ip());
-    let meta = RequestMeta::new(SocketAddr::new(src_ip, 0), Baggage::default());
+    let meta = RequestMeta::new(SocketAddr::new(src_ip, 0), from.baggage);
     let early = first_flight(&client);
     let counters = SpliceCounters::default();
     counters
         .tcp_to_hbone
         .store(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let stream = pod
+    let stream = match pod
         .pool
         .connect_with_data(&key, tls, dst, &meta, early)
         .await
-        .map_err(|e| ("connect", e.to_string()))?;
+    {
+        Ok(s) => s,
+        Err(e) => return Outcome::failed("connect", e),
+    };
     let report = splice(client, stream, &counters).await;
-    let t = copy::Transferred {
+    let moved = copy::Transferred {
         sent: report.tcp_to_hbone,
         received: report.hbone_to_tcp,
     };
     match report.end {
-        SpliceEnd::Closed => Ok(t),
-        other => Err(("copy", format!("{other:?}"))),
+        SpliceEnd::Closed => Outcome::Done(moved),
+        other => Outcome::Failed {
+            stage: "copy",
+            error: format!("{other:?}"),
+            moved,
+        },
     }
 }
 

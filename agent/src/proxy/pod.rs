@@ -1,4 +1,5 @@
-//! One enrolled pod's listeners, opened inside its network namespace.
+//! One enrolled pod's listeners, opened inside its network namespace, each served by its
+//! own room (outbound, inbound, HBONE inbound).
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -8,93 +9,11 @@ use std::{
 
 use sluice_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK};
 use socket2::{Domain, Socket};
-use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
-    task::JoinHandle,
-};
+use tokio::{net::TcpListener, task::JoinHandle};
 
-use super::{
-    ProxyInputs,
-    hbone::{Dial, HbonePool, PoolKey},
-    hbone_inbound, inbound, outbound,
-};
+pub use super::context::PodContext;
+use super::{ProxyInputs, hbone_inbound, inbound, outbound};
 use crate::redirect::netns::{HomeNetns, Netns};
-
-/// Who a pod is, as the proxy needs to know it for every connection.
-pub struct PodContext {
-    pub uid: String,
-    pub namespace: String,
-    pub name: String,
-    pub netns: Arc<Netns>,
-    pub ips: Vec<IpAddr>,
-    /// HBONE connections from this pod (dialled from its namespace, so they carry its address).
-    pub pool: HbonePool,
-}
-
-impl PodContext {
-    /// A context for a pod, with its own HBONE pool (limits from `inputs.hbone`, counting into
-    /// the node-wide pool metrics).
-    pub fn new(
-        uid: String,
-        namespace: String,
-        name: String,
-        netns: Arc<Netns>,
-        ips: Vec<IpAddr>,
-        inputs: &ProxyInputs,
-    ) -> Self {
-        let dial = PodDial {
-            netns: netns.clone(),
-            home: inputs.home.clone(),
-        };
-        let tuning = &inputs.hbone;
-        let pool = HbonePool::with_dialer(tuning.pool.clone(), tuning.h2.clone(), Arc::new(dial))
-            .with_stats(inputs.metrics.hbone_pool_stats());
-        Self {
-            uid,
-            namespace,
-            name,
-            netns,
-            ips,
-            pool,
-        }
-    }
-}
-
-impl std::fmt::Debug for PodContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PodContext")
-            .field("uid", &self.uid)
-            .field("ips", &self.ips)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Dials HBONE peers from inside a pod, with the proxy's mark (never captured).
-struct PodDial {
-    netns: Arc<Netns>,
-    home: HomeNetns,
-}
-
-type DialFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<TcpStream>> + Send + 'a>>;
-
-impl Dial for PodDial {
-    fn dial<'a>(&'a self, key: &'a PoolKey) -> DialFuture<'a> {
-        Box::pin(async move {
-            let domain = if key.destination.is_ipv4() {
-                Domain::IPV4
-            } else {
-                Domain::IPV6
-            };
-            let socket = self.netns.tcp_socket(&self.home, domain, PROXY_MARK)?;
-            let stream = TcpSocket::from_std_stream(socket.into())
-                .connect(key.destination)
-                .await?;
-            stream.set_nodelay(true)?;
-            Ok(stream)
-        })
-    }
-}
 
 /// The running listeners of one pod; dropping it closes them (connections in flight go on).
 #[derive(Debug)]

@@ -1,7 +1,14 @@
-//! Istio-style labels for the proxy's per-connection metrics.
+//! What the proxy reports about connections: Istio-style metric labels, the `baggage` that
+//! names a source workload, and [`ConnectionResult`], the one place an outbound connection's
+//! bytes, metrics and access-log line are written, whatever its route and outcome.
+use std::{net::SocketAddr, time::Instant};
+
+use tracing::info;
+
+use super::{copy::Transferred, hbone::Baggage};
 use crate::{
-    admin::ConnectionLabels,
-    state::{Identity, Workload},
+    admin::{ConnectionLabels, ConnectionMetrics, metrics::Metrics},
+    state::{Identity, Node, Workload},
 };
 
 /// Istio's workload name for a pod: the `app.kubernetes.io/name` or `app` label, else the pod.
@@ -62,6 +69,194 @@ pub fn labels(
     }
 }
 
+/// Istio's default cluster id, which ztunnel sends as `k8s.cluster.name` when none is set.
+pub const CLUSTER_NAME: &str = "Kubernetes";
+
+/// The `baggage` an HBONE request from `w` carries, with the keys ztunnel writes: cluster,
+/// namespace, the workload by kind (the Deployment when the pod's name shows one, else the
+/// pod), Istio's canonical service and revision, and its node's region and zone.
+pub fn baggage(w: &Workload, node: Option<&Node>) -> Baggage {
+    let (kind, name) = owner(w);
+    let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k)).cloned();
+    let topology = |k: &str| node.and_then(|n| n.labels.get(k)).cloned();
+    Baggage {
+        cluster: Some(CLUSTER_NAME.to_owned()),
+        namespace: Some(w.namespace.clone()),
+        workload_kind: Some(kind.to_owned()),
+        workload_name: Some(name.to_owned()),
+        service: label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .or_else(|| Some(name.to_owned())),
+        revision: label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .or_else(|| Some("latest".to_owned())),
+        region: topology("topology.kubernetes.io/region"),
+        zone: topology("topology.kubernetes.io/zone"),
+    }
+}
+
+/// The workload a pod belongs to, as far as its name and labels show: a Deployment's pod is
+/// `<deployment>-<pod-template-hash>-<suffix>`.
+fn owner(w: &Workload) -> (&'static str, &str) {
+    let deployment = w.labels.get("pod-template-hash").and_then(|hash| {
+        let (prefix, _) = w.name.rsplit_once('-')?;
+        prefix
+            .strip_suffix(hash.as_str())?
+            .strip_suffix('-')
+            .filter(|d| !d.is_empty())
+    });
+    match deployment {
+        Some(d) => ("deployment", d),
+        None => ("pod", &w.name),
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Closed after moving these bytes.
+    Done(Transferred),
+    /// Failed at `stage` (`peek`, `identity`, `connect`, `copy`, …), after moving `moved`.
+    Failed {
+        stage: &'static str,
+        error: String,
+        moved: Transferred,
+    },
+    /// Refused by the decision: `label` for `sluice_egress_refusals_total`, `reason` to log.
+    Refused { label: &'static str, reason: String },
+}
+
+impl Outcome {
+    /// A failure before any byte moved.
+    pub fn failed(stage: &'static str, error: impl ToString) -> Self {
+        Self::Failed {
+            stage,
+            error: error.to_string(),
+            moved: Transferred::default(),
+        }
+    }
+}
+
+/// What the access-log line of an outbound connection names.
+#[derive(Debug)]
+pub struct OutboundLog {
+    /// `namespace/name` of the source pod.
+    pub pod: String,
+    /// The pod's address (of the destination's family).
+    pub src: String,
+    pub orig_dst: SocketAddr,
+    /// `direct`, `hbone`, `egress_gateway` or `egress` (refused).
+    pub route: &'static str,
+    /// The identity the destination had to prove (HBONE and egress gateway).
+    pub dst_identity: Option<Identity>,
+    /// The host the decision went by, if any.
+    pub host: Option<String>,
+}
+
+/// One outbound connection's report, from the decision to the close (ztunnel's
+/// `ConnectionResult`): making it counts the open; [`ConnectionResult::finish`] counts the bytes
+/// and the close, a refusal, and writes the one access-log line.
+pub struct ConnectionResult {
+    start: Instant,
+    metrics: ConnectionMetrics,
+    refusals: std::sync::Arc<Metrics>,
+    log: OutboundLog,
+}
+
+impl ConnectionResult {
+    /// Starts the report of a connection labelled `labels`, begun at `start`.
+    pub fn new(
+        metrics: &std::sync::Arc<Metrics>,
+        labels: &ConnectionLabels,
+        log: OutboundLog,
+        start: Instant,
+    ) -> Self {
+        Self {
+            start,
+            metrics: metrics.connection(labels),
+            refusals: metrics.clone(),
+            log,
+        }
+    }
+
+    /// Reports how the connection ended.
+    pub fn finish(self, outcome: Outcome) {
+        let moved = match &outcome {
+            Outcome::Done(t) | Outcome::Failed { moved: t, .. } => *t,
+            Outcome::Refused { .. } => Transferred::default(),
+        };
+        // Istio's names: "received" are request bytes, "sent" response bytes.
+        self.metrics.received(moved.sent);
+        self.metrics.sent(moved.received);
+        drop(self.metrics);
+        let l = &self.log;
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        let dst_identity = l.dst_identity.as_ref().map(ToString::to_string);
+        let dst_identity = dst_identity.as_deref().unwrap_or("");
+        let host = l.host.as_deref().unwrap_or("");
+        match outcome {
+            Outcome::Done(t) => info!(
+                target: "sluice::access",
+                direction = "outbound",
+                pod = %l.pod,
+                src = %l.src,
+                orig_dst = %l.orig_dst,
+                route = l.route,
+                dst_identity,
+                host,
+                sent = t.sent,
+                received = t.received,
+                duration_ms,
+                outcome = "ok",
+                "connection complete"
+            ),
+            Outcome::Failed {
+                stage,
+                error,
+                moved,
+            } => info!(
+                target: "sluice::access",
+                direction = "outbound",
+                pod = %l.pod,
+                src = %l.src,
+                orig_dst = %l.orig_dst,
+                route = l.route,
+                dst_identity,
+                host,
+                sent = moved.sent,
+                received = moved.received,
+                duration_ms,
+                outcome = stage,
+                error,
+                "connection failed"
+            ),
+            Outcome::Refused { label, reason } => {
+                self.refusals.egress_refused(label);
+                info!(
+                    target: "sluice::access",
+                    direction = "outbound",
+                    pod = %l.pod,
+                    src = %l.src,
+                    orig_dst = %l.orig_dst,
+                    route = l.route,
+                    host,
+                    duration_ms,
+                    outcome = "refused",
+                    reason_label = label,
+                    reason,
+                    "connection refused"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +287,50 @@ mod tests {
             workload_name(&pod(&[("app", "x"), ("app.kubernetes.io/name", "web")])),
             "web"
         );
+    }
+
+    #[test]
+    fn baggage_names_the_source_as_ztunnel_does() {
+        let mut w = pod(&[
+            ("app", "web"),
+            ("version", "v2"),
+            ("pod-template-hash", "7f9c"),
+        ]);
+        w.name = "web-7f9c-x2x4q".into();
+        let node = Node {
+            name: "node1".into(),
+            addresses: vec![],
+            labels: [
+                ("topology.kubernetes.io/region", "eu-west"),
+                ("topology.kubernetes.io/zone", "eu-west-1a"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        };
+        assert_eq!(
+            baggage(&w, Some(&node)).header_value(),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.deployment.name=web,\
+             service.name=web,service.version=v2,cloud.region=eu-west,\
+             cloud.availability_zone=eu-west-1a"
+        );
+        // A bare pod: named as a pod, its canonical service its name, revision `latest`.
+        let bare = pod(&[]);
+        let b = baggage(&bare, None);
+        assert_eq!(
+            b.header_value(),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.pod.name=web-7f9c,\
+             service.name=web-7f9c,service.version=latest"
+        );
+        // Istio's canonical labels win.
+        let canon = pod(&[
+            ("app", "x"),
+            ("service.istio.io/canonical-name", "web"),
+            ("service.istio.io/canonical-revision", "r1"),
+        ]);
+        let c = baggage(&canon, None);
+        assert_eq!(c.service.as_deref(), Some("web"));
+        assert_eq!(c.revision.as_deref(), Some("r1"));
     }
 
     #[test]

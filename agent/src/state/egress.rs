@@ -46,7 +46,7 @@ pub use routing::{
 };
 pub use static_gateway::{DefaultRoute, Placement, PrefixSource, StaticGateway, StaticGateways};
 
-use super::{MeshSettings, Workload, WorkloadUid, build::Rejections};
+use super::{MeshSettings, Node, Workload, WorkloadUid, rejections::Rejections};
 use crate::resources::ResourceSet;
 use routing::{Conn, HostKind};
 
@@ -327,6 +327,26 @@ impl Egress {
             .bindings
             .get(uid)
             .and_then(|k| self.static_gateways.configs.get(k))
+    }
+
+    /// True if `node` carries the gateway `target` names: an Istio Gateway whose (non-empty)
+    /// selector the node's labels satisfy, or the node pool of a StaticGatewayConfiguration.
+    pub fn hosts_target(&self, node: &Node, target: &GatewayTarget) -> bool {
+        match target {
+            GatewayTarget::Istio { gateway, .. } => {
+                self.routing.gateways.get(gateway).is_some_and(|g| {
+                    !g.selector.is_empty()
+                        && g.selector
+                            .iter()
+                            .all(|(k, v)| node.labels.get(k) == Some(v))
+                })
+            }
+            GatewayTarget::Static { sgc } => self
+                .static_gateways
+                .configs
+                .get(sgc)
+                .is_some_and(|g| g.hosted_on(node)),
+        }
     }
 
     /// True if a decision for `source` on `port` may depend on the host name, so the proxy should

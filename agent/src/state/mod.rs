@@ -9,6 +9,7 @@ pub mod egress;
 pub mod ingress;
 pub mod last_good;
 pub mod mesh;
+pub mod outbound;
 pub mod policy;
 pub mod rejections;
 pub mod settings;

@@ -49,7 +49,6 @@ pub mod maps {
     pub const ENROLLED_NETNS: &str = "sluice_enrolled";
     pub const ORIG_BY_COOKIE: &str = "sluice_orig_ck";
     pub const ORIG_BY_PEER: &str = "sluice_orig_peer";
-    pub const PEER_NAME: &str = "sluice_peer_name";
     pub const EXCLUDED_PORTS: &str = "sluice_excl_port";
     pub const EXCLUDED_CIDRS4: &str = "sluice_excl_v4";
     pub const EXCLUDED_CIDRS6: &str = "sluice_excl_v6";

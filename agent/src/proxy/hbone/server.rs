@@ -151,12 +151,6 @@ impl<U: SpliceIo> Upstream<U> {
         self.on_close = Some(Box::new(f));
         self
     }
-
-    /// Counts the spliced bytes in `counters`, readable while the splice runs.
-    pub fn with_counters(mut self, counters: Arc<SpliceCounters>) -> Self {
-        self.counters = counters;
-        self
-    }
 }
 
 impl<U: SpliceIo> From<U> for Upstream<U> {

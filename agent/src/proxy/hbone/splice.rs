@@ -16,7 +16,6 @@ use std::{
     pin::pin,
     sync::atomic::{AtomicU64, Ordering},
     task::Poll,
-    time::Duration,
 };
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -61,7 +60,7 @@ impl SpliceIo for TcpStream {
     fn abort(read: Self::Read, write: Self::Write) {
         // SO_LINGER 0 makes close() send RST. `forget` keeps the write half from sending a FIN
         // first (which the peer would read as a clean end).
-        let _ = socket2::SockRef::from(write.as_ref()).set_linger(Some(Duration::ZERO));
+        crate::proxy::socket::reset_on_close(write.as_ref());
         write.forget();
         drop(read);
     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::host::ObjectKey;
 use crate::{
     resources::{ResourceSet, mesh_config},
-    state::{MeshSettings, build::Rejections},
+    state::{MeshSettings, rejections::Rejections},
 };
 
 /// Name of Istio's mesh config ConfigMap when none is configured (in the root namespace).

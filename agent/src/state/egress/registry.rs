@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::host::{Export, HostMatch, ObjectKey};
 use crate::{
     resources::istio_networking::{PortNumber, ServiceEntry},
-    state::build::Rejections,
+    state::rejections::Rejections,
 };
 
 const KIND: &str = "ServiceEntry.networking.istio.io";

@@ -20,7 +20,7 @@ use crate::{
         ClientTlsSettings, Destination, DestinationRule, Gateway, PortNumber, StringMatch,
         VirtualService,
     },
-    state::build::Rejections,
+    state::rejections::Rejections,
 };
 
 const GATEWAY_KIND: &str = "Gateway.networking.istio.io";

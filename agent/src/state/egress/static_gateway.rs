@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::host::ObjectKey;
 use crate::{
     resources::static_egress::{STATIC_GATEWAY_ANNOTATION, StaticGatewayConfiguration},
-    state::{Node, Workload, WorkloadUid, build::Rejections},
+    state::{Node, Workload, WorkloadUid, rejections::Rejections},
 };
 
 const KIND: &str = "StaticGatewayConfiguration.egressgateway.kubernetes.azure.com";

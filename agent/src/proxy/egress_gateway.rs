@@ -1,4 +1,4 @@
-//! Gateway role: HBONE from pods on the node's address (`spec.egress.gateway.listen`), served
+//! Egress gateway role: HBONE from pods on the node's address (`spec.egress.gateway.listen`), served
 //! with the egress gateway identity, forwarded out as the egress decision says.
 //!
 //! For each `CONNECT` (authority = the destination the pod dialled): the source workload is
@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 use super::{
     ProxyInputs,
-    egress::{EgressRuntime, hosts_target},
+    egress::EgressRuntime,
     hbone::{ConnectRequest, HboneServer, Refusal, RefusalStatus, SpliceIo, Upstream},
     peek::{self, Sniffed},
 };
@@ -89,7 +89,8 @@ async fn serve_one<H: super::hbone::ConnectHandler>(
 ) -> anyhow::Result<()> {
     let me = inputs
         .egress
-        .gateway_identity(&inputs.state.current().trust_domain);
+        .gateway
+        .identity(&inputs.state.current().trust_domain);
     super::hbone_inbound::serve_as(tcp, peer, server, &me, inputs).await
 }
 
@@ -241,7 +242,7 @@ impl Forward {
                 ));
             }
         };
-        if !hosts_target(state, node, &hop.target) {
+        if !state.egress.hosts_target(node, &hop.target) {
             return Err((
                 "gateway_not_here",
                 format!("node {} does not carry {:?}", node.name, hop.target),
