@@ -28,7 +28,7 @@ pub struct BuildOutput {
 
 // Re-exported for the sub-builders that still import it from here (`state/egress*`); new code
 // imports `state::rejections`.
-pub use super::rejections::Rejections;
+use super::rejections::Rejections;
 
 /// Builds the mesh model from everything the sources have seen.
 pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
