@@ -18,7 +18,7 @@ use super::{
     hbone::{Dial, HbonePool, PoolKey},
     hbone_inbound, inbound, outbound,
 };
-use crate::redirect::netns::{HomeNetns, Netns};
+use crate::netns::{HomeNetns, Netns};
 
 /// Who a pod is, as the proxy needs to know it for every connection.
 pub struct PodContext {

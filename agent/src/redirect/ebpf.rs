@@ -31,7 +31,7 @@ use sluice_common::{
     OrigDst, PROXY_MARK, PeerKey, SourceKey, TRANSPARENT_MARK, maps,
 };
 
-use super::netns::Netns;
+use crate::netns::Netns;
 
 /// The compiled programs, embedded at build time (see `agent/build.rs`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf.o"));
