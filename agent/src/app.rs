@@ -100,6 +100,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         });
     }
+    // What the node proxy does not enforce of each policy, logged once per policy.
+    tokio::spawn(crate::policy::PolicyNotices::default().run(state.clone()));
     let egress = start_egress(&agent, &state, metrics.clone());
     let proxy = ProxyInputs {
         identity,
