@@ -14,9 +14,9 @@ pub const FRAME_SIZE_RANGE: (u32, u32) = (16 * 1024, 16 * 1024 * 1024 - 1);
 /// Largest flow-control window HTTP/2 allows (RFC 9113 §6.9.1).
 pub const MAX_WINDOW: u32 = i32::MAX as u32;
 
-/// Every HBONE limit: the client pool's and HTTP/2's. Read from `spec.hbone` (field names as in
-/// [`HboneSpec`]) and checked while the config file is read, so a value of this type taken from
-/// a config is in range.
+/// Every HBONE limit: the client pool's and HTTP/2's. Read from `spec.hbone` (its field names
+/// are those of the private `HboneSpec`) and checked while the config file is read, so a value
+/// of this type taken from a config is in range.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(try_from = "HboneSpec", into = "HboneSpec")]
 pub struct HboneLimits {
@@ -124,32 +124,32 @@ impl Default for PoolLimits {
 /// zero is refused by the types where it would stall traffic.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
-pub struct HboneSpec {
+struct HboneSpec {
     /// Streams one pooled connection carries at most (the peer's
     /// SETTINGS_MAX_CONCURRENT_STREAMS may lower it).
-    pub max_streams_per_connection: NonZeroU32,
+    max_streams_per_connection: NonZeroU32,
     /// Connections from one pod to one peer at most; when all are full, new connections wait.
-    pub max_connections_per_peer: NonZeroUsize,
+    max_connections_per_peer: NonZeroUsize,
     /// A pooled connection without streams for this long is closed.
-    pub idle_timeout_seconds: NonZeroU64,
+    idle_timeout_seconds: NonZeroU64,
     /// Bound on TCP connect + TLS handshake + HTTP/2 preface.
-    pub connect_timeout_seconds: NonZeroU64,
+    connect_timeout_seconds: NonZeroU64,
     /// After this age a pooled connection takes no new streams; unset keeps it while in use.
-    pub max_connection_age_seconds: Option<NonZeroU64>,
+    max_connection_age_seconds: Option<NonZeroU64>,
     /// Streams a peer may open on one connection this agent serves.
-    pub max_concurrent_streams: NonZeroU32,
+    max_concurrent_streams: NonZeroU32,
     /// Initial per-stream receive window (bytes).
-    pub stream_window_bytes: u32,
+    stream_window_bytes: u32,
     /// Per-connection receive window (bytes); raised to the stream window when smaller.
-    pub connection_window_bytes: u32,
+    connection_window_bytes: u32,
     /// Largest HTTP/2 DATA frame accepted (bytes), 16384 ..= 16777215.
-    pub max_frame_bytes: u32,
+    max_frame_bytes: u32,
     /// Bytes one stream may queue for sending before its writer waits.
-    pub send_buffer_bytes: NonZeroUsize,
+    send_buffer_bytes: NonZeroUsize,
     /// Seconds between keepalive PINGs on idle connections; 0 turns them off.
-    pub keepalive_interval_seconds: u64,
+    keepalive_interval_seconds: u64,
     /// A PING unanswered for this long closes the connection.
-    pub keepalive_timeout_seconds: NonZeroU64,
+    keepalive_timeout_seconds: NonZeroU64,
 }
 
 impl Default for HboneSpec {

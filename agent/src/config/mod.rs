@@ -10,9 +10,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use hbone::{
-    FRAME_SIZE_RANGE, H2Limits, HboneLimits, HboneSpec, Keepalive, MAX_WINDOW, PoolLimits,
-};
+pub use hbone::{FRAME_SIZE_RANGE, H2Limits, HboneLimits, Keepalive, MAX_WINDOW, PoolLimits};
 pub use identity::{CertTtl, IdentityConfig};
 pub use kube::KubeConfig;
 
