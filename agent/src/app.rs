@@ -7,12 +7,12 @@ use tracing::info;
 
 use crate::{
     config::AgentConfig,
+    netns::HomeNetns,
+    pods::PodManager,
     proxy::ProxyInputs,
     redirect::{
         ebpf::{Capture, CaptureSettings},
         enroll,
-        manager::PodManager,
-        netns::HomeNetns,
     },
     sources::file,
     state,
@@ -100,6 +100,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         });
     }
+    // What the node proxy does not enforce of each policy, logged once per policy.
+    tokio::spawn(crate::policy::PolicyNotices::default().run(state.clone()));
     let egress = start_egress(&agent, &state, metrics.clone());
     let proxy = ProxyInputs {
         identity,
@@ -109,7 +111,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         node_name: agent.node_name.clone(),
         egress,
         metrics: metrics.clone(),
-        hbone: Arc::new((&agent.hbone).into()),
+        hbone: Arc::new(agent.hbone.clone()),
         host: Arc::new(crate::proxy::host::HostAddresses::new(
             agent.capture.node_traffic_bypasses_policy,
         )),
@@ -128,8 +130,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (tx, rx) = mpsc::channel(64);
     if agent.kube.enabled && agent.kube.discover_sandboxes {
         // On a cluster node: find the sandboxes of this node's mesh pods without the CNI plugin.
-        let settings = crate::redirect::discover::DiscoverSettings::new(&agent.node_name);
-        tokio::spawn(crate::redirect::discover::run(
+        let settings = crate::pods::discover::DiscoverSettings::new(&agent.node_name);
+        tokio::spawn(crate::pods::discover::run(
             settings,
             home,
             state.clone(),
@@ -183,7 +185,7 @@ fn start_egress(
     tokio::spawn(async move {
         let pinning = if kube.enabled {
             match crate::sources::kube::client(kube.kubeconfig.as_deref()).await {
-                Ok(client) => pinning.with_status(client),
+                Ok(client) => pinning.with_reporter(Arc::new(EgressPrefixStatus(client))),
                 Err(e) => {
                     tracing::warn!(error = %e, "no Kubernetes client for egress status");
                     pinning
@@ -199,4 +201,29 @@ fn start_egress(
         dns,
         Some(metrics),
     ))
+}
+
+/// Reports pinned prefixes in the StaticGatewayConfiguration's `status.egressIpPrefix`
+/// (server-side apply, field manager `sluice`).
+struct EgressPrefixStatus(kube::Client);
+
+impl crate::egress::pinning::PrefixReporter for EgressPrefixStatus {
+    fn report<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        prefix: ipnet::IpNet,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), crate::egress::pinning::ReportError>>
+                + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            crate::sources::kube::status::set_egress_ip_prefix(&self.0, namespace, name, prefix)
+                .await
+                .map_err(Into::into)
+        })
+    }
 }

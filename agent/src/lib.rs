@@ -1,14 +1,37 @@
 //! Sluice: an eBPF-accelerated, ambient-style service-mesh node agent.
 //!
-//! Data flows one way: [`sources`] → [`state`] → consumers ([`redirect`], [`proxy`], …).
+//! Data flows one way: [`sources`] → [`state`] → consumers ([`pods`], [`proxy`], [`egress`], …),
+//! and so do imports. Each room (top-level module) imports only rooms below it; the `layering`
+//! tests read the source and fail on any cycle between rooms or between the modules of a room.
+//!
+//! | room | what it holds | imports |
+//! |------|---------------|---------|
+//! | [`app`] | `sluice run`: wires sources → state → consumers | every room |
+//! | [`pods`] | pod lifecycle: enrollment and discovery → capture + per-pod proxy listeners | redirect, proxy, netns, state |
+//! | [`proxy`] | outbound, inbound, HBONE, egress gateway, copy | policy, identity, egress, admin, netns, state, config |
+//! | [`egress`] | source-prefix pinning (netlink), DNS for ServiceEntries | state, resources, config |
+//! | [`redirect`] | eBPF loading, pinning, maps, pod routing; the CNI plugin and its enrollment API | netns, config |
+//! | [`admin`] | metrics (and the statistics types other rooms fill), health, config dump | identity |
+//! | [`identity`] | CA client, built-in CA, certificates and rotation, TLS configurations | state, config |
+//! | [`policy`] | PeerAuthentication and AuthorizationPolicy evaluation; notices of what is not enforced | state (its tests: resources, config) |
+//! | [`sources`] | kube watchers, the local file, the status writer | state, resources, config |
+//! | [`state`] | MeshState and its pure normalisation | resources, config |
+//! | [`resources`] | typed Kubernetes resources, in their own API groups | — |
+//! | [`netns`] | network namespaces: entering one, making sockets inside it | — |
+//! | [`config`] | the `AgentConfig` file, read and checked once | — |
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod egress;
 pub mod identity;
+pub mod netns;
+pub mod pods;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod resources;
 pub mod sources;
 pub mod state;
+
+#[cfg(test)]
+mod layering;

@@ -17,8 +17,9 @@ use rustls::{
     sign::CertifiedKey,
 };
 use sluice::{
+    config::{H2Limits, PoolLimits},
     identity::{BuiltinCa, CustomCert, WorkloadCert, crypto_provider},
-    proxy::hbone::{Baggage, H2Config, HbonePool, PoolConfig, PoolKey, RequestMeta},
+    proxy::hbone::{Baggage, HbonePool, PoolKey, RequestMeta},
     state::Identity,
 };
 use tokio::io::AsyncBufReadExt;
@@ -60,7 +61,7 @@ pub fn probe(
         rt.block_on(async move {
             let source = cert.identity().clone();
             let tls = Arc::new(trusting_client_config(cert.certified_key().clone()));
-            let pool = HbonePool::new(PoolConfig::default(), H2Config::default());
+            let pool = HbonePool::new(PoolLimits::default(), H2Limits::default());
             let key = PoolKey {
                 source,
                 destination: hbone,

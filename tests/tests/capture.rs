@@ -314,7 +314,7 @@ fn capture_removed_pod_leaves_no_map_entries() {
     let _b = w.serve("b", "0.0.0.0:8080");
     let (a, b) = (w.pod("a").clone(), w.pod("b").clone());
     assert!(w.connect("a", &addr(b.ipv4, 8080), 1000).captured());
-    let cookie = sluice::redirect::netns::Netns::open(&a.netns_path())
+    let cookie = sluice::netns::Netns::open(&a.netns_path())
         .expect("netns")
         .cookie();
     let maps = w.pin_dir(1).join("maps");

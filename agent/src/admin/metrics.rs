@@ -3,14 +3,13 @@
 //!
 //! The registry has no prefix, so every name here is the exact exposed name. Counters are
 //! registered without `_total`; the OpenMetrics encoder appends it to the sample name.
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
-    LabelSetEncoder, LabelValueEncoder,
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
 };
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -19,10 +18,11 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 
+use super::labels::{Escaped, encode_pairs};
+use super::stats::PoolStats;
 use super::tcp::TcpConnections;
 pub use super::tcp::{ConnectionLabels, ConnectionMetrics};
 use crate::identity::CertInfo;
-use crate::proxy::hbone::PoolStats;
 
 /// Name of the certificate expiry gauge.
 const CERTIFICATE_EXPIRY: &str = "sluice_certificate_expiry_seconds";
@@ -36,31 +36,6 @@ struct ReasonLabel {
 impl EncodeLabelSet for ReasonLabel {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
         encode_pairs(&[("reason", &self.reason)], encoder)
-    }
-}
-
-pub(super) fn encode_pairs(pairs: &[(&str, &str)], encoder: &mut LabelSetEncoder) -> fmt::Result {
-    for (key, value) in pairs {
-        EncodeLabel::encode(&(*key, Escaped(value)), encoder.encode_label())?;
-    }
-    Ok(())
-}
-
-/// A label value escaped as the exposition formats require (`\\`, `\"`, `\n`); the
-/// prometheus-client text encoder writes values verbatim.
-pub(super) struct Escaped<'a>(pub(super) &'a str);
-
-impl EncodeLabelValue for Escaped<'_> {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '\\' => encoder.write_str("\\\\")?,
-                '"' => encoder.write_str("\\\"")?,
-                '\n' => encoder.write_str("\\n")?,
-                c => encoder.write_char(c)?,
-            }
-        }
-        Ok(())
     }
 }
 

@@ -3,12 +3,15 @@
 //!
 //! [`metrics::Metrics`] is shared by the proxy, identity and redirect code through an `Arc`;
 //! [`server`] exposes it, readiness and a configuration dump over HTTP/1.1.
+mod labels;
 pub mod metrics;
 pub mod server;
+pub mod stats;
 pub mod tcp;
 
 pub use metrics::Metrics;
 pub use server::{
     BlockReady, ConfigDump, Ready, ServeError, Server, serve_admin, serve_metrics, serve_readiness,
 };
+pub use stats::{PoolStats, PoolStatsSnapshot};
 pub use tcp::{ConnectionLabels, ConnectionMetrics};

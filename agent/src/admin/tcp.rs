@@ -12,7 +12,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 
-use super::metrics::encode_pairs;
+use super::labels::encode_pairs;
 
 /// Istio's standard labels on a TCP connection's metrics. Every field is one label of the same
 /// name; values are free text (escaped on output). Unknown values are `"unknown"` in Istio.

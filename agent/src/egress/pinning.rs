@@ -2,7 +2,7 @@
 //! the StaticGatewayConfigurations placed on this node whose prefix is known
 //! ([`super::pinned_prefixes_for`]) are handed to a [`PrefixPinner`]; one that goes away is
 //! unpinned, a bad one is reported and changes nothing.
-use std::time::Instant;
+use std::{future::Future, pin::Pin, sync::Arc, time::Instant};
 
 use tracing::{info, warn};
 
@@ -43,14 +43,30 @@ pub fn from_agent_config(
         .collect()
 }
 
+/// Where the loop reports a prefix it took from the agent's config once it is pinned; in kube
+/// mode `app.rs` hands in one that writes the StaticGatewayConfiguration's
+/// `status.egressIpPrefix`.
+pub trait PrefixReporter: Send + Sync {
+    /// Reports that `prefix` of StaticGatewayConfiguration `namespace/name` is pinned.
+    fn report<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        prefix: ipnet::IpNet,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ReportError>> + Send + 'a>>;
+}
+
+/// Why a [`PrefixReporter`] could not report.
+pub type ReportError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Reconciles this node's prefixes with the state until every publisher is gone.
 pub struct PinningLoop {
     node_name: String,
     settings: PinningSettings,
     pinner: Option<PrefixPinner>,
     last: Option<Vec<PinnedPrefix>>,
-    /// In kube mode: where to report prefixes taken from the agent's config.
-    status: Option<kube::Client>,
+    /// Where to report prefixes taken from the agent's config (kube mode).
+    reporter: Option<Arc<dyn PrefixReporter>>,
     reported: std::collections::BTreeSet<(String, String, ipnet::IpNet)>,
 }
 
@@ -62,20 +78,20 @@ impl PinningLoop {
             settings,
             pinner: None,
             last: None,
-            status: None,
+            reporter: None,
             reported: Default::default(),
         }
     }
 
-    /// Reports prefixes from the agent's config in `status.egressIpPrefix` through `client`
-    /// (server-side apply, field manager `sluice`) once they are pinned.
-    pub fn with_status(mut self, client: kube::Client) -> Self {
-        self.status = Some(client);
+    /// Reports prefixes from the agent's config through `reporter` once they are pinned,
+    /// each once.
+    pub fn with_reporter(mut self, reporter: Arc<dyn PrefixReporter>) -> Self {
+        self.reporter = Some(reporter);
         self
     }
 
     async fn report_status(&mut self, state: &MeshState, pinned: &[String]) {
-        let Some(client) = self.status.clone() else {
+        let Some(reporter) = self.reporter.clone() else {
             return;
         };
         for entry in from_agent_config(state, &self.node_name) {
@@ -83,11 +99,7 @@ impl PinningLoop {
             if !pinned.contains(&key) || self.reported.contains(&entry) {
                 continue;
             }
-            match crate::sources::kube::status::set_egress_ip_prefix(
-                &client, &entry.0, &entry.1, entry.2,
-            )
-            .await
-            {
+            match reporter.report(&entry.0, &entry.1, entry.2).await {
                 Ok(()) => {
                     info!(sgc = %key, prefix = %entry.2, "reported status.egressIpPrefix");
                     self.reported.insert(entry);
@@ -184,5 +196,86 @@ impl PinningLoop {
                 None => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        resources::ResourceSet,
+        state::{MeshSettings, Node, build, egress::static_gateway::AGENTPOOL_LABEL},
+    };
+
+    /// Remembers what it was asked to report.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl PrefixReporter for Recorder {
+        fn report<'a>(
+            &'a self,
+            namespace: &'a str,
+            name: &'a str,
+            prefix: ipnet::IpNet,
+        ) -> Pin<Box<dyn Future<Output = Result<(), ReportError>> + Send + 'a>> {
+            Box::pin(async move {
+                self.0
+                    .lock()
+                    .map_err(|e| e.to_string())?
+                    .push(format!("{namespace}/{name}={prefix}"));
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn pinned_prefixes_from_the_agent_config_are_reported_once_through_the_reporter() {
+        let yaml = r#"
+apiVersion: egressgateway.kubernetes.azure.com/v1alpha1
+kind: StaticGatewayConfiguration
+metadata: {name: here, namespace: a}
+spec: {gatewayNodepoolName: gwpool}
+---
+apiVersion: egressgateway.kubernetes.azure.com/v1alpha1
+kind: StaticGatewayConfiguration
+metadata: {name: from-status, namespace: a}
+spec: {gatewayNodepoolName: gwpool}
+status: {egressIpPrefix: 203.0.113.16/28}
+"#;
+        let mut set = ResourceSet::default();
+        for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+            let value = serde::Deserialize::deserialize(doc).expect("yaml");
+            set.add_document(i, value).expect("known kind");
+        }
+        let settings = MeshSettings {
+            static_gateway_prefixes: [(
+                "a/here".to_owned(),
+                "203.0.113.0/28".parse().expect("net"),
+            )]
+            .into(),
+            ..MeshSettings::default()
+        };
+        let mut state = build(&set, &settings).state;
+        state.nodes.insert(
+            "gw-0".into(),
+            Node {
+                name: "gw-0".into(),
+                addresses: vec![],
+                labels: [(AGENTPOOL_LABEL.to_owned(), "gwpool".to_owned())].into(),
+            },
+        );
+        let recorder = Arc::new(Recorder::default());
+        let mut pinning = PinningLoop::new("gw-0".into(), PinningSettings::default())
+            .with_reporter(recorder.clone());
+        // Not pinned yet: nothing to report.
+        pinning.report_status(&state, &[]).await;
+        assert!(recorder.0.lock().expect("lock").is_empty());
+        let pinned = ["a/here".to_owned(), "a/from-status".to_owned()];
+        pinning.report_status(&state, &pinned).await;
+        pinning.report_status(&state, &pinned).await;
+        // Only the prefix the agent's config supplied, and only once.
+        assert_eq!(*recorder.0.lock().expect("lock"), ["a/here=203.0.113.0/28"]);
     }
 }

@@ -19,7 +19,10 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
 use time::OffsetDateTime;
 
-use super::{IdentityConfig, IdentityError, WorkloadCert};
+use super::{
+    IdentityConfig, IdentityError, WorkloadCert,
+    cert::{CertChain, MissingRoot},
+};
 use crate::state::Identity;
 
 /// How far back a new workload certificate's `notBefore` is set, so that a peer whose clock is
@@ -44,64 +47,6 @@ pub struct SignRequest<'a> {
 pub trait CaSource: fmt::Debug + Send + Sync {
     /// Signs `request`'s key for its identity.
     fn sign<'a>(&'a self, request: SignRequest<'a>) -> BoxFuture<'a, Result<CertChain, CaError>>;
-}
-
-/// A signed workload certificate with the chain up to the mesh roots.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CertChain {
-    leaf: CertificateDer<'static>,
-    intermediates: Vec<CertificateDer<'static>>,
-    roots: Vec<CertificateDer<'static>>,
-}
-
-impl CertChain {
-    /// A chain; `roots` must hold at least one trust anchor.
-    pub fn new(
-        leaf: CertificateDer<'static>,
-        intermediates: Vec<CertificateDer<'static>>,
-        roots: Vec<CertificateDer<'static>>,
-    ) -> Result<Self, CaError> {
-        if roots.is_empty() {
-            return Err(CaError::NoRoot);
-        }
-        Ok(Self {
-            leaf,
-            intermediates,
-            roots,
-        })
-    }
-
-    /// A chain as Istio's CA returns it: leaf first, then intermediates, the root last.
-    pub fn from_istio(mut chain: Vec<CertificateDer<'static>>) -> Result<Self, CaError> {
-        if chain.len() < 2 {
-            return Err(CaError::NoRoot);
-        }
-        let root = chain.pop().ok_or(CaError::NoRoot)?;
-        let leaf = chain.remove(0);
-        Self::new(leaf, chain, vec![root])
-    }
-
-    /// The workload's own certificate.
-    pub fn leaf(&self) -> &CertificateDer<'static> {
-        &self.leaf
-    }
-
-    /// Certificates between the leaf and a root, leaf side first.
-    pub fn intermediates(&self) -> &[CertificateDer<'static>] {
-        &self.intermediates
-    }
-
-    /// The trust anchors peers' certificates are checked against.
-    pub fn roots(&self) -> &[CertificateDer<'static>] {
-        &self.roots
-    }
-
-    /// What a peer is sent in the handshake: the leaf, then the intermediates.
-    pub fn presented(&self) -> Vec<CertificateDer<'static>> {
-        std::iter::once(self.leaf.clone())
-            .chain(self.intermediates.iter().cloned())
-            .collect()
-    }
 }
 
 /// Why a CA could not be set up or could not sign.
@@ -144,6 +89,12 @@ pub enum CaError {
     NoRoot,
     #[error("CA unavailable: {0}")]
     Unavailable(String),
+}
+
+impl From<MissingRoot> for CaError {
+    fn from(_: MissingRoot) -> Self {
+        Self::NoRoot
+    }
 }
 
 /// The CA built into the agent: one ECDSA P-256 root (loaded from PEM files, or made for a
@@ -358,7 +309,11 @@ impl BuiltinCa {
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
         let cert = params.signed_by(key, &self.issuer).map_err(sign_err)?;
-        CertChain::new(cert.der().clone(), vec![], vec![self.root.clone()])
+        Ok(CertChain::new(
+            cert.der().clone(),
+            vec![],
+            vec![self.root.clone()],
+        )?)
     }
 
     /// A certificate (and its fresh key) for any identity and validity window, signed by this
@@ -540,11 +495,11 @@ mod tests {
         assert_eq!(chain.presented(), vec![leaf.clone(), mid]);
         assert!(matches!(
             CertChain::from_istio(vec![leaf.clone()]),
-            Err(CaError::NoRoot)
+            Err(MissingRoot)
         ));
         assert!(matches!(
             CertChain::new(leaf, vec![], vec![]),
-            Err(CaError::NoRoot)
+            Err(MissingRoot)
         ));
     }
 

@@ -16,8 +16,71 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::{CertChain, IdentityError, tls::crypto_provider};
+use super::{IdentityError, provider::crypto_provider};
 use crate::state::Identity;
+
+/// A signed workload certificate with the chain up to the mesh roots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertChain {
+    leaf: CertificateDer<'static>,
+    intermediates: Vec<CertificateDer<'static>>,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+impl CertChain {
+    /// A chain; `roots` must hold at least one trust anchor.
+    pub fn new(
+        leaf: CertificateDer<'static>,
+        intermediates: Vec<CertificateDer<'static>>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, MissingRoot> {
+        if roots.is_empty() {
+            return Err(MissingRoot);
+        }
+        Ok(Self {
+            leaf,
+            intermediates,
+            roots,
+        })
+    }
+
+    /// A chain as Istio's CA returns it: leaf first, then intermediates, the root last.
+    pub fn from_istio(mut chain: Vec<CertificateDer<'static>>) -> Result<Self, MissingRoot> {
+        if chain.len() < 2 {
+            return Err(MissingRoot);
+        }
+        let root = chain.pop().ok_or(MissingRoot)?;
+        let leaf = chain.remove(0);
+        Self::new(leaf, chain, vec![root])
+    }
+
+    /// The workload's own certificate.
+    pub fn leaf(&self) -> &CertificateDer<'static> {
+        &self.leaf
+    }
+
+    /// Certificates between the leaf and a root, leaf side first.
+    pub fn intermediates(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates
+    }
+
+    /// The trust anchors peers' certificates are checked against.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// What a peer is sent in the handshake: the leaf, then the intermediates.
+    pub fn presented(&self) -> Vec<CertificateDer<'static>> {
+        std::iter::once(self.leaf.clone())
+            .chain(self.intermediates.iter().cloned())
+            .collect()
+    }
+}
+
+/// A chain without a trust anchor (a CA's answer that lacks its root).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the CA answered without a root certificate")]
+pub struct MissingRoot;
 
 /// A fresh ECDSA P-256 key for `identity`.
 pub(crate) fn generate_key(identity: &Identity) -> Result<KeyPair, IdentityError> {

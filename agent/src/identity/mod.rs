@@ -9,17 +9,19 @@
 //!   and renews it at half-life in the background.
 //! - [`tls`]: rustls server and client configurations exactly as a ztunnel peer speaks HBONE
 //!   (TLS 1.3, AES-GCM, ALPN `h2`, mutual auth, SPIFFE checks, no SNI), and [`peer_identity`].
+//! - [`provider`]: the rustls crypto provider all of them use.
 pub mod ca;
 pub mod cert;
-pub mod config;
 pub mod manager;
+pub mod provider;
 pub mod tls;
 
-pub use ca::{BuiltinCa, CaError, CaSource, CertChain, CustomCert, SignRequest};
-pub use cert::{CertHandle, CertInfo, WorkloadCert};
-pub use config::{CertTtl, IdentityConfig};
+pub use crate::config::{CertTtl, IdentityConfig};
+pub use ca::{BuiltinCa, CaError, CaSource, CustomCert, SignRequest};
+pub use cert::{CertChain, CertHandle, CertInfo, MissingRoot, WorkloadCert};
 pub use manager::SecretManager;
-pub use tls::{HBONE_ALPN, client_config, crypto_provider, peer_identity, server_config};
+pub use provider::crypto_provider;
+pub use tls::{HBONE_ALPN, client_config, peer_identity, server_config};
 
 use crate::state::Identity;
 

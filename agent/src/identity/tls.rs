@@ -9,15 +9,11 @@
 //! Both sides read the local certificate through a [`CertHandle`] on every handshake, so a
 //! rotation reaches new handshakes without touching established connections.
 //!
-//! Provider: *ring*. It is already in the build (kube's rustls uses it), builds with no C
-//! toolchain beyond cc and in seconds, and offers AES-GCM with AES-NI and P-256/X25519.
-//! aws-lc-rs builds here too (cc only, about a minute on two cores) and does X25519 in half the
-//! time, but measured in the mesh bench it changed neither the handshake-bound connection rate
-//! nor bulk throughput beyond run-to-run noise: not worth a second C crypto library.
+//! The crypto provider is [`crypto_provider`](super::crypto_provider).
 //!
 //! Session resumption is off on both sides: every connection proves its certificate afresh, so
 //! an expired or rotated-away peer certificate is never carried forward by a ticket.
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustls::{
     ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName, ServerConfig,
@@ -27,7 +23,7 @@ use rustls::{
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
         verify_server_cert_signed_by_trust_anchor,
     },
-    crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring},
+    crypto::WebPkiSupportedAlgorithms,
     server::{
         ClientHello, NoServerSessionStorage, ParsedCertificate, ResolvesServerCert,
         danger::{ClientCertVerified, ClientCertVerifier},
@@ -36,27 +32,11 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::{CertHandle, IdentityError, cert::identity_of};
+use super::{CertHandle, IdentityError, cert::identity_of, provider::crypto_provider};
 use crate::state::Identity;
 
 /// The ALPN protocol HBONE negotiates.
 pub const HBONE_ALPN: &[u8] = b"h2";
-
-/// The crypto provider every HBONE configuration uses: *ring*, with the TLS 1.3 AES-GCM suites
-/// only (AES-128 preferred: faster with AES-NI, and what ztunnel peers accept).
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| {
-            let mut provider = ring::default_provider();
-            provider.cipher_suites = vec![
-                ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-                ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-            ];
-            Arc::new(provider)
-        })
-        .clone()
-}
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
     crypto_provider().signature_verification_algorithms
@@ -300,6 +280,8 @@ mod tests {
     use rustls::{CertificateError, ClientConnection, ServerConnection};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+
+    use rustls::crypto::{CryptoProvider, ring};
 
     use super::*;
     use crate::identity::{BuiltinCa, CustomCert};

@@ -1,10 +1,13 @@
 //! Logs, once per policy, what the node proxy does not enforce as written.
 use std::collections::HashSet;
 
-use crate::state::policy::{AuthzAction, Policies};
+use crate::state::{
+    StateHandle,
+    policy::{AuthzAction, Policies},
+};
 
 /// Remembers which notices were logged, so each policy's is logged once (again only if the
-/// policy changes what is left out). The proxy keeps one and feeds it every new snapshot.
+/// policy changes what is left out). The agent runs one over every new snapshot ([`Self::run`]).
 #[derive(Debug, Default)]
 pub struct PolicyNotices {
     seen: HashSet<String>,
@@ -44,5 +47,18 @@ impl PolicyNotices {
             tracing::warn!(target: "sluice::policy", "{notice}");
         }
         fresh
+    }
+
+    /// Logs the notices of the current snapshot and of every later one, until every publisher
+    /// is gone.
+    pub async fn run(mut self, mut state: StateHandle) {
+        let mut current = state.current();
+        loop {
+            self.log_new(&current.policy);
+            match state.changed().await {
+                Some(next) => current = next,
+                None => return,
+            }
+        }
     }
 }

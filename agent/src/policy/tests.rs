@@ -875,3 +875,99 @@ spec: {action: CUSTOM, provider: {name: opa}}
     );
     assert!(notices.log_new(&state.policy).is_empty());
 }
+
+/// Log lines written while a test runs, as `tracing` formats them.
+#[derive(Clone, Default)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLog {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+
+    async fn wait_for(&self, needle: &str) {
+        let seen = async {
+            while !self.text().contains(needle) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), seen)
+            .await
+            .unwrap_or_else(|_| panic!("no log line with {needle:?} in:\n{}", self.text()));
+    }
+}
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn the_agents_notices_task_logs_each_published_policy_once() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        const L7: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: shop}
+spec:
+  rules:
+  - to:
+    - operation: {methods: [GET]}
+"#;
+        const EXT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: shop}
+spec: {action: CUSTOM, provider: {name: opa}}
+"#;
+        let (publisher, state) = crate::state::channel();
+        let task = tokio::spawn(PolicyNotices::default().run(state));
+        // The same consumer the agent runs sees each snapshot as the sources publish it.
+        publisher.publish(valid(L7));
+        log.wait_for("AuthorizationPolicy shop/l7").await;
+        publisher.publish(valid(&format!("{L7}\n---\n{EXT}")));
+        log.wait_for("shop/ext is not enforced").await;
+        // Republishing changes nothing that was logged.
+        publisher.publish(valid(&format!("{L7}\n---\n{EXT}")));
+        drop(publisher);
+        tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("the task ends with the last publisher")
+            .expect("the task does not panic");
+    });
+    let text = log.text();
+    assert_eq!(
+        text.matches("AuthorizationPolicy shop/l7:").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("shop/ext is not enforced").count(),
+        1,
+        "{text}"
+    );
+    assert!(
+        text.contains("WARN") && text.contains("sluice::policy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("methods") && text.contains("CUSTOM"),
+        "{text}"
+    );
+}

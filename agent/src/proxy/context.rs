@@ -11,7 +11,7 @@ use super::{
     hbone::{Dial, HbonePool, PoolKey},
 };
 use crate::{
-    redirect::netns::{HomeNetns, Netns},
+    netns::{HomeNetns, Netns},
     state::{MeshState, Workload, WorkloadUid},
 };
 

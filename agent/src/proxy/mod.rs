@@ -16,7 +16,8 @@ pub mod telemetry;
 use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
-    admin::Metrics, identity::SecretManager, redirect::netns::HomeNetns, state::StateHandle,
+    admin::Metrics, config::HboneLimits, identity::SecretManager, netns::HomeNetns,
+    state::StateHandle,
 };
 
 /// What the proxy asks of the kernel side of capture.
@@ -28,22 +29,6 @@ pub trait CaptureTables: Send + Sync {
     fn allow_transparent_source(&self, source: SocketAddr) -> std::io::Result<()>;
     /// Ends the exemption.
     fn forget_transparent_source(&self, source: SocketAddr);
-}
-
-impl CaptureTables for crate::redirect::ebpf::CaptureMaps {
-    fn take_orig_dst(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
-        crate::redirect::ebpf::CaptureMaps::take_orig_dst(self, netns_cookie, peer)
-    }
-    fn allow_transparent_source(&self, source: SocketAddr) -> std::io::Result<()> {
-        crate::redirect::ebpf::CaptureMaps::allow_transparent_source(self, source)
-            .map_err(std::io::Error::other)
-    }
-    fn forget_transparent_source(&self, source: SocketAddr) {
-        if let Err(e) = crate::redirect::ebpf::CaptureMaps::forget_transparent_source(self, source)
-        {
-            tracing::warn!(%source, error = %e, "forgetting a transparent source");
-        }
-    }
 }
 
 /// What every proxy task needs, shared.
@@ -60,25 +45,7 @@ pub struct ProxyInputs {
     /// Connection, pool and policy metrics.
     pub metrics: Arc<Metrics>,
     /// HBONE pool and HTTP/2 limits (`spec.hbone`).
-    pub hbone: Arc<HboneTuning>,
+    pub hbone: Arc<HboneLimits>,
     /// The node's own addresses, whose plaintext to pods skips the pods' policies.
     pub host: Arc<host::HostAddresses>,
-}
-
-/// The HBONE limits every pod's pool and every HBONE listener uses.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HboneTuning {
-    /// Client pool limits.
-    pub pool: hbone::PoolConfig,
-    /// HTTP/2 settings, client and server side.
-    pub h2: hbone::H2Config,
-}
-
-impl From<&crate::config::HboneSettings> for HboneTuning {
-    fn from(s: &crate::config::HboneSettings) -> Self {
-        Self {
-            pool: s.pool(),
-            h2: s.h2(),
-        }
-    }
 }

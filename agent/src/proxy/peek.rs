@@ -8,10 +8,7 @@ use std::{io, time::Duration};
 
 use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
 
-/// Default bound on the bytes looked at (a ClientHello with large key shares fits easily).
-pub const DEFAULT_PEEK_BYTES: usize = 8192;
-/// Default bound on the time waited for them.
-pub const DEFAULT_PEEK_TIMEOUT: Duration = Duration::from_millis(1000);
+pub use crate::config::{DEFAULT_PEEK_BYTES, DEFAULT_PEEK_TIMEOUT};
 
 /// What the first bytes of a connection are.
 #[derive(Clone, Debug, PartialEq, Eq)]

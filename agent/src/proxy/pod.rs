@@ -13,7 +13,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 pub use super::context::PodContext;
 use super::{ProxyInputs, hbone_inbound, inbound, outbound};
-use crate::redirect::netns::{HomeNetns, Netns};
+use crate::netns::{HomeNetns, Netns};
 
 /// The running listeners of one pod; dropping it closes them (connections in flight go on).
 #[derive(Debug)]

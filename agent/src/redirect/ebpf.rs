@@ -31,7 +31,7 @@ use sluice_common::{
     OrigDst, PROXY_MARK, PeerKey, SourceKey, TRANSPARENT_MARK, maps,
 };
 
-use super::netns::Netns;
+use crate::netns::Netns;
 
 pub mod object;
 

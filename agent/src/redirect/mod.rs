@@ -1,8 +1,5 @@
-//! Capture: eBPF programs and maps, pod network namespaces, enrollment.
+//! Capture: eBPF programs and maps, pod routing, and the enrollment API the CNI plugin speaks.
 pub mod cni;
-pub mod discover;
 pub mod ebpf;
 pub mod enroll;
-pub mod manager;
-pub mod netns;
 pub mod pod_net;

@@ -23,7 +23,7 @@ use rtnetlink::{
 };
 use sluice_common::{TRANSPARENT_MARK, TRANSPARENT_ROUTE_TABLE};
 
-use super::netns::{HomeNetns, Netns, NetnsError};
+use crate::netns::{HomeNetns, Netns, NetnsError};
 
 /// Priority of Sluice's policy rule inside pods (before the main table at 32766).
 const RULE_PRIORITY: u32 = 100;

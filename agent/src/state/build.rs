@@ -7,9 +7,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
+    MeshSettings,
     mesh::MeshState,
     rejections::Rejection,
-    settings::MeshSettings,
     workload::{Membership, Namespace, Node, Service, ServicePort, Workload, WorkloadUid},
 };
 use crate::resources::{NamespacedName, ResourceSet, kinds::WatchedKind};

@@ -9,9 +9,9 @@
 use kube::Resource;
 
 use super::{
+    MeshSettings,
     build::{BuildOutput, build},
     rejections::Rejection,
-    settings::MeshSettings,
 };
 use crate::resources::{
     ResourceSet,

@@ -12,18 +12,18 @@ pub mod mesh;
 pub mod outbound;
 pub mod policy;
 pub mod rejections;
-pub mod settings;
 pub mod workload;
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
+/// Settings that shape how resources become state; part of the agent's configuration.
+pub use crate::config::MeshSettings;
 pub use build::{BuildOutput, build};
 pub use last_good::LastGood;
 pub use mesh::MeshState;
 pub use rejections::{Rejection, Rejections};
-pub use settings::MeshSettings;
 pub use workload::{
     Identity, Membership, Namespace, Node, Service, ServicePort, Workload, WorkloadUid,
 };

@@ -11,7 +11,8 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::{ALPN_H2, H2Config, headers::RequestBuildError};
+use super::{ALPN_H2, headers::RequestBuildError};
+use crate::config::H2Limits;
 
 /// Why a connection to a peer's HBONE port could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -109,13 +110,13 @@ pub(crate) type ClientConnection = Connection<TlsStream<TcpStream>, Bytes>;
 pub(crate) async fn h2_handshake(
     io: TlsStream<TcpStream>,
     dst: SocketAddr,
-    cfg: &H2Config,
+    cfg: &H2Limits,
     max_streams: u32,
 ) -> Result<(SendRequest<Bytes>, ClientConnection), DialError> {
     h2::client::Builder::new()
-        .initial_window_size(cfg.stream_window())
-        .initial_connection_window_size(cfg.connection_window())
-        .max_frame_size(cfg.frame_size())
+        .initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.effective_connection_window())
+        .max_frame_size(cfg.max_frame_size)
         .initial_max_send_streams(max_streams as usize)
         .max_header_list_size(cfg.max_header_list_size)
         .max_send_buffer_size(cfg.max_send_buffer)

@@ -15,7 +15,6 @@
 //! original destination `ip:port` (no `:scheme`/`:path`), carries `baggage`, `forwarded`
 //! (`for="<source ip:port>"`) and `traceparent` headers, and is answered with `200`.
 mod client;
-mod config;
 mod headers;
 mod pool;
 mod server;
@@ -26,9 +25,8 @@ mod stream;
 mod tests;
 
 pub use client::{ConnectError, DialError, EARLY_DATA_MAX};
-pub use config::{H2Config, Keepalive, PoolConfig};
 pub use headers::{Baggage, RequestMeta, TraceParent, parse_forwarded_for};
-pub use pool::{Dial, HbonePool, PoolKey, PoolStats, PoolStatsSnapshot, TcpDial};
+pub use pool::{Dial, HbonePool, PoolKey, TcpDial};
 pub use server::{
     ConnectHandler, ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus,
     ServeError, ServerStats, ServerStatsSnapshot, Upstream,

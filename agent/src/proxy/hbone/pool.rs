@@ -1,11 +1,11 @@
 //! The client pool: HTTP/2 connections per [`PoolKey`], each carrying many `CONNECT` streams.
 //!
 //! A connection is used for a new stream while it has fewer streams than the smaller of
-//! [`PoolConfig::max_streams_per_conn`] and the peer's SETTINGS_MAX_CONCURRENT_STREAMS; then a
-//! new one is dialled, up to [`PoolConfig::max_conns_per_key`], after which callers wait for a
+//! [`PoolLimits::max_streams_per_conn`] and the peer's SETTINGS_MAX_CONCURRENT_STREAMS; then a
+//! new one is dialled, up to [`PoolLimits::max_conns_per_key`], after which callers wait for a
 //! stream to end. Concurrent callers for a key that has no room share one dial (one handshake).
 //! Each connection has a driver task that runs the HTTP/2 state machine, sends keepalive pings,
-//! and closes the connection after [`PoolConfig::idle_timeout`] without streams.
+//! and closes the connection after [`PoolLimits::idle_timeout`] without streams.
 use std::{
     collections::HashMap,
     future::Future,
@@ -25,11 +25,15 @@ use tokio::{net::TcpStream, sync::Notify};
 use tracing::debug;
 
 use super::{
-    H2Config, HboneStream, PoolConfig, RequestMeta,
+    HboneStream, RequestMeta,
     client::{self, ClientConnection, ConnectError, DialError, OpenError},
     headers::connect_request,
 };
-use crate::state::workload::Identity;
+use crate::{
+    admin::PoolStats,
+    config::{H2Limits, Keepalive, PoolLimits},
+    state::workload::Identity,
+};
 
 /// Which connections may carry a stream: same source identity (the client certificate), same
 /// peer address, same expected peer identity (what the TLS config verifies).
@@ -70,49 +74,6 @@ impl Dial for TcpDial {
     }
 }
 
-/// Counters of a pool, for metrics. Gauges go up and down; totals only up.
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    /// Completed TLS handshakes (total).
-    pub handshakes: AtomicU64,
-    /// Failed connection attempts: TCP, TLS, HTTP/2 preface or timeout (total).
-    pub dial_failures: AtomicU64,
-    /// Open pooled connections (gauge).
-    pub connections: AtomicU64,
-    /// Streams in use or being opened (gauge).
-    pub active_streams: AtomicU64,
-    /// Streams answered with 200 (total).
-    pub streams_opened: AtomicU64,
-    /// Streams answered with another status or failed before an answer (total).
-    pub streams_failed: AtomicU64,
-}
-
-/// A copy of [`PoolStats`] at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PoolStatsSnapshot {
-    pub handshakes: u64,
-    pub dial_failures: u64,
-    pub connections: u64,
-    pub active_streams: u64,
-    pub streams_opened: u64,
-    pub streams_failed: u64,
-}
-
-impl PoolStats {
-    /// Reads every counter.
-    pub fn snapshot(&self) -> PoolStatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        PoolStatsSnapshot {
-            handshakes: get(&self.handshakes),
-            dial_failures: get(&self.dial_failures),
-            connections: get(&self.connections),
-            active_streams: get(&self.active_streams),
-            streams_opened: get(&self.streams_opened),
-            streams_failed: get(&self.streams_failed),
-        }
-    }
-}
-
 /// Pooled HBONE client connections. Cheap to clone; clones share the pool.
 #[derive(Clone)]
 pub struct HbonePool {
@@ -120,8 +81,8 @@ pub struct HbonePool {
 }
 
 struct PoolInner {
-    cfg: PoolConfig,
-    h2: H2Config,
+    cfg: PoolLimits,
+    h2: H2Limits,
     dialer: Arc<dyn Dial>,
     keys: Mutex<HashMap<PoolKey, KeyEntry>>,
     stats: Arc<PoolStats>,
@@ -247,12 +208,12 @@ enum Claim {
 
 impl HbonePool {
     /// A pool dialling with plain TCP.
-    pub fn new(cfg: PoolConfig, h2: H2Config) -> Self {
+    pub fn new(cfg: PoolLimits, h2: H2Limits) -> Self {
         Self::with_dialer(cfg, h2, Arc::new(TcpDial))
     }
 
     /// A pool dialling through `dialer`.
-    pub fn with_dialer(cfg: PoolConfig, h2: H2Config, dialer: Arc<dyn Dial>) -> Self {
+    pub fn with_dialer(cfg: PoolLimits, h2: H2Limits, dialer: Arc<dyn Dial>) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 cfg,
@@ -503,7 +464,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 const AGED_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Driver {
-    async fn run(self, mut connection: ClientConnection, keepalive: Option<super::Keepalive>) {
+    async fn run(self, mut connection: ClientConnection, keepalive: Option<Keepalive>) {
         let pings = keepalive.and_then(|k| connection.ping_pong().map(|p| (p, k)));
         let keepalive = async move {
             let Some((mut ping_pong, k)) = pings else {

@@ -21,11 +21,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::{
-    Baggage, H2Config, HboneStream, SpliceCounters, SpliceIo, SpliceReport, TraceParent,
+    Baggage, HboneStream, SpliceCounters, SpliceIo, SpliceReport, TraceParent,
     headers::{TRACEPARENT, parse_forwarded_for},
     splice,
 };
-use crate::state::workload::Identity;
+use crate::{config::H2Limits, state::workload::Identity};
 
 /// Facts about one accepted HBONE connection, established by the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,7 +266,7 @@ impl Drop for GaugeGuard<'_> {
 
 /// Serves HBONE connections with one handler. Cheap to clone; clones share stats.
 pub struct HboneServer<H> {
-    h2: Arc<H2Config>,
+    h2: Arc<H2Limits>,
     handler: Arc<H>,
     stats: Arc<ServerStats>,
 }
@@ -283,7 +283,7 @@ impl<H> Clone for HboneServer<H> {
 
 impl<H: ConnectHandler> HboneServer<H> {
     /// A server answering with `handler`.
-    pub fn new(h2: H2Config, handler: H) -> Self {
+    pub fn new(h2: H2Limits, handler: H) -> Self {
         Self {
             h2: Arc::new(h2),
             handler: Arc::new(handler),
@@ -312,9 +312,9 @@ impl<H: ConnectHandler> HboneServer<H> {
         let peer = info.peer_addr;
         let cfg = &self.h2;
         let mut conn = h2::server::Builder::new()
-            .initial_window_size(cfg.stream_window())
-            .initial_connection_window_size(cfg.connection_window())
-            .max_frame_size(cfg.frame_size())
+            .initial_window_size(cfg.stream_window)
+            .initial_connection_window_size(cfg.effective_connection_window())
+            .max_frame_size(cfg.max_frame_size)
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .max_header_list_size(cfg.max_header_list_size)
             .max_send_buffer_size(cfg.max_send_buffer)

@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use super::support::*;
-use crate::proxy::hbone::{H2Config, PoolConfig};
+use crate::config::{H2Limits, PoolLimits};
 
 fn env_num(name: &str) -> Option<usize> {
     std::env::var(name).ok()?.parse().ok()
@@ -93,7 +93,7 @@ async fn run(
 #[ignore = "benchmark; run by hand with --release --ignored --nocapture"]
 async fn bench_bulk_throughput_direct_vs_hbone() {
     let total = env_num("SLUICE_BENCH_MIB").unwrap_or(2048) << 20;
-    let mut h2 = H2Config::default();
+    let mut h2 = H2Limits::default();
     let kib = |name| env_num(name).map(|k| k * 1024);
     if let Some(v) = kib("SLUICE_BENCH_FRAME_KIB") {
         h2.max_frame_size = v as u32;
@@ -109,7 +109,7 @@ async fn bench_bulk_throughput_direct_vs_hbone() {
     }
     println!("{h2:?}");
     let (app, mut sink) = sink_app().await;
-    let t = tunnel_with(app, PoolConfig::default(), h2, forward).await;
+    let t = tunnel_with(app, PoolLimits::default(), h2, forward).await;
     // Warm up: the pooled connection and the allocator.
     run(t.entry, &mut sink, 1, 64 << 20).await;
     for streams in [1, 4] {

@@ -8,13 +8,14 @@ use tokio::{
 };
 
 use super::support::*;
-use crate::proxy::hbone::{ConnectError, DialError, H2Config, HboneStream, PoolConfig};
+use crate::config::{H2Limits, PoolLimits};
+use crate::proxy::hbone::{ConnectError, DialError, HboneStream};
 
-fn pool_config(max_streams: u32, max_conns: usize) -> PoolConfig {
-    PoolConfig {
+fn pool_config(max_streams: u32, max_conns: usize) -> PoolLimits {
+    PoolLimits {
         max_streams_per_conn: NonZeroU32::new(max_streams).unwrap(),
         max_conns_per_key: NonZeroUsize::new(max_conns).unwrap(),
-        ..PoolConfig::default()
+        ..PoolLimits::default()
     }
 }
 
@@ -35,7 +36,7 @@ async fn open_many(client: &Client, app: std::net::SocketAddr, n: usize) -> Vec<
 async fn concurrent_streams_share_one_connection() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let server = ServerHarness::start(&pki, H2Config::default(), forward).await;
+    let server = ServerHarness::start(&pki, H2Limits::default(), forward).await;
     let client = Client::with_defaults(&pki, server.addr).await;
 
     let mut streams = within(30, open_many(&client, app, 50)).await;
@@ -79,8 +80,8 @@ async fn concurrent_streams_share_one_connection() {
 async fn a_full_connection_makes_the_pool_open_another() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let server = ServerHarness::start(&pki, H2Config::default(), forward).await;
-    let client = Client::new(&pki, server.addr, pool_config(10, 64), H2Config::default()).await;
+    let server = ServerHarness::start(&pki, H2Limits::default(), forward).await;
+    let client = Client::new(&pki, server.addr, pool_config(10, 64), H2Limits::default()).await;
 
     let mut streams = within(30, open_many(&client, app, 35)).await;
     for s in &mut streams {
@@ -96,9 +97,9 @@ async fn a_full_connection_makes_the_pool_open_another() {
 async fn the_peers_stream_limit_is_respected() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let h2 = H2Config {
+    let h2 = H2Limits {
         max_concurrent_streams: 5,
-        ..H2Config::default()
+        ..H2Limits::default()
     };
     let server = ServerHarness::start(&pki, h2, forward).await;
     let client = Client::with_defaults(&pki, server.addr).await;
@@ -118,8 +119,8 @@ async fn the_peers_stream_limit_is_respected() {
 async fn with_every_connection_full_callers_wait_for_a_free_stream() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let server = ServerHarness::start(&pki, H2Config::default(), forward).await;
-    let client = Client::new(&pki, server.addr, pool_config(2, 1), H2Config::default()).await;
+    let server = ServerHarness::start(&pki, H2Limits::default(), forward).await;
+    let client = Client::new(&pki, server.addr, pool_config(2, 1), H2Limits::default()).await;
 
     let mut held = within(30, open_many(&client, app, 2)).await;
     let waiter = {
@@ -143,12 +144,12 @@ async fn with_every_connection_full_callers_wait_for_a_free_stream() {
 async fn idle_connections_expire_with_a_goaway() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let mut server = ServerHarness::start(&pki, H2Config::default(), forward).await;
-    let cfg = PoolConfig {
+    let mut server = ServerHarness::start(&pki, H2Limits::default(), forward).await;
+    let cfg = PoolLimits {
         idle_timeout: Duration::from_millis(300),
-        ..PoolConfig::default()
+        ..PoolLimits::default()
     };
-    let client = Client::new(&pki, server.addr, cfg, H2Config::default()).await;
+    let client = Client::new(&pki, server.addr, cfg, H2Limits::default()).await;
 
     let mut s = within(30, client.connect(app)).await.unwrap();
     // Busy for longer than the idle timeout: must not expire.
@@ -228,11 +229,11 @@ async fn callers_waiting_on_a_failing_dial_share_its_failure() {
         }
     });
     let pki = TestPki::new();
-    let cfg = PoolConfig {
+    let cfg = PoolLimits {
         connect_timeout: Duration::from_millis(500),
-        ..PoolConfig::default()
+        ..PoolLimits::default()
     };
-    let client = Client::new(&pki, addr, cfg, H2Config::default()).await;
+    let client = Client::new(&pki, addr, cfg, H2Limits::default()).await;
     let results = within(30, join_all((0..20).map(|_| client.connect(addr)))).await;
     for r in &results {
         match r {
@@ -249,12 +250,12 @@ async fn callers_waiting_on_a_failing_dial_share_its_failure() {
 async fn a_server_from_another_root_is_refused() {
     let app = echo_app().await;
     let server_pki = TestPki::new();
-    let server = ServerHarness::start(&server_pki, H2Config::default(), forward).await;
+    let server = ServerHarness::start(&server_pki, H2Limits::default(), forward).await;
     let client = Client::new(
         &TestPki::new(),
         server.addr,
-        PoolConfig::default(),
-        H2Config::default(),
+        PoolLimits::default(),
+        H2Limits::default(),
     )
     .await;
     match within(30, client.connect(app)).await {
@@ -281,7 +282,7 @@ async fn a_server_without_alpn_h2_is_refused() {
             }
         }
     });
-    let client = Client::new(&pki, addr, PoolConfig::default(), H2Config::default()).await;
+    let client = Client::new(&pki, addr, PoolLimits::default(), H2Limits::default()).await;
     match within(30, client.connect(addr)).await {
         Err(ConnectError::Dial(cause)) => {
             assert!(matches!(*cause, DialError::Alpn { .. }), "{cause}")
@@ -294,12 +295,12 @@ async fn a_server_without_alpn_h2_is_refused() {
 async fn connections_past_their_maximum_age_take_no_new_streams() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let mut server = ServerHarness::start(&pki, H2Config::default(), forward).await;
-    let cfg = PoolConfig {
+    let mut server = ServerHarness::start(&pki, H2Limits::default(), forward).await;
+    let cfg = PoolLimits {
         max_connection_age: Some(Duration::from_millis(200)),
-        ..PoolConfig::default()
+        ..PoolLimits::default()
     };
-    let client = Client::new(&pki, server.addr, cfg, H2Config::default()).await;
+    let client = Client::new(&pki, server.addr, cfg, H2Limits::default()).await;
     let mut old = within(30, client.connect(app)).await.unwrap();
     ping(&mut old, b"old").await;
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -321,7 +322,7 @@ async fn connections_past_their_maximum_age_take_no_new_streams() {
 async fn a_server_with_an_unexpected_identity_is_refused() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let server = ServerHarness::start(&pki, H2Config::default(), forward).await;
+    let server = ServerHarness::start(&pki, H2Limits::default(), forward).await;
     let mut client = Client::with_defaults(&pki, server.addr).await;
     let someone_else = crate::state::workload::Identity::new(TRUST_DOMAIN, "other-ns", "other-sa");
     client.tls = pki.client_config(&client_identity(), &someone_else).await;

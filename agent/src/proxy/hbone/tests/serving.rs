@@ -9,8 +9,9 @@ use tokio::{
 };
 
 use super::support::*;
+use crate::config::H2Limits;
 use crate::proxy::hbone::{
-    ALPN_H2, Baggage, ConnectRequest, H2Config, Refusal, RefusalStatus, RequestMeta, Upstream,
+    ALPN_H2, Baggage, ConnectRequest, Refusal, RefusalStatus, RequestMeta, Upstream,
 };
 
 /// Refuses by the authority's port: 1 → 400, 2 → 401, 3 → 403, 4 → 503; forwards otherwise.
@@ -29,7 +30,7 @@ async fn refuse_by_port(req: ConnectRequest) -> Result<Upstream<TcpStream>, Refu
 async fn refusals_answer_their_status_and_keep_the_connection() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let server = ServerHarness::start(&pki, H2Config::default(), refuse_by_port).await;
+    let server = ServerHarness::start(&pki, H2Limits::default(), refuse_by_port).await;
     let client = Client::with_defaults(&pki, server.addr).await;
     for (port, status) in [
         (1, StatusCode::BAD_REQUEST),
@@ -89,7 +90,7 @@ async fn raw_request(pki: &TestPki, server: SocketAddr, req: Request<()>) -> Sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_methods_get_405_and_bad_authorities_400() {
     let pki = TestPki::new();
-    let server = ServerHarness::start(&pki, H2Config::default(), forward).await;
+    let server = ServerHarness::start(&pki, H2Limits::default(), forward).await;
     let get = Request::builder()
         .method(Method::GET)
         .uri("https://127.0.0.1/")
@@ -130,7 +131,7 @@ async fn the_handler_sees_authority_identity_and_ztunnel_headers() {
         }
     };
     let pki = TestPki::new();
-    let server = ServerHarness::start(&pki, H2Config::default(), handler).await;
+    let server = ServerHarness::start(&pki, H2Limits::default(), handler).await;
     let client = Client::with_defaults(&pki, server.addr).await;
     let baggage = Baggage {
         namespace: Some("client-ns".into()),
@@ -163,7 +164,7 @@ async fn the_handler_sees_authority_identity_and_ztunnel_headers() {
 async fn draining_lets_open_streams_finish_then_ends_the_connection() {
     let app = echo_app().await;
     let pki = TestPki::new();
-    let mut server = ServerHarness::start(&pki, H2Config::default(), forward).await;
+    let mut server = ServerHarness::start(&pki, H2Limits::default(), forward).await;
     let client = Client::with_defaults(&pki, server.addr).await;
     let mut open = within(30, client.connect(app)).await.unwrap();
     open.write_all(b"before").await.unwrap();
@@ -221,7 +222,7 @@ async fn early_data_reaches_the_app_only_through_an_accepted_stream() {
         }
     };
     let pki = TestPki::new();
-    let server = ServerHarness::start(&pki, H2Config::default(), handler).await;
+    let server = ServerHarness::start(&pki, H2Limits::default(), handler).await;
     let client = Client::with_defaults(&pki, server.addr).await;
     let meta = RequestMeta::new((LOCALHOST, 40000).into(), Default::default());
     let connect = |early: &'static [u8]| {

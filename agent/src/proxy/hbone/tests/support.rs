@@ -18,11 +18,12 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::{H2Limits, PoolLimits};
 use crate::identity::{BuiltinCa, SecretManager, peer_identity};
 use crate::proxy::hbone::{
-    ConnectError, ConnectHandler, ConnectRequest, ConnectionInfo, H2Config, HbonePool, HboneServer,
-    HboneStream, PoolConfig, PoolKey, Refusal, RefusalStatus, RequestMeta, ServeError,
-    SpliceCounters, SpliceReport, Upstream, splice,
+    ConnectError, ConnectHandler, ConnectRequest, ConnectionInfo, HbonePool, HboneServer,
+    HboneStream, PoolKey, Refusal, RefusalStatus, RequestMeta, ServeError, SpliceCounters,
+    SpliceReport, Upstream, splice,
 };
 use crate::state::workload::Identity;
 
@@ -103,7 +104,7 @@ pub struct ServerHarness<H> {
 }
 
 impl<H: ConnectHandler> ServerHarness<H> {
-    pub async fn start(pki: &TestPki, h2: H2Config, handler: H) -> Self {
+    pub async fn start(pki: &TestPki, h2: H2Limits, handler: H) -> Self {
         let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let acceptor = TlsAcceptor::from(pki.server_config(&server_identity()).await);
@@ -180,7 +181,7 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn new(pki: &TestPki, server: SocketAddr, cfg: PoolConfig, h2: H2Config) -> Self {
+    pub async fn new(pki: &TestPki, server: SocketAddr, cfg: PoolLimits, h2: H2Limits) -> Self {
         Self {
             pool: HbonePool::new(cfg, h2),
             tls: pki
@@ -196,7 +197,7 @@ impl Client {
 
     /// A client of `server` with the default pool and HTTP/2 settings.
     pub async fn with_defaults(pki: &TestPki, server: SocketAddr) -> Self {
-        Self::new(pki, server, PoolConfig::default(), H2Config::default()).await
+        Self::new(pki, server, PoolLimits::default(), H2Limits::default()).await
     }
 
     pub async fn connect(&self, authority: SocketAddr) -> Result<HboneStream, ConnectError> {
@@ -314,14 +315,14 @@ pub struct Tunnel<H> {
 
 /// A [`Tunnel`] to `app` with default settings and a forwarding handler.
 pub async fn tunnel_to(app: SocketAddr) -> Tunnel<impl ConnectHandler<Io = TcpStream>> {
-    tunnel_with(app, PoolConfig::default(), H2Config::default(), forward).await
+    tunnel_with(app, PoolLimits::default(), H2Limits::default(), forward).await
 }
 
 /// A [`Tunnel`] to `app` with the given settings and handler.
 pub async fn tunnel_with<H: ConnectHandler>(
     app: SocketAddr,
-    pool: PoolConfig,
-    h2: H2Config,
+    pool: PoolLimits,
+    h2: H2Limits,
     handler: H,
 ) -> Tunnel<H> {
     let pki = TestPki::new();

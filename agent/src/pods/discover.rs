@@ -25,11 +25,11 @@ use rtnetlink::packet_route::{address::AddressAttribute, link::LinkAttribute};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{
-    enroll::{Command, Request, Sandbox},
+use crate::{
     netns::{HomeNetns, Netns},
+    redirect::enroll::{Command, Request, Response, Sandbox},
+    state::{MeshState, StateHandle, Workload},
 };
-use crate::state::{MeshState, StateHandle, Workload};
 
 /// Where and how often to look.
 #[derive(Clone, Debug)]
@@ -272,7 +272,7 @@ fn sandbox(w: &Workload, netns: PathBuf) -> Sandbox {
 }
 
 /// Sends `req` to the pod manager; `None` when the manager is gone.
-async fn send(commands: &mpsc::Sender<Command>, req: Request) -> Option<super::enroll::Response> {
+async fn send(commands: &mpsc::Sender<Command>, req: Request) -> Option<Response> {
     let (tx, rx) = oneshot::channel();
     commands.send((req, tx)).await.ok()?;
     rx.await.ok()
@@ -518,7 +518,7 @@ mod tests {
                     "picked the veth-paired namespace, not the decoy"
                 );
                 assert_eq!((pod.uid.as_str(), pod.name.as_str()), ("u1", "web"));
-                let _ = reply.send(super::super::enroll::Response {
+                let _ = reply.send(Response {
                     ok: true,
                     captured: Some(true),
                     error: None,
@@ -530,7 +530,7 @@ mod tests {
                 publisher.publish(mesh);
                 let (req, reply) = next(&mut rx).await;
                 assert_eq!(req, Request::Del { uid: "u1".into() });
-                let _ = reply.send(super::super::enroll::Response {
+                let _ = reply.send(Response {
                     ok: true,
                     captured: Some(false),
                     error: None,

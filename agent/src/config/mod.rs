@@ -1,19 +1,24 @@
-//! The agent's own configuration: the `AgentConfig` document of the config file.
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
-    path::PathBuf,
-    time::Duration,
-};
+//! The agent's own configuration: the `AgentConfig` document of the config file, read and
+//! checked once at startup. A leaf: it imports nothing else of the crate, and every room reads
+//! its settings (and their defaults) from here.
+mod hbone;
+mod identity;
+mod kube;
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    proxy::hbone::{H2Config, Keepalive, PoolConfig},
-    state::MeshSettings,
-};
+pub use hbone::{FRAME_SIZE_RANGE, H2Limits, HboneLimits, Keepalive, MAX_WINDOW, PoolLimits};
+pub use identity::{CertTtl, IdentityConfig};
+pub use kube::KubeConfig;
+
+/// Default bound on the bytes the proxy peeks for a host name (a ClientHello with large key
+/// shares fits easily).
+pub const DEFAULT_PEEK_BYTES: usize = 8192;
+/// Default bound on the time it waits for them.
+pub const DEFAULT_PEEK_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Level of the eBPF programs' own log lines (forwarded through aya-log).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -80,7 +85,7 @@ pub struct AgentConfig {
     pub capture: CaptureConfig,
     /// The built-in CA's root and workload certificate lifetime.
     #[serde(default)]
-    pub identity: crate::identity::IdentityConfig,
+    pub identity: IdentityConfig,
     /// cgroup v2 directory above every pod's cgroup; the capture programs attach here once.
     #[serde(default = "defaults::cgroup_root")]
     pub cgroup_root: PathBuf,
@@ -110,12 +115,12 @@ pub struct AgentConfig {
     pub mesh_config: Option<ConfigMapRef>,
     #[serde(default)]
     pub egress: EgressConfig,
-    /// HBONE connection pool and HTTP/2 limits.
+    /// HBONE connection pool and HTTP/2 limits, checked when read.
     #[serde(default)]
-    pub hbone: HboneSettings,
+    pub hbone: HboneLimits,
     /// Reading the mesh from a Kubernetes API server.
     #[serde(default)]
-    pub kube: crate::sources::kube::KubeConfig,
+    pub kube: KubeConfig,
 }
 
 /// Names a ConfigMap.
@@ -158,116 +163,6 @@ pub struct EgressConfig {
     /// Static prefix pinning on this node.
     #[serde(default)]
     pub pinning: PinningSettings,
-}
-
-/// `spec.hbone`: limits of the HBONE client pools (one per pod) and of the HTTP/2 connections
-/// on both sides. Every field has a default; zero is refused where it would stall traffic.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HboneSettings {
-    /// Streams one pooled connection carries at most (the peer's
-    /// SETTINGS_MAX_CONCURRENT_STREAMS may lower it).
-    #[serde(default = "defaults::max_streams_per_connection")]
-    pub max_streams_per_connection: NonZeroU32,
-    /// Connections from one pod to one peer at most; when all are full, new connections wait.
-    #[serde(default = "defaults::max_connections_per_peer")]
-    pub max_connections_per_peer: NonZeroUsize,
-    /// A pooled connection without streams for this long is closed.
-    #[serde(default = "defaults::idle_timeout_seconds")]
-    pub idle_timeout_seconds: NonZeroU64,
-    /// Bound on TCP connect + TLS handshake + HTTP/2 preface.
-    #[serde(default = "defaults::connect_timeout_seconds")]
-    pub connect_timeout_seconds: NonZeroU64,
-    /// After this age a pooled connection takes no new streams; unset keeps it while in use.
-    #[serde(default)]
-    pub max_connection_age_seconds: Option<NonZeroU64>,
-    /// Streams a peer may open on one connection this agent serves.
-    #[serde(default = "defaults::max_concurrent_streams")]
-    pub max_concurrent_streams: NonZeroU32,
-    /// Initial per-stream receive window (bytes).
-    #[serde(default = "defaults::stream_window_bytes")]
-    pub stream_window_bytes: u32,
-    /// Per-connection receive window (bytes); raised to the stream window when smaller.
-    #[serde(default = "defaults::connection_window_bytes")]
-    pub connection_window_bytes: u32,
-    /// Largest HTTP/2 DATA frame accepted (bytes), 16384 ..= 16777215.
-    #[serde(default = "defaults::max_frame_bytes")]
-    pub max_frame_bytes: u32,
-    /// Bytes one stream may queue for sending before its writer waits.
-    #[serde(default = "defaults::send_buffer_bytes")]
-    pub send_buffer_bytes: NonZeroUsize,
-    /// Seconds between keepalive PINGs on idle connections; 0 turns them off.
-    #[serde(default = "defaults::keepalive_interval_seconds")]
-    pub keepalive_interval_seconds: u64,
-    /// A PING unanswered for this long closes the connection.
-    #[serde(default = "defaults::keepalive_timeout_seconds")]
-    pub keepalive_timeout_seconds: NonZeroU64,
-}
-
-impl Default for HboneSettings {
-    fn default() -> Self {
-        serde_yaml::from_str("{}").expect("defaults deserialize")
-    }
-}
-
-impl HboneSettings {
-    /// The client pool's limits.
-    pub fn pool(&self) -> PoolConfig {
-        PoolConfig {
-            max_streams_per_conn: self.max_streams_per_connection,
-            max_conns_per_key: self.max_connections_per_peer,
-            idle_timeout: Duration::from_secs(self.idle_timeout_seconds.get()),
-            connect_timeout: Duration::from_secs(self.connect_timeout_seconds.get()),
-            max_connection_age: self
-                .max_connection_age_seconds
-                .map(|s| Duration::from_secs(s.get())),
-        }
-    }
-
-    /// The HTTP/2 settings both sides use.
-    pub fn h2(&self) -> H2Config {
-        H2Config {
-            stream_window: self.stream_window_bytes,
-            connection_window: self.connection_window_bytes,
-            max_frame_size: self.max_frame_bytes,
-            max_send_buffer: self.send_buffer_bytes.get(),
-            max_concurrent_streams: self.max_concurrent_streams.get(),
-            keepalive: (self.keepalive_interval_seconds > 0).then(|| Keepalive {
-                interval: Duration::from_secs(self.keepalive_interval_seconds),
-                timeout: Duration::from_secs(self.keepalive_timeout_seconds.get()),
-            }),
-            ..H2Config::default()
-        }
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        const MIN_FRAME: u32 = 16 * 1024;
-        const MAX_FRAME: u32 = 16 * 1024 * 1024 - 1;
-        const MAX_WINDOW: u32 = i32::MAX as u32;
-        if !(MIN_FRAME..=MAX_FRAME).contains(&self.max_frame_bytes) {
-            return Err(ConfigError::HboneRange {
-                field: "maxFrameBytes",
-                value: self.max_frame_bytes.into(),
-                min: MIN_FRAME.into(),
-                max: MAX_FRAME.into(),
-            });
-        }
-        for (field, value) in [
-            ("streamWindowBytes", self.stream_window_bytes),
-            ("connectionWindowBytes", self.connection_window_bytes),
-        ] {
-            // A window below one frame makes every frame wait for a WINDOW_UPDATE.
-            if !(MIN_FRAME..=MAX_WINDOW).contains(&value) {
-                return Err(ConfigError::HboneRange {
-                    field,
-                    value: value.into(),
-                    min: MIN_FRAME.into(),
-                    max: MAX_WINDOW.into(),
-                });
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Gateway role of an agent.
@@ -325,60 +220,13 @@ impl Default for EgressConfig {
 }
 
 mod defaults {
-    use std::{
-        net::SocketAddr,
-        num::{NonZeroU32, NonZeroU64, NonZeroUsize},
-        path::PathBuf,
-    };
-
-    use crate::proxy::hbone::{H2Config, PoolConfig};
-
-    pub fn max_streams_per_connection() -> NonZeroU32 {
-        PoolConfig::default().max_streams_per_conn
-    }
-    pub fn max_connections_per_peer() -> NonZeroUsize {
-        PoolConfig::default().max_conns_per_key
-    }
-    pub fn idle_timeout_seconds() -> NonZeroU64 {
-        seconds(PoolConfig::default().idle_timeout)
-    }
-    pub fn connect_timeout_seconds() -> NonZeroU64 {
-        seconds(PoolConfig::default().connect_timeout)
-    }
-    pub fn max_concurrent_streams() -> NonZeroU32 {
-        NonZeroU32::new(H2Config::default().max_concurrent_streams).unwrap_or(NonZeroU32::MIN)
-    }
-    pub fn stream_window_bytes() -> u32 {
-        H2Config::default().stream_window
-    }
-    pub fn connection_window_bytes() -> u32 {
-        H2Config::default().connection_window
-    }
-    pub fn max_frame_bytes() -> u32 {
-        H2Config::default().max_frame_size
-    }
-    pub fn send_buffer_bytes() -> NonZeroUsize {
-        NonZeroUsize::new(H2Config::default().max_send_buffer).unwrap_or(NonZeroUsize::MIN)
-    }
-    pub fn keepalive_interval_seconds() -> u64 {
-        H2Config::default()
-            .keepalive
-            .map_or(0, |k| k.interval.as_secs())
-    }
-    pub fn keepalive_timeout_seconds() -> NonZeroU64 {
-        H2Config::default()
-            .keepalive
-            .map_or(NonZeroU64::MIN, |k| seconds(k.timeout))
-    }
-    fn seconds(d: std::time::Duration) -> NonZeroU64 {
-        NonZeroU64::new(d.as_secs()).unwrap_or(NonZeroU64::MIN)
-    }
+    use std::{net::SocketAddr, path::PathBuf};
 
     pub fn peek_bytes() -> usize {
-        crate::proxy::peek::DEFAULT_PEEK_BYTES
+        super::DEFAULT_PEEK_BYTES
     }
     pub fn peek_timeout_ms() -> u64 {
-        crate::proxy::peek::DEFAULT_PEEK_TIMEOUT.as_millis() as u64
+        super::DEFAULT_PEEK_TIMEOUT.as_millis() as u64
     }
     pub fn gateway_service_account() -> String {
         "sluice-egress-gateway".into()
@@ -460,8 +308,34 @@ pub enum ConfigError {
     },
 }
 
+/// Settings that shape how resources become state (not resources themselves).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MeshSettings {
+    /// SPIFFE trust domain of this mesh.
+    pub trust_domain: String,
+    /// Istio's root namespace: mesh-wide policies live there.
+    pub root_namespace: String,
+    /// Namespace and name of the mesh config ConfigMap (`outboundTrafficPolicy`); Istio's
+    /// default (`istio` in the root namespace) when unset.
+    pub mesh_config: Option<(String, String)>,
+    /// Egress prefixes for StaticGatewayConfigurations (`namespace/name` → prefix), used when
+    /// an SGC's `status.egressIpPrefix` is empty.
+    pub static_gateway_prefixes: BTreeMap<String, IpNet>,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            mesh_config: None,
+            static_gateway_prefixes: BTreeMap::new(),
+        }
+    }
+}
+
 impl AgentConfig {
-    /// Checks what serde cannot.
+    /// Checks what serde cannot (`spec.hbone` is checked as it is read).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_name.is_empty() {
             return Err(ConfigError::NoNodeName);
@@ -502,7 +376,7 @@ impl AgentConfig {
                 });
             }
         }
-        self.hbone.validate()
+        Ok(())
     }
 
     /// The settings that shape MeshState.
@@ -578,8 +452,8 @@ mod tests {
     #[test]
     fn hbone_limits_are_configurable_and_checked() {
         let d = AgentConfig::default();
-        assert_eq!(d.hbone.pool(), PoolConfig::default());
-        assert_eq!(d.hbone.h2(), H2Config::default());
+        assert_eq!(d.hbone.pool, PoolLimits::default());
+        assert_eq!(d.hbone.h2, H2Limits::default());
         let c: AgentConfig = serde_yaml::from_str(
             "nodeName: n\nhbone: {maxStreamsPerConnection: 8, maxConnectionsPerPeer: 2, \
              idleTimeoutSeconds: 30, connectTimeoutSeconds: 2, maxConnectionAgeSeconds: 600, \
@@ -588,35 +462,46 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.validate(), Ok(()));
-        let pool = c.hbone.pool();
+        let pool = &c.hbone.pool;
         assert_eq!(pool.max_streams_per_conn.get(), 8);
         assert_eq!(pool.max_conns_per_key.get(), 2);
         assert_eq!(pool.idle_timeout, Duration::from_secs(30));
         assert_eq!(pool.connect_timeout, Duration::from_secs(2));
         assert_eq!(pool.max_connection_age, Some(Duration::from_secs(600)));
-        let h2 = c.hbone.h2();
+        let h2 = &c.hbone.h2;
         assert_eq!(h2.max_concurrent_streams, 50);
         assert_eq!(h2.stream_window, 1 << 20);
         assert_eq!(h2.max_frame_size, 32 * 1024);
         assert_eq!(h2.keepalive, None);
+        // What was read is what the config dump writes back.
+        let written = serde_yaml::to_string(&c.hbone).unwrap();
+        assert_eq!(
+            serde_yaml::from_str::<HboneLimits>(&written).unwrap(),
+            c.hbone
+        );
+        assert!(written.contains("maxFrameBytes: 32768"), "{written}");
 
         // Zero where it would stall traffic: refused by the type, naming the field.
         let err =
             serde_yaml::from_str::<AgentConfig>("nodeName: n\nhbone: {maxStreamsPerConnection: 0}")
                 .unwrap_err();
         assert!(err.to_string().contains("maxStreamsPerConnection"), "{err}");
-        // Out of HTTP/2's range: refused by validation, naming the field.
+        // Out of HTTP/2's range: refused as the file is read, naming the field.
         for (yaml, field) in [
             ("hbone: {maxFrameBytes: 1024}", "maxFrameBytes"),
+            ("hbone: {maxFrameBytes: 16777216}", "maxFrameBytes"),
             ("hbone: {streamWindowBytes: 100}", "streamWindowBytes"),
             (
                 "hbone: {connectionWindowBytes: 4294967295}",
                 "connectionWindowBytes",
             ),
         ] {
-            let c: AgentConfig = serde_yaml::from_str(&format!("nodeName: n\n{yaml}")).unwrap();
-            let err = c.validate().unwrap_err();
-            assert!(err.to_string().contains(field), "{yaml}: {err}");
+            let err =
+                serde_yaml::from_str::<AgentConfig>(&format!("nodeName: n\n{yaml}")).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("spec.hbone.{field}")),
+                "{yaml}: {err}"
+            );
         }
     }
 

@@ -11,18 +11,18 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{
-    ebpf::{Capture, CaptureMaps},
-    enroll::{Command, Request, Response, Sandbox, SandboxStatus},
-    netns::{HomeNetns, Netns},
-    pod_net,
-};
 use crate::{
+    netns::{HomeNetns, Netns, NetnsError},
     proxy::{
         ProxyInputs,
         pod::{PodContext, PodProxy},
     },
-    state::{MeshState, Snapshot, StateHandle, build::membership},
+    redirect::{
+        ebpf::{Capture, CaptureMaps, EbpfError},
+        enroll::{Command, Request, Response, Sandbox, SandboxStatus},
+        pod_net,
+    },
+    state::{MeshState, Snapshot, StateHandle, WorkloadUid, build::membership},
 };
 
 /// A sandbox the manager has accepted, with its namespace open.
@@ -55,10 +55,7 @@ pub enum EnrollError {
         owner: String,
     },
     #[error("pod {uid}: {source}")]
-    Netns {
-        uid: String,
-        source: super::netns::NetnsError,
-    },
+    Netns { uid: String, source: NetnsError },
     #[error(
         "pod {uid}: network namespace {path} is the agent's own (host network pods are not captured)"
     )]
@@ -240,7 +237,7 @@ impl PodManager {
     fn wanted(sb: &Sandbox, state: &MeshState) -> bool {
         let workload = state
             .workloads
-            .get(&crate::state::WorkloadUid(sb.uid.clone()))
+            .get(&WorkloadUid(sb.uid.clone()))
             .or_else(|| state.workload_by_name(&sb.namespace, &sb.name));
         match workload {
             Some(w) => w.membership.in_mesh(),
@@ -287,7 +284,7 @@ impl PodManager {
         ));
         let proxy = PodProxy::start(ctx, self.proxy.clone()).map_err(|e| e.to_string())?;
         let cookie = netns.cookie();
-        let steps = || -> Result<(), super::ebpf::EbpfError> {
+        let steps = || -> Result<(), EbpfError> {
             for ip in &sb.ips {
                 if let Some(fd) = proxy.inbound_listener_for(*ip) {
                     self.maps.set_pod_ip(*ip, cookie, &fd)?;
