@@ -11,6 +11,7 @@ use super::{
     netlink::{NetlinkError, PinningConfig, Uplink, discover_uplink},
     pinned_prefixes_for,
 };
+use crate::resources::NamespacedName;
 use crate::{
     config::PinningSettings,
     state::{MeshState, StateHandle, egress::PrefixSource},
@@ -95,7 +96,7 @@ impl PinningLoop {
             return;
         };
         for entry in from_agent_config(state, &self.node_name) {
-            let key = format!("{}/{}", entry.0, entry.1);
+            let key = NamespacedName::new(&entry.0, &entry.1).key();
             if !pinned.contains(&key) || self.reported.contains(&entry) {
                 continue;
             }

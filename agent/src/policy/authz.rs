@@ -1,6 +1,7 @@
 //! AuthorizationPolicy, L4 subset: DENY before ALLOW; no ALLOW policy selecting the workload
 //! allows everything; otherwise some ALLOW rule must match.
 use super::{ConnectionInfo, Decision, DenyReason};
+use crate::resources::NamespacedName;
 use crate::state::policy::{
     Authorization, AuthzAction, AuthzRule, Clause, ConnMatch, Policies, ServiceAccountRef,
     StringMatch,
@@ -20,7 +21,7 @@ impl Policies {
             match policy.action {
                 AuthzAction::Deny if policy.matches(&facts) => {
                     return Decision::Deny {
-                        policy: format!("{}/{}", policy.namespace, policy.name),
+                        policy: NamespacedName::new(&policy.namespace, &policy.name).key(),
                         reason: DenyReason::DenyRuleMatched,
                     };
                 }
@@ -34,7 +35,7 @@ impl Policies {
         }
         match first_allow {
             Some(policy) if !allowed => Decision::Deny {
-                policy: format!("{}/{}", policy.namespace, policy.name),
+                policy: NamespacedName::new(&policy.namespace, &policy.name).key(),
                 reason: DenyReason::NoAllowRuleMatched,
             },
             _ => Decision::Allow,

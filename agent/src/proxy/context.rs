@@ -10,6 +10,7 @@ use super::{
     ProxyInputs,
     hbone::{Dial, HbonePool, PoolKey},
 };
+use crate::resources::NamespacedName;
 use crate::{
     netns::{HomeNetns, Netns},
     state::{MeshState, Workload, WorkloadUid},
@@ -64,7 +65,7 @@ impl PodContext {
 
     /// `namespace/name`, for logs.
     pub fn display_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        NamespacedName::new(&self.namespace, &self.name).key()
     }
 }
 

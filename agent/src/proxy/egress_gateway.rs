@@ -40,6 +40,7 @@ use super::{
     hbone::{ConnectRequest, HboneServer, Refusal, RefusalStatus, SpliceIo, Upstream},
     peek::{self, Sniffed},
 };
+use crate::resources::NamespacedName;
 use crate::state::{
     MeshState, Workload,
     egress::{DestinationScope, EgressDecision, GatewayMode, GatewayTarget, UpstreamTls},
@@ -199,7 +200,7 @@ impl Forward {
             direction = "egress_gateway",
             src = %self.src_ip,
             src_identity = %self.peer,
-            src_workload = %format!("{}/{}", self.workload.namespace, self.workload.name),
+            src_workload = %NamespacedName::new(&self.workload.namespace, &self.workload.name),
             orig_dst = %self.dst,
             host = %host_of(&sniffed),
             mode = out.mode,
