@@ -514,7 +514,7 @@ fn no_cycle_between_rooms() {
 fn no_cycle_inside_a_room() {
     let files = agent_sources();
     let (_, inner) = graphs(files.iter().map(|(p, t)| (p.as_str(), t.as_str())));
-    let cycles: Vec<String> = inner.iter().flat_map(|(_, g)| g.cycles()).collect();
+    let cycles: Vec<String> = inner.values().flat_map(|g| g.cycles()).collect();
     assert!(
         cycles.is_empty(),
         "modules of one room import each other:\n{}",
