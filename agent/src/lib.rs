@@ -8,12 +8,12 @@
 //! |------|---------------|---------|
 //! | [`app`] | `sluice run`: wires sources → state → consumers | every room |
 //! | [`pods`] | pod lifecycle: enrollment and discovery → capture + per-pod proxy listeners | redirect, proxy, netns, state |
-//! | [`proxy`] | outbound, inbound, HBONE, egress gateway, copy | policy, identity, egress, admin, netns, state, config |
+//! | [`proxy`] | outbound, inbound, HBONE, egress gateway, copy | policy, identity, egress, admin, netns, state, resources, config |
 //! | [`egress`] | source-prefix pinning (netlink), DNS for ServiceEntries | state, resources, config |
 //! | [`redirect`] | eBPF loading, pinning, maps, pod routing; the CNI plugin and its enrollment API | netns, config |
 //! | [`admin`] | metrics (and the statistics types other rooms fill), health, config dump | identity |
 //! | [`identity`] | CA client, built-in CA, certificates and rotation, TLS configurations | state, config |
-//! | [`policy`] | PeerAuthentication and AuthorizationPolicy evaluation; notices of what is not enforced | state (its tests: resources, config) |
+//! | [`policy`] | PeerAuthentication and AuthorizationPolicy evaluation; notices of what is not enforced | state, resources (its tests: config) |
 //! | [`sources`] | kube watchers, the local file, the status writer | state, resources, config |
 //! | [`state`] | MeshState and its pure normalisation | resources, config |
 //! | [`resources`] | typed Kubernetes resources, in their own API groups | — |
