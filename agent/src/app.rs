@@ -112,6 +112,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         egress,
         metrics: metrics.clone(),
         hbone: Arc::new(agent.hbone.clone()),
+        balance: Arc::default(),
         host: Arc::new(crate::proxy::host::HostAddresses::new(
             agent.capture.node_traffic_bypasses_policy,
         )),

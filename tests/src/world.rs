@@ -163,6 +163,10 @@ pub struct Pod {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// Named container ports (`name`, number), written into the Pod's spec.
+    pub container_ports: Vec<(String, u16)>,
+    /// The Pod's `Ready` condition.
+    pub ready: bool,
 }
 
 impl Pod {
@@ -205,6 +209,7 @@ pub struct PodSpec {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    pub container_ports: Vec<(String, u16)>,
 }
 
 impl PodSpec {
@@ -217,7 +222,14 @@ impl PodSpec {
             service_account: name.into(),
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
+            container_ports: Vec::new(),
         }
+    }
+
+    /// Adds a named container port.
+    pub fn port(mut self, name: &str, number: u16) -> Self {
+        self.container_ports.push((name.into(), number));
+        self
     }
 
     /// Adds a pod label.
@@ -250,6 +262,8 @@ pub struct World {
     pub(crate) extra_netns: Vec<String>,
     children: Vec<Child>,
     pub agents: BTreeMap<usize, Agent>,
+    /// The `extra_spec` each running agent was started with.
+    agent_extra: BTreeMap<usize, String>,
 }
 
 impl World {
@@ -275,6 +289,7 @@ impl World {
             extra_netns: Vec::new(),
             children: Vec::new(),
             agents: BTreeMap::new(),
+            agent_extra: BTreeMap::new(),
         };
         std::fs::create_dir_all(&world.cgroup_root).expect("create test cgroup");
         // One mesh root for every agent of this world, as a cluster shares one CA.
@@ -421,6 +436,8 @@ impl World {
             service_account: spec.service_account,
             labels: spec.labels,
             annotations: spec.annotations,
+            container_ports: spec.container_ports,
+            ready: true,
         };
         self.pods.push(pod.clone());
         pod
@@ -462,11 +479,22 @@ impl World {
             ));
         }
         for p in &self.pods {
+            let ports: Vec<serde_json::Value> = p
+                .container_ports
+                .iter()
+                .map(|(name, n)| serde_json::json!({"name": name, "containerPort": n}))
+                .collect();
+            let containers = if ports.is_empty() {
+                serde_json::json!([])
+            } else {
+                serde_json::json!([{"name": "app", "ports": ports}])
+            };
+            let ready = if p.ready { "True" } else { "False" };
             let doc = serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels, "annotations": p.annotations},
-                "spec": {"nodeName": format!("node{}", p.node), "serviceAccountName": p.service_account, "containers": []},
-                "status": {"podIPs": [{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}]},
+                "spec": {"nodeName": format!("node{}", p.node), "serviceAccountName": p.service_account, "containers": containers},
+                "status": {"podIPs": [{"ip": p.ipv4.to_string()}, {"ip": p.ipv6.to_string()}], "conditions": [{"type": "Ready", "status": ready}]},
             });
             out.push_str(&format!(
                 "---\n{}\n",
@@ -615,6 +643,7 @@ impl World {
             old.stop();
         }
         let config = self.agent_config(i, extra_spec);
+        self.agent_extra.insert(i, extra_spec.to_owned());
         let agent = Agent::start(
             &self.node_netns(i),
             &config,
@@ -622,6 +651,27 @@ impl World {
         );
         self.agents.insert(i, agent);
         &self.agents[&i]
+    }
+
+    /// Rewrites every running agent's config file from the world as it is now (the agents'
+    /// file sources pick the change up within their watch interval).
+    pub fn rewrite_configs(&self) {
+        for (i, extra) in &self.agent_extra {
+            if self.agents.contains_key(i) {
+                self.agent_config(*i, extra);
+            }
+        }
+    }
+
+    /// Sets a pod's `Ready` condition and rewrites the agents' configs.
+    pub fn set_ready(&mut self, pod: &str, ready: bool) {
+        let p = self
+            .pods
+            .iter_mut()
+            .find(|p| p.name == pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"));
+        p.ready = ready;
+        self.rewrite_configs();
     }
 
     /// Reports a pod's sandbox to its node's agent; returns whether it is captured.

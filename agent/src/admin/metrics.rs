@@ -272,6 +272,9 @@ mod tests {
             connection_security_policy: ConnectionLabels::MUTUAL_TLS.into(),
             request_protocol: ConnectionLabels::TCP.into(),
             response_flags: ConnectionLabels::NO_FLAGS.into(),
+            destination_service: "db.shop.svc.cluster.local".into(),
+            destination_service_name: "db".into(),
+            destination_service_namespace: "shop".into(),
         }
     }
 

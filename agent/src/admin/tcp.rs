@@ -38,6 +38,11 @@ pub struct ConnectionLabels {
     pub request_protocol: String,
     /// `"-"` ([`ConnectionLabels::NO_FLAGS`]) or a short Envoy-style code such as `"UF"`.
     pub response_flags: String,
+    /// The Service the connection was for: `<name>.<namespace>.svc.cluster.local` (or a
+    /// ServiceEntry host), or `"unknown"`.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
 }
 
 impl ConnectionLabels {
@@ -56,7 +61,7 @@ impl ConnectionLabels {
     /// Istio's value for a label Sluice cannot know.
     pub const UNKNOWN: &str = "unknown";
 
-    pub(super) fn pairs(&self) -> [(&'static str, &str); 10] {
+    pub(super) fn pairs(&self) -> [(&'static str, &str); 13] {
         [
             ("reporter", &self.reporter),
             ("source_workload", &self.source_workload),
@@ -74,6 +79,12 @@ impl ConnectionLabels {
             ),
             ("request_protocol", &self.request_protocol),
             ("response_flags", &self.response_flags),
+            ("destination_service", &self.destination_service),
+            ("destination_service_name", &self.destination_service_name),
+            (
+                "destination_service_namespace",
+                &self.destination_service_namespace,
+            ),
         ]
     }
 }

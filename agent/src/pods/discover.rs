@@ -492,6 +492,8 @@ mod tests {
                     labels: Default::default(),
                     annotations: Default::default(),
                     membership: Membership::Namespace,
+                    ports: Default::default(),
+                    ready: true,
                 };
                 mesh.workloads.insert(w.uid.clone(), w.clone());
                 let (publisher, state) = crate::state::channel();

@@ -144,7 +144,7 @@ async fn authorize_and_connect(
         }
     };
     let dst_identity = workload.identity(&state.trust_domain);
-    let metrics = inputs.metrics.connection(&telemetry::labels(
+    let mut labels = telemetry::labels(
         Reporter::Destination,
         Peer {
             workload: state.workload_by_ip(src.ip()),
@@ -155,7 +155,9 @@ async fn authorize_and_connect(
             principal: Some(&dst_identity),
         },
         true,
-    ));
+    );
+    telemetry::set_service_of(&mut labels, &state, workload, dst.port());
+    let metrics = inputs.metrics.connection(&labels);
     Ok(Upstream::new(app).on_close(move |report| {
         // Istio's names: "received" are request bytes, "sent" response bytes.
         metrics.received(report.hbone_to_tcp);

@@ -59,7 +59,7 @@ async fn handle(
     }
     let labels = {
         let state = inputs.state.current();
-        telemetry::labels(
+        let mut labels = telemetry::labels(
             Reporter::Destination,
             Peer {
                 workload: state.workload_by_ip(peer.ip()),
@@ -70,7 +70,11 @@ async fn handle(
                 principal: None,
             },
             false,
-        )
+        );
+        if let Some(w) = state.workload_by_ip(dst.ip()) {
+            telemetry::set_service_of(&mut labels, &state, w, dst.port());
+        }
+        labels
     };
     let metrics = inputs.metrics.connection(&labels);
     let result = match connect_transparent(&pod, &inputs, peer, dst).await {

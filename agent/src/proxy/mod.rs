@@ -1,4 +1,5 @@
 //! The node proxy: per-pod listeners, outbound and inbound connection handling.
+pub mod balance;
 pub mod context;
 pub mod copy;
 pub mod egress;
@@ -48,4 +49,6 @@ pub struct ProxyInputs {
     pub hbone: Arc<HboneLimits>,
     /// The node's own addresses, whose plaintext to pods skips the pods' policies.
     pub host: Arc<host::HostAddresses>,
+    /// Connections in flight per Service endpoint and ClientIP affinity.
+    pub balance: Arc<balance::Balancer>,
 }

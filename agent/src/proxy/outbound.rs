@@ -9,20 +9,27 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use bytes::{Bytes, BytesMut};
 use sluice_common::PROXY_MARK;
 use socket2::Domain;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpSocket, TcpStream},
+};
 use tracing::{debug, warn};
 
 use super::{
     ProxyInputs,
     context::PodContext,
     copy,
-    hbone::{Baggage, EARLY_DATA_MAX, PoolKey, RequestMeta, SpliceCounters, SpliceEnd, splice},
+    hbone::{
+        Baggage, ConnectError, EARLY_DATA_MAX, HboneStream, PoolKey, RequestMeta, SpliceCounters,
+        SpliceEnd, splice,
+    },
     peek, socket,
     telemetry::{self, ConnectionResult, OutboundLog, Outcome, Peer, Reporter},
 };
 use crate::state::{
     Identity,
-    outbound::{self, Connection, Decision, Plan},
+    load_balance::{Attempt, Hop, ServiceRef},
+    outbound::{self, Connection, Decision, Plan, Refusal},
 };
 
 /// Accepts captured connections on a pod's outbound listener until the task is aborted.
@@ -44,6 +51,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInp
 struct Source {
     identity: Option<Identity>,
     baggage: Baggage,
+    /// The pod's address of the destination's family (Service affinity is keyed by it).
+    client_ip: Option<std::net::IpAddr>,
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, inputs: ProxyInputs) {
@@ -76,6 +85,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
         source,
         dst: orig,
         resolved_host: resolved.as_deref(),
+        balance: Some(&*inputs.balance),
     };
     let gateway = &inputs.egress.gateway;
     let plan = match outbound::decide(&state, gateway, &conn) {
@@ -96,12 +106,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
         Ok(Plan::EgressGateway { identity, .. }) => {
             ("egress_gateway", Some(identity.clone()), None)
         }
+        Ok(Plan::Service { .. }) => ("service", None, None),
+        Ok(Plan::Refuse {
+            reason: Refusal::NoHealthyUpstream(_),
+            ..
+        }) => ("service", None, None),
         Ok(Plan::Refuse { host, .. }) => ("egress", None, host.clone()),
         Err(_) => ("egress", None, None),
     };
     let mutual_tls = dst_identity.is_some();
     let source_identity = source.map(|w| w.identity(&state.trust_domain));
-    let labels = telemetry::labels(
+    let mut labels = telemetry::labels(
         Reporter::Source,
         Peer {
             workload: source,
@@ -121,21 +136,38 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
                 telemetry::baggage(w, node)
             })
             .unwrap_or_default(),
+        client_ip: pod
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == orig.is_ipv4()),
     };
+    let log = OutboundLog {
+        pod: pod.display_name(),
+        src,
+        orig_dst: orig,
+        route,
+        dst_identity,
+        host,
+        service: None,
+    };
+    if let Ok(Plan::Service { service, attempts }) = plan {
+        // Labelled and reported once an endpoint answered (or none did).
+        drop(state);
+        return to_service(client, &pod, &inputs, from, log, (service, attempts), start).await;
+    }
+    let mut log = log;
+    if let Ok(Plan::Refuse {
+        reason: Refusal::NoHealthyUpstream(service),
+        ..
+    }) = &plan
+    {
+        telemetry::set_service(&mut labels, service);
+        labels.response_flags = telemetry::NO_HEALTHY_UPSTREAM.to_owned();
+        log.service = Some(telemetry::ServiceLog::new(service));
+    }
     drop(state);
-    let result = ConnectionResult::new(
-        &inputs.metrics,
-        &labels,
-        OutboundLog {
-            pod: pod.display_name(),
-            src,
-            orig_dst: orig,
-            route,
-            dst_identity,
-            host,
-        },
-        start,
-    );
+    let result = ConnectionResult::new(&inputs.metrics, &labels, log, start);
 
     // Do.
     let outcome = match plan {
@@ -153,6 +185,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
                 identity,
             },
         ) => hbone(client, &pod, &inputs, from, dst, peer, identity).await,
+        Ok(Plan::Service { .. }) => Outcome::failed("plan", "a Service plan is carried out above"),
         Ok(Plan::Refuse { reason, .. }) => {
             // RST, not FIN: a refusal must not look like an empty answer.
             socket::reset_on_close(&client);
@@ -240,6 +273,210 @@ async fn hbone(
         Err(e) => return Outcome::failed("connect", e),
     };
     let report = splice(client, stream, &counters).await;
+    let moved = copy::Transferred {
+        sent: report.tcp_to_hbone,
+        received: report.hbone_to_tcp,
+    };
+    match report.end {
+        SpliceEnd::Closed => Outcome::Done(moved),
+        other => Outcome::Failed {
+            stage: "copy",
+            error: format!("{other:?}"),
+            moved,
+        },
+    }
+}
+
+/// An endpoint that answered.
+enum Upstream {
+    Hbone(HboneStream),
+    Direct(TcpStream),
+}
+
+/// To a Service address: the endpoints in the plan's order until one answers (a dial, TLS or
+/// `CONNECT` failure, such as the peer's 503 when the application does not listen, moves on),
+/// then the bytes; reported once, labelled with the endpoint that answered.
+async fn to_service(
+    client: TcpStream,
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+    from: Source,
+    mut log: OutboundLog,
+    (service, attempts): (ServiceRef, Vec<Attempt>),
+    start: Instant,
+) {
+    // Read once, sent to whichever endpoint answers.
+    let early = first_flight(&client);
+    let mut failed: Vec<String> = Vec::new();
+    let mut answered = None;
+    for attempt in &attempts {
+        let dst = attempt.hop.dst();
+        let in_flight = inputs.balance.open(dst.ip());
+        match open_endpoint(&client, pod, inputs, &from, &attempt.hop, &early).await {
+            Ok(up) => {
+                answered = Some((attempt, up, in_flight));
+                break;
+            }
+            Err((e, retry)) => {
+                debug!(pod = %pod.uid, endpoint = %dst, error = %e, retry, "service endpoint failed");
+                failed.push(format!("{dst}: {e}"));
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    let shown = answered.as_ref().map(|(a, ..)| *a).or(attempts.first());
+    let state = inputs.state.current();
+    let dst_workload = shown
+        .and_then(|a| a.workload.as_ref())
+        .and_then(|uid| state.workloads.get(uid));
+    let dst_identity = shown.and_then(|a| match &a.hop {
+        Hop::Hbone { identity, .. } => Some(identity.clone()),
+        Hop::Direct { .. } => None,
+    });
+    let mutual_tls = dst_identity.is_some();
+    let mut labels = telemetry::labels(
+        Reporter::Source,
+        Peer {
+            workload: pod.workload(&state),
+            principal: from.identity.as_ref().filter(|_| mutual_tls),
+        },
+        Peer {
+            workload: dst_workload,
+            principal: dst_identity.as_ref(),
+        },
+        mutual_tls,
+    );
+    drop(state);
+    telemetry::set_service(&mut labels, &service);
+    log.route = if mutual_tls { "hbone" } else { "direct" };
+    log.dst_identity = dst_identity;
+    let mut svc_log = telemetry::ServiceLog::new(&service);
+    svc_log.endpoint = shown.map(|a| a.hop.dst());
+    svc_log.attempts = failed.len() + usize::from(answered.is_some());
+    svc_log.failed_endpoints = failed.join(", ");
+    log.service = Some(svc_log);
+    let Some((attempt, upstream, _in_flight)) = answered else {
+        labels.response_flags = telemetry::UPSTREAM_FAILURE.to_owned();
+        let result = ConnectionResult::new(&inputs.metrics, &labels, log, start);
+        socket::reset_on_close(&client);
+        drop(client);
+        result.finish(Outcome::failed("connect", "every endpoint failed"));
+        return;
+    };
+    if let (Some(timeout), Some(client_ip)) = (service.affinity, from.client_ip) {
+        inputs
+            .balance
+            .remember(client_ip, &service.key, attempt.hop.dst().ip(), timeout);
+    }
+    let result = ConnectionResult::new(&inputs.metrics, &labels, log, start);
+    let outcome = match upstream {
+        Upstream::Hbone(stream) => {
+            let counters = SpliceCounters::default();
+            counters
+                .tcp_to_hbone
+                .store(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            spliced(splice(client, stream, &counters).await)
+        }
+        Upstream::Direct(upstream) => direct_copy(client, upstream, early.len() as u64).await,
+    };
+    result.finish(outcome);
+}
+
+/// Connects to one endpoint: HBONE (sending `early` with the `CONNECT`) or plain TCP (writing
+/// `early` first). An error says whether another endpoint may be tried: after a dial, TLS or
+/// stream failure or a 503 (the application does not listen), yes; after any other answer (a
+/// policy's 403), no.
+async fn open_endpoint(
+    client: &TcpStream,
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+    from: &Source,
+    hop: &Hop,
+    early: &Bytes,
+) -> Result<Upstream, (String, bool)> {
+    let retry = |e: &dyn std::fmt::Display| (e.to_string(), true);
+    match hop {
+        Hop::Direct { dst } => {
+            let mut up = connect_direct(pod, inputs, *dst)
+                .await
+                .map_err(|e| retry(&e))?;
+            if !early.is_empty() {
+                up.write_all(early).await.map_err(|e| retry(&e))?;
+            }
+            Ok(Upstream::Direct(up))
+        }
+        Hop::Hbone {
+            dst,
+            peer,
+            identity,
+        } => {
+            let Some(source) = from.identity.clone() else {
+                let e = format!("pod {} is not in the mesh state", pod.display_name());
+                return Err((e, false));
+            };
+            let tls = inputs
+                .identity
+                .client_config(&source, vec![identity.clone()])
+                .await
+                .map_err(|e| (e.to_string(), false))?;
+            let key = PoolKey {
+                source,
+                destination: *peer,
+                destination_identity: identity.clone(),
+            };
+            let src_ip = match pod
+                .ips
+                .iter()
+                .copied()
+                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+            {
+                Some(ip) => ip,
+                None => client
+                    .local_addr()
+                    .map_err(|e| (e.to_string(), false))?
+                    .ip(),
+            };
+            let meta = RequestMeta::new(SocketAddr::new(src_ip, 0), from.baggage.clone());
+            pod.pool
+                .connect_with_data(&key, tls, *dst, &meta, early.clone())
+                .await
+                .map(Upstream::Hbone)
+                .map_err(|e| {
+                    let again = match &e {
+                        ConnectError::Status { status, .. } => {
+                            *status == http::StatusCode::SERVICE_UNAVAILABLE
+                        }
+                        ConnectError::Dial(_) | ConnectError::Stream { .. } => true,
+                        _ => false,
+                    };
+                    (e.to_string(), again)
+                })
+        }
+    }
+}
+
+/// Copies between the client and a plain upstream that already got `early` bytes.
+async fn direct_copy(mut client: TcpStream, mut upstream: TcpStream, early: u64) -> Outcome {
+    match copy::bidirectional(&mut client, &mut upstream).await {
+        Ok(mut t) => {
+            t.sent += early;
+            Outcome::Done(t)
+        }
+        Err(e) => Outcome::Failed {
+            stage: "copy",
+            error: e.to_string(),
+            moved: copy::Transferred {
+                sent: early,
+                received: 0,
+            },
+        },
+    }
+}
+
+/// The outcome of a finished splice.
+fn spliced(report: super::hbone::SpliceReport) -> Outcome {
     let moved = copy::Transferred {
         sent: report.tcp_to_hbone,
         received: report.hbone_to_tcp,

@@ -8,8 +8,48 @@ use tracing::info;
 use super::{copy::Transferred, hbone::Baggage};
 use crate::{
     admin::{ConnectionLabels, ConnectionMetrics, metrics::Metrics},
-    state::{Identity, Node, Workload},
+    state::{Identity, MeshState, Node, Service, Workload, load_balance::ServiceRef},
 };
+
+/// Istio's `response_flags` when a Service has no endpoint to take a connection.
+pub const NO_HEALTHY_UPSTREAM: &str = "UH";
+/// Istio's `response_flags` when every endpoint tried failed.
+pub const UPSTREAM_FAILURE: &str = "UF";
+/// The refusal label of [`NO_HEALTHY_UPSTREAM`] (not an egress refusal).
+pub const NO_HEALTHY_UPSTREAM_LABEL: &str = "no_healthy_upstream";
+
+/// Sets the `destination_service*` labels to `service`'s.
+pub fn set_service(labels: &mut ConnectionLabels, service: &ServiceRef) {
+    labels.destination_service = service.hostname.clone();
+    labels.destination_service_name = service.name.clone();
+    labels.destination_service_namespace = service.namespace.clone();
+}
+
+/// The Service a connection to `workload`'s `port` serves, as the receiving side can tell it:
+/// the first (by `namespace/name`) with `workload` among its endpoints and a port landing on
+/// `port` there.
+pub fn service_of<'a>(state: &'a MeshState, workload: &Workload, port: u16) -> Option<&'a Service> {
+    state.services.values().find(|s| {
+        s.endpoints.iter().any(|e| {
+            e.workload.as_ref() == Some(&workload.uid)
+                && s.ports.iter().any(|p| e.target_port(p) == Some(port))
+        })
+    })
+}
+
+/// Sets the `destination_service*` labels of a connection arriving for `workload`'s `port`.
+pub fn set_service_of(
+    labels: &mut ConnectionLabels,
+    state: &MeshState,
+    workload: &Workload,
+    port: u16,
+) {
+    if let Some(s) = service_of(state, workload, port) {
+        labels.destination_service = s.hostname.clone();
+        labels.destination_service_name = s.name.clone();
+        labels.destination_service_namespace = s.namespace.clone();
+    }
+}
 
 /// Istio's workload name for a pod: the `app.kubernetes.io/name` or `app` label, else the pod.
 pub fn workload_name(w: &Workload) -> &str {
@@ -66,6 +106,9 @@ pub fn labels(
         .to_owned(),
         request_protocol: ConnectionLabels::TCP.to_owned(),
         response_flags: ConnectionLabels::NO_FLAGS.to_owned(),
+        destination_service: unknown(),
+        destination_service_name: unknown(),
+        destination_service_namespace: unknown(),
     }
 }
 
@@ -157,6 +200,31 @@ pub struct OutboundLog {
     pub dst_identity: Option<Identity>,
     /// The host the decision went by, if any.
     pub host: Option<String>,
+    /// For a connection to a Service address: the Service and the endpoint(s) tried.
+    pub service: Option<ServiceLog>,
+}
+
+/// What the access log says of a connection to a Service address.
+#[derive(Debug, Default)]
+pub struct ServiceLog {
+    /// Istio's `destination_service` (`<name>.<ns>.svc.cluster.local`, a ServiceEntry host).
+    pub hostname: String,
+    /// The endpoint that answered (or, when none did, the first tried).
+    pub endpoint: Option<SocketAddr>,
+    /// Endpoints tried, the one that answered included.
+    pub attempts: usize,
+    /// `ip:port: error` of each endpoint that failed, comma-separated.
+    pub failed_endpoints: String,
+}
+
+impl ServiceLog {
+    /// The log of a connection to `service`, before any endpoint is tried.
+    pub fn new(service: &ServiceRef) -> Self {
+        Self {
+            hostname: service.hostname.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// One outbound connection's report, from the decision to the close (ztunnel's
@@ -200,6 +268,14 @@ impl ConnectionResult {
         let dst_identity = l.dst_identity.as_ref().map(ToString::to_string);
         let dst_identity = dst_identity.as_deref().unwrap_or("");
         let host = l.host.as_deref().unwrap_or("");
+        let svc = l.service.as_ref();
+        let dst_service = svc.map_or("", |s| s.hostname.as_str());
+        let endpoint = svc
+            .and_then(|s| s.endpoint)
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let attempts = svc.map_or(0, |s| s.attempts);
+        let failed_endpoints = svc.map_or("", |s| s.failed_endpoints.as_str());
         match outcome {
             Outcome::Done(t) => info!(
                 target: "sluice::access",
@@ -210,6 +286,10 @@ impl ConnectionResult {
                 route = l.route,
                 dst_identity,
                 host,
+                dst_service,
+                endpoint,
+                attempts,
+                failed_endpoints,
                 sent = t.sent,
                 received = t.received,
                 duration_ms,
@@ -229,6 +309,10 @@ impl ConnectionResult {
                 route = l.route,
                 dst_identity,
                 host,
+                dst_service,
+                endpoint,
+                attempts,
+                failed_endpoints,
                 sent = moved.sent,
                 received = moved.received,
                 duration_ms,
@@ -237,7 +321,9 @@ impl ConnectionResult {
                 "connection failed"
             ),
             Outcome::Refused { label, reason } => {
-                self.refusals.egress_refused(label);
+                if label != NO_HEALTHY_UPSTREAM_LABEL {
+                    self.refusals.egress_refused(label);
+                }
                 info!(
                     target: "sluice::access",
                     direction = "outbound",
@@ -246,6 +332,7 @@ impl ConnectionResult {
                     orig_dst = %l.orig_dst,
                     route = l.route,
                     host,
+                    dst_service,
                     duration_ms,
                     outcome = "refused",
                     reason_label = label,
@@ -276,6 +363,8 @@ mod tests {
                 .collect(),
             annotations: Default::default(),
             membership: Membership::Pod,
+            ports: Default::default(),
+            ready: true,
         }
     }
 

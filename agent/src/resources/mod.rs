@@ -2,6 +2,7 @@
 //!
 //! The local file and the kube watchers fill the same [`ResourceSet`], in the resources' own
 //! API groups and shapes, so YAML written for a cluster works unchanged in a local file.
+pub mod endpoint_slice;
 pub mod gateway_api;
 pub mod istio_networking;
 pub mod istio_security;

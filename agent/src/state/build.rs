@@ -1,18 +1,15 @@
 //! Pure conversion of a [`ResourceSet`] into [`MeshState`].
 use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::core::v1::{
-    Namespace as K8sNamespace, Node as K8sNode, Pod, Service as K8sService,
-};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node as K8sNode, Pod};
 
 use super::{
     MeshSettings,
     mesh::MeshState,
     rejections::Rejection,
-    workload::{Membership, Namespace, Node, Service, ServicePort, Workload, WorkloadUid},
+    workload::{Membership, Namespace, Node, Workload, WorkloadUid},
 };
-use crate::resources::{NamespacedName, ResourceSet, kinds::WatchedKind};
+use crate::resources::{NamespacedName, ResourceSet, endpoint_slice::Slice, kinds::WatchedKind};
 
 /// Label that puts a namespace or pod in the ambient mesh (`ambient`) or keeps a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -54,15 +51,37 @@ pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
             out.state.workloads.insert(w.uid.clone(), w);
         }
     }
-    for svc in &resources.services {
-        if let Some(svc) = service(svc, &out.state.workloads, &mut rejected) {
-            out.state
-                .services
-                .insert(NamespacedName::new(&svc.namespace, &svc.name).key(), svc);
-        }
-    }
     out.state.egress =
         super::egress::build(resources, settings, &out.state.workloads, &mut rejected);
+    let entry_created = resources
+        .service_entries
+        .iter()
+        .filter_map(|se| {
+            let created = se.metadata.creation_timestamp.as_ref()?;
+            Some((
+                format!(
+                    "{}/{}",
+                    se.metadata.namespace.as_deref().unwrap_or("default"),
+                    se.metadata.name.as_deref()?
+                ),
+                created.0.to_string(),
+            ))
+        })
+        .collect();
+    let services = super::service::build(
+        &super::service::Inputs {
+            services: &resources.services,
+            slices: &slices(resources),
+            workloads: &out.state.workloads,
+            by_ip: &out.state.by_ip,
+            registry: &out.state.egress.registry,
+            entry_created: &entry_created,
+        },
+        &mut rejected,
+    );
+    out.state.services = services.services;
+    out.state.services_by_vip = services.by_vip;
+    out.state.service_conflicts = services.conflicts;
     out.state.policy = super::policy::normalise(resources, &settings.root_namespace, &mut rejected);
     out.state.ingress = super::ingress::build(
         resources,
@@ -71,6 +90,28 @@ pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
         &mut rejected,
     );
     out.rejections = rejected.0;
+    out
+}
+
+/// Every EndpointSlice of either version, normalised; a slice listed in both versions counts
+/// once, as its `v1` copy.
+fn slices(resources: &ResourceSet) -> Vec<Slice> {
+    let mut out: Vec<Slice> = resources
+        .endpoint_slices
+        .iter()
+        .map(Slice::from_v1)
+        .collect();
+    let seen: std::collections::BTreeSet<(String, String)> = out
+        .iter()
+        .map(|s| (s.namespace.clone(), s.name.clone()))
+        .collect();
+    out.extend(
+        resources
+            .endpoint_slices_v1beta1
+            .iter()
+            .map(Slice::from_v1beta1)
+            .filter(|s| !seen.contains(&(s.namespace.clone(), s.name.clone()))),
+    );
     out
 }
 
@@ -198,6 +239,20 @@ fn workload(
     }
     let pod_labels = labels(&pod.metadata.labels);
     let membership = membership(&pod_labels, namespaces.get(&namespace));
+    let ports = spec
+        .into_iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            let number = u16::try_from(p.container_port).ok().filter(|n| *n != 0)?;
+            Some((p.name.clone().filter(|n| !n.is_empty())?, number))
+        })
+        .collect();
+    let not_ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
+    let ready = !not_ready && pod.metadata.deletion_timestamp.is_none();
     Some(Workload {
         uid: WorkloadUid(uid),
         name,
@@ -211,101 +266,8 @@ fn workload(
         annotations: labels(&pod.metadata.annotations),
         membership,
         namespace,
-    })
-}
-
-fn service(
-    svc: &K8sService,
-    workloads: &BTreeMap<WorkloadUid, Workload>,
-    out: &mut Rejections,
-) -> Option<Service> {
-    let name = svc.metadata.name.clone().unwrap_or_default();
-    let namespace = svc
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let spec = svc.spec.clone().unwrap_or_default();
-    let mut vips = Vec::new();
-    let listed: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(list), _) if !list.is_empty() => list.clone(),
-        (_, Some(one)) => vec![one.clone()],
-        _ => vec![],
-    };
-    for (i, raw) in listed.iter().enumerate() {
-        if raw == "None" || raw.is_empty() {
-            continue;
-        }
-        match raw.parse::<IpAddr>() {
-            Ok(ip) => vips.push(ip),
-            Err(_) => {
-                out.reject(
-                    &K8sService::qualified(),
-                    Some(&namespace),
-                    &name,
-                    &format!("spec.clusterIPs[{i}]"),
-                    format!("{raw:?} is not an IP address"),
-                );
-                return None;
-            }
-        }
-    }
-    let mut ports = Vec::new();
-    for (i, p) in spec.ports.iter().flatten().enumerate() {
-        let Ok(port) = u16::try_from(p.port) else {
-            out.reject(
-                &K8sService::qualified(),
-                Some(&namespace),
-                &name,
-                &format!("spec.ports[{i}].port"),
-                format!("{} is out of range", p.port),
-            );
-            return None;
-        };
-        let target_port = match &p.target_port {
-            None => port,
-            Some(IntOrString::Int(n)) => match u16::try_from(*n) {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    out.reject(
-                        &K8sService::qualified(),
-                        Some(&namespace),
-                        &name,
-                        &format!("spec.ports[{i}].targetPort"),
-                        format!("{n} is out of range"),
-                    );
-                    return None;
-                }
-            },
-            // Named target ports resolve per pod; without container specs we keep the port.
-            Some(IntOrString::String(_)) => port,
-        };
-        ports.push(ServicePort {
-            name: p.name.clone(),
-            port,
-            target_port,
-            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-        });
-    }
-    let selector = spec.selector.clone().unwrap_or_default();
-    let endpoints = if selector.is_empty() {
-        Vec::new()
-    } else {
-        workloads
-            .values()
-            .filter(|w| {
-                w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-            })
-            .map(|w| w.uid.clone())
-            .collect()
-    };
-    Some(Service {
-        name,
-        namespace,
-        vips,
         ports,
-        selector,
-        endpoints,
+        ready,
     })
 }
 
@@ -413,7 +375,11 @@ spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPor
     fn services_select_endpoints_from_pods() {
         let out = build(&parse(WORLD), &MeshSettings::default());
         let svc = &out.state.services["shop/web"];
-        assert_eq!(svc.endpoints, vec![WorkloadUid("u1".into())]);
-        assert_eq!(svc.ports[0].target_port, 8080);
+        assert_eq!(svc.endpoints.len(), 1);
+        assert_eq!(svc.endpoints[0].workload, Some(WorkloadUid("u1".into())));
+        assert_eq!(
+            svc.ports[0].target_port,
+            super::super::service::TargetPort::Number(8080)
+        );
     }
 }

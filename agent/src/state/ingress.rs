@@ -16,10 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::{
-    rejections::Rejections,
-    workload::{Namespace, Service},
-};
+use super::{rejections::Rejections, service::Service, workload::Namespace};
 use kube::Resource;
 
 use crate::resources::{

@@ -5,7 +5,8 @@ use serde::Serialize;
 
 use super::{
     egress, ingress, policy,
-    workload::{Namespace, Node, Service, Workload, WorkloadUid},
+    service::{self, Service},
+    workload::{Namespace, Node, Workload, WorkloadUid},
 };
 
 /// Everything the data path knows about the mesh at one moment.
@@ -15,8 +16,13 @@ pub struct MeshState {
     pub root_namespace: String,
     pub namespaces: BTreeMap<String, Namespace>,
     pub workloads: BTreeMap<WorkloadUid, Workload>,
-    /// Services by `namespace/name`.
+    /// Services (and in-mesh ServiceEntries) by `namespace/name`.
     pub services: BTreeMap<String, Service>,
+    /// VIP → `namespace/name` in `services`.
+    #[serde(skip)]
+    pub services_by_vip: BTreeMap<IpAddr, String>,
+    /// VIPs two Services claimed; the older keeps each.
+    pub service_conflicts: Vec<service::VipConflict>,
     pub nodes: BTreeMap<String, Node>,
     pub policy: policy::Policies,
     pub egress: egress::Egress,
@@ -37,5 +43,14 @@ impl MeshState {
         self.workloads
             .values()
             .find(|w| w.namespace == namespace && w.name == name)
+    }
+}
+
+impl MeshState {
+    /// The Service (or in-mesh ServiceEntry) that owns VIP `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.services_by_vip
+            .get(&ip)
+            .and_then(|k| self.services.get(k))
     }
 }

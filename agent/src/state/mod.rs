@@ -8,10 +8,12 @@ pub mod build;
 pub mod egress;
 pub mod ingress;
 pub mod last_good;
+pub mod load_balance;
 pub mod mesh;
 pub mod outbound;
 pub mod policy;
 pub mod rejections;
+pub mod service;
 pub mod workload;
 
 use std::sync::Arc;
@@ -24,9 +26,8 @@ pub use build::{BuildOutput, build};
 pub use last_good::LastGood;
 pub use mesh::MeshState;
 pub use rejections::{Rejection, Rejections};
-pub use workload::{
-    Identity, Membership, Namespace, Node, Service, ServicePort, Workload, WorkloadUid,
-};
+pub use service::{Service, ServicePort};
+pub use workload::{Identity, Membership, Namespace, Node, Workload, WorkloadUid};
 
 /// Shared, immutable snapshot.
 pub type Snapshot = Arc<MeshState>;

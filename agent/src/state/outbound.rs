@@ -5,8 +5,10 @@
 //! Order, for a connection to the original destination `dst`:
 //! 1. `dst` is a mesh workload (not its HBONE port): HBONE to `<pod-ip>:15008`, asking for
 //!    `dst`, expecting the workload's identity.
-//! 2. `dst` is any other workload, or a Service address: plain TCP to `dst`. (Services: this
-//!    is where a VIP will resolve to one ready endpoint, see [`service_plan`].)
+//! 2. `dst` is any other workload: plain TCP to `dst`. `dst` is a Service address (a ClusterIP,
+//!    an in-mesh ServiceEntry address): the endpoints to try, chosen by
+//!    [`load_balance::route`](super::load_balance::route) (ztunnel's `load_balance`): HBONE to a mesh
+//!    endpoint, plain TCP to others; none ready: refused (`UH`).
 //! 3. Outside the mesh, from a source the state knows: the egress decision
 //!    ([`Egress::outbound_decision`](super::egress::Egress::outbound_decision)), which may
 //!    need the HTTP `Host` / TLS SNI first ([`Decision::PeekFirst`]); its answer is direct, an
@@ -24,6 +26,7 @@ use super::{
     egress::{
         DestinationScope, EgressDecision, GatewayTarget, HostHint, RefuseReason, normalise_host,
     },
+    load_balance::{self, Attempt, Balance, ServiceRef, ServiceRoute},
 };
 
 /// Where this agent's egress gateways accept HBONE, and who they are (agent config).
@@ -53,6 +56,8 @@ pub struct Connection<'a> {
     pub dst: SocketAddr,
     /// A name the agent's resolver answered with `dst`'s address (DNS ServiceEntries).
     pub resolved_host: Option<&'a str>,
+    /// Load and affinity for choosing a Service endpoint; `None`: at random.
+    pub balance: Option<&'a dyn Balance>,
 }
 
 /// Where an outbound connection goes.
@@ -74,6 +79,12 @@ pub enum Plan {
         /// The identity the gateway must prove.
         identity: Identity,
     },
+    /// To a Service address: these endpoints, in the order to try (at most
+    /// [`load_balance::MAX_ATTEMPTS`]), until one answers.
+    Service {
+        service: ServiceRef,
+        attempts: Vec<Attempt>,
+    },
     /// Not forwarded: the client's connection is reset.
     Refuse {
         reason: Refusal,
@@ -89,6 +100,8 @@ pub enum Refusal {
     Egress(RefuseReason),
     /// Routed to an egress gateway that no node with an address carries.
     GatewayUnavailable(GatewayTarget),
+    /// A Service address with no endpoint that can take the connection (Istio's `UH`).
+    NoHealthyUpstream(ServiceRef),
 }
 
 impl Refusal {
@@ -97,6 +110,7 @@ impl Refusal {
         match self {
             Self::Egress(r) => r.label(),
             Self::GatewayUnavailable(_) => "gateway_unavailable",
+            Self::NoHealthyUpstream(_) => "no_healthy_upstream",
         }
     }
 }
@@ -107,6 +121,9 @@ impl fmt::Display for Refusal {
             Self::Egress(r) => r.fmt(f),
             Self::GatewayUnavailable(t) => {
                 write!(f, "no node with an address carries egress gateway {t:?}")
+            }
+            Self::NoHealthyUpstream(s) => {
+                write!(f, "service {} has no endpoint that can take it", s.hostname)
             }
         }
     }
@@ -169,7 +186,7 @@ fn in_mesh<'a>(state: &MeshState, conn: &Connection<'a>) -> Result<Plan, &'a Wor
             Plan::Direct { dst }
         });
     }
-    if let Some(plan) = service_plan(state, dst) {
+    if let Some(plan) = service_plan(state, conn) {
         return Ok(plan);
     }
     // Without a known source there is nothing to decide egress with.
@@ -217,17 +234,25 @@ fn egress(
     }
 }
 
-/// The plan for a connection to a Service address, `None` when `dst` is none.
-///
-/// Today a Service address passes through as it is (kube-proxy's rules take it on). The
-/// Services issue puts VIP → ready endpoint (targetPort, named ports) here: a mesh endpoint
-/// as [`Plan::Hbone`] to the endpoint, others as [`Plan::Direct`] to the endpoint.
-fn service_plan(state: &MeshState, dst: SocketAddr) -> Option<Plan> {
-    state
-        .services
-        .values()
-        .any(|s| s.vips.contains(&dst.ip()))
-        .then_some(Plan::Direct { dst })
+/// The plan for a connection to a Service address, `None` when `dst` is none: the endpoints
+/// to try, or a refusal when none can take it.
+fn service_plan(state: &MeshState, conn: &Connection<'_>) -> Option<Plan> {
+    let client = conn.source.and_then(|w| {
+        w.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == conn.dst.is_ipv4())
+    });
+    let balance = conn.balance.unwrap_or(&load_balance::AtRandom);
+    Some(
+        match load_balance::route(state, conn.source, client, conn.dst, balance)? {
+            ServiceRoute::Endpoints { service, attempts } => Plan::Service { service, attempts },
+            ServiceRoute::NoHealthyUpstream { service } => Plan::Refuse {
+                reason: Refusal::NoHealthyUpstream(service),
+                host: None,
+            },
+        },
+    )
 }
 
 fn host_name(h: HostHint<'_>) -> &str {

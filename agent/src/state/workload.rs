@@ -96,6 +96,10 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub membership: Membership,
+    /// Named TCP container ports (name → number), where Service `targetPort` names resolve.
+    pub ports: BTreeMap<String, u16>,
+    /// Ready to take Service traffic: no `Ready=False` condition and not being deleted.
+    pub ready: bool,
 }
 
 impl Workload {
@@ -110,28 +114,6 @@ impl Workload {
 pub struct Namespace {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-}
-
-/// A Kubernetes Service: virtual IPs, ports and the pods it selects.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Service {
-    pub name: String,
-    pub namespace: String,
-    pub vips: Vec<IpAddr>,
-    pub ports: Vec<ServicePort>,
-    pub selector: BTreeMap<String, String>,
-    /// Pods the selector matches (derived from Pods: the API server we test against predates
-    /// EndpointSlice v1).
-    pub endpoints: Vec<WorkloadUid>,
-}
-
-/// One port of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ServicePort {
-    pub name: Option<String>,
-    pub port: u16,
-    pub target_port: u16,
-    pub protocol: String,
 }
 
 /// A node and its addresses.

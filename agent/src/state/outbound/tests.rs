@@ -207,6 +207,8 @@ enum Want {
     Gateway(&'static str),
     /// Refused with this metric label (and this host in the log, if any).
     Refuse(&'static str, Option<&'static str>),
+    /// To a Service address: HBONE to this one endpoint (`ip:targetPort`), expecting `identity`.
+    ServiceHbone(&'static str, Identity),
 }
 
 /// One case: source pod (`ns/name`, or none), destination, peeked host, whether the decision
@@ -313,12 +315,20 @@ fn cases() -> Vec<Case> {
             Want::Direct,
         ),
         case(
-            "Service VIP: direct (kube-proxy until Services land)",
+            "Service VIP: HBONE to its one endpoint at the target port",
             CURL,
             "10.96.0.10:5432",
             false,
             None,
-            Want::Direct,
+            Want::ServiceHbone("10.0.1.6:5432", id("shop", "db")),
+        ),
+        case(
+            "Service VIP on a port it does not list: refused, no healthy upstream",
+            CURL,
+            "10.96.0.10:80",
+            false,
+            None,
+            Want::Refuse("no_healthy_upstream", None),
         ),
         case(
             "non-mesh address, ALLOW_ANY: direct",
@@ -527,6 +537,7 @@ fn run(state: &MeshState, c: &Case) -> (bool, Plan) {
         source,
         dst: addr(c.dst),
         resolved_host: c.resolved,
+        balance: None,
     };
     let gw = gateway_peer();
     match decide(state, &gw, &conn) {
@@ -571,6 +582,24 @@ fn outbound_decisions() {
                 }
                 other => panic!("{}: want a refusal ({label}), got {other:?}", c.name),
             },
+            Want::ServiceHbone(endpoint, identity) => match &plan {
+                Plan::Service { attempts, .. } => {
+                    let endpoint = addr(endpoint);
+                    let hops: Vec<_> = attempts.iter().map(|a| a.hop.clone()).collect();
+                    assert_eq!(
+                        hops,
+                        [crate::state::load_balance::Hop::Hbone {
+                            dst: endpoint,
+                            peer: SocketAddr::new(endpoint.ip(), 15008),
+                            identity: identity.clone(),
+                        }],
+                        "{}",
+                        c.name
+                    );
+                    continue;
+                }
+                other => panic!("{}: want a Service plan, got {other:?}", c.name),
+            },
         };
         assert_eq!(plan, expected, "{}", c.name);
     }
@@ -584,6 +613,7 @@ fn refusals_name_their_reason() {
         source: Some(curl),
         dst: addr("93.184.216.34:443"),
         resolved_host: None,
+        balance: None,
     };
     let Decision::Plan(Plan::Refuse { reason, .. }) = decide(&state, &gateway_peer(), &conn) else {
         panic!("not refused");
