@@ -227,7 +227,13 @@ fn services_retry_past_an_endpoint_whose_app_is_not_listening() {
     let mut w = world(&[web("b1", 2), web("b2", 2)], &web_service("8080", ""));
     let s1 = w.serve("b1", "0.0.0.0:8080"); // b2 serves nothing
     let v = w.run_in("a", &["fanout", VIP, "40", "64"]);
-    assert_eq!(v["ok"], 40, "{v}");
+    assert_eq!(
+        v["ok"],
+        40,
+        "{v}\nsender: {:?}\nreceiver: {:?}",
+        w.agents[&1].access_log(),
+        w.agents[&2].access_log()
+    );
     assert_eq!(accepted(&[("b1", &s1)])["b1"], 40);
     let ok = w.agents[&1].wait_access(40, |l| {
         l["direction"] == "outbound" && l["dst_service"] == HOSTNAME && l["outcome"] == "ok"
@@ -301,7 +307,13 @@ fn services_named_target_port_resolves_per_pod() {
     let sb = w.serve("b", "0.0.0.0:8080");
     let sc = w.serve("c", "0.0.0.0:9090");
     let v = w.run_in("a", &["fanout", VIP, "40", "64"]);
-    assert_eq!(v["ok"], 40, "{v}");
+    assert_eq!(
+        v["ok"],
+        40,
+        "{v}\nsender: {:?}\nreceiver: {:?}",
+        w.agents[&1].access_log(),
+        w.agents[&2].access_log()
+    );
     let counts = accepted(&[("b", &sb), ("c", &sc)]);
     assert_eq!(counts.values().sum::<usize>(), 40, "{counts:?}");
     assert!(counts.values().all(|n| *n > 0), "{counts:?}");
@@ -473,14 +485,14 @@ async fn services_kube_selector_and_hand_made_endpoint_slices_drive_the_choice()
         &client,
         &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": ns},
             "spec": {"clusterIP": "10.96.77.7", "selector": {"app": "web"},
-                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}),
     )
     .await;
     apply(
         &client,
         &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext", "namespace": ns},
             "spec": {"clusterIP": "10.96.77.8",
-                     "ports": [{"name": "web", "port": 80, "targetPort": 9000}]}}),
+                     "ports": [{"name": "web", "port": 80, "targetPort": 9000, "protocol": "TCP"}]}}),
     )
     .await;
     let slice = |b_ready: bool| {

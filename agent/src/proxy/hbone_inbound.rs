@@ -11,7 +11,9 @@ use tracing::{info, warn};
 use super::{
     ProxyInputs,
     context::PodContext,
-    hbone::{ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus, Upstream},
+    hbone::{
+        ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus, SpliceEnd, Upstream,
+    },
     inbound::connect_transparent,
     telemetry::{self, Peer, Reporter},
 };
@@ -163,6 +165,12 @@ async fn authorize_and_connect(
         metrics.received(report.hbone_to_tcp);
         metrics.sent(report.tcp_to_hbone);
         drop(metrics);
+        // The same words as the outbound log: "ok" for a clean close, else what failed.
+        let (outcome, error) = match &report.end {
+            SpliceEnd::Closed => ("ok", None),
+            SpliceEnd::Tcp(e) => ("app_reset", Some(e.to_string())),
+            SpliceEnd::Hbone(e) => ("stream_reset", Some(e.to_string())),
+        };
         info!(
             target: "sluice::access",
             direction = "inbound",
@@ -176,7 +184,8 @@ async fn authorize_and_connect(
             sent = report.hbone_to_tcp,
             received = report.tcp_to_hbone,
             duration_ms = start.elapsed().as_millis() as u64,
-            outcome = ?report.end,
+            outcome,
+            error,
             "connection complete"
         );
     }))

@@ -156,7 +156,11 @@ fn plaintext_allowed(
 
 const IPV6_TRANSPARENT: libc::c_int = 75;
 
+/// How long the proxy waits for a pod's application to accept a connection.
+const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Connects to the application at `dst` from `client`'s address, inside the pod.
+
 pub(crate) async fn connect_transparent(
     pod: &PodContext,
     inputs: &ProxyInputs,
@@ -197,7 +201,14 @@ pub(crate) async fn connect_transparent(
         .ok_or_else(|| std::io::Error::other("transparent socket has no address"))?;
     inputs.capture.allow_transparent_source(source)?;
     let socket = TcpSocket::from_std_stream(socket.into());
-    let connected = socket.connect(dst).await;
+    // Bounded, so that an application that drops SYNs cannot hold the proxy's source entry.
+    let connected = match tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the application at {dst} did not answer within {APP_CONNECT_TIMEOUT:?}"),
+        )),
+    };
     // Only the handshake's SYNs needed the exemption.
     inputs.capture.forget_transparent_source(source);
     let stream = connected?;

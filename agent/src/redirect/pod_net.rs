@@ -4,6 +4,9 @@
 //! replies to that address would normally leave the pod; instead:
 //! * `net.ipv4.tcp_fwmark_accept = 1` makes the application's accepted socket inherit the
 //!   proxy SYN's mark ([`TRANSPARENT_MARK`]), so every reply carries it;
+//! * `net.ipv{4,6}.fwmark_reflect = 1` gives the kernel's own replies (a RST when the
+//!   application does not listen, ICMP errors) the mark of the packet they answer, so the
+//!   proxy's connect fails at once instead of waiting for SYN retries;
 //! * a policy rule `fwmark TRANSPARENT_MARK lookup TRANSPARENT_ROUTE_TABLE` and a route
 //!   `local default dev lo` in that table deliver marked replies locally, to the proxy.
 //!
@@ -120,6 +123,21 @@ pub async fn install(netns: &Netns, home: &HomeNetns, ips: &[IpAddr]) -> Result<
             what: "setting net.ipv4.tcp_fwmark_accept",
             source,
         })?;
+    for (key, family_present) in [
+        ("net/ipv4/fwmark_reflect", true),
+        ("net/ipv6/fwmark_reflect", ips.iter().any(IpAddr::is_ipv6)),
+    ] {
+        if !family_present {
+            continue;
+        }
+        netns
+            .run(home, || write_sysctl(key, "1"))?
+            .map_err(|source| PodNetError::Io {
+                netns: name.clone(),
+                what: "setting fwmark_reflect",
+                source,
+            })?;
+    }
     let (handle, conn) = handle_in(netns, home)?;
     let result = async {
         for v4 in [true, false] {
