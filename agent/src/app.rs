@@ -51,7 +51,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Sources → state.
     let (publisher, state) = state::channel();
     let source =
-        crate::sources::start(&agent, &local.resources, publisher, Some(&args.config)).await?;
+        crate::sources::start(&agent, local.resources, publisher, Some(&args.config)).await?;
 
     // Capture.
     let home = HomeNetns::capture().context("opening the agent's own network namespace")?;

@@ -18,12 +18,14 @@
 //! | [`state`] | MeshState and its pure normalisation | resources, config |
 //! | [`resources`] | typed Kubernetes resources, in their own API groups | — |
 //! | [`netns`] | network namespaces: entering one, making sockets inside it | — |
+//! | [`memory`] | the allocator's tunables: two arenas, freed pages returned after a rebuild | — |
 //! | [`config`] | the `AgentConfig` file, read and checked once | — |
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod egress;
 pub mod identity;
+pub mod memory;
 pub mod netns;
 pub mod pods;
 pub mod policy;

@@ -128,6 +128,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Cni => std::process::exit(sluice::redirect::cni::main()),
         Cmd::Run { config, node } => {
+            sluice::memory::limit_arenas();
             init_logging(cli.log_format);
             let rt = runtime(cli.worker_threads)?;
             rt.block_on(sluice::app::run(sluice::app::RunArgs { config, node }))

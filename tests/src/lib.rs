@@ -9,5 +9,6 @@ pub mod internet;
 pub mod kube_mesh;
 pub mod kube_server;
 pub mod metrics;
+pub mod scale;
 pub mod wire;
 pub mod world;

@@ -15,7 +15,7 @@ impl Policies {
         let mut allowed = false;
         for policy in self
             .authorizations
-            .iter()
+            .reaching(&conn.destination.namespace)
             .filter(|p| p.scope.selects(conn.destination))
         {
             match policy.action {

@@ -160,7 +160,6 @@ const IPV6_TRANSPARENT: libc::c_int = 75;
 const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Connects to the application at `dst` from `client`'s address, inside the pod.
-
 pub(crate) async fn connect_transparent(
     pod: &PodContext,
     inputs: &ProxyInputs,

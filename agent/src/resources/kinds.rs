@@ -10,7 +10,7 @@ use std::fmt::Debug;
 
 use k8s_openapi::{
     ClusterResourceScope, NamespaceResourceScope,
-    api::core::v1::{ConfigMap, Namespace, Node, Pod, Service},
+    api::core::v1::{ConfigMap, Container, Namespace, Node, Pod, Service},
 };
 use kube::{Api, Client, Resource};
 use serde::{Serialize, de::DeserializeOwned};
@@ -234,9 +234,19 @@ pub fn visit_named(qualified: &str, visitor: &mut impl KindVisitor) -> bool {
     true
 }
 
-/// Drops managed fields (every kind).
+/// The annotation `kubectl apply` leaves: a copy of the whole object, read by nothing here.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops managed fields and `kubectl apply`'s copy of the object (every kind).
 fn trim_meta<K: Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
 }
 
 /// Also drops node conditions, images and other heartbeat-driven status.
@@ -254,11 +264,40 @@ fn trim_node(node: &mut Node) {
     }
 }
 
-/// Also drops pod condition and container statuses.
+/// Keeps of a pod what MeshState reads: identity, node, host networking, container names and
+/// ports (named target ports, sidecar detection), addresses, phase and the `Ready` condition.
 fn trim_pod(pod: &mut Pod) {
     trim_meta(pod);
+    if let Some(spec) = pod.spec.as_mut() {
+        let slim = |containers: &mut Vec<Container>| {
+            for c in containers.iter_mut() {
+                *c = Container {
+                    name: std::mem::take(&mut c.name),
+                    ports: c.ports.take(),
+                    ..Default::default()
+                };
+            }
+        };
+        slim(&mut spec.containers);
+        if let Some(init) = spec.init_containers.as_mut() {
+            slim(init);
+        }
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        spec.ephemeral_containers = None;
+        spec.topology_spread_constraints = None;
+    }
     if let Some(status) = pod.status.as_mut() {
-        status.conditions = None;
+        if let Some(conditions) = status.conditions.as_mut() {
+            conditions.retain(|c| c.type_ == "Ready");
+            for c in conditions.iter_mut() {
+                c.message = None;
+                c.reason = None;
+                c.last_probe_time = None;
+                c.last_transition_time = None;
+            }
+        }
         status.container_statuses = None;
         status.init_container_statuses = None;
         status.ephemeral_container_statuses = None;

@@ -117,8 +117,11 @@ impl ResourceSet {
                     return;
                 }
                 let Some(doc) = self.doc.take() else { return };
-                self.result =
-                    Some(serde_yaml::from_value::<K>(doc).map(|o| K::list_mut(self.set).push(o)));
+                // Trimmed as the kube watch trims, so both sources hold the same (small) objects.
+                self.result = Some(serde_yaml::from_value::<K>(doc).map(|mut o| {
+                    o.trim();
+                    K::list_mut(self.set).push(o)
+                }));
             }
         }
         let mut add = Add {

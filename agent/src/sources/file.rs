@@ -84,23 +84,42 @@ impl Watch {
         let task = tokio::spawn({
             let publisher = publisher.clone();
             async move {
-                let mut last = std::fs::read(&path).ok();
+                // A fingerprint, not the bytes: a cluster's file is megabytes.
+                let mut last = std::fs::read(&path).ok().map(|b| fingerprint(&b));
                 loop {
                     tokio::time::sleep(WATCH_INTERVAL).await;
-                    let now = std::fs::read(&path).ok();
-                    if now.is_none() || now == last {
+                    let Ok(bytes) = std::fs::read(&path) else {
+                        continue;
+                    };
+                    if last == Some(fingerprint(&bytes)) {
                         continue;
                     }
-                    last = now;
-                    match load(&path) {
-                        Ok(file) => {
-                            tracing::info!(path = %path.display(), "config file changed; republishing its resources");
-                            publish(&file.resources, &agent, &publisher, &mut last_good);
+                    last = Some(fingerprint(&bytes));
+                    // Parsing and building a cluster's worth of resources takes a second or
+                    // more: off the runtime's threads, which keep proxying meanwhile.
+                    let (agent, publisher, path) = (agent.clone(), publisher.clone(), path.clone());
+                    let mut kept = std::mem::take(&mut last_good);
+                    let rebuilt = tokio::task::spawn_blocking(move || {
+                        let text = String::from_utf8_lossy(&bytes);
+                        match parse(&text, &path) {
+                            Ok(file) => {
+                                tracing::info!(path = %path.display(), "config file changed; republishing its resources");
+                                publish(file.resources, &agent, &publisher, &mut kept);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "config file changed but does not parse; keeping the last state")
+                            }
                         }
+                        kept
+                    })
+                    .await;
+                    last_good = match rebuilt {
+                        Ok(kept) => kept,
                         Err(e) => {
-                            tracing::warn!(error = %e, "config file changed but does not parse; keeping the last state")
+                            tracing::error!(error = %e, "rebuilding from the config file failed; the next change rebuilds from scratch");
+                            crate::state::LastGood::default()
                         }
-                    }
+                    };
                 }
             }
         });
@@ -109,6 +128,14 @@ impl Watch {
             _publisher: Some(publisher),
         }
     }
+}
+
+/// Length and hash of a file's bytes, to notice a change without keeping them.
+fn fingerprint(bytes: &[u8]) -> (usize, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    (bytes.len(), h.finish())
 }
 
 /// Reads and parses `path`.
@@ -167,7 +194,7 @@ pub fn parse(text: &str, path: &Path) -> Result<LocalFile, FileError> {
 /// Builds and publishes the file's resources (falling back to the last valid version of a
 /// resource an edit made invalid), logging what was rejected.
 pub(crate) fn publish(
-    resources: &ResourceSet,
+    resources: ResourceSet,
     agent: &AgentConfig,
     publisher: &StatePublisher,
     last_good: &mut LastGood,
@@ -177,6 +204,7 @@ pub(crate) fn publish(
         tracing::warn!(rejection = %r, "resource rejected");
     }
     publisher.publish(built.state);
+    crate::memory::release_freed();
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub enum Running {
 /// every watched kind has been listed.
 pub async fn start(
     agent: &AgentConfig,
-    resources: &ResourceSet,
+    resources: ResourceSet,
     publisher: StatePublisher,
     config_path: Option<&std::path::Path>,
 ) -> anyhow::Result<Running> {
@@ -45,7 +45,7 @@ pub async fn start(
         .context("connecting to the Kubernetes API server")?;
     let options = kube::SourceOptions {
         settings: agent.mesh_settings(),
-        extra: resources.clone(),
+        extra: resources,
         debounce: Duration::from_millis(agent.kube.debounce_ms),
     };
     let running = kube::Running::start(client, agent, options, publisher);

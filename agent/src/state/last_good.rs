@@ -31,10 +31,13 @@ impl LastGood {
     /// Builds MeshState from `resources`, substituting the last accepted version for every
     /// resource that is rejected now but was accepted before. Every rejection of the current
     /// versions is returned; those that fell back say so ([`KEPT_NOTE`]).
-    pub fn build(&mut self, resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
-        let first = build(resources, settings);
+    ///
+    /// Takes the set by value and keeps it (no copy) as the accepted versions when every
+    /// resource is valid, the common case: a cluster's worth of objects is held once, not twice.
+    pub fn build(&mut self, resources: ResourceSet, settings: &MeshSettings) -> BuildOutput {
+        let first = build(&resources, settings);
         if first.rejections.is_empty() {
-            self.accepted = resources.clone();
+            self.accepted = resources;
             return first;
         }
         let mut patched = resources.clone();
@@ -48,7 +51,7 @@ impl LastGood {
         }
         if kept == 0 {
             // Nothing to fall back to: the first build is the answer.
-            self.accepted = without(resources.clone(), &rejections);
+            self.accepted = without(resources, &rejections);
             return BuildOutput {
                 state: first.state,
                 rejections,
@@ -189,12 +192,12 @@ status: {podIP: 10.0.1.2}
     fn an_update_that_breaks_a_resource_keeps_its_last_valid_version() {
         let settings = MeshSettings::default();
         let mut last = LastGood::default();
-        let out = last.build(&set(&pa("STRICT")), &settings);
+        let out = last.build(set(&pa("STRICT")), &settings);
         assert!(out.rejections.is_empty());
         assert_eq!(web_mode(&out), MtlsMode::Strict);
 
         // A typo must not open the port to plaintext: STRICT stays, the typo is reported.
-        let out = last.build(&set(&pa("STRCT")), &settings);
+        let out = last.build(set(&pa("STRCT")), &settings);
         assert_eq!(web_mode(&out), MtlsMode::Strict);
         assert_eq!(out.rejections.len(), 1, "{:?}", out.rejections);
         let r = &out.rejections[0];
@@ -202,7 +205,7 @@ status: {podIP: 10.0.1.2}
         assert!(r.message.ends_with(KEPT_NOTE), "{}", r.message);
         // Still broken on the next build (another resource changed): still STRICT.
         let out = last.build(
-            &set(&format!(
+            set(&format!(
                 "{}\n---\n{}",
                 pa("STRCT"),
                 "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}"
@@ -212,24 +215,24 @@ status: {podIP: 10.0.1.2}
         assert_eq!(web_mode(&out), MtlsMode::Strict);
 
         // Fixed: the new version applies.
-        let out = last.build(&set(&pa("DISABLE")), &settings);
+        let out = last.build(set(&pa("DISABLE")), &settings);
         assert!(out.rejections.is_empty());
         assert_eq!(web_mode(&out), MtlsMode::Disable);
 
         // Deleted: gone, whatever was accepted before.
-        let out = last.build(&set(""), &settings);
+        let out = last.build(set(""), &settings);
         assert_eq!(web_mode(&out), MtlsMode::Permissive);
     }
 
     #[test]
     fn a_resource_never_valid_is_left_out() {
         let mut last = LastGood::default();
-        let out = last.build(&set(&pa("STRCT")), &MeshSettings::default());
+        let out = last.build(set(&pa("STRCT")), &MeshSettings::default());
         assert_eq!(web_mode(&out), MtlsMode::Permissive);
         assert_eq!(out.rejections.len(), 1);
         assert!(!out.rejections[0].message.ends_with(KEPT_NOTE));
         // Its invalid version is not remembered as "last good" either.
-        let out = last.build(&set(&pa("STRCT")), &MeshSettings::default());
+        let out = last.build(set(&pa("STRCT")), &MeshSettings::default());
         assert_eq!(web_mode(&out), MtlsMode::Permissive);
     }
 

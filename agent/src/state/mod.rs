@@ -38,18 +38,29 @@ pub struct StateHandle(watch::Receiver<Snapshot>);
 
 /// Write side: only sources hold it.
 #[derive(Debug)]
-pub struct StatePublisher(watch::Sender<Snapshot>);
+pub struct StatePublisher {
+    tx: watch::Sender<Snapshot>,
+    /// Snapshots published so far (each logged with its number).
+    generation: std::sync::atomic::AtomicU64,
+}
 
 /// A state channel starting from an empty mesh.
 pub fn channel() -> (StatePublisher, StateHandle) {
     let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
-    (StatePublisher(tx), StateHandle(rx))
+    let publisher = StatePublisher {
+        tx,
+        generation: Default::default(),
+    };
+    (publisher, StateHandle(rx))
 }
 
 impl StatePublisher {
-    /// Publishes a new snapshot if it differs from the current one.
+    /// Publishes a new snapshot if it differs from the current one (logging its generation and
+    /// size when it does).
     pub fn publish(&self, state: MeshState) {
-        self.0.send_if_modified(|current| {
+        let (workloads, services) = (state.workloads.len(), state.services.len());
+        let policies = state.policy.authorizations.len();
+        let changed = self.tx.send_if_modified(|current| {
             if **current == state {
                 false
             } else {
@@ -57,11 +68,24 @@ impl StatePublisher {
                 true
             }
         });
+        if changed {
+            let generation = self
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            tracing::info!(
+                generation,
+                workloads,
+                services,
+                policies,
+                "mesh state published"
+            );
+        }
     }
 
     /// Another reader of this channel.
     pub fn subscribe(&self) -> StateHandle {
-        StateHandle(self.0.subscribe())
+        StateHandle(self.tx.subscribe())
     }
 }
 

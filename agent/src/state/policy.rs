@@ -15,7 +15,11 @@
 //! rule is kept without them, so it matches on its L4 part alone (more restrictive than
 //! written). Either way the attributes are listed in [`Authorization::http_attributes`] so the
 //! proxy can log it once per policy.
-use std::{collections::BTreeMap, net::IpAddr, str::FromStr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    str::FromStr,
+};
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -37,9 +41,103 @@ pub struct Policies {
     /// PeerAuthentications, oldest first (when several apply at one level, the oldest wins).
     pub peer_authentications: Vec<PeerAuthn>,
     /// AuthorizationPolicies with an `ALLOW` or `DENY` action, attached to workloads.
-    pub authorizations: Vec<Authorization>,
+    pub authorizations: Authorizations,
     /// Valid policies the node proxy does not enforce, and why.
     pub ignored: Vec<IgnoredPolicy>,
+}
+
+/// The enforced AuthorizationPolicies in their order, indexed by the namespace their scope
+/// reaches, so that a connection's decision reads only the policies that can select its
+/// destination (a cluster has thousands; a namespace a few).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Authorizations {
+    list: Vec<Authorization>,
+    /// Namespace → positions in `list` of the policies scoped to it, ascending.
+    by_namespace: HashMap<String, Vec<usize>>,
+    /// Positions of the policies that reach every namespace (mesh-wide, or a selector in the
+    /// root namespace), ascending.
+    everywhere: Vec<usize>,
+}
+
+impl Authorizations {
+    /// Every policy, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Authorization> {
+        self.list.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The policies whose scope can reach a workload in `namespace`, in order (the scope's
+    /// labels are still to be checked).
+    pub fn reaching<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a Authorization> {
+        let local = self
+            .by_namespace
+            .get(namespace)
+            .map_or(&[][..], Vec::as_slice);
+        // Merge two ascending position lists, keeping the policies' order.
+        let (mut a, mut b) = (local.iter().peekable(), self.everywhere.iter().peekable());
+        std::iter::from_fn(move || {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x < y => a.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, None) => None,
+            }?;
+            Some(&self.list[*next])
+        })
+    }
+}
+
+impl FromIterator<Authorization> for Authorizations {
+    fn from_iter<I: IntoIterator<Item = Authorization>>(iter: I) -> Self {
+        let mut out = Authorizations::default();
+        for (i, a) in iter.into_iter().enumerate() {
+            match &a.scope {
+                PolicyScope::Mesh
+                | PolicyScope::Workloads {
+                    namespace: None, ..
+                } => out.everywhere.push(i),
+                PolicyScope::Namespace { namespace }
+                | PolicyScope::Workloads {
+                    namespace: Some(namespace),
+                    ..
+                } => out
+                    .by_namespace
+                    .entry(namespace.clone())
+                    .or_default()
+                    .push(i),
+            }
+            out.list.push(a);
+        }
+        out
+    }
+}
+
+impl std::ops::Index<usize> for Authorizations {
+    type Output = Authorization;
+    fn index(&self, i: usize) -> &Authorization {
+        &self.list[i]
+    }
+}
+
+impl<'a> IntoIterator for &'a Authorizations {
+    type Item = &'a Authorization;
+    type IntoIter = std::slice::Iter<'a, Authorization>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.list.iter()
+    }
+}
+
+impl Serialize for Authorizations {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.list.serialize(s)
+    }
 }
 
 /// An effective mutual TLS mode for inbound connections.
@@ -223,13 +321,15 @@ pub fn normalise(resources: &ResourceSet, root_namespace: &str, out: &mut Reject
         }
     }
 
+    let mut authorizations = Vec::new();
     for ap in &resources.authorization_policies {
         match authorization_policy(ap, root_namespace, out) {
-            Some(Normalised::Kept(a)) => policies.authorizations.push(a),
+            Some(Normalised::Kept(a)) => authorizations.push(a),
             Some(Normalised::Ignored(i)) => policies.ignored.push(i),
             None => {}
         }
     }
+    policies.authorizations = authorizations.into_iter().collect();
     policies
 }
 
@@ -614,4 +714,54 @@ fn condition(c: &Condition, at: &str) -> Result<Option<ConnMatch>, FieldError> {
         _ => return Ok(None),
     }
     Ok(Some(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str, scope: PolicyScope) -> Authorization {
+        Authorization {
+            namespace: "x".into(),
+            name: name.into(),
+            scope,
+            action: AuthzAction::Allow,
+            rules: Vec::new(),
+            http_attributes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn reaching_keeps_the_order_of_local_and_mesh_wide_policies() {
+        let ns = |n: &str| PolicyScope::Namespace {
+            namespace: n.into(),
+        };
+        let all: Authorizations = [
+            policy("mesh", PolicyScope::Mesh),
+            policy("a1", ns("a")),
+            policy("b1", ns("b")),
+            policy(
+                "root-selector",
+                PolicyScope::Workloads {
+                    namespace: None,
+                    labels: BTreeMap::new(),
+                },
+            ),
+            policy(
+                "a2",
+                PolicyScope::Workloads {
+                    namespace: Some("a".into()),
+                    labels: BTreeMap::new(),
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let names =
+            |ns: &str| -> Vec<String> { all.reaching(ns).map(|p| p.name.clone()).collect() };
+        assert_eq!(names("a"), ["mesh", "a1", "root-selector", "a2"]);
+        assert_eq!(names("b"), ["mesh", "b1", "root-selector"]);
+        assert_eq!(names("c"), ["mesh", "root-selector"]);
+        assert_eq!(all.len(), 5);
+    }
 }

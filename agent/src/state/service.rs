@@ -210,6 +210,17 @@ pub fn build(inputs: &Inputs<'_>, out: &mut Rejections) -> ServiceIndex {
                     lost_by: k.clone(),
                 };
                 warn!(service = %k, "{c}");
+                // A ServiceEntry has a status to say so; a core Service's status is the
+                // Service controller's, so there it is the log line and `/config_dump`.
+                if s.origin == Origin::ServiceEntry {
+                    out.reject(
+                        "ServiceEntry.networking.istio.io",
+                        Some(&s.namespace),
+                        &s.name,
+                        "spec.addresses",
+                        c.to_string(),
+                    );
+                }
                 index.conflicts.push(c);
                 false
             }

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [capture|mesh]`: Sluice measured side by side with the direct path in one
+//! `cargo xtask bench [capture|mesh|egress|scale]`: Sluice measured side by side with the direct path in one
 //! run, on this machine, inside namespaces it creates and removes.
 //!
 //! Every figure is printed in a table and every ratio also as `ratio <name> <value>` (Sluice's
@@ -49,13 +49,15 @@ fn main() {
         "capture" => capture(),
         "mesh" => mesh(),
         "egress" => egress(),
+        "scale" => scale(),
         "all" => {
             capture();
             mesh();
             egress();
+            scale();
         }
         other => {
-            eprintln!("unknown benchmark {other:?}: capture | mesh | egress | all");
+            eprintln!("unknown benchmark {other:?}: capture | mesh | egress | scale | all");
             std::process::exit(2);
         }
     }
@@ -400,6 +402,9 @@ fn bulk_parallel(w: &World, pods: &[&str], addr: &str, secs: &str) -> (f64, f64)
 /// Through the mesh vs direct, across two nodes: a captured client pod talks to a server pod on
 /// the other node (outbound proxy → HBONE mutual TLS → inbound proxy → server); the direct
 /// pair uses the same veth path with no proxy. Rounds alternate the two paths.
+/// The ClusterIP of the mesh benchmark's Service in front of m2.
+const SERVICE_VIP: &str = "10.96.50.1";
+
 fn mesh() {
     // For profiling one figure: `SLUICE_BENCH_HANDSHAKE_PODS=200` (default 24).
     let handshake_pods: usize = std::env::var("SLUICE_BENCH_HANDSHAKE_PODS")
@@ -418,7 +423,7 @@ fn mesh() {
     let mesh_clients = ["m1", "m1b", "m1c", "m1d"];
     let direct_clients = ["d1", "d1b", "d1c", "d1d"];
     let mut pods = vec![
-        PodSpec::new("m2", "mesh", 2),
+        PodSpec::new("m2", "mesh", 2).label("app", "m2"),
         PodSpec::new("w2", "mesh", 2),
         PodSpec::new("d2", "plain", 2),
     ];
@@ -429,6 +434,12 @@ fn mesh() {
     let mut w = World::build(2, &pods);
     w.namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]);
     w.namespace("plain", &[]);
+    // A ClusterIP whose one endpoint is m2: the pooled connection rate through it is measured
+    // next to the one to m2's pod IP.
+    w.extra_resources = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: m2, namespace: mesh}}\n\
+         spec: {{clusterIP: {SERVICE_VIP}, selector: {{app: m2}}, ports: [{{port: 8080}}]}}\n"
+    );
     w.start_agent(1, "");
     w.start_agent(2, "");
     for p in &pods {
@@ -466,6 +477,16 @@ fn mesh() {
     assert!(hbone >= 1, "m1 → m2 did not go over HBONE");
     let c = w.connect("d1", &echo(d2), 10_000);
     assert!(!c.captured(), "d1 → d2 was captured");
+    let service = format!("{SERVICE_VIP}:8080");
+    let c = w.connect("m1", &service, 10_000);
+    assert_eq!(c.server_local.ip(), m2, "the ClusterIP did not reach m2");
+    let via_service = w.agents[&1].wait_access(1, |l| {
+        l["route"] == "hbone" && l["dst_service"] == "m2.mesh.svc.cluster.local"
+    });
+    assert!(
+        via_service >= 1,
+        "m1 → ClusterIP did not go over HBONE to m2"
+    );
 
     // Bulk throughput: 1 stream; 4 streams from 4 pods; 4 streams from one pod (sharing one
     // HBONE connection, for information); the agents' CPU while the mesh path runs.
@@ -501,10 +522,12 @@ fn mesh() {
     let mut rr16k: [Vec<u64>; 2] = Default::default();
     let mut conn: [Vec<u64>; 2] = Default::default();
     let mut conn_request: [Vec<u64>; 2] = Default::default();
+    let mut conn_service = Vec::new();
     for (_, pod, ip) in &paths {
         rr_samples(&w, pod, &echo(*ip), 64, 200);
         samples(&w, pod, &echo(*ip), 100);
     }
+    samples(&w, "m1", &service, 100);
     let pooled_handshakes = handshakes(&w, 1);
     for _ in 0..ROUNDS {
         for (pi, (_, pod, ip)) in paths.iter().enumerate() {
@@ -518,6 +541,11 @@ fn mesh() {
             if part("conn") {
                 conn_request[pi].extend(samples_mode(&w, pod, &echo(*ip), 400, true));
             }
+        }
+        // Same pod, same endpoint, same pooled HBONE connection: only the Service lookup and
+        // the endpoint choice differ from the pod-IP samples of this round.
+        if part("conn") {
+            conn_service.extend(samples(&w, "m1", &service, 400));
         }
     }
 
@@ -548,6 +576,7 @@ fn mesh() {
         .chain(rr16k.iter_mut())
         .chain(conn.iter_mut())
         .chain(conn_request.iter_mut())
+        .chain(std::iter::once(&mut conn_service))
     {
         v.sort_unstable();
     }
@@ -604,6 +633,21 @@ fn mesh() {
         conn_rate(&conn_request[0]),
         conn_rate(&conn_request[1]),
     );
+    let service_ratio = {
+        let (pod_ip, vip) = (conn_rate(&conn[1]), conn_rate(&conn_service));
+        if pod_ip > 0.0 && vip > 0.0 {
+            println!(
+                "{:<34} {:>12.1} {:>12.1} {:>8.2}",
+                "new conns/s, pooled: pod IP | VIP",
+                pod_ip,
+                vip,
+                vip / pod_ip
+            );
+            vip / pod_ip
+        } else {
+            f64::NAN
+        }
+    };
     let hs_ratio = row(
         "new conns/s, handshake each",
         conn_rate(&conn[0]),
@@ -628,7 +672,7 @@ fn mesh() {
         "(bulk: {BULK_SECONDS} s per run, 2 runs per path, 4 streams from 4 client pods or from one; \
          rr: {ROUNDS}×2000 × 64 B and {ROUNDS}×500 × 16 KiB; conns/s = 1 / median connect + first \
          byte time, one connection at a time: pooled {ROUNDS}×400 connections (0 TLS handshakes, \
-         checked), and as many where the client sends a byte first and times its echo, handshake {handshake_pods} new source identities, one connection each \
+         checked), as many where the client sends a byte first and times its echo, and as many from m1 to a ClusterIP whose one endpoint is m2 (compared with m1 → m2 pod IP); handshake {handshake_pods} new source identities, one connection each \
          ({measured_handshakes} TLS handshakes counted by sluice_hbone_handshakes_total), both \
          against the direct rate; {:.0} s in all)",
         started.elapsed().as_secs_f64()
@@ -642,6 +686,7 @@ fn mesh() {
         ("conn_pooled_vs_direct", pooled),
         ("conn_pooled_request_vs_direct", pooled_request),
         ("conn_handshake_vs_direct", hs_ratio),
+        ("service_vs_podip_conn", service_ratio),
     ] {
         if value.is_finite() {
             println!("ratio {name} {value:.2}");
@@ -649,4 +694,266 @@ fn mesh() {
     }
     println!("rss_idle_mb {rss_idle:.1}");
     println!("handshake_cpu_us {handshake_cpu:.0}");
+}
+
+/// When agent `i` last logged `mesh state published` with a generation above `after`: its
+/// timestamp and generation; waits up to `timeout`.
+fn published_after(
+    w: &World,
+    i: usize,
+    after: u64,
+    timeout: std::time::Duration,
+) -> (k8s_openapi::jiff::Timestamp, u64) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let found = w.agents[&i].log_lines().into_iter().find_map(|l| {
+            let generation = l["generation"].as_u64()?;
+            (l["message"] == "mesh state published" && generation > after).then(|| {
+                let at = l["timestamp"].as_str()?.parse().ok()?;
+                Some((at, generation))
+            })?
+        });
+        if let Some(found) = found {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {i} published nothing after generation {after} within {timeout:?}:\n{}",
+            w.agents[&i].tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The last published generation of agent `i` (0 before any).
+fn last_generation(w: &World, i: usize) -> u64 {
+    w.agents[&i]
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "mesh state published")
+        .filter_map(|l| l["generation"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A cluster's worth of resources (`sluice_tests::scale::Size::CLUSTER`): what building the
+/// state costs, how fast one change reaches the agent, its memory with that state and across
+/// changes, the per-connection policy decision, and the pooled connection rate with that state
+/// against an empty one. File mode (the kube figures are not measured yet).
+fn scale() {
+    use std::time::{Duration, Instant};
+
+    use sluice::{
+        policy::ConnectionInfo,
+        resources::ResourceSet,
+        state::{MeshSettings, build},
+    };
+    use sluice_tests::scale::{Size, cluster, pod, pod_ip};
+
+    let size = Size::CLUSTER;
+    let started = Instant::now();
+    let yaml = cluster(&size, 0);
+    println!(
+        "\nscale: {} pods ({} on this node) over {} nodes, {} namespaces, {} Services, {} \
+         AuthorizationPolicies × {} rules, {} PeerAuthentications, {} StaticGatewayConfigurations \
+         ({:.1} MB of YAML)",
+        size.pods,
+        size.pods_on_node1,
+        size.nodes,
+        size.namespaces,
+        size.services,
+        size.authorization_policies,
+        size.rules,
+        size.peer_authentications,
+        size.static_gateways,
+        yaml.len() as f64 / 1e6
+    );
+
+    // In process, on this thread: what the parsed resources and the built state hold.
+    let self_rss = || {
+        sluice::memory::release_freed();
+        rss_mib(std::process::id())
+    };
+    let (resources_mib, state_mib) = {
+        let before = self_rss();
+        let resources = ResourceSet::from_yaml(&yaml).expect("synthetic cluster parses");
+        let parsed = self_rss();
+        let out = build::build(&resources, &MeshSettings::default());
+        let built = self_rss();
+        drop((resources, out));
+        (parsed - before, built - parsed)
+    };
+
+    // In process: parse and build, best of three; then decisions against the built state.
+    let mut parse_ms = f64::MAX;
+    let mut build_ms = f64::MAX;
+    let mut built = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let resources = ResourceSet::from_yaml(&yaml).expect("synthetic cluster parses");
+        parse_ms = parse_ms.min(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let out = build::build(&resources, &MeshSettings::default());
+        build_ms = build_ms.min(t.elapsed().as_secs_f64() * 1e3);
+        assert!(out.rejections.is_empty(), "{:?}", &out.rejections[..1]);
+        built = Some(out.state);
+    }
+    let state = built.expect("built");
+    assert_eq!(state.workloads.len(), size.pods, "workloads");
+    let mut decisions = Vec::with_capacity(20_000);
+    let mut allowed = 0usize;
+    for k in 0..20_000usize {
+        let dst = (k * 7_919) % size.pods;
+        let ip: std::net::IpAddr = pod_ip(dst).parse().expect("ip");
+        let workload = state.workload_by_ip(ip).expect("workload by ip");
+        let src = state
+            .workload_by_ip(pod_ip((k * 104_729) % size.pods).parse().expect("ip"))
+            .expect("source");
+        let identity = src.identity(&state.trust_domain);
+        let conn = ConnectionInfo {
+            source_identity: Some(&identity),
+            source_ip: src.ips[0],
+            destination: workload,
+            destination_ip: ip,
+            destination_port: 8000 + (k % 12) as u16,
+        };
+        let t = Instant::now();
+        let d = std::hint::black_box(state.policy.authorize(&conn));
+        decisions.push(t.elapsed().as_nanos() as u64);
+        allowed += usize::from(d.is_allowed());
+    }
+    decisions.sort_unstable();
+    let decision_us = |q| percentile(&decisions, q) as f64 / 1e3;
+    drop(state);
+
+    // The agents: first with nothing but the two pods the rate is measured between.
+    let pods = [PodSpec::new("m1", "mesh", 1), PodSpec::new("m2", "mesh", 2)];
+    let mut w = World::build(2, &pods);
+    w.namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]);
+    w.start_agent(1, "");
+    w.start_agent(2, "");
+    for p in &pods {
+        w.enroll(&p.name);
+    }
+    let m2 = w.pod("m2").ipv4;
+    let _server = w.serve("m2", "0.0.0.0:8080");
+    let echo = SocketAddr::new(m2, 8080).to_string();
+    samples(&w, "m1", &echo, 100);
+    let mut empty = Vec::new();
+    for _ in 0..3 {
+        empty.extend(samples(&w, "m1", &echo, 300));
+    }
+    let pid = w.agents[&1].pid().expect("agent 1 runs");
+    let rss_empty = rss_mib(pid);
+
+    // The whole cluster arrives in one file change.
+    let generation = last_generation(&w, 1);
+    w.extra_resources = yaml.clone();
+    w.rewrite_configs();
+    let (_, mut generation) = published_after(&w, 1, generation, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_steady = rss_mib(pid);
+    let mut at_scale = Vec::new();
+    for _ in 0..3 {
+        at_scale.extend(samples(&w, "m1", &echo, 300));
+    }
+
+    // Changes: one more pod each time; from the file's write to the agent's publication.
+    let mut propagation = Vec::new();
+    let mut rss_changes = Vec::new();
+    let mut extra = String::new();
+    const CHANGES: usize = 10;
+    for c in 0..CHANGES {
+        extra.push_str(&pod(&size, size.pods + c, 0));
+        w.extra_resources = format!("{yaml}{extra}");
+        let written = k8s_openapi::jiff::Timestamp::now();
+        w.rewrite_configs();
+        let (at, g) = published_after(&w, 1, generation, Duration::from_secs(120));
+        generation = g;
+        propagation.push((at.as_millisecond() - written.as_millisecond()).max(0) as u64);
+        rss_changes.push(rss_mib(pid));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after = rss_mib(pid);
+    propagation.sort_unstable();
+    empty.sort_unstable();
+    at_scale.sort_unstable();
+    let rate = |v: &[u64]| 1e6 / (percentile(v, 0.5) as f64).max(1.0);
+    let conn_ratio = rate(&at_scale) / rate(&empty);
+
+    println!("{:<44} {:>12}", "figure", "value");
+    println!(
+        "{:<44} {:>12.0}",
+        "parse the YAML, in process (ms)", parse_ms
+    );
+    println!("{:<44} {:>12.0}", "state::build, in process (ms)", build_ms);
+    println!(
+        "{:<44} {:>12.0}",
+        "one change, file mode, p50 (ms)",
+        percentile(&propagation, 0.5)
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "one change, file mode, p99 (ms)",
+        percentile(&propagation, 0.99)
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "parsed resources, in process (MiB)", resources_mib
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "built MeshState, in process (MiB)", state_mib
+    );
+    println!("{:<44} {:>12.1}", "agent RSS, empty state (MiB)", rss_empty);
+    println!(
+        "{:<44} {:>12.1}",
+        "agent RSS, cluster state (MiB)", rss_steady
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        format!("agent RSS after {CHANGES} changes (MiB)"),
+        rss_after
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "policy decision p50 (µs)",
+        decision_us(0.5)
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "policy decision p99 (µs)",
+        decision_us(0.99)
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "new conns/s, pooled, empty state",
+        rate(&empty)
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "new conns/s, pooled, cluster state",
+        rate(&at_scale)
+    );
+    println!(
+        "(RSS of node 1's agent, which holds every resource; per change {:?} MiB; {} of 20,000 \
+         decisions allowed; conns/s = 1 / median connect + first byte, 900 each; changes \
+         add one pod, file source polled every 500 ms; {:.0} s in all)",
+        rss_changes
+            .iter()
+            .map(|r| (r * 10.0).round() / 10.0)
+            .collect::<Vec<_>>(),
+        allowed,
+        started.elapsed().as_secs_f64()
+    );
+    println!("scale_build_ms {build_ms:.0}");
+    println!("scale_propagation_p50_ms {}", percentile(&propagation, 0.5));
+    println!(
+        "scale_propagation_p99_ms {}",
+        percentile(&propagation, 0.99)
+    );
+    println!("scale_rss_mb {rss_steady:.1}");
+    println!("scale_rss_after_reloads_mb {rss_after:.1}");
+    println!("scale_decision_p99_us {:.2}", decision_us(0.99));
+    println!("ratio conn_at_scale_vs_empty {conn_ratio:.2}");
 }

@@ -344,9 +344,25 @@ async fn rebuild_loop(
         let t = Instant::now();
         let mut set = stores.resource_set();
         merge(&mut set, &options.extra);
-        let out = last_good.build(&set, &options.settings);
+        // Building a cluster's state takes long enough to stall proxying: off the runtime.
+        let settings = options.settings.clone();
+        let mut kept = std::mem::take(&mut last_good);
+        let (out, kept) = match tokio::task::spawn_blocking(move || {
+            let out = kept.build(set, &settings);
+            (out, kept)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                warn!(error = %e, "rebuilding the mesh state failed; retrying on the next change");
+                continue;
+            }
+        };
+        last_good = kept;
         log.log(&stores, &out.rejections);
         publisher.publish(out.state);
+        crate::memory::release_freed();
         generation += 1;
         if generation == 1 {
             let absent: Vec<String> = kinds::watched()

@@ -413,6 +413,50 @@ spec: {clusterIP: 10.96.77.7, selector: {app: b}, ports: [{port: 80, targetPort:
 }
 
 #[test]
+fn a_service_entry_that_loses_a_vip_gets_a_rejection_naming_the_field() {
+    let out = build(
+        &ResourceSet::from_yaml(&format!(
+            r#"{BASE}---
+apiVersion: v1
+kind: Service
+metadata: {{name: old, namespace: mesh, creationTimestamp: "2026-01-01T00:00:00Z"}}
+spec: {{clusterIP: 240.0.0.7, selector: {{app: b}}, ports: [{{port: 80}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: young, namespace: mesh, creationTimestamp: "2026-02-01T00:00:00Z"}}
+spec:
+  hosts: [web.internal]
+  addresses: [240.0.0.7, 240.0.0.9]
+  ports: [{{number: 80, name: http, protocol: TCP}}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: b}}}}
+"#
+        ))
+        .unwrap(),
+        &MeshSettings::default(),
+    );
+    let [r] = out.rejections.as_slice() else {
+        panic!("{:?}", out.rejections)
+    };
+    assert_eq!(
+        (r.kind.as_str(), r.name.as_str(), r.field.as_str()),
+        (
+            "ServiceEntry.networking.istio.io",
+            "young",
+            "spec.addresses"
+        )
+    );
+    assert!(r.message.contains("mesh/old"), "{}", r.message);
+    // The entry keeps the VIP nobody else claims.
+    assert_eq!(
+        out.state.services["mesh/young"].vips,
+        ["240.0.0.9".parse::<IpAddr>().unwrap()]
+    );
+}
+
+#[test]
 fn in_mesh_service_entries_route_like_services() {
     let s = state(
         r#"
