@@ -164,13 +164,17 @@ pub(crate) async fn open_stream(
     let (response, mut send) = sender
         .send_request(req, false)
         .map_err(OpenError::Retryable)?;
-    if !early.is_empty() {
+    let early_sent = if early.is_empty() {
+        Ok(())
+    } else {
         send.send_data(early.clone(), false)
-            .map_err(not_processed)?;
-    }
+    };
+    // The peer may answer (a refusal closes the stream) before the early bytes go out; then
+    // its answer, not the failed send, is what happened.
     let response = response.await.map_err(not_processed)?;
     if response.status() != StatusCode::OK {
         return Err(OpenError::Status(response.status()));
     }
+    early_sent.map_err(not_processed)?;
     Ok((send, response.into_body()))
 }
