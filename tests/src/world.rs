@@ -75,6 +75,15 @@ pub fn ip(netns: Option<&str>, args: &str) {
     );
 }
 
+/// No duplicate address detection on the links made later in `netns`: their link-local
+/// addresses are usable at once, so the first neighbour discovery of a fresh world does not
+/// race DAD (seen as `No route to host` after 3 s on the first IPv6 connection).
+fn no_dad(netns: &str) {
+    for key in ["all", "default"] {
+        sysctl_in(netns, &format!("net.ipv6.conf.{key}.accept_dad"), "0");
+    }
+}
+
 fn sysctl_in(netns: &str, key: &str, value: &str) {
     let status = Command::new("ip")
         .args([
@@ -331,6 +340,7 @@ impl World {
         ip(Some(&ns), "link set lo up");
         sysctl_in(&ns, "net.ipv4.ip_forward", "1");
         sysctl_in(&ns, "net.ipv6.conf.all.forwarding", "1");
+        no_dad(&ns);
         std::fs::create_dir_all(self.node_cgroup(i)).expect("node cgroup");
         // Underlay: every earlier node gets a point-to-point link to this one.
         for j in 1..i {
@@ -384,6 +394,7 @@ impl World {
         let node_ns = self.node_netns(i);
         let netns = format!("{}-{}", self.id, spec.name);
         ip(None, &format!("netns add {netns}"));
+        no_dad(&netns);
         ip(
             Some(&node_ns),
             &format!("link add p{j} type veth peer name eth0 netns {netns}"),

@@ -288,7 +288,16 @@ spec: {clusterIP: 10.96.8.8, selector: {app: legacy}, ports: [{port: 80, targetP
             && l["outcome"] == "ok"
     });
     assert_eq!(direct, 1, "{:?}", w.agents[&1].access_log());
-    let conn = w.connect("a", "[fd96::77:7]:80", 10_000);
+    let conn = w
+        .try_connect("a", "[fd96::77:7]:80", 10_000)
+        .unwrap_or_else(|e| {
+            panic!(
+                "over the IPv6 VIP: {e}\nsender: {:?}\nreceiver: {:?}\n{}",
+                w.agents[&1].access_log(),
+                w.agents[&2].access_log(),
+                w.agents[&2].tail()
+            )
+        });
     assert_eq!(conn.server_local, SocketAddr::new(w.pod("b").ipv6, 8080));
     assert_eq!(conn.server_peer.ip(), w.pod("a").ipv6);
     let hbone = w.agents[&1].wait_access(1, |l| {
