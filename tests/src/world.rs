@@ -255,6 +255,8 @@ pub struct World {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// More YAML documents (policies, mesh resources) for the agents' config.
     pub extra_resources: String,
+    /// YAML documents written after the pods (for tests where the order of the file matters).
+    pub late_resources: String,
     /// More lines for the agents' `identity:` section (indented two spaces).
     pub identity_extra: String,
     pub(crate) cgroup_root: PathBuf,
@@ -284,6 +286,7 @@ impl World {
             pods: Vec::new(),
             namespaces: BTreeMap::new(),
             extra_resources: String::new(),
+            late_resources: String::new(),
             identity_extra: String::new(),
             cgroup_root,
             extra_netns: Vec::new(),
@@ -499,6 +502,12 @@ impl World {
             out.push_str(&format!(
                 "---\n{}\n",
                 serde_json::to_string(&doc).expect("json")
+            ));
+        }
+        if !self.late_resources.is_empty() {
+            out.push_str(&format!(
+                "---\n{}\n",
+                self.late_resources.trim_start_matches("---\n")
             ));
         }
         out

@@ -8,7 +8,9 @@ pub mod hbone;
 pub mod hbone_inbound;
 pub mod host;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
+pub mod own_listeners;
 pub mod peek;
 pub mod pod;
 pub mod socket;
@@ -51,4 +53,8 @@ pub struct ProxyInputs {
     pub host: Arc<host::HostAddresses>,
     /// Connections in flight per Service endpoint and ClientIP affinity.
     pub balance: Arc<balance::Balancer>,
+    /// Caps on connections in flight, per pod and for the node (`spec.proxy`).
+    pub caps: Arc<limits::ConnectionCaps>,
+    /// The cap on HBONE connections not yet authenticated (`spec.hbone`).
+    pub unauthenticated: Arc<limits::UnauthenticatedGate>,
 }
