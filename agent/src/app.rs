@@ -130,6 +130,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             agent.hbone.server.max_unauthenticated.get(),
             metrics.clone(),
         )),
+        unknown_hold: agent.proxy.unknown_workload_hold(),
     };
     if let Some(gw) = &agent.egress.gateway {
         let listener = tokio::net::TcpListener::bind(gw.listen)
@@ -233,7 +234,7 @@ fn node_connection_cap(configured: usize, nofile: u64) -> usize {
     let fits = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX);
     let cap = configured.min(fits).max(1);
     if cap < configured {
-        tracing::warn!(
+        info!(
             configured,
             cap,
             nofile,

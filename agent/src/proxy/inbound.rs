@@ -67,6 +67,14 @@ async fn handle(
     };
     // The node itself (kubelet probes) is not held to the pod's policies.
     let from_node = inputs.host.exempts(peer.ip());
+    // A pod the state does not know yet: wait a little for it, never let it through undecided
+    // (`plaintext_allowed` refuses it when it is still unknown).
+    if !from_node {
+        super::unknown::wait_until(&inputs.state, inputs.unknown_hold, |s| {
+            s.workload_by_ip(dst.ip()).is_some()
+        })
+        .await;
+    }
     if !from_node && let Err((kind, reason)) = plaintext_allowed(&inputs, peer, dst) {
         inputs.metrics.policy_denied(kind);
         info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %pod.display_name(), src = %peer, dst = %dst, outcome = "denied", reason = %reason, "connection refused");
@@ -148,7 +156,14 @@ fn plaintext_allowed(
 ) -> Result<(), (&'static str, String)> {
     let state = inputs.state.current();
     let Some(workload) = state.workload_by_ip(dst.ip()) else {
-        return Ok(());
+        return Err((
+            "unknown_workload",
+            format!(
+                "{} is not in the mesh state (waited {:?}); its policies are unknown",
+                dst.ip(),
+                inputs.unknown_hold
+            ),
+        ));
     };
     let mode = state.policy.mtls_mode(workload, dst.port());
     if !mode.allows_plaintext() {

@@ -15,6 +15,7 @@ pub mod peek;
 pub mod pod;
 pub mod socket;
 pub mod telemetry;
+pub mod unknown;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -57,4 +58,7 @@ pub struct ProxyInputs {
     pub caps: Arc<limits::ConnectionCaps>,
     /// The cap on HBONE connections not yet authenticated (`spec.hbone`).
     pub unauthenticated: Arc<limits::UnauthenticatedGate>,
+    /// How long a connection of a pod unknown to MeshState waits for it before it is refused
+    /// (`spec.proxy.unknownWorkloadHoldMs`).
+    pub unknown_hold: std::time::Duration,
 }

@@ -87,6 +87,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
         .map(ToString::to_string)
         .unwrap_or_default();
 
+    // A source the state does not know yet: wait a little for it, then refuse (its egress
+    // policy and identity are unknown, so nothing may be decided for it).
+    let known = super::unknown::wait_until(&inputs.state, inputs.unknown_hold, |s| {
+        pod.workload(s).is_some()
+    })
+    .await;
+    if known.is_none() {
+        socket::reset_on_close(&client);
+        inputs.metrics.policy_denied("unknown_workload");
+        info!(target: "sluice::access", direction = "outbound", pod = %pod.display_name(), src = %src, orig_dst = %orig, outcome = "refused", reason_label = "unknown_workload", reason = %format!("pod {} is not in the mesh state (waited {:?})", pod.display_name(), inputs.unknown_hold), "connection refused");
+        return;
+    }
     // Decide.
     let state = inputs.state.current();
     let source = pod.workload(&state);
