@@ -543,3 +543,100 @@ async fn security_forbidden_policy_kind_is_named_not_taken_as_absent() {
     );
     assert_eq!(rebuilt.forbidden, vec![ap]);
 }
+
+/// Item 5: a pod MeshState does not know (yet). Plaintext to it under a namespace-wide STRICT
+/// was let through, and so was its egress under REGISTRY_ONLY. Now a connection waits
+/// `spec.proxy.unknownWorkloadHoldMs` for the pod to appear, then is refused; once the pod is
+/// known, mutual TLS to it works.
+#[test]
+fn security_pod_unknown_to_the_mesh_state_fails_closed() {
+    let mut w = World::build(
+        2,
+        &[
+            PodSpec::new("a", "mesh", 1),
+            PodSpec::new("h", "mesh", 2),
+            PodSpec::new("outside", "plain", 1),
+        ],
+    );
+    w.namespace("mesh", &[AMBIENT]);
+    w.namespace("plain", &[]);
+    w.extra_resources = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: mesh}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+"#
+    .into();
+    w.hidden_pods.insert("h".into());
+    let hold = "  proxy:\n    unknownWorkloadHoldMs: 1000\n";
+    w.start_agent(1, hold);
+    w.start_agent(2, hold);
+    for pod in ["a", "h", "outside"] {
+        w.enroll(pod);
+    }
+    let server = w.serve("h", "0.0.0.0:8080");
+    let h_app = to(&w, "h", 8080).to_string();
+    // Somewhere outside the mesh that no ServiceEntry lists: node 1's underlay address.
+    let node1 = format!("172.30.{}.1", sluice_tests::world::link_id(1, 2));
+    let outside_listener = in_netns(
+        PathBuf::from("/run/netns").join(w.node_netns(1)),
+        move || std::net::TcpListener::bind((node1.as_str(), 7777)).expect("listen on node 1"),
+    );
+    outside_listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let base = agent_health(&w, 2, "before the attack");
+
+    // Attack 1: plaintext to the unknown pod.
+    let started = Instant::now();
+    let plain = w.try_connect("outside", &h_app, 100);
+    let reached = server.try_accepted(Duration::from_millis(300));
+    assert!(
+        plain.is_err() && reached.is_none(),
+        "plaintext reached a pod unknown to the mesh state under STRICT: {plain:?}, h saw {reached:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "refused after {:?}, without waiting for the state",
+        started.elapsed()
+    );
+    // Attack 2: egress from the unknown pod under REGISTRY_ONLY.
+    let egress_addr = format!("172.30.{}.1:7777", sluice_tests::world::link_id(1, 2));
+    let out = w.run_in("h", &["connect", &egress_addr, "10"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let leaked = outside_listener.accept().is_ok();
+    assert!(
+        !leaked,
+        "egress from a pod unknown to the mesh state skipped REGISTRY_ONLY: {out}"
+    );
+    let refusals = w.agents[&2].wait_access(2, |l| {
+        l["outcome"] != "ok" && l.to_string().contains("not in the mesh state")
+    });
+    assert!(
+        refusals >= 2,
+        "no refusals naming the unknown pod: {:?}",
+        w.agents[&2].access_log()
+    );
+    assert_bounded(&w, 2, base, 16, "after the attack");
+
+    // Once the pod is known, mutual TLS to it works.
+    w.hidden_pods.clear();
+    w.rewrite_configs();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match w.try_connect("a", &h_app, 1000) {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "a → h once h is known: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
