@@ -72,6 +72,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Observability: Prometheus metrics, readiness, and the loopback-only config dump.
     let metrics = Arc::new(crate::admin::metrics::Metrics::new());
     let ready = crate::admin::server::Ready::new();
+    if let crate::sources::Running::Kube(kube) = &source {
+        tokio::spawn(block_while_forbidden(kube.source.rebuilt(), ready.clone()));
+    }
     let certs: Arc<std::sync::Mutex<Vec<crate::identity::CertInfo>>> = Arc::default();
     let _metrics_server =
         crate::admin::server::serve_metrics(agent.metrics_addr, metrics.clone()).await?;
@@ -103,6 +106,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // What the node proxy does not enforce of each policy, logged once per policy.
     tokio::spawn(crate::policy::PolicyNotices::default().run(state.clone()));
     let egress = start_egress(&agent, &state, metrics.clone());
+    let nofile = raise_nofile_limit();
+    let per_node = node_connection_cap(agent.proxy.max_connections_per_node.get(), nofile);
     let proxy = ProxyInputs {
         identity,
         state: state.clone(),
@@ -116,6 +121,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         host: Arc::new(crate::proxy::host::HostAddresses::new(
             agent.capture.node_traffic_bypasses_policy,
         )),
+        caps: Arc::new(crate::proxy::limits::ConnectionCaps::new(
+            agent.proxy.max_connections_per_pod.get(),
+            per_node,
+            metrics.clone(),
+        )),
+        unauthenticated: Arc::new(crate::proxy::limits::UnauthenticatedGate::new(
+            agent.hbone.server.max_unauthenticated.get(),
+            metrics.clone(),
+        )),
+        unknown_hold: agent.proxy.unknown_workload_hold(),
     };
     if let Some(gw) = &agent.egress.gateway {
         let listener = tokio::net::TcpListener::bind(gw.listen)
@@ -156,6 +171,77 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // connections already established continue. `sluice cleanup` removes everything.
     drop(source);
     Ok(())
+}
+
+/// Holds readiness back, naming the kinds, while RBAC forbids listing a security kind: an agent
+/// that cannot see AuthorizationPolicies must not report ready as if there were none.
+async fn block_while_forbidden(
+    mut rebuilt: tokio::sync::watch::Receiver<Arc<crate::sources::kube::Rebuilt>>,
+    ready: crate::admin::server::Ready,
+) {
+    let mut held: Option<(Vec<String>, crate::admin::server::BlockReady)> = None;
+    loop {
+        let forbidden = rebuilt.borrow_and_update().forbidden.clone();
+        if held.as_ref().map(|(kinds, _)| kinds) != Some(&forbidden) {
+            held = (!forbidden.is_empty()).then(|| {
+                let what = format!(
+                    "listing {} is forbidden (RBAC): policies unknown",
+                    forbidden.join(", ")
+                );
+                (forbidden, ready.block(what))
+            });
+        }
+        if rebuilt.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (a proxy holds two descriptors
+/// per connection); returns the soft limit in force afterwards.
+fn raise_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "reading RLIMIT_NOFILE");
+        return 1024;
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), soft = before,
+                hard = limit.rlim_max, "raising RLIMIT_NOFILE");
+            return before;
+        }
+    }
+    info!(
+        from = before,
+        to = limit.rlim_cur,
+        "open file limit (RLIMIT_NOFILE)"
+    );
+    limit.rlim_cur
+}
+
+/// The node's cap on connections in flight: as configured, lowered so that two descriptors per
+/// connection fit in `nofile` with room for everything else the agent holds.
+fn node_connection_cap(configured: usize, nofile: u64) -> usize {
+    const RESERVED_FDS: u64 = 1024;
+    let fits = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX);
+    let cap = configured.min(fits).max(1);
+    if cap < configured {
+        info!(
+            configured,
+            cap,
+            nofile,
+            "spec.proxy.maxConnectionsPerNode lowered to what the open file limit holds"
+        );
+    }
+    cap
 }
 
 /// Egress consumers: the DNS ServiceEntry resolver and prefix pinning; returns what the proxy

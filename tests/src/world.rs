@@ -264,6 +264,10 @@ pub struct World {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// More YAML documents (policies, mesh resources) for the agents' config.
     pub extra_resources: String,
+    /// YAML documents written after the pods (for tests where the order of the file matters).
+    pub late_resources: String,
+    /// Pods left out of the agents' config (MeshState does not know them).
+    pub hidden_pods: std::collections::BTreeSet<String>,
     /// More lines for the agents' `identity:` section (indented two spaces).
     pub identity_extra: String,
     pub(crate) cgroup_root: PathBuf,
@@ -293,6 +297,8 @@ impl World {
             pods: Vec::new(),
             namespaces: BTreeMap::new(),
             extra_resources: String::new(),
+            late_resources: String::new(),
+            hidden_pods: Default::default(),
             identity_extra: String::new(),
             cgroup_root,
             extra_netns: Vec::new(),
@@ -489,7 +495,11 @@ impl World {
                 self.extra_resources.trim_start_matches("---\n")
             ));
         }
-        for p in &self.pods {
+        for p in self
+            .pods
+            .iter()
+            .filter(|p| !self.hidden_pods.contains(&p.name))
+        {
             let ports: Vec<serde_json::Value> = p
                 .container_ports
                 .iter()
@@ -510,6 +520,12 @@ impl World {
             out.push_str(&format!(
                 "---\n{}\n",
                 serde_json::to_string(&doc).expect("json")
+            ));
+        }
+        if !self.late_resources.is_empty() {
+            out.push_str(&format!(
+                "---\n{}\n",
+                self.late_resources.trim_start_matches("---\n")
             ));
         }
         out
@@ -707,7 +723,7 @@ impl World {
 }
 
 /// The third octet of the underlay link between nodes `a` and `b` (`172.30.<id>.<node>`).
-pub(crate) fn link_id(a: usize, b: usize) -> usize {
+pub fn link_id(a: usize, b: usize) -> usize {
     a.min(b) * 10 + a.max(b)
 }
 

@@ -39,6 +39,19 @@ impl EncodeLabelSet for ReasonLabel {
     }
 }
 
+/// One label `name="value"` (e.g. `scope`, `stage`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct OneLabel {
+    name: &'static str,
+    value: String,
+}
+
+impl EncodeLabelSet for OneLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> fmt::Result {
+        encode_pairs(&[(self.name, &self.value)], encoder)
+    }
+}
+
 /// The HBONE client pools' counters, shared by every pool of the node and read at scrape time.
 #[derive(Debug, Default)]
 struct HbonePoolCollector(Arc<PoolStats>);
@@ -141,6 +154,10 @@ pub struct Metrics {
     certificates: Arc<CertificateExpiry>,
     captured_pods: Gauge,
     egress_refusals: Family<ReasonLabel, Counter>,
+    hbone_unauthenticated_refused: Counter,
+    hbone_handshake_timeouts: Family<OneLabel, Counter>,
+    connection_caps: Family<OneLabel, Counter>,
+    own_listener_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -159,6 +176,10 @@ impl Metrics {
         let certificates = Arc::new(CertificateExpiry::default());
         let captured_pods = Gauge::default();
         let egress_refusals = Family::<ReasonLabel, Counter>::default();
+        let hbone_unauthenticated_refused = Counter::default();
+        let hbone_handshake_timeouts = Family::<OneLabel, Counter>::default();
+        let connection_caps = Family::<OneLabel, Counter>::default();
+        let own_listener_refusals = Counter::default();
 
         registry.register_collector(Box::new(tcp.clone()));
         registry.register_collector(Box::new(hbone_pool.clone()));
@@ -178,6 +199,26 @@ impl Metrics {
             "Egress connections refused, by reason.",
             egress_refusals.clone(),
         );
+        registry.register(
+            "sluice_hbone_unauthenticated_refused",
+            "HBONE connections closed at accept because too many others had not yet authenticated.",
+            hbone_unauthenticated_refused.clone(),
+        );
+        registry.register(
+            "sluice_hbone_handshake_timeouts",
+            "HBONE connections closed for not finishing the TLS handshake (stage=tls) or not sending a first request (stage=first_request) in time.",
+            hbone_handshake_timeouts.clone(),
+        );
+        registry.register(
+            "sluice_proxy_connection_limit_refusals",
+            "Connections refused because a cap on connections in flight was reached, by scope (pod, node).",
+            connection_caps.clone(),
+        );
+        registry.register(
+            "sluice_proxy_own_listener_refusals",
+            "Connections refused because they were addressed to the agent's own listeners.",
+            own_listener_refusals.clone(),
+        );
 
         Self {
             registry,
@@ -187,7 +228,41 @@ impl Metrics {
             certificates,
             captured_pods,
             egress_refusals,
+            hbone_unauthenticated_refused,
+            hbone_handshake_timeouts,
+            connection_caps,
+            own_listener_refusals,
         }
+    }
+
+    /// Counts an HBONE connection closed at accept over the unauthenticated cap.
+    pub fn hbone_unauthenticated_refused(&self) {
+        self.hbone_unauthenticated_refused.inc();
+    }
+
+    /// Counts an HBONE connection closed for being slow at `stage` (`tls`, `first_request`).
+    pub fn hbone_handshake_timeout(&self, stage: &'static str) {
+        self.hbone_handshake_timeouts
+            .get_or_create(&OneLabel {
+                name: "stage",
+                value: stage.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection refused by the cap of `scope` (`pod`, `node`).
+    pub fn connection_cap_hit(&self, scope: &'static str) {
+        self.connection_caps
+            .get_or_create(&OneLabel {
+                name: "scope",
+                value: scope.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection refused for being addressed to the agent's own listener.
+    pub fn own_listener_refused(&self) {
+        self.own_listener_refusals.inc();
     }
 
     /// Counts a connection opened (`istio_tcp_connections_opened_total`).

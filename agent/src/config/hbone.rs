@@ -24,6 +24,37 @@ pub struct HboneLimits {
     pub pool: PoolLimits,
     /// HTTP/2 settings, client and server side.
     pub h2: H2Limits,
+    /// What an HBONE listener (a pod's 15008, the egress gateway's) allows a peer that has not
+    /// yet proven who it is, and an idle one.
+    pub server: ServerLimits,
+}
+
+/// Bounds on the HBONE listeners, so that a peer cannot hold file descriptors and tasks without
+/// authenticating.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// From accept to the end of the TLS handshake (the client's certificate verified).
+    pub handshake_timeout: Duration,
+    /// From the end of the TLS handshake to the first `CONNECT` request (HTTP/2 preface and
+    /// settings included).
+    pub first_request_timeout: Duration,
+    /// A connection we serve without streams for this long is closed (GOAWAY). Longer than the
+    /// client pools' idle timeout, so that clients normally close first.
+    pub idle_timeout: Duration,
+    /// Connections accepted whose TLS handshake has not finished, on the whole node, at most;
+    /// beyond, new connections are closed at once.
+    pub max_unauthenticated: NonZeroUsize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            max_unauthenticated: const { NonZeroUsize::new(1024).unwrap() },
+        }
+    }
 }
 
 /// HTTP/2 settings shared by the client and the server side.
@@ -150,6 +181,14 @@ struct HboneSpec {
     keepalive_interval_seconds: u64,
     /// A PING unanswered for this long closes the connection.
     keepalive_timeout_seconds: NonZeroU64,
+    /// Seconds an accepted HBONE connection has to finish its TLS handshake.
+    handshake_timeout_seconds: NonZeroU64,
+    /// Seconds from the TLS handshake to the first CONNECT request.
+    first_request_timeout_seconds: NonZeroU64,
+    /// Seconds a served HBONE connection may stay without streams.
+    server_idle_timeout_seconds: NonZeroU64,
+    /// Accepted HBONE connections not yet authenticated, node-wide, at most.
+    max_unauthenticated_connections: NonZeroUsize,
 }
 
 impl Default for HboneSpec {
@@ -163,7 +202,7 @@ fn seconds(d: Duration) -> NonZeroU64 {
 }
 
 impl From<HboneLimits> for HboneSpec {
-    fn from(HboneLimits { pool, h2 }: HboneLimits) -> Self {
+    fn from(HboneLimits { pool, h2, server }: HboneLimits) -> Self {
         Self {
             max_streams_per_connection: pool.max_streams_per_conn,
             max_connections_per_peer: pool.max_conns_per_key,
@@ -178,6 +217,10 @@ impl From<HboneLimits> for HboneSpec {
             send_buffer_bytes: NonZeroUsize::new(h2.max_send_buffer).unwrap_or(NonZeroUsize::MIN),
             keepalive_interval_seconds: h2.keepalive.map_or(0, |k| k.interval.as_secs()),
             keepalive_timeout_seconds: seconds(h2.keepalive.unwrap_or_default().timeout),
+            handshake_timeout_seconds: seconds(server.handshake_timeout),
+            first_request_timeout_seconds: seconds(server.first_request_timeout),
+            server_idle_timeout_seconds: seconds(server.idle_timeout),
+            max_unauthenticated_connections: server.max_unauthenticated,
         }
     }
 }
@@ -231,6 +274,12 @@ impl TryFrom<HboneSpec> for HboneLimits {
                     timeout: Duration::from_secs(s.keepalive_timeout_seconds.get()),
                 }),
                 ..H2Limits::default()
+            },
+            server: ServerLimits {
+                handshake_timeout: Duration::from_secs(s.handshake_timeout_seconds.get()),
+                first_request_timeout: Duration::from_secs(s.first_request_timeout_seconds.get()),
+                idle_timeout: Duration::from_secs(s.server_idle_timeout_seconds.get()),
+                max_unauthenticated: s.max_unauthenticated_connections,
             },
         })
     }

@@ -4,15 +4,19 @@
 mod hbone;
 mod identity;
 mod kube;
+mod proxy;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use hbone::{FRAME_SIZE_RANGE, H2Limits, HboneLimits, Keepalive, MAX_WINDOW, PoolLimits};
+pub use hbone::{
+    FRAME_SIZE_RANGE, H2Limits, HboneLimits, Keepalive, MAX_WINDOW, PoolLimits, ServerLimits,
+};
 pub use identity::{CertTtl, IdentityConfig};
 pub use kube::KubeConfig;
+pub use proxy::{DEFAULT_MAX_CONNECTIONS_PER_NODE, DEFAULT_MAX_CONNECTIONS_PER_POD, ProxyConfig};
 
 /// Default bound on the bytes the proxy peeks for a host name (a ClientHello with large key
 /// shares fits easily).
@@ -118,6 +122,9 @@ pub struct AgentConfig {
     /// HBONE connection pool and HTTP/2 limits, checked when read.
     #[serde(default)]
     pub hbone: HboneLimits,
+    /// Caps on the connections the node proxy holds at once.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
     /// Reading the mesh from a Kubernetes API server.
     #[serde(default)]
     pub kube: KubeConfig,

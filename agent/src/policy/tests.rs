@@ -827,13 +827,30 @@ spec:
             .iter()
             .all(|r| r.kind == "AuthorizationPolicy.security.istio.io")
     );
-    let kept: Vec<&str> = state
+    // None was ever valid, so each fails closed: an ALLOW policy (or one whose action is
+    // unknown) keeps no rule and so denies everything it selects; a DENY policy keeps its rules
+    // without the clauses it could not read.
+    let kept: Vec<(&str, usize)> = state
         .policy
         .authorizations
         .iter()
-        .map(|a| a.name.as_str())
+        .map(|a| (a.name.as_str(), a.rules.len()))
         .collect();
-    assert_eq!(kept, ["fine"]);
+    assert_eq!(
+        kept,
+        [
+            ("bad-cidr", 0),
+            ("bad-port", 2),
+            ("bad-action", 0),
+            ("bad-when", 0),
+            ("fine", 1)
+        ]
+    );
+    let bad_port = &state.policy.authorizations[1];
+    assert!(bad_port.rules.iter().all(|r| r.clauses.is_empty()));
+    use crate::state::policy::{FAIL_CLOSED_ALLOW, FAIL_CLOSED_DENY};
+    assert!(rejections[0].message.ends_with(FAIL_CLOSED_ALLOW));
+    assert!(rejections[1].message.ends_with(FAIL_CLOSED_DENY));
 }
 
 #[test]

@@ -1,6 +1,13 @@
 //! Who an enrolled pod is, as the proxy needs to know it for every connection: data and its
 //! HBONE pool, no listeners (those are in [`super::pod`]).
-use std::{io, net::IpAddr, sync::Arc};
+use std::{
+    io,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use sluice_common::PROXY_MARK;
 use socket2::Domain;
@@ -16,6 +23,19 @@ use crate::{
     state::{MeshState, Workload, WorkloadUid},
 };
 
+/// Connections in flight that the proxy holds for one pod (outbound, inbound plaintext and
+/// HBONE streams to it), counted against `spec.proxy.maxConnectionsPerPod` by
+/// [`super::limits::ConnectionCaps`].
+#[derive(Debug, Default)]
+pub struct PodConnections(pub(crate) AtomicUsize);
+
+impl PodConnections {
+    /// How many are open now.
+    pub fn current(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Who a pod is, as the proxy needs to know it for every connection.
 pub struct PodContext {
     pub uid: String,
@@ -25,6 +45,8 @@ pub struct PodContext {
     pub ips: Vec<IpAddr>,
     /// HBONE connections from this pod (dialled from its namespace, so they carry its address).
     pub pool: HbonePool,
+    /// Connections the proxy holds for this pod now (`spec.proxy.maxConnectionsPerPod`).
+    pub connections: PodConnections,
 }
 
 impl PodContext {
@@ -52,6 +74,7 @@ impl PodContext {
             netns,
             ips,
             pool,
+            connections: PodConnections::default(),
         }
     }
 

@@ -55,13 +55,16 @@ const PIPE_BYTES: usize = 64 * 1024;
 
 /// Accepts HBONE from pods on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, inputs: ProxyInputs) {
-    let server = Arc::new(HboneServer::new(inputs.hbone.h2.clone(), {
-        let inputs = inputs.clone();
-        move |req: ConnectRequest| {
+    let server = Arc::new(
+        HboneServer::new(inputs.hbone.h2.clone(), {
             let inputs = inputs.clone();
-            async move { accept(req, &inputs) }
-        }
-    }));
+            move |req: ConnectRequest| {
+                let inputs = inputs.clone();
+                async move { accept(req, &inputs) }
+            }
+        })
+        .with_timeouts(super::hbone_inbound::serve_timeouts(&inputs)),
+    );
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -71,10 +74,14 @@ pub async fn serve(listener: TcpListener, inputs: ProxyInputs) {
                 continue;
             }
         };
+        let Some(unauthenticated) = inputs.unauthenticated.admit(peer) else {
+            super::socket::reset_on_close(&tcp);
+            continue;
+        };
         let server = server.clone();
         let inputs = inputs.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(tcp, peer, &server, &inputs).await {
+            if let Err(e) = serve_one(tcp, peer, unauthenticated, &server, &inputs).await {
                 info!(target: "sluice::access", direction = "egress_gateway", src = %peer, outcome = "handshake", error = %e, "connection refused");
                 inputs.egress.refused("gateway_handshake");
             }
@@ -85,6 +92,7 @@ pub async fn serve(listener: TcpListener, inputs: ProxyInputs) {
 async fn serve_one<H: super::hbone::ConnectHandler>(
     tcp: TcpStream,
     peer: SocketAddr,
+    unauthenticated: super::limits::Unauthenticated,
     server: &HboneServer<H>,
     inputs: &ProxyInputs,
 ) -> anyhow::Result<()> {
@@ -92,7 +100,7 @@ async fn serve_one<H: super::hbone::ConnectHandler>(
         .egress
         .gateway
         .identity(&inputs.state.current().trust_domain);
-    super::hbone_inbound::serve_as(tcp, peer, server, &me, inputs).await
+    super::hbone_inbound::serve_as(tcp, peer, unauthenticated, server, &me, inputs).await
 }
 
 /// Checks who asks, answers 200 and leaves the rest to a task reading the tunnel.
@@ -386,6 +394,10 @@ async fn resolve(
 
 /// TCP to `addr`, from `bind` when given.
 async fn connect_from(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+    // The agent's own listeners (admin, metrics, readiness) are on the node's loopback.
+    if let Some(why) = super::own_listeners::dial_refusal(addr, false) {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+    }
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

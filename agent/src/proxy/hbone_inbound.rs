@@ -12,24 +12,29 @@ use super::{
     ProxyInputs,
     context::PodContext,
     hbone::{
-        ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus, SpliceEnd, Upstream,
+        ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus, ServeError,
+        ServeTimeouts, SpliceEnd, Upstream,
     },
     inbound::connect_transparent,
+    limits::Unauthenticated,
     telemetry::{self, Peer, Reporter},
 };
 use crate::{identity::peer_identity, policy, state::Identity};
 
 /// Accepts HBONE connections on one pod address until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
-    let server = Arc::new(HboneServer::new(inputs.hbone.h2.clone(), {
-        let pod = pod.clone();
-        let inputs = inputs.clone();
-        move |req: ConnectRequest| {
+    let server = Arc::new(
+        HboneServer::new(inputs.hbone.h2.clone(), {
             let pod = pod.clone();
             let inputs = inputs.clone();
-            async move { authorize_and_connect(req, &pod, &inputs).await }
-        }
-    }));
+            move |req: ConnectRequest| {
+                let pod = pod.clone();
+                let inputs = inputs.clone();
+                async move { authorize_and_connect(req, &pod, &inputs).await }
+            }
+        })
+        .with_timeouts(serve_timeouts(&inputs)),
+    );
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -39,20 +44,33 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInp
                 continue;
             }
         };
+        let Some(unauthenticated) = inputs.unauthenticated.admit(peer) else {
+            super::socket::reset_on_close(&tcp);
+            continue;
+        };
         let server = server.clone();
         let pod = pod.clone();
         let inputs = inputs.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(tcp, peer, &server, &pod, &inputs).await {
+            if let Err(e) = serve_one(tcp, peer, unauthenticated, &server, &pod, &inputs).await {
                 info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %pod.display_name(), src = %peer, outcome = "handshake", error = %e, "connection refused");
             }
         });
     }
 }
 
+/// The first-request and idle timeouts of served HBONE connections (`spec.hbone`).
+pub(crate) fn serve_timeouts(inputs: &ProxyInputs) -> ServeTimeouts {
+    ServeTimeouts {
+        first_request: Some(inputs.hbone.server.first_request_timeout),
+        idle: Some(inputs.hbone.server.idle_timeout),
+    }
+}
+
 async fn serve_one<H: super::hbone::ConnectHandler>(
     tcp: TcpStream,
     peer: SocketAddr,
+    unauthenticated: Unauthenticated,
     server: &HboneServer<H>,
     pod: &PodContext,
     inputs: &ProxyInputs,
@@ -63,15 +81,18 @@ async fn serve_one<H: super::hbone::ConnectHandler>(
             .map(|w| w.identity(&state.trust_domain))
             .ok_or_else(|| anyhow::anyhow!("pod {} is not in the mesh state", pod.display_name()))?
     };
-    serve_as(tcp, peer, server, &identity, inputs).await
+    serve_as(tcp, peer, unauthenticated, server, &identity, inputs).await
 }
 
 /// Terminates mutual TLS on `tcp` as `identity` (the client must prove a mesh identity) and
 /// serves HBONE on it until the connection ends. Shared by the pod listeners and the egress
-/// gateway.
+/// gateway. The handshake is bounded by `spec.hbone.handshakeTimeoutSeconds`, and
+/// `unauthenticated` (the connection's place under the node's cap) is given back once the
+/// client has proven its identity.
 pub(crate) async fn serve_as<H: super::hbone::ConnectHandler>(
     tcp: TcpStream,
     peer: SocketAddr,
+    unauthenticated: Unauthenticated,
     server: &HboneServer<H>,
     identity: &Identity,
     inputs: &ProxyInputs,
@@ -79,23 +100,38 @@ pub(crate) async fn serve_as<H: super::hbone::ConnectHandler>(
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr()?;
     let tls = inputs.identity.server_config(identity).await?;
-    let stream = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
+    let limit = inputs.hbone.server.handshake_timeout;
+    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+    let stream = match tokio::time::timeout(limit, accept).await {
+        Ok(stream) => stream?,
+        Err(_) => {
+            inputs.metrics.hbone_handshake_timeout("tls");
+            anyhow::bail!("no TLS handshake within {limit:?}");
+        }
+    };
     let peer_identity = peer_identity(stream.get_ref().1)
         .ok_or_else(|| anyhow::anyhow!("client presented no SPIFFE identity"))?;
+    drop(unauthenticated);
     let info = ConnectionInfo {
         peer_identity,
         peer_addr: peer,
         local_addr: local,
     };
-    server
+    match server
         .serve_connection(stream, info, std::future::pending())
-        .await?;
-    Ok(())
+        .await
+    {
+        Err(e @ ServeError::FirstRequestTimeout { .. }) => {
+            inputs.metrics.hbone_handshake_timeout("first_request");
+            Err(e.into())
+        }
+        other => Ok(other?),
+    }
 }
 
 async fn authorize_and_connect(
     req: ConnectRequest,
-    pod: &PodContext,
+    pod: &Arc<PodContext>,
     inputs: &ProxyInputs,
 ) -> Result<Upstream<TcpStream>, Refusal> {
     let start = Instant::now();
@@ -136,6 +172,15 @@ async fn authorize_and_connect(
         inputs.metrics.policy_denied("authorization");
         return Err(refuse(RefusalStatus::Forbidden, decision.to_string()));
     }
+    let slot = match inputs.caps.admit(pod) {
+        Ok(slot) => slot,
+        Err(scope) => {
+            return Err(refuse(
+                RefusalStatus::ServiceUnavailable,
+                format!("connection cap ({scope}) reached"),
+            ));
+        }
+    };
     let app = match connect_transparent(pod, inputs, SocketAddr::new(src.ip(), 0), dst).await {
         Ok(app) => app,
         Err(e) => {
@@ -161,6 +206,7 @@ async fn authorize_and_connect(
     telemetry::set_service_of(&mut labels, &state, workload, dst.port());
     let metrics = inputs.metrics.connection(&labels);
     Ok(Upstream::new(app).on_close(move |report| {
+        drop(slot);
         // Istio's names: "received" are request bytes, "sent" response bytes.
         metrics.received(report.hbone_to_tcp);
         metrics.sent(report.tcp_to_hbone);

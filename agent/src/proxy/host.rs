@@ -35,7 +35,9 @@ impl HostAddresses {
     /// Whether plaintext from `ip` is the host's own and skips the pod's policies. Call from
     /// the agent's own network namespace.
     pub fn exempts(&self, ip: IpAddr) -> bool {
-        if !self.enabled {
+        // Loopback is never the node: inside a pod it is the pod itself (and where the
+        // agent's own listeners are).
+        if !self.enabled || ip.is_loopback() {
             return false;
         }
         let mut cache = self
@@ -71,9 +73,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_is_a_host_address_unless_disabled() {
+    fn loopback_is_never_the_node() {
         let on = HostAddresses::new(true);
-        assert!(on.exempts(IpAddr::from([127, 0, 0, 1])));
+        assert!(!on.exempts(IpAddr::from([127, 0, 0, 1])));
+        assert!(!on.exempts(std::net::Ipv6Addr::LOCALHOST.into()));
         assert!(!on.exempts(IpAddr::from([192, 0, 2, 77])));
         assert!(!HostAddresses::new(false).exempts(IpAddr::from([127, 0, 0, 1])));
     }

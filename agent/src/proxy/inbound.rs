@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{
     ProxyInputs,
     context::PodContext,
-    copy,
+    copy, own_listeners,
     telemetry::{self, Peer, Reporter},
 };
 
@@ -48,8 +48,33 @@ async fn handle(
         }
     };
     let _ = client.set_nodelay(true);
+    // Only what sk_lookup steered here is for the application: a pod that connects to the
+    // listener itself (its loopback 15006) must not make the agent dial itself.
+    if let Some(reason) = own_listeners::inbound_refusal(&pod.ips, dst) {
+        inputs.metrics.own_listener_refused();
+        info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %pod.display_name(), src = %peer, dst = %dst, outcome = "refused", reason_label = "own_listener", reason = %reason, "connection refused");
+        super::socket::reset_on_close(&client);
+        return;
+    }
+    // Held until the connection ends: one place under the pod's and the node's caps.
+    let _slot = match inputs.caps.admit(&pod) {
+        Ok(slot) => slot,
+        Err(scope) => {
+            info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %pod.display_name(), src = %peer, dst = %dst, outcome = "refused", reason_label = "connection_cap", reason = %format!("connection cap ({scope}) reached"), "connection refused");
+            super::socket::reset_on_close(&client);
+            return;
+        }
+    };
     // The node itself (kubelet probes) is not held to the pod's policies.
     let from_node = inputs.host.exempts(peer.ip());
+    // A pod the state does not know yet: wait a little for it, never let it through undecided
+    // (`plaintext_allowed` refuses it when it is still unknown).
+    if !from_node {
+        super::unknown::wait_until(&inputs.state, inputs.unknown_hold, |s| {
+            s.workload_by_ip(dst.ip()).is_some()
+        })
+        .await;
+    }
     if !from_node && let Err((kind, reason)) = plaintext_allowed(&inputs, peer, dst) {
         inputs.metrics.policy_denied(kind);
         info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %pod.display_name(), src = %peer, dst = %dst, outcome = "denied", reason = %reason, "connection refused");
@@ -131,7 +156,14 @@ fn plaintext_allowed(
 ) -> Result<(), (&'static str, String)> {
     let state = inputs.state.current();
     let Some(workload) = state.workload_by_ip(dst.ip()) else {
-        return Ok(());
+        return Err((
+            "unknown_workload",
+            format!(
+                "{} is not in the mesh state (waited {:?}); its policies are unknown",
+                dst.ip(),
+                inputs.unknown_hold
+            ),
+        ));
     };
     let mode = state.policy.mtls_mode(workload, dst.port());
     if !mode.allows_plaintext() {
@@ -159,13 +191,20 @@ const IPV6_TRANSPARENT: libc::c_int = 75;
 /// How long the proxy waits for a pod's application to accept a connection.
 const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Connects to the application at `dst` from `client`'s address, inside the pod.
+/// Connects to the application at `dst` from `client`'s address, inside the pod; never to one
+/// of the agent's own listeners.
 pub(crate) async fn connect_transparent(
     pod: &PodContext,
     inputs: &ProxyInputs,
     client: SocketAddr,
     dst: SocketAddr,
 ) -> std::io::Result<TcpStream> {
+    if let Some(why) = own_listeners::dial_refusal(dst, true) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why,
+        ));
+    }
     let domain = if dst.is_ipv4() {
         Domain::IPV4
     } else {

@@ -8,11 +8,14 @@ pub mod hbone;
 pub mod hbone_inbound;
 pub mod host;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
+pub mod own_listeners;
 pub mod peek;
 pub mod pod;
 pub mod socket;
 pub mod telemetry;
+pub mod unknown;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -51,4 +54,11 @@ pub struct ProxyInputs {
     pub host: Arc<host::HostAddresses>,
     /// Connections in flight per Service endpoint and ClientIP affinity.
     pub balance: Arc<balance::Balancer>,
+    /// Caps on connections in flight, per pod and for the node (`spec.proxy`).
+    pub caps: Arc<limits::ConnectionCaps>,
+    /// The cap on HBONE connections not yet authenticated (`spec.hbone`).
+    pub unauthenticated: Arc<limits::UnauthenticatedGate>,
+    /// How long a connection of a pod unknown to MeshState waits for it before it is refused
+    /// (`spec.proxy.unknownWorkloadHoldMs`).
+    pub unknown_hold: std::time::Duration,
 }

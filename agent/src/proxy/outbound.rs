@@ -13,7 +13,7 @@ use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpSocket, TcpStream},
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     ProxyInputs,
@@ -23,7 +23,7 @@ use super::{
         Baggage, ConnectError, EARLY_DATA_MAX, HboneStream, PoolKey, RequestMeta, SpliceCounters,
         SpliceEnd, splice,
     },
-    peek, socket,
+    own_listeners, peek, socket,
     telemetry::{self, ConnectionResult, OutboundLog, Outcome, Peer, Reporter},
 };
 use crate::state::{
@@ -66,7 +66,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
     let Some(orig) = orig else {
         // Someone connected to the listener directly: there is nowhere to send it.
         debug!(pod = %pod.uid, %peer, "outbound connection without a captured destination, closing");
+        socket::reset_on_close(&client);
         return;
+    };
+    // Held until the connection ends: one place under the pod's and the node's caps.
+    let _slot = match inputs.caps.admit(&pod) {
+        Ok(slot) => slot,
+        Err(scope) => {
+            socket::reset_on_close(&client);
+            info!(target: "sluice::access", direction = "outbound", pod = %pod.display_name(), src = %peer, orig_dst = %orig, outcome = "refused", reason_label = "connection_cap", reason = %format!("connection cap ({scope}) reached"), "connection refused");
+            return;
+        }
     };
     let _ = client.set_nodelay(true);
     let src = pod
@@ -77,6 +87,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
         .map(ToString::to_string)
         .unwrap_or_default();
 
+    // A source the state does not know yet: wait a little for it, then refuse (its egress
+    // policy and identity are unknown, so nothing may be decided for it).
+    let known = super::unknown::wait_until(&inputs.state, inputs.unknown_hold, |s| {
+        pod.workload(s).is_some()
+    })
+    .await;
+    if known.is_none() {
+        socket::reset_on_close(&client);
+        inputs.metrics.policy_denied("unknown_workload");
+        info!(target: "sluice::access", direction = "outbound", pod = %pod.display_name(), src = %src, orig_dst = %orig, outcome = "refused", reason_label = "unknown_workload", reason = %format!("pod {} is not in the mesh state (waited {:?})", pod.display_name(), inputs.unknown_hold), "connection refused");
+        return;
+    }
     // Decide.
     let state = inputs.state.current();
     let source = pod.workload(&state);
@@ -208,6 +230,14 @@ async fn direct(
     inputs: &ProxyInputs,
     dst: SocketAddr,
 ) -> Outcome {
+    if let Some(reason) = own_listeners::dial_refusal(dst, false) {
+        inputs.metrics.own_listener_refused();
+        socket::reset_on_close(&client);
+        return Outcome::Refused {
+            label: "own_listener",
+            reason,
+        };
+    }
     let mut upstream = match connect_direct(pod, inputs, dst).await {
         Ok(u) => u,
         Err(e) => return Outcome::failed("connect", e),
@@ -519,6 +549,12 @@ async fn connect_direct(
     inputs: &ProxyInputs,
     dst: SocketAddr,
 ) -> std::io::Result<TcpStream> {
+    if let Some(why) = own_listeners::dial_refusal(dst, false) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why,
+        ));
+    }
     let domain = if dst.is_ipv4() {
         Domain::IPV4
     } else {

@@ -9,7 +9,10 @@ use super::{
     rejections::Rejection,
     workload::{Membership, Namespace, Node, Workload, WorkloadUid},
 };
-use crate::resources::{NamespacedName, ResourceSet, endpoint_slice::Slice, kinds::WatchedKind};
+use crate::resources::{
+    NamespacedName, ResourceSet, endpoint_slice::Slice, kinds::WatchedKind,
+    static_egress::STATIC_GATEWAY_ANNOTATION,
+};
 
 /// Label that puts a namespace or pod in the ambient mesh (`ambient`) or keeps a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -43,13 +46,19 @@ pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
             out.state.nodes.insert(node.name.clone(), node);
         }
     }
-    for pod in &resources.pods {
-        if let Some(w) = workload(pod, &out.state.namespaces, &mut rejected) {
-            for ip in &w.ips {
-                out.state.by_ip.insert(*ip, w.uid.clone());
-            }
-            out.state.workloads.insert(w.uid.clone(), w);
+    let candidates: Vec<(Workload, bool)> = resources
+        .pods
+        .iter()
+        .filter_map(|pod| {
+            let w = workload(pod, &out.state.namespaces, &mut rejected)?;
+            Some((w, phase(pod) == Some("Running")))
+        })
+        .collect();
+    for w in claim_addresses(candidates) {
+        for ip in &w.ips {
+            out.state.by_ip.insert(*ip, w.uid.clone());
         }
+        out.state.workloads.insert(w.uid.clone(), w);
     }
     out.state.egress =
         super::egress::build(resources, settings, &out.state.workloads, &mut rejected);
@@ -113,6 +122,47 @@ fn slices(resources: &ResourceSet) -> Vec<Slice> {
             .filter(|s| !seen.contains(&(s.namespace.clone(), s.name.clone()))),
     );
     out
+}
+
+/// Settles addresses that several pods claim (Kubernetes reuses the address of a pod that
+/// ended, and a pod's status can lag): a running pod wins over one that is not, else the first
+/// listed keeps it. The losers lose that address; a pod left without addresses is no workload.
+fn claim_addresses(candidates: Vec<(Workload, bool)>) -> Vec<Workload> {
+    let mut owner: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for (i, (w, running)) in candidates.iter().enumerate() {
+        for ip in &w.ips {
+            let holder = owner.entry(*ip).or_insert(i);
+            if *running && !candidates[*holder].1 {
+                *holder = i;
+            }
+        }
+    }
+    candidates
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, (mut w, _))| {
+            w.ips.retain(|ip| owner.get(ip) == Some(&i));
+            (!w.ips.is_empty()).then_some(w)
+        })
+        .collect()
+}
+
+/// `status.phase` of a pod.
+fn phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+/// Annotations the data path reads; no other annotation reaches MeshState (and so
+/// `/config_dump`), since annotations can carry anything, such as a whole manifest in
+/// `kubectl.kubernetes.io/last-applied-configuration`.
+const DATA_PATH_ANNOTATIONS: &[&str] = &[STATIC_GATEWAY_ANNOTATION];
+
+fn data_path_annotations(map: &Option<BTreeMap<String, String>>) -> BTreeMap<String, String> {
+    map.iter()
+        .flatten()
+        .filter(|(k, _)| DATA_PATH_ANNOTATIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn labels(map: &Option<BTreeMap<String, String>>) -> BTreeMap<String, String> {
@@ -209,6 +259,13 @@ fn workload(
         .unwrap_or_else(|| NamespacedName::new(&namespace, &name).key());
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
+    // A hostNetwork pod's addresses are the node's; a finished pod's address belongs to
+    // whichever pod Kubernetes gives it next. Neither is a workload.
+    if spec.and_then(|s| s.host_network) == Some(true)
+        || matches!(phase(pod), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
     let mut ips = Vec::new();
     let listed: Vec<(String, String)> = match status.and_then(|s| s.pod_ips.as_ref()) {
         Some(list) if !list.is_empty() => list
@@ -237,6 +294,10 @@ fn workload(
             }
         }
     }
+    if ips.is_empty() {
+        // Not yet given an address: nothing can reach it or come from it.
+        return None;
+    }
     let pod_labels = labels(&pod.metadata.labels);
     let membership = membership(&pod_labels, namespaces.get(&namespace));
     let ports = spec
@@ -263,7 +324,7 @@ fn workload(
         node: spec.and_then(|s| s.node_name.clone()),
         ips,
         labels: pod_labels,
-        annotations: labels(&pod.metadata.annotations),
+        annotations: data_path_annotations(&pod.metadata.annotations),
         membership,
         namespace,
         ports,
@@ -308,11 +369,13 @@ apiVersion: v1
 kind: Pod
 metadata: {name: old, namespace: legacy}
 spec: {containers: []}
+status: {podIP: 10.0.1.4}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: stray, namespace: outside, labels: {istio.io/dataplane-mode: ambient}}
 spec: {containers: []}
+status: {podIP: 10.0.1.5}
 ---
 apiVersion: v1
 kind: Pod
@@ -380,6 +443,106 @@ spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPor
         assert_eq!(
             svc.ports[0].target_port,
             super::super::service::TargetPort::Number(8080)
+        );
+    }
+
+    #[test]
+    fn finished_host_network_and_addressless_pods_are_no_workloads() {
+        let out = build(
+            &parse(
+                r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: shop, uid: done}
+spec: {containers: []}
+status: {phase: Succeeded, podIP: 10.0.1.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crashed, namespace: shop, uid: crashed}
+spec: {containers: []}
+status: {phase: Failed, podIP: 10.0.1.8}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: shop, uid: host}
+spec: {hostNetwork: true, containers: []}
+status: {phase: Running, podIP: 172.30.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: shop, uid: pending}
+spec: {containers: []}
+status: {phase: Pending}
+"#,
+            ),
+            &MeshSettings::default(),
+        );
+        assert!(out.state.workloads.is_empty(), "{:?}", out.state.workloads);
+        assert!(out.state.by_ip.is_empty());
+        assert!(out.rejections.is_empty(), "{:?}", out.rejections);
+    }
+
+    /// Kubernetes reuses a finished pod's address; a live pod elsewhere must not be judged as the
+    /// dead one, whichever comes first in the list.
+    #[test]
+    fn on_an_address_collision_the_running_pod_wins() {
+        let pods = |live_first: bool| {
+            let doc = |name: &str, ns: &str, phase: &str, ips: &str| {
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {name}}}\nspec: {{containers: []}}\nstatus: {{phase: {phase}, podIPs: [{ips}]}}\n"
+                )
+            };
+            let live = doc("live", "shop", "Running", "{ip: 10.0.1.9}");
+            let stale = doc(
+                "stale",
+                "legacy",
+                "Pending",
+                "{ip: 10.0.1.9}, {ip: \"fd00::9\"}",
+            );
+            let (a, b) = if live_first {
+                (live, stale)
+            } else {
+                (stale, live)
+            };
+            format!("{a}---\n{b}")
+        };
+        for live_first in [true, false] {
+            let out = build(&parse(&pods(live_first)), &MeshSettings::default());
+            let owner = out
+                .state
+                .workload_by_ip("10.0.1.9".parse().unwrap())
+                .unwrap();
+            assert_eq!(owner.name, "live", "live first: {live_first}");
+            // The loser keeps only what nobody else claims.
+            let stale = out.state.workload_by_name("legacy", "stale").unwrap();
+            assert_eq!(stale.ips, vec!["fd00::9".parse::<IpAddr>().unwrap()]);
+        }
+    }
+
+    #[test]
+    fn only_annotations_the_data_path_reads_are_kept() {
+        let out = build(
+            &parse(
+                r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+  namespace: shop
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: '{"secret": "x"}'
+    kubernetes.azure.com/static-gateway-configuration: sgc
+spec: {containers: []}
+status: {podIP: 10.0.1.10}
+"#,
+            ),
+            &MeshSettings::default(),
+        );
+        let p = out.state.workload_by_name("shop", "p").unwrap();
+        assert_eq!(
+            p.annotations.keys().collect::<Vec<_>>(),
+            vec!["kubernetes.azure.com/static-gateway-configuration"]
         );
     }
 }

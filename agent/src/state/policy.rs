@@ -307,6 +307,13 @@ pub struct IgnoredPolicy {
     pub reason: String,
 }
 
+/// What the message of a rejected ALLOW AuthorizationPolicy ends with.
+pub const FAIL_CLOSED_ALLOW: &str =
+    "; while no valid version exists it denies every connection to the workloads it selects";
+/// What the message of a rejected DENY AuthorizationPolicy ends with.
+pub const FAIL_CLOSED_DENY: &str =
+    "; while no valid version exists its rules deny without the clauses that could not be read";
+
 /// Normalises every PeerAuthentication and AuthorizationPolicy of `resources`.
 pub fn normalise(resources: &ResourceSet, root_namespace: &str, out: &mut Rejections) -> Policies {
     let mut policies = Policies::default();
@@ -497,14 +504,22 @@ fn authorization_policy(
         }
         Some("AUDIT") => return ignored("AUDIT only logs; the node proxy does not audit"),
         Some(other) => {
+            // Fail closed, as for an ALLOW policy that cannot be read (below).
             out.reject(
                 &AuthorizationPolicy::qualified(),
                 Some(&namespace),
                 &name,
                 "spec.action",
-                format!("{other:?} is not one of ALLOW, DENY, AUDIT, CUSTOM"),
+                format!("{other:?} is not one of ALLOW, DENY, AUDIT, CUSTOM{FAIL_CLOSED_ALLOW}"),
             );
-            return None;
+            return Some(Normalised::Kept(Authorization {
+                scope: scope(&spec.selector, &namespace, root_namespace),
+                namespace,
+                name,
+                action: AuthzAction::Allow,
+                rules: Vec::new(),
+                http_attributes: Vec::new(),
+            }));
         }
     };
     if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
@@ -512,110 +527,142 @@ fn authorization_policy(
     }
     let mut http_attributes = Vec::new();
     let mut rules = Vec::new();
+    let mut errors = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
-        match authz_rule(rule, &path, &namespace, action) {
-            Ok((rule, found)) => {
-                http_attributes.extend(found);
-                rules.extend(rule);
-            }
-            Err((field, message)) => {
-                out.reject(
-                    &AuthorizationPolicy::qualified(),
-                    Some(&namespace),
-                    &name,
-                    &field,
-                    message,
-                );
-                return None;
-            }
+        let (rule, found) = authz_rule(rule, &path, &namespace, action, &mut errors);
+        http_attributes.extend(found);
+        rules.extend(rule);
+    }
+    if let Some((field, message)) = errors.into_iter().next() {
+        // Fail closed. The rejection is reported (log line, condition), and a version of the
+        // policy that was valid before stays in force instead (`state::LastGood`). One that was
+        // never valid must not leave its workloads open: an ALLOW policy keeps no rule (it
+        // denies every connection its selector covers), a DENY policy keeps its rules without
+        // the clauses that could not be read (they deny more, never less).
+        let note = match action {
+            AuthzAction::Allow => FAIL_CLOSED_ALLOW,
+            AuthzAction::Deny => FAIL_CLOSED_DENY,
+        };
+        out.reject(
+            &AuthorizationPolicy::qualified(),
+            Some(&namespace),
+            &name,
+            &field,
+            format!("{message}{note}"),
+        );
+        if action == AuthzAction::Allow {
+            rules.clear();
         }
     }
     http_attributes.sort();
     http_attributes.dedup();
-    let scope = match selector_labels(&spec.selector) {
-        Some(labels) => PolicyScope::Workloads {
-            namespace: (namespace != root_namespace).then(|| namespace.clone()),
-            labels: labels.clone(),
-        },
-        None if namespace == root_namespace => PolicyScope::Mesh,
-        None => PolicyScope::Namespace {
-            namespace: namespace.clone(),
-        },
-    };
     Some(Normalised::Kept(Authorization {
+        scope: scope(&spec.selector, &namespace, root_namespace),
         namespace,
         name,
-        scope,
         action,
         rules,
         http_attributes,
     }))
 }
 
+/// Which workloads an AuthorizationPolicy in `namespace` with `selector` applies to.
+fn scope(
+    selector: &Option<WorkloadSelector>,
+    namespace: &str,
+    root_namespace: &str,
+) -> PolicyScope {
+    match selector_labels(selector) {
+        Some(labels) => PolicyScope::Workloads {
+            namespace: (namespace != root_namespace).then(|| namespace.to_owned()),
+            labels: labels.clone(),
+        },
+        None if namespace == root_namespace => PolicyScope::Mesh,
+        None => PolicyScope::Namespace {
+            namespace: namespace.to_owned(),
+        },
+    }
+}
+
 type FieldError = (String, String);
 
 /// One rule; `None` if it can never match (an ALLOW rule with HTTP attributes). Also returns the
-/// HTTP attributes found.
+/// HTTP attributes found. A clause (`to`, `from`, one `when`) with an invalid field is left out
+/// and its error pushed to `errors`: leaving a clause out makes the rule match more, which is
+/// what a DENY rule must do while it cannot be read whole (an ALLOW policy with errors is
+/// replaced as a whole by the caller).
 fn authz_rule(
     rule: &Rule,
     path: &str,
     policy_namespace: &str,
     action: AuthzAction,
-) -> Result<(Option<AuthzRule>, Vec<String>), FieldError> {
+    errors: &mut Vec<FieldError>,
+) -> (Option<AuthzRule>, Vec<String>) {
     let mut http = Vec::new();
     let mut clauses = Vec::new();
+    let mut keep = |clause: Result<Clause, FieldError>, clauses: &mut Vec<Clause>| match clause {
+        Ok(c) => clauses.push(c),
+        Err(e) => errors.push(e),
+    };
 
     if !rule.to.is_empty() {
-        let mut any_of = Vec::new();
-        for (j, to) in rule.to.iter().enumerate() {
-            let op = &to.operation;
-            let at = format!("{path}.to[{j}].operation");
-            for (field, list) in [
-                ("hosts", &op.hosts),
-                ("notHosts", &op.not_hosts),
-                ("methods", &op.methods),
-                ("notMethods", &op.not_methods),
-                ("paths", &op.paths),
-                ("notPaths", &op.not_paths),
-            ] {
-                if !list.is_empty() {
-                    http.push(field.to_owned());
+        let to = (|| {
+            let mut any_of = Vec::new();
+            for (j, to) in rule.to.iter().enumerate() {
+                let op = &to.operation;
+                let at = format!("{path}.to[{j}].operation");
+                for (field, list) in [
+                    ("hosts", &op.hosts),
+                    ("notHosts", &op.not_hosts),
+                    ("methods", &op.methods),
+                    ("notMethods", &op.not_methods),
+                    ("paths", &op.paths),
+                    ("notPaths", &op.not_paths),
+                ] {
+                    if !list.is_empty() {
+                        http.push(field.to_owned());
+                    }
                 }
+                any_of.push(ConnMatch {
+                    destination_ports: ports(&op.ports, &format!("{at}.ports"))?,
+                    not_destination_ports: ports(&op.not_ports, &format!("{at}.notPorts"))?,
+                    ..ConnMatch::default()
+                });
             }
-            any_of.push(ConnMatch {
-                destination_ports: ports(&op.ports, &format!("{at}.ports"))?,
-                not_destination_ports: ports(&op.not_ports, &format!("{at}.notPorts"))?,
-                ..ConnMatch::default()
-            });
-        }
-        clauses.push(Clause { any_of });
+            Ok(Clause { any_of })
+        })();
+        keep(to, &mut clauses);
     }
 
     if !rule.from.is_empty() {
-        let mut any_of = Vec::new();
-        for (j, from) in rule.from.iter().enumerate() {
-            let at = format!("{path}.from[{j}].source");
-            let (m, found) = source(&from.source, &at, policy_namespace)?;
-            http.extend(found);
-            any_of.push(m);
-        }
-        clauses.push(Clause { any_of });
+        let from = (|| {
+            let mut any_of = Vec::new();
+            for (j, from) in rule.from.iter().enumerate() {
+                let at = format!("{path}.from[{j}].source");
+                let (m, found) = source(&from.source, &at, policy_namespace)?;
+                http.extend(found);
+                any_of.push(m);
+            }
+            Ok(Clause { any_of })
+        })();
+        keep(from, &mut clauses);
     }
 
     for (j, when) in rule.when.iter().enumerate() {
         let at = format!("{path}.when[{j}]");
-        match condition(when, &at)? {
-            Some(m) => clauses.push(Clause { any_of: vec![m] }),
+        match condition(when, &at) {
+            Ok(Some(m)) => clauses.push(Clause { any_of: vec![m] }),
             // An HTTP condition: dropped (DENY) or the whole rule dropped (ALLOW), below.
-            None => http.push(when.key.clone()),
+            Ok(None) => http.push(when.key.clone()),
+            Err(e) => errors.push(e),
         }
     }
 
     if action == AuthzAction::Allow && !http.is_empty() {
-        return Ok((None, http));
+        return (None, http);
     }
-    Ok((Some(AuthzRule { clauses }), http))
+    (Some(AuthzRule { clauses }), http)
 }
 
 fn ports(list: &[PortText], field: &str) -> Result<Vec<u16>, FieldError> {

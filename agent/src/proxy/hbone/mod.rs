@@ -29,7 +29,7 @@ pub use headers::{Baggage, RequestMeta, TraceParent, parse_forwarded_for};
 pub use pool::{Dial, HbonePool, PoolKey, TcpDial};
 pub use server::{
     ConnectHandler, ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus,
-    ServeError, ServerStats, ServerStatsSnapshot, Upstream,
+    ServeError, ServeTimeouts, ServerStats, ServerStatsSnapshot, Upstream,
 };
 pub use splice::{SpliceCounters, SpliceEnd, SpliceIo, SpliceReport, splice};
 pub use stream::{HboneRecvHalf, HboneSendHalf, HboneStream};

@@ -10,8 +10,9 @@ use std::{
     pin::pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -207,6 +208,68 @@ pub enum ServeError {
     /// The peer did not answer keepalive pings.
     #[error("HTTP/2 connection with {peer}: keepalive ping unanswered")]
     Keepalive { peer: SocketAddr },
+    /// The peer sent no HTTP/2 preface and first request in time.
+    #[error("HTTP/2 connection with {peer}: no first request within {after:?}")]
+    FirstRequestTimeout { peer: SocketAddr, after: Duration },
+}
+
+/// Time limits of a served connection ([`HboneServer::with_timeouts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServeTimeouts {
+    /// From the start of [`HboneServer::serve_connection`] to the first request.
+    pub first_request: Option<Duration>,
+    /// A connection without streams for this long is drained (GOAWAY) and closed.
+    pub idle: Option<Duration>,
+}
+
+/// Streams open on one connection, and since when it has had none.
+#[derive(Debug)]
+struct Activity {
+    start: tokio::time::Instant,
+    active: AtomicUsize,
+    /// Milliseconds after `start` when the last stream ended (or the connection began).
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long the connection has been without streams; `None` while one is open.
+    fn idle_for(&self) -> Option<Duration> {
+        (self.active.load(Ordering::Acquire) == 0).then(|| {
+            let since = self.idle_since_ms.load(Ordering::Acquire);
+            Duration::from_millis(self.now_ms().saturating_sub(since))
+        })
+    }
+}
+
+/// One open stream on an [`Activity`]; its end is recorded when dropped.
+struct StreamGuard(Arc<Activity>);
+
+impl StreamGuard {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.active.fetch_add(1, Ordering::AcqRel);
+        Self(activity)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0
+            .idle_since_ms
+            .store(self.0.now_ms(), Ordering::Release);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Counters of a server, for metrics. Gauges go up and down; totals only up.
@@ -269,6 +332,7 @@ pub struct HboneServer<H> {
     h2: Arc<H2Limits>,
     handler: Arc<H>,
     stats: Arc<ServerStats>,
+    timeouts: ServeTimeouts,
 }
 
 impl<H> Clone for HboneServer<H> {
@@ -277,6 +341,7 @@ impl<H> Clone for HboneServer<H> {
             h2: self.h2.clone(),
             handler: self.handler.clone(),
             stats: self.stats.clone(),
+            timeouts: self.timeouts,
         }
     }
 }
@@ -288,7 +353,15 @@ impl<H: ConnectHandler> HboneServer<H> {
             h2: Arc::new(h2),
             handler: Arc::new(handler),
             stats: Arc::default(),
+            timeouts: ServeTimeouts::default(),
         }
+    }
+
+    /// The same server, bounding each connection's wait for its first request and its idle
+    /// time.
+    pub fn with_timeouts(mut self, timeouts: ServeTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// The server's counters.
@@ -311,16 +384,38 @@ impl<H: ConnectHandler> HboneServer<H> {
         let _connection = GaugeGuard::new(&self.stats.connections);
         let peer = info.peer_addr;
         let cfg = &self.h2;
-        let mut conn = h2::server::Builder::new()
+        // The preface and the first request share one deadline.
+        let first_deadline = self
+            .timeouts
+            .first_request
+            .map(|after| (tokio::time::Instant::now() + after, after));
+        let handshake = h2::server::Builder::new()
             .initial_window_size(cfg.stream_window)
             .initial_connection_window_size(cfg.effective_connection_window())
             .max_frame_size(cfg.max_frame_size)
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .max_header_list_size(cfg.max_header_list_size)
             .max_send_buffer_size(cfg.max_send_buffer)
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|source| ServeError::Handshake { peer, source })?;
+            .handshake::<_, Bytes>(io);
+        let handshake = match first_deadline {
+            Some((at, after)) => tokio::time::timeout_at(at, handshake)
+                .await
+                .map_err(|_| ServeError::FirstRequestTimeout { peer, after })?,
+            None => handshake.await,
+        };
+        let mut conn = handshake.map_err(|source| ServeError::Handshake { peer, source })?;
+        let mut first_request = pin!(async move {
+            match first_deadline {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        });
+        let mut got_request = false;
+        let activity = Arc::new(Activity::new());
+        let idle_timeout = self.timeouts.idle;
+        let mut idle = pin!(tokio::time::sleep(
+            idle_timeout.unwrap_or(Duration::MAX / 4)
+        ));
 
         let pings = cfg.keepalive.and_then(|k| conn.ping_pong().map(|p| (p, k)));
         let mut keepalive = pin!(async move {
@@ -351,11 +446,33 @@ impl<H: ConnectHandler> HboneServer<H> {
                         return Err(ServeError::Connection { peer, source });
                     }
                     Some(Ok((request, respond))) => {
+                        got_request = true;
                         let server = self.clone();
                         let info = info.clone();
-                        tokio::spawn(async move { server.serve_stream(request, respond, info).await });
+                        let stream = StreamGuard::new(activity.clone());
+                        tokio::spawn(async move {
+                            server.serve_stream(request, respond, info).await;
+                            drop(stream);
+                        });
                     }
                 },
+                () = &mut first_request, if !got_request => {
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    let after = first_deadline.map(|(_, after)| after).unwrap_or_default();
+                    return Err(ServeError::FirstRequestTimeout { peer, after });
+                }
+                () = &mut idle, if idle_timeout.is_some() && !draining => {
+                    let limit = idle_timeout.unwrap_or(Duration::MAX);
+                    match activity.idle_for() {
+                        Some(quiet) if quiet >= limit => {
+                            debug!(%peer, ?quiet, "idle HBONE connection; draining");
+                            draining = true;
+                            conn.graceful_shutdown();
+                        }
+                        Some(quiet) => idle.as_mut().reset(tokio::time::Instant::now() + (limit - quiet)),
+                        None => idle.as_mut().reset(tokio::time::Instant::now() + limit),
+                    }
+                }
                 () = &mut drain, if !draining => {
                     debug!(%peer, "draining HBONE connection");
                     draining = true;

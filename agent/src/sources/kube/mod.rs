@@ -233,6 +233,8 @@ enum KindState {
     Waiting,
     Listed,
     Absent,
+    /// A security kind RBAC forbids listing ([`Signal::Forbidden`]).
+    Forbidden,
 }
 
 /// Logs each rejection once per (resource generation, field, message).
@@ -319,6 +321,12 @@ async fn rebuild_loop(
                     progress[i] = KindState::Absent;
                 }
             }
+            Signal::Forbidden(i) => {
+                if progress[i] != KindState::Forbidden {
+                    meaningful = true;
+                    progress[i] = KindState::Forbidden;
+                }
+            }
         };
         apply(first);
         // Debounce: take whatever else arrives shortly.
@@ -388,10 +396,17 @@ async fn rebuild_loop(
             .filter(|(_, p)| *p == KindState::Absent)
             .map(|(k, _)| k.qualified())
             .collect();
+        let forbidden = kinds::watched()
+            .iter()
+            .zip(progress)
+            .filter(|(_, p)| *p == KindState::Forbidden)
+            .map(|(k, _)| k.qualified())
+            .collect();
         rebuilt.send_replace(Arc::new(Rebuilt {
             generation,
             rejections: out.rejections,
             absent,
+            forbidden,
         }));
     }
 }

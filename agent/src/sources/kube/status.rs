@@ -55,6 +55,9 @@ pub struct Rebuilt {
     /// Kinds (`Kind.group`) that could not be listed when the source first synced: CRD not
     /// installed, or forbidden.
     pub absent: Vec<String>,
+    /// Security kinds (`Kind.group`) that RBAC forbids listing now: their policies are
+    /// unknown, and the agent is not ready while any is.
+    pub forbidden: Vec<String>,
 }
 
 /// Condition type Sluice writes on Istio resources (after istiod's `<Component>Accepted`).

@@ -18,7 +18,7 @@ use kube::{
     },
 };
 use tokio::{sync::mpsc, task::JoinHandle};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::resources::{
     ResourceSet,
@@ -34,7 +34,13 @@ pub enum Signal {
     Listed(usize),
     /// The kind cannot be listed: no CRD, or forbidden. Its store keeps what it had.
     Absent(usize),
+    /// A security kind (PeerAuthentication, AuthorizationPolicy) cannot be listed because RBAC
+    /// forbids it: its policies are unknown, which must not read as "there are none".
+    Forbidden(usize),
 }
+
+/// The API group whose kinds decide who may connect; listing them may not fail quietly.
+pub const SECURITY_GROUP: &str = "security.istio.io";
 
 /// Retry delays of a failing watch: 0.5 s doubling to 8 s, each with ±25 % jitter so that the
 /// agents of many nodes do not relist in step. kube's `default_backoff` grows to 30 s, which after
@@ -288,6 +294,14 @@ fn watch<K: WatchedKind>(
                                      carry on, and this one is retried");
                             }
                             Some(Signal::Absent(index))
+                        }
+                        Failure::Forbidden if kind.group == SECURITY_GROUP => {
+                            if first {
+                                error!(kind = %kind.qualified(), error = %e,
+                                    "listing is forbidden (check the ClusterRole): its policies are unknown, \
+                                     so the agent is not ready until it can list them; retrying");
+                            }
+                            Some(Signal::Forbidden(index))
                         }
                         Failure::Forbidden => {
                             if first {

@@ -823,6 +823,7 @@ metadata:
   namespace: client
   annotations: {kubernetes.azure.com/static-gateway-configuration: missing}
 spec: {containers: []}
+status: {podIP: 10.9.9.9}
 "#,
             "metadata.annotations[kubernetes.azure.com/static-gateway-configuration]",
         ),

@@ -4,4 +4,5 @@ mod bench;
 mod pooling;
 mod serving;
 mod support;
+mod timeouts;
 mod transfer;

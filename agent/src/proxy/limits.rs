@@ -1,0 +1,220 @@
+//! Caps on what a hostile pod or peer can make the proxy hold: connections in flight per pod
+//! and for the whole node ([`ConnectionCaps`]), and HBONE connections that have not yet
+//! finished their TLS handshake ([`UnauthenticatedGate`]). Each refusal is counted in a metric
+//! and logged (at most once per [`LOG_EVERY`] per cap, so an attack cannot flood the log).
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::warn;
+
+use super::context::PodContext;
+use crate::admin::Metrics;
+
+/// Shortest time between two log lines about the same cap.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Lets one event through per [`LOG_EVERY`].
+#[derive(Debug)]
+struct LogThrottle {
+    start: Instant,
+    /// Milliseconds since `start` before which nothing more is logged (0: log now).
+    next_ms: AtomicU64,
+}
+
+impl LogThrottle {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            next_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// True for the first call of each period.
+    fn allow(&self) -> bool {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(LOG_EVERY.as_millis() as u64),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+/// Which cap refused a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapScope {
+    /// `proxy.maxConnectionsPerPod`.
+    Pod,
+    /// `proxy.maxConnectionsPerNode`.
+    Node,
+}
+
+impl CapScope {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CapScope::Pod => "pod",
+            CapScope::Node => "node",
+        }
+    }
+}
+
+impl std::fmt::Display for CapScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// The per-pod and per-node caps on connections in flight.
+#[derive(Debug)]
+pub struct ConnectionCaps {
+    per_pod: usize,
+    per_node: usize,
+    node: AtomicUsize,
+    metrics: Arc<Metrics>,
+    log: LogThrottle,
+}
+
+impl ConnectionCaps {
+    /// Caps of `per_pod` and `per_node` connections, refusals counted in `metrics`.
+    pub fn new(per_pod: usize, per_node: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            per_pod,
+            per_node,
+            node: AtomicUsize::new(0),
+            metrics,
+            log: LogThrottle::new(),
+        }
+    }
+
+    /// Connections in flight on the node.
+    pub fn current(&self) -> usize {
+        self.node.load(Ordering::Relaxed)
+    }
+
+    /// Takes a slot for one more connection of `pod`, or says which cap is full (counted and
+    /// logged). The slot is given back when dropped.
+    pub fn admit(self: &Arc<Self>, pod: &Arc<PodContext>) -> Result<ConnectionSlot, CapScope> {
+        let mine = &pod.connections.0;
+        if mine.fetch_add(1, Ordering::Relaxed) >= self.per_pod {
+            mine.fetch_sub(1, Ordering::Relaxed);
+            return Err(self.refused(CapScope::Pod, pod, self.per_pod));
+        }
+        if self.node.fetch_add(1, Ordering::Relaxed) >= self.per_node {
+            self.node.fetch_sub(1, Ordering::Relaxed);
+            mine.fetch_sub(1, Ordering::Relaxed);
+            return Err(self.refused(CapScope::Node, pod, self.per_node));
+        }
+        Ok(ConnectionSlot {
+            caps: self.clone(),
+            pod: pod.clone(),
+        })
+    }
+
+    fn refused(&self, scope: CapScope, pod: &PodContext, limit: usize) -> CapScope {
+        self.metrics.connection_cap_hit(scope.label());
+        if self.log.allow() {
+            warn!(%scope, limit, pod = %pod.display_name(), node_connections = self.current(),
+                "connection cap reached; refusing new connections (logged once per 10 s)");
+        }
+        scope
+    }
+}
+
+/// One connection's place under the caps; dropping it frees the place.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    caps: Arc<ConnectionCaps>,
+    pod: Arc<PodContext>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.pod.connections.0.fetch_sub(1, Ordering::Relaxed);
+        self.caps.node.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The node-wide cap on HBONE connections accepted but not yet authenticated (their TLS
+/// handshake unfinished), shared by every pod's 15008 listener and the egress gateway's.
+#[derive(Debug)]
+pub struct UnauthenticatedGate {
+    permits: Arc<Semaphore>,
+    limit: usize,
+    metrics: Arc<Metrics>,
+    log: LogThrottle,
+}
+
+/// A place under [`UnauthenticatedGate`], held until the peer has authenticated.
+pub type Unauthenticated = OwnedSemaphorePermit;
+
+impl UnauthenticatedGate {
+    /// At most `limit` unauthenticated connections at once.
+    pub fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+            metrics,
+            log: LogThrottle::new(),
+        }
+    }
+
+    /// A place for the connection just accepted from `peer`, or `None` when the cap is full
+    /// (counted and logged): the caller closes the connection at once.
+    pub fn admit(&self, peer: SocketAddr) -> Option<Unauthenticated> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                self.metrics.hbone_unauthenticated_refused();
+                if self.log.allow() {
+                    warn!(limit = self.limit, %peer,
+                        "too many unauthenticated HBONE connections; closing new ones until handshakes finish or time out (logged once per 10 s)");
+                }
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_throttle_lets_one_line_through_per_period() {
+        let t = LogThrottle::new();
+        assert!(t.allow());
+        assert!(!t.allow());
+        assert!(!t.allow());
+    }
+
+    #[tokio::test]
+    async fn the_gate_refuses_over_its_limit_and_frees_places() {
+        let metrics = Arc::new(Metrics::new());
+        let gate = UnauthenticatedGate::new(2, metrics.clone());
+        let peer: SocketAddr = "192.0.2.1:1".parse().expect("address");
+        let a = gate.admit(peer).expect("first");
+        let _b = gate.admit(peer).expect("second");
+        assert!(gate.admit(peer).is_none());
+        drop(a);
+        assert!(gate.admit(peer).is_some());
+        let text = metrics.encode().expect("encode");
+        assert!(
+            text.contains("sluice_hbone_unauthenticated_refused_total 1"),
+            "{text}"
+        );
+    }
+}
