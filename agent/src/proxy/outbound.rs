@@ -302,19 +302,7 @@ async fn hbone(
         Ok(s) => s,
         Err(e) => return Outcome::failed("connect", e),
     };
-    let report = splice(client, stream, &counters).await;
-    let moved = copy::Transferred {
-        sent: report.tcp_to_hbone,
-        received: report.hbone_to_tcp,
-    };
-    match report.end {
-        SpliceEnd::Closed => Outcome::Done(moved),
-        other => Outcome::Failed {
-            stage: "copy",
-            error: format!("{other:?}"),
-            moved,
-        },
-    }
+    spliced(splice(client, stream, &counters).await)
 }
 
 /// An endpoint that answered.
