@@ -91,10 +91,11 @@ impl Watch {
                     let Ok(bytes) = std::fs::read(&path) else {
                         continue;
                     };
-                    if last == Some(fingerprint(&bytes)) {
+                    let now = fingerprint(&bytes);
+                    if last == Some(now) {
                         continue;
                     }
-                    last = Some(fingerprint(&bytes));
+                    last = Some(now);
                     // Parsing and building a cluster's worth of resources takes a second or
                     // more: off the runtime's threads, which keep proxying meanwhile.
                     let (agent, publisher, path) = (agent.clone(), publisher.clone(), path.clone());
