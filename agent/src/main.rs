@@ -68,6 +68,39 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Put the CNI plugin and its kubeconfig on the node (the DaemonSet's init container).
+    InstallCni {
+        /// The node's CNI binary directory, as mounted.
+        #[arg(long, default_value = "/host/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The node's CNI configuration directory, as mounted.
+        #[arg(long, default_value = "/host/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The API server; default: from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT.
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(
+            long,
+            default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        )]
+        token_file: PathBuf,
+        #[arg(
+            long,
+            default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+        )]
+        ca_file: PathBuf,
+    },
+    /// Make a mesh root and print it as the Secret the DaemonSet mounts
+    /// (`sluice root-secret | kubectl apply -f -`).
+    RootSecret {
+        /// Trust domain of the root (the AgentConfig's `trustDomain`).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, default_value = "sluice-system")]
+        namespace: String,
+        #[arg(long, default_value = ROOT_SECRET)]
+        name: String,
+    },
     /// Remove everything Sluice pinned under a bpffs directory (detaches its programs).
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/sluice")]
@@ -123,7 +156,15 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
+/// The Secret holding the mesh root, as `deploy/daemonset.yaml` mounts it.
+const ROOT_SECRET: &str = "sluice-root-ca";
+
 fn main() -> Result<()> {
+    // A container runtime runs `/opt/cni/bin/sluice` with no arguments and the command in
+    // `CNI_COMMAND` (CNI spec), so that invocation is the CNI plugin.
+    if std::env::args_os().len() == 1 && std::env::var_os("CNI_COMMAND").is_some() {
+        std::process::exit(sluice::redirect::cni::main());
+    }
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Cni => std::process::exit(sluice::redirect::cni::main()),
@@ -172,6 +213,60 @@ fn main() -> Result<()> {
                     eprintln!("wrote {}", path.display());
                 }
             }
+            Ok(())
+        }
+        Cmd::InstallCni {
+            bin_dir,
+            conf_dir,
+            server,
+            token_file,
+            ca_file,
+        } => {
+            let server = match server {
+                Some(s) => s,
+                None => {
+                    let var = |k: &str| {
+                        std::env::var(k)
+                            .with_context(|| format!("{k} is not set (or pass --server)"))
+                    };
+                    let host = var("KUBERNETES_SERVICE_HOST")?;
+                    let port = var("KUBERNETES_SERVICE_PORT")?;
+                    // An IPv6 service address needs brackets in a URL.
+                    if host.contains(':') {
+                        format!("https://[{host}]:{port}")
+                    } else {
+                        format!("https://{host}:{port}")
+                    }
+                }
+            };
+            let install = sluice::redirect::cni_install::InstallCni {
+                bin_dir,
+                conf_dir,
+                server,
+                token_file,
+                ca_file,
+            };
+            for path in install.run()? {
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Cmd::RootSecret {
+            trust_domain,
+            namespace,
+            name,
+        } => {
+            let ca = sluice::identity::BuiltinCa::generate(&trust_domain)?;
+            let (cert, key) = ca.root_pem_pair();
+            let secret = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/name": "sluice"}},
+                "type": "Opaque",
+                "stringData": {"root-cert.pem": cert, "root-key.pem": key},
+            });
+            print!("{}", serde_yaml::to_string(&secret)?);
             Ok(())
         }
         Cmd::Cleanup { pin_path } => {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real Kubernetes API server (etcd + kube-apiserver [+ kube-controller-manager]) for Sluice's
-# tests, built offline from Debian's `kubernetes` source package.
+# tests, built offline from Debian's `kubernetes` source package. The same build yields the
+# kube-proxy that the cluster box (`cargo xtask cluster`) runs on each node.
 #
 #   apiserver.sh install                  build and cache the binaries (idempotent, needs root)
 #   apiserver.sh status                   say whether the binaries are cached (exit 1 if not)
@@ -26,6 +27,8 @@ BIN_DIR=$PREFIX/bin
 STAMP=$PREFIX/build-complete
 SRC_LIST=/etc/apt/sources.list.d/sluice-deb-src.sources
 DEFAULT_PORT=16443
+# What `install` builds from the source tree, in one go so the compiled packages are shared.
+BINARIES=(kube-apiserver kube-controller-manager kube-proxy)
 READY_TIMEOUT_SECS=60
 # Seconds a process gets to exit after SIGTERM before SIGKILL. kube-apiserver stops listening at
 # once but then waits up to 60 s for open watch connections to drain; it holds no state (etcd
@@ -41,13 +44,20 @@ need_root() {
 }
 
 binaries_cached() {
-    [[ -f $STAMP && -x $BIN_DIR/kube-apiserver && -x $BIN_DIR/kube-controller-manager ]]
+    local b
+    [[ -f $STAMP ]] || return 1
+    for b in "${BINARIES[@]}"; do
+        [[ -x $BIN_DIR/$b ]] || return 1
+    done
 }
 
 # Prints, on one line, the Debian packages that `start` needs at run time and that are missing.
 missing_runtime_packages() {
     local pair missing=()
-    for pair in etcd:etcd-server openssl:openssl curl:curl; do
+    # The box's nodes also need the CNI plugins, kubectl (Debian's kubernetes-client, the same
+    # 1.20), and conntrack and iptables for kube-proxy.
+    for pair in etcd:etcd-server openssl:openssl curl:curl kubectl:kubernetes-client \
+        conntrack:conntrack iptables:iptables /usr/lib/cni/bridge:containernetworking-plugins; do
         command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
     done
     echo "${missing[*]}"
@@ -181,20 +191,26 @@ cmd_install() {
     local start=$SECONDS
     log "make gen_openapi (generates a file the tarball lacks)"
     (cd "$src" && nice -n 10 make -j2 gen_openapi)
-    log "building cmd/kube-apiserver and cmd/kube-controller-manager (6 to 8 minutes on 2 cores)"
-    (cd "$src" && nice -n 10 hack/make-rules/build.sh cmd/kube-apiserver cmd/kube-controller-manager)
+    log "building ${BINARIES[*]} (7 to 10 minutes on 2 cores, up to 20 under load)"
+    (cd "$src" && nice -n 10 hack/make-rules/build.sh "${BINARIES[@]/#/cmd/}")
     log "build took $((SECONDS - start)) s"
 
     local out
     out=$src/_output/local/bin/linux/$(go env GOARCH)
-    for b in kube-apiserver kube-controller-manager; do
+    for b in "${BINARIES[@]}"; do
         [[ -x $out/$b ]] || die "build finished but $out/$b is missing"
     done
-    rm -rf "$PREFIX"
-    mkdir -p "$BIN_DIR"
-    cp "$out/kube-apiserver" "$out/kube-controller-manager" "$BIN_DIR/"
-    echo "kubernetes $deb_version built $(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$STAMP"
-    log "cached $BIN_DIR/kube-apiserver and kube-controller-manager"
+    # Build into a fresh directory and swap it in, so a running test keeps its binaries.
+    local staging=$PREFIX.new
+    rm -rf "$staging"
+    mkdir -p "$staging/bin"
+    for b in "${BINARIES[@]}"; do cp "$out/$b" "$staging/bin/"; done
+    echo "kubernetes $deb_version built $(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$staging/build-complete"
+    rm -rf "$PREFIX.old"
+    [[ -d $PREFIX ]] && mv "$PREFIX" "$PREFIX.old"
+    mv "$staging" "$PREFIX"
+    rm -rf "$PREFIX.old"
+    log "cached ${BINARIES[*]} in $BIN_DIR"
 }
 
 INSTALL_HINT="run tests/apiserver/apiserver.sh install (or cargo xtask setup)"
@@ -221,7 +237,7 @@ cmd_status() {
 
 require_binaries() {
     binaries_cached ||
-        die "kube-apiserver and kube-controller-manager not cached in $BIN_DIR: $INSTALL_HINT"
+        die "${BINARIES[*]} not all cached in $BIN_DIR: $INSTALL_HINT"
     [[ -z $(missing_runtime_packages) ]] ||
         die "missing packages: $(missing_runtime_packages): $INSTALL_HINT"
 }
@@ -428,11 +444,13 @@ cmd_start_apiserver() {
 start_controller_manager() {
     local dir=$1 c=$1/certs
     log "starting kube-controller-manager (namespace deletion, garbage collection, ...)"
-    # --port=0/--secure-port=0: serve nothing, so instances never collide on ports.
+    # --port=0/--secure-port=0: serve nothing, so instances never collide on ports. No node
+    # lifecycle controller: the box's nodes post no heartbeats, and it would taint and evict.
     launch "$dir" kube-controller-manager "$BIN_DIR/kube-controller-manager" \
         --kubeconfig="$dir/kubeconfig" \
         --port=0 --secure-port=0 \
         --leader-elect=false \
+        --controllers='*,-nodelifecycle' \
         --service-account-private-key-file="$c/sa.key" \
         --root-ca-file="$c/ca.crt" \
         --profiling=false

@@ -39,6 +39,11 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent in `netns` with `config`; waits until it is ready.
     pub fn start(netns: &str, config: &Path, dir: &Path) -> Agent {
+        Self::start_with_env(netns, config, dir, &[])
+    }
+
+    /// [`Agent::start`] with more environment variables (a DaemonSet's `env`).
+    pub fn start_with_env(netns: &str, config: &Path, dir: &Path, env: &[(&str, &str)]) -> Agent {
         let runs = std::fs::read_dir(dir)
             .map(|d| {
                 d.filter_map(Result::ok)
@@ -57,6 +62,7 @@ impl Agent {
                 "SLUICE_LOG",
                 std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file);
         // SAFETY: only setns on a descriptor opened before fork.

@@ -436,9 +436,10 @@ async fn kube_invalid_resources_are_rejected_with_a_condition_while_valid_ones_a
         &client,
         &gw_good,
         long,
-        "Gateway accepted and programmed",
+        "Gateway accepted, and not Programmed while nothing listens",
         |o| {
-            gw(o, "Programmed").is_some_and(|c| c.0 == "True")
+            gw(o, "Accepted").is_some_and(|c| c.0 == "True")
+                && gw(o, "Programmed").is_some_and(|c| c.0 == "False" && c.1 == "Pending")
                 && o.pointer("/status/listeners/0/attachedRoutes") == Some(&json!(2))
         },
     )
@@ -923,11 +924,13 @@ async fn kube_namespace_relabel_enrolls_and_unenrolls_pods_through_the_agent() {
     std::fs::write(
         &config,
         format!(
-            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node1\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  kube: {{enabled: true, kubeconfig: {}, writeStatus: false}}\n",
+            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node1\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  identity: {{rootCertFile: {}, rootKeyFile: {}}}\n  kube: {{enabled: true, kubeconfig: {}, writeStatus: false}}\n",
             w.node_cgroup(1).display(),
             w.pin_dir(1).display(),
             dir.join("state").display(),
             dir.join("enroll.sock").display(),
+            w.root_cert().display(),
+            w.dir.path().join("root-key.pem").display(),
             server.kubeconfig_path().display(),
         ),
     )

@@ -37,11 +37,31 @@ enum Cmd {
         /// Which benchmark.
         which: Option<String>,
     },
+    /// The cluster box for trying Sluice by hand: `up` starts a control plane, kube-proxy, CNI
+    /// and an agent per node and leaves them running; `down` removes every trace.
+    Cluster {
+        #[command(subcommand)]
+        op: ClusterOp,
+    },
     /// Generate CRDs into deploy/ (or, with --check, validate deploy/).
     Manifests {
         #[arg(long)]
         check: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterOp {
+    /// Build, start the box and return once it is ready (about a minute).
+    Up {
+        /// Number of nodes (1 to 9).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+    },
+    /// Stop the box and remove everything it made.
+    Down,
+    /// Whether the box runs, its nodes and pods.
+    Status,
 }
 
 fn main() -> Result<()> {
@@ -71,6 +91,7 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Cmd::Manifests { check } => manifests(&root, check),
+        Cmd::Cluster { op } => cluster(&root, op),
     }
 }
 
@@ -304,6 +325,109 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
             "--test-threads=1",
         ])
         .args(&filter))
+}
+
+/// Where a running box keeps its pid, log, kubeconfig and `ready` file.
+const BOX_DIR: &str = "/run/sluice-box";
+
+fn box_pid() -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(Path::new(BOX_DIR).join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+fn cluster(root: &Path, op: ClusterOp) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let dir = Path::new(BOX_DIR);
+    let kubectl = || {
+        let mut cmd = Command::new("kubectl");
+        cmd.env("KUBECONFIG", dir.join("kubeconfig"));
+        cmd
+    };
+    match op {
+        ClusterOp::Up { nodes } => {
+            require_root("the cluster box")?;
+            if let Some(pid) = box_pid() {
+                bail!("a box already runs (pid {pid}); `cargo xtask cluster down` first");
+            }
+            setup(root)?;
+            build(root)?;
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {BOX_DIR}"))?;
+            let log = std::fs::File::create(dir.join("box.log"))?;
+            let mut cmd = Command::new(root.join("target/release/sluice-box"));
+            cmd.arg(dir)
+                .arg(nodes.to_string())
+                .env("SLUICE_BIN", agent_bin(root))
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            // Its own session: the box outlives this command and the terminal.
+            // SAFETY: setsid is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc_setsid();
+                    Ok(())
+                });
+            }
+            let mut child = cmd.spawn().context("starting sluice-box")?;
+            std::fs::write(dir.join("pid"), child.id().to_string())?;
+            say("starting the box (control plane, kube-proxy, CNI, agents)");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+            while !dir.join("ready").exists() {
+                if let Some(status) = child.try_wait()? {
+                    let log = std::fs::read_to_string(dir.join("box.log")).unwrap_or_default();
+                    bail!("the box exited ({status}) before it was ready:\n{log}");
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("the box was not ready within 300 s; see {BOX_DIR}/box.log");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            print!("{}", std::fs::read_to_string(dir.join("ready"))?);
+            println!("try: KUBECONFIG={BOX_DIR}/kubeconfig kubectl get nodes,pods -A");
+            println!("stop: cargo xtask cluster down");
+            Ok(())
+        }
+        ClusterOp::Down => {
+            let Some(pid) = box_pid() else {
+                say("no box runs");
+                let _ = std::fs::remove_dir_all(dir);
+                return Ok(());
+            };
+            run(Command::new("kill").args(["-TERM", &pid.to_string()]))?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                if std::time::Instant::now() > deadline {
+                    bail!("the box (pid {pid}) did not stop within 120 s");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            let _ = std::fs::remove_dir_all(dir);
+            say("the box is down");
+            Ok(())
+        }
+        ClusterOp::Status => {
+            let Some(pid) = box_pid() else {
+                println!("no box runs (`cargo xtask cluster up` starts one)");
+                return Ok(());
+            };
+            println!("box running, pid {pid}");
+            print!(
+                "{}",
+                std::fs::read_to_string(dir.join("ready")).unwrap_or_default()
+            );
+            run(kubectl().args(["get", "nodes,pods,services", "-A", "-o", "wide"]))
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "setsid"]
+    fn libc_setsid() -> i32;
 }
 
 fn manifests(root: &Path, check: bool) -> Result<()> {

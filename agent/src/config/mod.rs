@@ -286,6 +286,11 @@ impl Default for AgentConfig {
 pub enum ConfigError {
     #[error("spec.nodeName: missing (set it in the file, with --node, or with NODE_NAME)")]
     NoNodeName,
+    #[error(
+        "spec.identity.rootCertFile: required when spec.kube.enabled: agents on different nodes \
+         must share the mesh root (mount the sluice-root-ca Secret, see deploy/daemonset.yaml)"
+    )]
+    KubeWithoutRoot,
     #[error("spec.capture.{field}: port 0 is not a port")]
     ZeroPort { field: &'static str },
     #[error("spec.egress.staticGatewayPrefixes: {key:?} is not namespace/name")]
@@ -347,6 +352,10 @@ impl AgentConfig {
         if self.node_name.is_empty() {
             return Err(ConfigError::NoNodeName);
         }
+        // A throw-away root per node would make every cross-node connection fail its handshake.
+        if self.kube.enabled && self.identity.root_cert_file.is_none() {
+            return Err(ConfigError::KubeWithoutRoot);
+        }
         for (field, ports) in [
             ("excludedPorts", &self.capture.excluded_ports),
             (
@@ -403,6 +412,16 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kube_mode_needs_a_shared_root() {
+        let mut c: AgentConfig =
+            serde_yaml::from_str("nodeName: n1\nkube: {enabled: true}").unwrap();
+        assert_eq!(c.validate(), Err(ConfigError::KubeWithoutRoot));
+        c.identity.root_cert_file = Some("/etc/sluice/ca/root-cert.pem".into());
+        c.identity.root_key_file = Some("/etc/sluice/ca/root-key.pem".into());
+        assert_eq!(c.validate(), Ok(()));
+    }
 
     #[test]
     fn defaults_fill_an_empty_spec() {

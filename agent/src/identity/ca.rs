@@ -214,6 +214,11 @@ impl BuiltinCa {
         }
     }
 
+    /// The root certificate and its private key (PKCS#8), both PEM.
+    pub fn root_pem_pair(&self) -> (String, String) {
+        (self.root_pem(), self.issuer.key().serialize_pem())
+    }
+
     /// Writes the root certificate and key as PEM (the key readable by the owner only), for
     /// other agents or a test harness to load.
     pub fn write_pem_files(&self, cert_path: &Path, key_path: &Path) -> Result<(), CaError> {
@@ -232,8 +237,9 @@ impl BuiltinCa {
                 .map_err(err)?;
             f.write_all(text.as_bytes()).map_err(err)
         };
-        write(key_path, 0o600, &self.issuer.key().serialize_pem())?;
-        write(cert_path, 0o644, &self.root_pem())
+        let (cert, key) = self.root_pem_pair();
+        write(key_path, 0o600, &key)?;
+        write(cert_path, 0o644, &cert)
     }
 
     /// The trust domain this CA signs for.

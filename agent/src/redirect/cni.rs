@@ -23,6 +23,17 @@ struct NetConf {
     /// Sluice's own key in the plugin's configuration.
     #[serde(default)]
     enrollment_socket: Option<PathBuf>,
+    /// A kubeconfig the plugin uses only when the agent cannot be reached, to tell whether the
+    /// pod belongs to the mesh (and must wait for the agent) or not (and may start).
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
+    /// Namespaces whose pods are passed through without asking the agent.
+    #[serde(default = "default_excluded")]
+    exclude_namespaces: Vec<String>,
+}
+
+fn default_excluded() -> Vec<String> {
+    vec!["kube-system".into()]
 }
 
 /// CNI spec versions whose ADD/DEL this plugin understands.
@@ -128,7 +139,35 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
                 cgroup: None,
                 ips: prev_result_ips(&prev)?,
             };
-            let answer = call(&socket, &Request::Add { pod: sandbox })?;
+            if conf.exclude_namespaces.contains(&sandbox.namespace) {
+                return Ok(Some(prev.to_string()));
+            }
+            let (namespace, name) = (sandbox.namespace.clone(), sandbox.name.clone());
+            let answer = match call(&socket, &Request::Add { pod: sandbox }) {
+                Ok(answer) => answer,
+                Err(unreachable) => {
+                    // Without the agent a mesh pod would start uncaptured: refuse it (the
+                    // kubelet retries), but let every other pod on the node start.
+                    let why = format!("the agent is unreachable ({unreachable:#})");
+                    return match without_agent(&conf, &namespace, &name) {
+                        Ok(false) => Ok(Some(prev.to_string())),
+                        Ok(true) => Err(fail(
+                            CODE_AGENT,
+                            format!(
+                                "pod {namespace}/{name} is in the mesh and {why}: its sandbox \
+                                 waits for the agent (the kubelet retries)"
+                            ),
+                        )),
+                        Err(e) => Err(fail(
+                            CODE_AGENT,
+                            format!(
+                                "{why}, and whether pod {namespace}/{name} is in the mesh is \
+                                 unknown: {e:#}"
+                            ),
+                        )),
+                    };
+                }
+            };
             if !answer.ok {
                 bail!(
                     "agent refused the pod: {}",
@@ -158,6 +197,60 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
             format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"),
         )),
     }
+}
+
+/// How long the plugin waits for the API server when the agent is away.
+const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether pod `namespace/name` belongs to the mesh, asked of the API server (through the
+/// network configuration's `kubeconfig`) because the agent cannot answer.
+fn without_agent(conf: &NetConf, namespace: &str, name: &str) -> anyhow::Result<bool> {
+    let Some(kubeconfig) = conf.kubeconfig.as_deref() else {
+        bail!("the network configuration names no kubeconfig to look the pod up with");
+    };
+    if namespace.is_empty() || name.is_empty() {
+        bail!("CNI_ARGS carries no K8S_POD_NAMESPACE and K8S_POD_NAME");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime for the API lookup")?;
+    rt.block_on(async {
+        tokio::time::timeout(API_TIMEOUT, in_mesh(kubeconfig, namespace, name))
+            .await
+            .map_err(|_| anyhow::anyhow!("the API server did not answer within {API_TIMEOUT:?}"))?
+    })
+}
+
+async fn in_mesh(
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<bool> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let client = crate::sources::kube::client(Some(kubeconfig)).await?;
+    // `list` by name: the agent's ClusterRole grants list and watch, not get.
+    let by_name = |n: &str| kube::api::ListParams::default().fields(&format!("metadata.name={n}"));
+    let pod = kube::Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&by_name(name))
+        .await
+        .with_context(|| format!("reading pod {namespace}/{name}"))?
+        .items
+        .pop()
+        .with_context(|| format!("pod {namespace}/{name} does not exist"))?;
+    let ns = kube::Api::<Namespace>::all(client)
+        .list(&by_name(namespace))
+        .await
+        .with_context(|| format!("reading namespace {namespace}"))?
+        .items
+        .pop()
+        .with_context(|| format!("namespace {namespace} does not exist"))?;
+    let labels = |l: Option<BTreeMap<String, String>>| l.unwrap_or_default();
+    let ns = crate::state::Namespace {
+        name: namespace.to_owned(),
+        labels: labels(ns.metadata.labels),
+    };
+    Ok(crate::state::build::membership(&labels(pod.metadata.labels), Some(&ns)).in_mesh())
 }
 
 fn parse_cni_args(raw: &str) -> BTreeMap<String, String> {
@@ -231,6 +324,23 @@ mod tests {
         let prev = serde_json::json!({"ips": [{"address": "10.0.0.2/24"}, {"address": "nope"}]});
         let err = prev_result_ips(&prev).unwrap_err();
         assert!(format!("{err:#}").contains("prevResult.ips[1].address"));
+    }
+
+    #[test]
+    fn without_an_agent_an_excluded_pod_passes_and_others_wait() {
+        let prev = r#""prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.2/24"}]}"#;
+        let excluded = format!(
+            r#"{{"cniVersion":"1.0.0","name":"k8s","type":"sluice","enrollmentSocket":"/nonexistent/sock","excludeNamespaces":["a"],{prev}}}"#
+        );
+        let out = run(&env("ADD"), &excluded).unwrap().unwrap();
+        assert!(out.contains("10.0.0.2/24"), "{out}");
+
+        let unknown = format!(
+            r#"{{"cniVersion":"1.0.0","name":"k8s","type":"sluice","enrollmentSocket":"/nonexistent/sock",{prev}}}"#
+        );
+        let err = format!("{:#}", run(&env("ADD"), &unknown).unwrap_err());
+        assert!(err.contains("agent is unreachable"), "{err}");
+        assert!(err.contains("no kubeconfig"), "{err}");
     }
 
     #[test]

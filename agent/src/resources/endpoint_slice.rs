@@ -29,17 +29,26 @@ pub struct EndpointSliceV1beta1 {
     /// `IPv4`, `IPv6` or `FQDN`.
     #[serde(default)]
     pub address_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub endpoints: Vec<EndpointV1beta1>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<k8s_openapi::api::discovery::v1::EndpointPort>>,
+}
+
+/// A list the API server may send as `null` (1.20 does for a slice without endpoints).
+fn null_as_empty<'de, D, T>(de: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(de)?.unwrap_or_default())
 }
 
 /// One endpoint of a v1beta1 slice.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointV1beta1 {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub addresses: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<EndpointConditions>,
@@ -207,6 +216,23 @@ fn endpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Kubernetes 1.20 sends `"endpoints": null, "ports": null` for a Service without ready
+    /// pods (seen in the cluster box); such a slice must read as empty, or the whole list fails
+    /// to decode and the agent never becomes ready.
+    #[test]
+    fn null_lists_from_the_api_server_read_as_empty() {
+        let v1beta1: EndpointSliceV1beta1 = serde_json::from_str(
+            r#"{"metadata":{"name":"web-x","namespace":"shop"},"addressType":"IPv4","endpoints":null,"ports":null}"#,
+        )
+        .expect("a slice without endpoints");
+        assert!(v1beta1.endpoints.is_empty());
+        let v1: EndpointSlice = serde_json::from_str(
+            r#"{"metadata":{"name":"web-x","namespace":"shop"},"addressType":"IPv4","endpoints":null,"ports":null}"#,
+        )
+        .expect("a v1 slice without endpoints");
+        assert!(v1.endpoints.is_empty());
+    }
 
     #[test]
     fn both_versions_normalise_alike() {

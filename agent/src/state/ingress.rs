@@ -90,12 +90,18 @@ impl ListenerConditions {
             && self.resolved_refs.status
             && !self.conflicted.status
         {
-            Cond::new("Programmed", true, "Programmed", "listener programmed")
+            // Valid, but nothing serves it: no Sluice gateway instance binds listeners yet.
+            Cond::new("Programmed", false, "Pending", NOT_BOUND)
         } else {
             Cond::new("Programmed", false, "Invalid", "listener is not programmed")
         }
     }
 }
+
+/// Why a valid Gateway or listener is not `Programmed`: Sluice has no ingress data plane yet,
+/// and the condition says what is, not what is hoped.
+pub const NOT_BOUND: &str =
+    "no Sluice gateway instance has bound this listener (Sluice has no ingress data plane yet)";
 
 /// Protocols a listener may carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -1033,7 +1039,7 @@ spec:
             (false, "UnsupportedProtocol")
         );
         assert_eq!(conds[2].programmed(false).reason, "Invalid");
-        assert_eq!(conds[0].programmed(false).reason, "Programmed");
+        assert_eq!(conds[0].programmed(false).reason, "Pending");
         assert_eq!(conds[0].programmed(true).reason, "Invalid");
         assert_eq!(conds[0].conflicted.reason, "NoConflicts");
     }

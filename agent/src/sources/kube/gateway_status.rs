@@ -6,8 +6,9 @@
 //! These functions only turn those answers (and rejections) into API conditions.
 //!
 //! Limits: cross-namespace backends are `RefNotPermitted` (ReferenceGrants are not read),
-//! certificate Secrets are not looked up (only their kind is checked), and `Programmed` means
-//! "in every agent's MeshState", which is what serves ingress.
+//! certificate Secrets are not looked up (only their kind is checked), and `Programmed` stays
+//! `False` (`Pending`) on valid Gateways and listeners: no Sluice gateway instance binds a
+//! listener yet, so none is programmed.
 use std::{borrow::Cow, collections::BTreeMap};
 
 use k8s_openapi::{
@@ -286,21 +287,11 @@ pub fn gateway_status(
                 "ListenersNotValid",
                 format!("{invalid_listeners} listener(s) are not valid; the others are served"),
             ),
-            Cond::new(
-                "Programmed",
-                true,
-                "Programmed",
-                "programmed in every Sluice agent",
-            ),
+            Cond::new("Programmed", false, "Pending", ingress::NOT_BOUND),
         ),
         None => (
             Cond::new("Accepted", true, "Accepted", "accepted by Sluice"),
-            Cond::new(
-                "Programmed",
-                true,
-                "Programmed",
-                "programmed in every Sluice agent",
-            ),
+            Cond::new("Programmed", false, "Pending", ingress::NOT_BOUND),
         ),
     };
     GatewayStatus {
@@ -432,7 +423,8 @@ spec: {parentRefs: [{name: web, namespace: ingress}]}"#,
             cond(&s.conditions, "Accepted"),
             ("True", "ListenersNotValid")
         );
-        assert_eq!(cond(&s.conditions, "Programmed"), ("True", "Programmed"));
+        // Valid, but nothing listens: Programmed tells the truth.
+        assert_eq!(cond(&s.conditions, "Programmed"), ("False", "Pending"));
         assert!(
             s.conditions
                 .iter()
