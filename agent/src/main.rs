@@ -1,7 +1,7 @@
 //! The `sluice` binary.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::redirect::enroll::{self, Request, Sandbox};
 
