@@ -43,7 +43,10 @@ use super::{
 use crate::resources::NamespacedName;
 use crate::state::{
     MeshState, Workload,
-    egress::{DestinationScope, EgressDecision, GatewayMode, GatewayTarget, UpstreamTls},
+    egress::{
+        DestinationScope, EgressDecision, GatewayMode, GatewayTarget, HostHint,
+        Upstream as EgressUpstream, UpstreamTls,
+    },
 };
 
 /// How long the gateway waits for the tunnel's first bytes.
@@ -235,11 +238,14 @@ impl Forward {
             format!("node {} is not in the mesh state", self.inputs.node_name),
         ))?;
         let hint = sniffed.hint();
+        // As at the source: without a name on the wire, a name the resolver gave this address.
+        let resolved_host = self.inputs.egress.resolved_host(self.dst.ip());
         let decision = state.egress.outbound_decision(
             &self.workload,
             self.dst,
-            hint,
+            hint.or(resolved_host.as_deref().map(HostHint::Dns)),
             DestinationScope::OutsideMesh,
+            self.inputs.egress.resolved(),
         );
         let hop = match decision {
             EgressDecision::ViaGateway(hop) => hop,
@@ -271,13 +277,20 @@ impl Forward {
             .and_then(|g| g.prefix)
             .map(|p| crate::egress::source_address(p, &self.workload.uid));
         match &hop.target {
-            GatewayTarget::Static { .. } => Ok(Out {
-                mode: "tcp",
-                host: self.dst.ip().to_string(),
-                port: self.dst.port(),
-                tls: None,
-                bind,
-            }),
+            // Where the decision sends it: the dialled address only if a ServiceEntry lists it.
+            GatewayTarget::Static { .. } => {
+                let to = match &hop.upstream {
+                    EgressUpstream::Addr(a) => *a,
+                    EgressUpstream::Host { .. } => self.dst,
+                };
+                Ok(Out {
+                    mode: "tcp",
+                    host: to.ip().to_string(),
+                    port: to.port(),
+                    tls: None,
+                    bind,
+                })
+            }
             GatewayTarget::Istio {
                 gateway,
                 service_port,

@@ -9,6 +9,7 @@ pub mod hbone_inbound;
 pub mod host;
 pub mod inbound;
 pub mod limits;
+pub mod node_socket;
 pub mod outbound;
 pub mod own_listeners;
 pub mod peek;

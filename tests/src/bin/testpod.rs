@@ -6,6 +6,7 @@
 //! * `connect ADDR BYTES`: connects, reads the server's line, sends BYTES bytes, half-closes,
 //!   reads the echo, checks it, and prints
 //!   `{"local":..,"peer":..,"server":{..},"echoed":N}` (or `{"error":..}` and exits 1).
+//!   With `SLUICE_TESTPOD_SO_MARK` set, its socket carries that `SO_MARK`.
 //! * `latency ADDR COUNT [request]`: COUNT times: connect, read the server's first byte (or,
 //!   with `request`, send a byte and read its echo), close; prints
 //!   `{"samples_us":[..]}` (connect + first byte, microseconds).
@@ -133,8 +134,7 @@ fn serve(args: &[String]) -> Result<(), String> {
 }
 
 fn open(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>, Value), String> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let stream = dial(addr)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .map_err(|e| e.to_string())?;
@@ -146,6 +146,30 @@ fn open(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>, Value), St
     let server: Value =
         serde_json::from_str(&line).map_err(|e| format!("server line {line:?}: {e}"))?;
     Ok((stream, reader, server))
+}
+
+/// TCP to `addr` within 5 s; with `SLUICE_TESTPOD_SO_MARK` (e.g. `0x539`) set, the socket
+/// carries that mark first, as a pod with `CAP_NET_ADMIN` could set it.
+fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
+    let Ok(raw) = std::env::var("SLUICE_TESTPOD_SO_MARK") else {
+        return TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"));
+    };
+    let mark = u32::from_str_radix(raw.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("bad SLUICE_TESTPOD_SO_MARK {raw:?}"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    socket
+        .set_mark(mark)
+        .map_err(|e| format!("SO_MARK {mark:#x}: {e}"))?;
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    Ok(socket.into())
 }
 
 fn pattern(i: u64) -> u8 {
