@@ -1434,3 +1434,147 @@ fn security_dns_answers_for_other_names_are_ignored() {
     // The address only the TCP answer carries (the UDP one was truncated).
     admitted("big.example over TCP", format!("{big_real}:7003"));
 }
+
+/// A keep-alive HTTP/1.1 server in the internet's namespace at `at`: answers every request
+/// `200 ok` on the same connection and records each request's `Host`.
+fn keepalive_server(netns: &str, at: SocketAddr) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let listener = in_netns(PathBuf::from("/run/netns").join(netns), move || {
+        std::net::TcpListener::bind(at).expect("bind the keep-alive server")
+    });
+    let hosts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = hosts.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let Ok(mut writer) = conn.try_clone() else {
+                    return;
+                };
+                let mut reader = std::io::BufReader::new(conn);
+                loop {
+                    let mut host = None;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':')
+                            && k.eq_ignore_ascii_case("host")
+                        {
+                            host = Some(v.trim().to_owned());
+                        }
+                    }
+                    if let Ok(mut s) = seen.lock() {
+                        s.push(host.unwrap_or_default());
+                    }
+                    if writer
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    hosts
+}
+
+/// Item 1, through the egress gateway in HTTP mode: a pod's first request on a keep-alive
+/// connection names a listed host, the next one another host. The gateway decides each request
+/// by its own Host: the second never reaches the first host's server.
+#[test]
+fn security_egress_gateway_checks_every_request_on_a_connection() {
+    use sluice_tests::{egress_world::Egress, internet::SERVERS};
+    let resources = r#"---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: kept, namespace: shop}
+spec:
+  hosts: [kept.example]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: egress, namespace: istio-system}
+spec:
+  selector: {istio: egressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: [kept.example]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: kept-via-egress, namespace: istio-system}
+spec:
+  hosts: [kept.example]
+  gateways: [mesh, egress]
+  http:
+  - match: [{gateways: [mesh], port: 8080}]
+    route: [{destination: {host: istio-egressgateway.istio-system.svc.cluster.local, port: {number: 8080}}}]
+  - match: [{gateways: [egress], port: 8080}]
+    route: [{destination: {host: kept.example, port: {number: 8080}}}]
+"#;
+    let e = Egress::build(
+        &[PodSpec::new("client", "shop", 1)],
+        resources,
+        &[("kept.example", SERVERS[0])],
+    );
+    let hosts = keepalive_server(&e.net.netns, SocketAddr::from((SERVERS[0], 8080)));
+    let dst = SocketAddr::from((SERVERS[0], 8080)).to_string();
+    // The listed host alone, twice on one connection: both answered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = e.w.run_in(
+            "client",
+            &["http-keepalive", &dst, "kept.example", "kept.example"],
+        );
+        if v["statuses"].as_array().is_some_and(|s| s.len() == 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kept.example through the gateway: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    hosts.lock().expect("hosts").clear();
+    let base = agent_health(&e.w, 2, "before the attack");
+
+    // The attack: a listed host first, then another on the same connection.
+    let v = e.w.run_in(
+        "client",
+        &["http-keepalive", &dst, "kept.example", "evil.example"],
+    );
+    println!("kept.example then evil.example on one connection: {v}");
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = hosts.lock().expect("hosts").clone();
+    assert_eq!(
+        seen,
+        vec!["kept.example".to_owned()],
+        "a later request on the connection reached kept.example's server for another host"
+    );
+    let refused = e.w.agents[&2].wait_access(1, |l| {
+        l["direction"] == "egress_gateway" && l["outcome"] == "refused"
+    });
+    assert!(refused >= 1, "{:?}", e.w.agents[&2].access_log());
+    assert_bounded(&e.w, 2, base, 16, "after the attack");
+}

@@ -8,6 +8,8 @@
 //! proxy is not trusted to have asked — and then, for a route to an Istio egress Gateway this
 //! node carries, forwards per [`Egress::gateway_decision`]: HTTP by Host, TLS passthrough by
 //! SNI, TLS origination (plain HTTP in, TLS with SNI and certificate verification out), TCP;
+//! in the HTTP modes every later request on the tunnel must name the first one's host
+//! ([`http_requests`](super::http_requests)), or the tunnel ends before it is sent;
 //! for a StaticGatewayConfiguration this node carries, TCP to the original destination.
 //! Anything else is refused: the tunnel is reset, logged and counted.
 //!
@@ -38,6 +40,7 @@ use super::{
     ProxyInputs,
     egress::EgressRuntime,
     hbone::{ConnectRequest, HboneServer, Refusal, RefusalStatus, SpliceIo, Upstream},
+    http_requests::{CheckedRequests, RequestFraming},
     peek::{self, Sniffed},
 };
 use crate::resources::NamespacedName;
@@ -195,13 +198,20 @@ impl Forward {
                 return;
             }
         };
-        let result = self.forward(&out, &first, tunnel).await;
+        let host = match &sniffed {
+            Sniffed::Http(h) => Some(h.as_str()),
+            _ => None,
+        };
+        let result = self.forward(&out, host, &first, tunnel).await;
         let (sent, received, outcome, error) = match result {
             Ok((s, r)) => (s, r, "ok", String::new()),
             Err((stage, e)) => {
                 self.abort.store(true, Ordering::SeqCst);
                 if stage == "connect" || stage == "tls" {
                     self.inputs.egress.refused("gateway_upstream");
+                }
+                if stage == "refused" {
+                    self.inputs.egress.refused("gateway_request_host");
                 }
                 (0, 0, stage, e)
             }
@@ -320,12 +330,34 @@ impl Forward {
         }
     }
 
+    /// Connects out and copies. In the HTTP modes (`host`: the first request's), every later
+    /// request on the tunnel must name the same host, or the tunnel ends before it is sent.
     async fn forward(
         &self,
         out: &Out,
+        host: Option<&str>,
         first: &[u8],
-        mut tunnel: DuplexStream,
+        tunnel: DuplexStream,
     ) -> Result<(u64, u64), (&'static str, String)> {
+        let mut framing = match (out.mode, host) {
+            ("http" | "tls_origination", Some(h)) => Some(RequestFraming::new(h)),
+            _ => None,
+        };
+        let first = match &mut framing {
+            Some(f) => {
+                let mut approved = Vec::with_capacity(first.len());
+                f.feed(first, &mut approved)
+                    .map_err(|e| ("refused", e.to_string()))?;
+                approved
+            }
+            None => first.to_vec(),
+        };
+        let first = first.as_slice();
+        let mut tunnel = CheckedRequests::new(tunnel, framing);
+        let copy_error = |e: io::Error| match e.kind() {
+            io::ErrorKind::PermissionDenied => ("refused", e.to_string()),
+            _ => ("copy", e.to_string()),
+        };
         let addr = resolve(&self.inputs.egress, &out.host, out.port, out.bind)
             .await
             .map_err(|e| ("resolve", e))?;
@@ -341,7 +373,7 @@ impl Forward {
                     .map_err(|e| ("copy", e.to_string()))?;
                 let (s, r) = tokio::io::copy_bidirectional(&mut tunnel, &mut tcp)
                     .await
-                    .map_err(|e| ("copy", e.to_string()))?;
+                    .map_err(copy_error)?;
                 Ok((s + first_len, r))
             }
             Some(tls) => {
@@ -360,7 +392,7 @@ impl Forward {
                     .map_err(|e| ("copy", e.to_string()))?;
                 let (s, r) = tokio::io::copy_bidirectional(&mut tunnel, &mut stream)
                     .await
-                    .map_err(|e| ("copy", e.to_string()))?;
+                    .map_err(copy_error)?;
                 Ok((s + first_len, r))
             }
         }

@@ -7,6 +7,7 @@ pub mod egress_gateway;
 pub mod hbone;
 pub mod hbone_inbound;
 pub mod host;
+pub mod http_requests;
 pub mod inbound;
 pub mod limits;
 pub mod node_socket;

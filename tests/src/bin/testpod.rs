@@ -22,6 +22,8 @@
 //! * `fanout ADDR CONNECTIONS BYTES`: opens CONNECTIONS connections to a `serve` and holds them
 //!   all open at once (each has read the server's line), then each sends BYTES bytes and checks
 //!   the echo; prints `{"connections":N,"ok":K,"errors":[..]}` (the first few errors).
+//! * `http-keepalive ADDR HOST...`: one connection, one `GET /` per HOST in turn; prints
+//!   `{"statuses":[..],"error":..}`.
 //! * `http-get ADDR HOST [PATH]`, `tls-get ADDR SNI CA_FILE [PATH]`, `dns SERVER NAME
 //!   [udp|tcp]`: clients of the simulated internet (`sluice_tests::internet::client`).
 //! * `internet DIR DNS_ADDR`: the simulated internet's servers
@@ -47,6 +49,7 @@ fn main() {
         Some("rr") => rr(&args[2..]),
         Some("fanout") => fanout(&args[2..]),
         Some("http-get") => print(client::http_get(&args[2..])),
+        Some("http-keepalive") => http_keepalive(&args[2..]),
         Some("tls-get") => print(client::tls_get(&args[2..])),
         Some("dns") => print(client::dns(&args[2..])),
         Some("internet") => sluice_tests::internet::server::run(&args[2..]),
@@ -54,7 +57,7 @@ fn main() {
             "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
                  latency ADDR COUNT [request] | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \
                  fanout ADDR CONNECTIONS BYTES | \
-                 http-get ADDR HOST [PATH] | tls-get ADDR SNI CA_FILE [PATH] | \
+                 http-get ADDR HOST [PATH] | http-keepalive ADDR HOST... | tls-get ADDR SNI CA_FILE [PATH] | \
                  dns SERVER NAME [udp|tcp] | internet DIR DNS_ADDR"
                 .into(),
         ),
@@ -448,5 +451,57 @@ fn fanout(args: &[String]) -> Result<(), String> {
         }
     }
     println!("{}", json!({"connections": n, "ok": ok, "errors": errors}));
+    Ok(())
+}
+
+/// `http-keepalive ADDR HOST...`: one connection to ADDR; for each HOST in turn, a `GET /`
+/// naming it, and its answer read (by `Content-Length`); prints
+/// `{"statuses":[..],"error":..}` with the status line of each answer received.
+fn http_keepalive(args: &[String]) -> Result<(), String> {
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let hosts = args.get(1..).unwrap_or_default();
+    let stream = dial(addr)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut statuses = Vec::new();
+    let mut error = None;
+    for host in hosts {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        if let Err(e) = writer.write_all(request.as_bytes()) {
+            error = Some(format!("sending the request for {host}: {e}"));
+            break;
+        }
+        let mut status = String::new();
+        match reader.read_line(&mut status) {
+            Ok(0) => {
+                error = Some(format!("closed before the answer for {host}"));
+                break;
+            }
+            Err(e) => {
+                error = Some(format!("reading the answer for {host}: {e}"));
+                break;
+            }
+            Ok(_) => {}
+        }
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+        statuses.push(status.trim().to_owned());
+    }
+    println!("{}", json!({ "statuses": statuses, "error": error }));
     Ok(())
 }
