@@ -1286,7 +1286,7 @@ impl HostileDns {
         udp.set_read_timeout(Some(Duration::from_millis(200))).ok();
         tcp.set_nonblocking(true).ok();
         let (s1, s2) = (stop.clone(), stop.clone());
-        let answer_udp = answer.clone();
+        let answer_udp = answer;
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !s1.load(std::sync::atomic::Ordering::SeqCst) {
