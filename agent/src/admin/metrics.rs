@@ -158,6 +158,9 @@ pub struct Metrics {
     hbone_handshake_timeouts: Family<OneLabel, Counter>,
     connection_caps: Family<OneLabel, Counter>,
     own_listener_refusals: Counter,
+    capture_failures: Counter,
+    pods_held_closed: Gauge,
+    transparent_sources_full: Counter,
 }
 
 impl Default for Metrics {
@@ -180,6 +183,9 @@ impl Metrics {
         let hbone_handshake_timeouts = Family::<OneLabel, Counter>::default();
         let connection_caps = Family::<OneLabel, Counter>::default();
         let own_listener_refusals = Counter::default();
+        let capture_failures = Counter::default();
+        let pods_held_closed = Gauge::default();
+        let transparent_sources_full = Counter::default();
 
         registry.register_collector(Box::new(tcp.clone()));
         registry.register_collector(Box::new(hbone_pool.clone()));
@@ -219,6 +225,21 @@ impl Metrics {
             "Connections refused because they were addressed to the agent's own listeners.",
             own_listener_refusals.clone(),
         );
+        registry.register(
+            "sluice_capture_failures",
+            "Attempts to capture a pod that failed (e.g. its application holds a proxy port); the pod is held closed and retried.",
+            capture_failures.clone(),
+        );
+        registry.register(
+            "sluice_pods_held_closed",
+            "Enrolled pods whose capture failed: their traffic is refused until a retry succeeds.",
+            pods_held_closed.clone(),
+        );
+        registry.register(
+            "sluice_tproxy_map_full",
+            "Connections to an application refused because the sluice_tproxy map was full.",
+            transparent_sources_full.clone(),
+        );
 
         Self {
             registry,
@@ -232,7 +253,25 @@ impl Metrics {
             hbone_handshake_timeouts,
             connection_caps,
             own_listener_refusals,
+            capture_failures,
+            pods_held_closed,
+            transparent_sources_full,
         }
+    }
+
+    /// Counts a failed attempt to capture a pod.
+    pub fn capture_failed(&self) {
+        self.capture_failures.inc();
+    }
+
+    /// Sets the number of pods held closed after a failed capture.
+    pub fn set_pods_held_closed(&self, n: usize) {
+        self.pods_held_closed.set(saturating_i64(n));
+    }
+
+    /// Counts a connection refused because `sluice_tproxy` was full.
+    pub fn transparent_sources_full(&self) {
+        self.transparent_sources_full.inc();
     }
 
     /// Counts an HBONE connection closed at accept over the unauthenticated cap.
