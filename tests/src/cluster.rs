@@ -556,13 +556,11 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for i in 1..=self.world.nodes {
-                for name in ["kube-proxy.log"] {
-                    let path = self.node_dir(i).join(name);
-                    if let Ok(text) = std::fs::read_to_string(&path) {
-                        let lines: Vec<&str> = text.lines().collect();
-                        let tail = lines[lines.len().saturating_sub(10)..].join("\n");
-                        eprintln!("--- node{i} {name} ---\n{tail}");
-                    }
+                let path = self.node_dir(i).join("kube-proxy.log");
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+                    eprintln!("--- node{i} kube-proxy.log ---\n{tail}");
                 }
                 if let Some(agent) = self.world.agents.get(&i) {
                     eprintln!("--- node{i} agent ---\n{}", agent.tail());
