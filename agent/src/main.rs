@@ -156,7 +156,7 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// The Secret holding the mesh root, as `deploy/daemonset.yaml` mounts it.
+/// The Secret holding the mesh root, as `deploy/04-daemonset.yaml` mounts it.
 const ROOT_SECRET: &str = "sluice-root-ca";
 
 fn main() -> Result<()> {
