@@ -93,10 +93,10 @@ impl Cluster {
 
         install_crds(&client).await;
         for file in [
-            "namespace.yaml",
-            "serviceaccount.yaml",
-            "rbac.yaml",
-            "configmap.yaml",
+            "00-namespace.yaml",
+            "01-serviceaccount.yaml",
+            "02-rbac.yaml",
+            "03-configmap.yaml",
         ] {
             let path = deploy_dir().join(file);
             let text = std::fs::read_to_string(&path)
@@ -275,12 +275,12 @@ impl Cluster {
     /// Starts (or restarts) node `i`'s agent from `deploy/`'s ConfigMap.
     pub fn start_agent(&mut self, i: usize) {
         self.stop_agent(i);
-        let configmap = std::fs::read_to_string(deploy_dir().join("configmap.yaml"))
-            .expect("deploy/configmap.yaml");
+        let configmap = std::fs::read_to_string(deploy_dir().join("03-configmap.yaml"))
+            .expect("deploy/03-configmap.yaml");
         let doc = documents(&configmap)
             .into_iter()
             .find(|d| d["kind"] == "ConfigMap")
-            .expect("a ConfigMap in deploy/configmap.yaml");
+            .expect("a ConfigMap in deploy/03-configmap.yaml");
         let config = doc["data"]["config.yaml"]
             .as_str()
             .expect("data.config.yaml");

@@ -186,6 +186,15 @@ impl Metrics {
         let capture_failures = Counter::default();
         let pods_held_closed = Gauge::default();
         let transparent_sources_full = Counter::default();
+        // Always 1; the labels say which build runs (dashboards join on it, as on
+        // istio_build / cilium_version).
+        let build_info = Family::<OneLabel, Gauge>::default();
+        build_info
+            .get_or_create(&OneLabel {
+                name: "version",
+                value: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
 
         registry.register_collector(Box::new(tcp.clone()));
         registry.register_collector(Box::new(hbone_pool.clone()));
@@ -239,6 +248,11 @@ impl Metrics {
             "sluice_tproxy_map_full",
             "Connections to an application refused because the sluice_tproxy map was full.",
             transparent_sources_full.clone(),
+        );
+        registry.register(
+            "sluice_build_info",
+            "Always 1, labelled with the running build's version.",
+            build_info,
         );
 
         Self {
@@ -406,6 +420,13 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .map(|v| v.parse().expect("numeric sample"))
+    }
+
+    #[test]
+    fn build_info_names_the_version() {
+        let text = Metrics::new().encode().unwrap();
+        let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+        assert_eq!(sample(&text, "sluice_build_info", &version), Some(1.0));
     }
 
     #[test]
