@@ -226,6 +226,7 @@ fn main() -> Result<()> {
                 Some(s) => s,
                 None => {
                     let var = |k: &str| {
+                        use anyhow::Context as _;
                         std::env::var(k)
                             .with_context(|| format!("{k} is not set (or pass --server)"))
                     };
