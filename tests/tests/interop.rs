@@ -200,6 +200,11 @@ fn interop_pqc_agent_refuses_classic_peers_with_a_clear_log_line() {
         "the agent's failure does not say why: {:?}",
         w.agents[&1].access_log()
     );
+    for l in w.agents[&1].access_log() {
+        if matches!(l["outcome"].as_str(), Some("handshake" | "connect")) {
+            eprintln!("agent: {} {}: {}", l["direction"], l["outcome"], l["error"]);
+        }
+    }
 }
 
 #[test]
@@ -241,14 +246,16 @@ fn interop_receiver_decodes_the_source_pods_baggage_and_port() {
         Some(pod.labels["version"].as_str())
     );
     assert_eq!(baggage.cluster.as_deref(), Some("Kubernetes"));
-    // `forwarded` names the application's own socket, port included.
+    // `forwarded` names the application's own socket: the pod's address (its socket sees the
+    // in-pod listener's loopback address, where the capture sent it) and its port.
     let forwarded = headers
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    assert_ne!(conn.local.port(), 0);
     assert_eq!(
         forwarded,
-        format!("for=\"{}\"", conn.local),
+        format!("for=\"{}\"", SocketAddr::new(pod.ipv4, conn.local.port())),
         "forwarded is not the client's address and port"
     );
 }
