@@ -1,7 +1,7 @@
 //! The `sluice` binary.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::redirect::enroll::{self, Request, Sandbox};
 
@@ -134,7 +134,10 @@ enum EnrollOp {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // SLUICE_LOG first, then the RUST_LOG every Rust tool reads.
+    let filter = EnvFilter::try_from_env("SLUICE_LOG")
+        .or_else(|_| EnvFilter::try_from_env("RUST_LOG"))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -156,7 +159,7 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// The Secret holding the mesh root, as `deploy/daemonset.yaml` mounts it.
+/// The Secret holding the mesh root, as `deploy/04-daemonset.yaml` mounts it.
 const ROOT_SECRET: &str = "sluice-root-ca";
 
 fn main() -> Result<()> {
@@ -226,7 +229,6 @@ fn main() -> Result<()> {
                 Some(s) => s,
                 None => {
                     let var = |k: &str| {
-                        use anyhow::Context as _;
                         std::env::var(k)
                             .with_context(|| format!("{k} is not set (or pass --server)"))
                     };

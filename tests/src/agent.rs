@@ -39,11 +39,23 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent in `netns` with `config`; waits until it is ready.
     pub fn start(netns: &str, config: &Path, dir: &Path) -> Agent {
-        Self::start_with_env(netns, config, dir, &[])
+        Self::start_in(netns, config, dir, None, &[])
     }
 
     /// [`Agent::start`] with more environment variables (a DaemonSet's `env`).
     pub fn start_with_env(netns: &str, config: &Path, dir: &Path, env: &[(&str, &str)]) -> Agent {
+        Self::start_in(netns, config, dir, None, env)
+    }
+
+    /// [`Agent::start`], with the agent's process in the cgroup v2 directory `cgroup` when
+    /// given, and with more environment variables.
+    pub fn start_in(
+        netns: &str,
+        config: &Path,
+        dir: &Path,
+        cgroup: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let runs = std::fs::read_dir(dir)
             .map(|d| {
                 d.filter_map(Result::ok)
@@ -65,9 +77,22 @@ impl Agent {
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file);
-        // SAFETY: only setns on a descriptor opened before fork.
+        let procs = cgroup.map(|dir| {
+            std::fs::create_dir_all(dir).expect("agent cgroup");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+                .expect("open agent cgroup.procs")
+        });
+        // SAFETY: only write and setns on descriptors opened before fork.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    let zero = b"0";
+                    if libc::write(procs.as_raw_fd(), zero.as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -93,10 +93,10 @@ impl Cluster {
 
         install_crds(&client).await;
         for file in [
-            "namespace.yaml",
-            "serviceaccount.yaml",
-            "rbac.yaml",
-            "configmap.yaml",
+            "00-namespace.yaml",
+            "01-serviceaccount.yaml",
+            "02-rbac.yaml",
+            "03-configmap.yaml",
         ] {
             let path = deploy_dir().join(file);
             let text = std::fs::read_to_string(&path)
@@ -275,12 +275,12 @@ impl Cluster {
     /// Starts (or restarts) node `i`'s agent from `deploy/`'s ConfigMap.
     pub fn start_agent(&mut self, i: usize) {
         self.stop_agent(i);
-        let configmap = std::fs::read_to_string(deploy_dir().join("configmap.yaml"))
-            .expect("deploy/configmap.yaml");
+        let configmap = std::fs::read_to_string(deploy_dir().join("03-configmap.yaml"))
+            .expect("deploy/03-configmap.yaml");
         let doc = documents(&configmap)
             .into_iter()
             .find(|d| d["kind"] == "ConfigMap")
-            .expect("a ConfigMap in deploy/configmap.yaml");
+            .expect("a ConfigMap in deploy/03-configmap.yaml");
         let config = doc["data"]["config.yaml"]
             .as_str()
             .expect("data.config.yaml");
@@ -556,13 +556,11 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for i in 1..=self.world.nodes {
-                for name in ["kube-proxy.log"] {
-                    let path = self.node_dir(i).join(name);
-                    if let Ok(text) = std::fs::read_to_string(&path) {
-                        let lines: Vec<&str> = text.lines().collect();
-                        let tail = lines[lines.len().saturating_sub(10)..].join("\n");
-                        eprintln!("--- node{i} {name} ---\n{tail}");
-                    }
+                let path = self.node_dir(i).join("kube-proxy.log");
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+                    eprintln!("--- node{i} kube-proxy.log ---\n{tail}");
                 }
                 if let Some(agent) = self.world.agents.get(&i) {
                     eprintln!("--- node{i} agent ---\n{}", agent.tail());
@@ -673,6 +671,8 @@ struct Sandbox {
     pod: Pod,
     /// The ptp plugin's result, handed to DEL as `prevResult`.
     result: Value,
+    /// Whether the API server has the pod's `Running` status.
+    reported: bool,
 }
 
 #[derive(Default)]
@@ -795,54 +795,78 @@ async fn kubelet_loop(
                     .await;
                 continue;
             }
-            if running || retry_at.get(&uid).is_some_and(|t| Instant::now() < *t) {
-                continue;
+            if !running {
+                if retry_at.get(&uid).is_some_and(|t| Instant::now() < *t) {
+                    continue;
+                }
+                let labels = pod.metadata.labels.clone().unwrap_or_default();
+                let account = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".into());
+                match setup(&layout, node, &uid, &namespace, &name, &labels, &account) {
+                    Ok(sandbox) => {
+                        retry_at.remove(&uid);
+                        let ip = sandbox.pod.ipv4;
+                        event(&shared, &namespace, &name, format!("started with {ip}"));
+                        shared
+                            .pods
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(uid.clone(), sandbox);
+                    }
+                    Err(e) => {
+                        event(&shared, &namespace, &name, format!("sandbox failed: {e}"));
+                        retry_at.insert(uid, Instant::now() + Duration::from_secs(1));
+                        continue;
+                    }
+                }
             }
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
-            let account = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .unwrap_or_else(|| "default".into());
-            match setup(&layout, node, &uid, &namespace, &name, &labels, &account) {
-                Ok(sandbox) => {
-                    retry_at.remove(&uid);
-                    let ip = sandbox.pod.ipv4;
-                    event(&shared, &namespace, &name, format!("started with {ip}"));
-                    shared
+            // Report the pod Running until the API server has taken it (it may be away).
+            let unreported = shared
+                .pods
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&uid)
+                .filter(|s| !s.reported)
+                .map(|s| s.pod.ipv4);
+            let Some(ip) = unreported else {
+                continue;
+            };
+            let api: Api<KubePod> = Api::namespaced(client.clone(), &namespace);
+            let status = json!({"status": {
+                "phase": "Running",
+                "podIP": ip.to_string(),
+                "podIPs": [{"ip": ip.to_string()}],
+                "startTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "conditions": [
+                    {"type": "Initialized", "status": "True"},
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "ContainersReady", "status": "True"},
+                    {"type": "Ready", "status": "True"},
+                ],
+            }});
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                .await
+            {
+                Ok(_) => {
+                    if let Some(s) = shared
                         .pods
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(uid.clone(), sandbox);
-                    let api: Api<KubePod> = Api::namespaced(client.clone(), &namespace);
-                    let status = json!({"status": {
-                        "phase": "Running",
-                        "podIP": ip.to_string(),
-                        "podIPs": [{"ip": ip.to_string()}],
-                        "startTime": k8s_openapi::jiff::Timestamp::now().to_string(),
-                        "conditions": [
-                            {"type": "Initialized", "status": "True"},
-                            {"type": "PodScheduled", "status": "True"},
-                            {"type": "ContainersReady", "status": "True"},
-                            {"type": "Ready", "status": "True"},
-                        ],
-                    }});
-                    if let Err(e) = api
-                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                        .await
+                        .get_mut(&uid)
                     {
-                        event(
-                            &shared,
-                            &namespace,
-                            &name,
-                            format!("status not written: {e}"),
-                        );
+                        s.reported = true;
                     }
                 }
-                Err(e) => {
-                    event(&shared, &namespace, &name, format!("sandbox failed: {e}"));
-                    retry_at.insert(uid, Instant::now() + Duration::from_secs(1));
-                }
+                Err(e) => event(
+                    &shared,
+                    &namespace,
+                    &name,
+                    format!("status not written: {e}"),
+                ),
             }
         }
         let gone: Vec<String> = shared
@@ -913,6 +937,7 @@ fn setup(
     let mut sandbox = Sandbox {
         pod,
         result: Value::Null,
+        reported: false,
     };
     match cni(layout, node, "ADD", &sandbox) {
         Ok(result) => {

@@ -274,6 +274,9 @@ pub struct World {
     /// More network namespaces of this world (the internet), removed when it drops.
     pub(crate) extra_netns: Vec<String>,
     children: Vec<Child>,
+    /// Start agents in a cgroup under their node's pod cgroup root (as a DaemonSet pod sits
+    /// under `kubepods`), so that the capture hooks see the agent's own sockets too.
+    pub agents_under_pod_cgroups: bool,
     pub agents: BTreeMap<usize, Agent>,
     /// The `extra_spec` each running agent was started with.
     agent_extra: BTreeMap<usize, String>,
@@ -303,6 +306,7 @@ impl World {
             cgroup_root,
             extra_netns: Vec::new(),
             children: Vec::new(),
+            agents_under_pod_cgroups: false,
             agents: BTreeMap::new(),
             agent_extra: BTreeMap::new(),
         };
@@ -671,10 +675,15 @@ impl World {
         }
         let config = self.agent_config(i, extra_spec);
         self.agent_extra.insert(i, extra_spec.to_owned());
-        let agent = Agent::start(
+        let cgroup = self
+            .agents_under_pod_cgroups
+            .then(|| self.node_cgroup(i).join("sluice-agent"));
+        let agent = Agent::start_in(
             &self.node_netns(i),
             &config,
             &self.dir.path().join(format!("node{i}")),
+            cgroup.as_deref(),
+            &[],
         );
         self.agents.insert(i, agent);
         &self.agents[&i]

@@ -807,7 +807,7 @@ async fn kube_deploy_manifests_apply_and_their_rbac_suffices() {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
-    files.sort_by_key(|p| !p.ends_with("namespace.yaml"));
+    files.sort_by_key(|p| !p.ends_with("00-namespace.yaml"));
     let mut applied = 0;
     for file in &files {
         for doc in sluice_tests::kube_mesh::documents(&std::fs::read_to_string(file).expect("read"))

@@ -158,6 +158,9 @@ pub struct Metrics {
     hbone_handshake_timeouts: Family<OneLabel, Counter>,
     connection_caps: Family<OneLabel, Counter>,
     own_listener_refusals: Counter,
+    capture_failures: Counter,
+    pods_held_closed: Gauge,
+    transparent_sources_full: Counter,
 }
 
 impl Default for Metrics {
@@ -180,6 +183,18 @@ impl Metrics {
         let hbone_handshake_timeouts = Family::<OneLabel, Counter>::default();
         let connection_caps = Family::<OneLabel, Counter>::default();
         let own_listener_refusals = Counter::default();
+        let capture_failures = Counter::default();
+        let pods_held_closed = Gauge::default();
+        let transparent_sources_full = Counter::default();
+        // Always 1; the labels say which build runs (dashboards join on it, as on
+        // istio_build / cilium_version).
+        let build_info = Family::<OneLabel, Gauge>::default();
+        build_info
+            .get_or_create(&OneLabel {
+                name: "version",
+                value: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
 
         registry.register_collector(Box::new(tcp.clone()));
         registry.register_collector(Box::new(hbone_pool.clone()));
@@ -219,6 +234,26 @@ impl Metrics {
             "Connections refused because they were addressed to the agent's own listeners.",
             own_listener_refusals.clone(),
         );
+        registry.register(
+            "sluice_capture_failures",
+            "Attempts to capture a pod that failed (e.g. its application holds a proxy port); the pod is held closed and retried.",
+            capture_failures.clone(),
+        );
+        registry.register(
+            "sluice_pods_held_closed",
+            "Enrolled pods whose capture failed: their traffic is refused until a retry succeeds.",
+            pods_held_closed.clone(),
+        );
+        registry.register(
+            "sluice_tproxy_map_full",
+            "Connections to an application refused because the sluice_tproxy map was full.",
+            transparent_sources_full.clone(),
+        );
+        registry.register(
+            "sluice_build_info",
+            "Always 1, labelled with the running build's version.",
+            build_info,
+        );
 
         Self {
             registry,
@@ -232,7 +267,25 @@ impl Metrics {
             hbone_handshake_timeouts,
             connection_caps,
             own_listener_refusals,
+            capture_failures,
+            pods_held_closed,
+            transparent_sources_full,
         }
+    }
+
+    /// Counts a failed attempt to capture a pod.
+    pub fn capture_failed(&self) {
+        self.capture_failures.inc();
+    }
+
+    /// Sets the number of pods held closed after a failed capture.
+    pub fn set_pods_held_closed(&self, n: usize) {
+        self.pods_held_closed.set(saturating_i64(n));
+    }
+
+    /// Counts a connection refused because `sluice_tproxy` was full.
+    pub fn transparent_sources_full(&self) {
+        self.transparent_sources_full.inc();
     }
 
     /// Counts an HBONE connection closed at accept over the unauthenticated cap.
@@ -367,6 +420,13 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .map(|v| v.parse().expect("numeric sample"))
+    }
+
+    #[test]
+    fn build_info_names_the_version() {
+        let text = Metrics::new().encode().unwrap();
+        let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+        assert_eq!(sample(&text, "sluice_build_info", &version), Some(1.0));
     }
 
     #[test]

@@ -293,7 +293,7 @@ pub enum ConfigError {
     NoNodeName,
     #[error(
         "spec.identity.rootCertFile: required when spec.kube.enabled: agents on different nodes \
-         must share the mesh root (mount the sluice-root-ca Secret, see deploy/daemonset.yaml)"
+         must share the mesh root (mount the sluice-root-ca Secret, see deploy/04-daemonset.yaml)"
     )]
     KubeWithoutRoot,
     #[error("spec.capture.{field}: port 0 is not a port")]

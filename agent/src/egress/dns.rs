@@ -3,9 +3,11 @@
 //! of their addresses is known to be for that host; in gateway role, upstream hosts are resolved
 //! with the same server.
 //!
-//! A deliberately small stub resolver: A and AAAA queries over UDP (TCP is not tried on
-//! truncation), to one configured server (`spec.egress.dnsServer`, else the first `nameserver`
-//! of `/etc/resolv.conf`).
+//! A deliberately small stub resolver: A and AAAA queries over UDP, retried over TCP when the
+//! answer is truncated, to one configured server (`spec.egress.dnsServer`, else the first
+//! `nameserver` of `/etc/resolv.conf`). A reply counts only if it carries the query's id and
+//! question; of its answers, only the addresses owned by the name asked, or by the names its
+//! CNAME chain leads to, are taken.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     io,
@@ -21,7 +23,7 @@ use hickory_proto::{
 use tokio::{net::UdpSocket, time::Instant};
 use tracing::{debug, warn};
 
-use crate::state::StateHandle;
+use crate::state::{StateHandle, egress::Resolved};
 
 /// Shortest and longest time an answer is kept, whatever its TTL says.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
@@ -134,90 +136,186 @@ impl Resolver {
         let name = Name::from_ascii(&fqdn).map_err(|_| DnsError::BadName(host.to_owned()))?;
         let mut msg = Message::query();
         msg.metadata.recursion_desired = true;
-        msg.add_query(Query::query(name, kind));
+        msg.add_query(Query::query(name.clone(), kind));
         let id = msg.metadata.id;
         let wire = msg.to_vec().map_err(|e| DnsError::Proto(e.to_string()))?;
-        let io = |source| DnsError::Io {
+        let deadline = Instant::now() + self.timeout;
+        let mut reply = self.exchange_udp(&wire, &name, kind, id, deadline).await?;
+        if reply.metadata.truncation {
+            // The answer did not fit in a datagram: ask again over TCP for all of it.
+            debug!(%host, ?kind, "DNS answer truncated; retrying over TCP");
+            reply = self.exchange_tcp(&wire, &name, kind, id, deadline).await?;
+        }
+        match reply.metadata.response_code {
+            ResponseCode::NoError => {}
+            ResponseCode::NXDomain => {
+                return Ok(Answer {
+                    addrs: vec![],
+                    ttl: MIN_TTL,
+                });
+            }
+            code => {
+                return Err(DnsError::Rcode {
+                    server: self.server,
+                    host: host.to_owned(),
+                    code,
+                });
+            }
+        }
+        let (addrs, ttl) = addresses_of(&reply, &name, kind);
+        let ttl = if addrs.is_empty() {
+            MIN_TTL
+        } else {
+            Duration::from_secs(u64::from(ttl))
+        };
+        Ok(Answer { addrs, ttl })
+    }
+
+    fn io_error(&self, source: io::Error) -> DnsError {
+        DnsError::Io {
             server: self.server,
             source,
-        };
-        let bind: SocketAddr = if self.server.is_ipv4() {
-            "0.0.0.0:0"
-                .parse()
-                .map_err(|_| DnsError::Proto("bind".into()))?
-        } else {
-            "[::]:0"
-                .parse()
-                .map_err(|_| DnsError::Proto("bind".into()))?
-        };
-        let sock = UdpSocket::bind(bind).await.map_err(io)?;
-        sock.connect(self.server).await.map_err(io)?;
-        let deadline = Instant::now() + self.timeout;
-        let mut buf = vec![0u8; 4096];
-        // Send once, resend once halfway if nothing came back (UDP may drop).
-        sock.send(&wire).await.map_err(io)?;
-        let mut resent = false;
-        loop {
-            let wait = if resent {
-                deadline
-            } else {
-                Instant::now() + self.timeout / 2
-            };
-            let n = match tokio::time::timeout_at(wait, sock.recv(&mut buf)).await {
-                Ok(r) => r.map_err(io)?,
-                Err(_) if !resent => {
-                    resent = true;
-                    sock.send(&wire).await.map_err(io)?;
-                    continue;
-                }
-                Err(_) => {
-                    return Err(DnsError::Timeout {
-                        server: self.server,
-                        timeout: self.timeout,
-                    });
-                }
-            };
-            let Ok(reply) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            if reply.metadata.id != id {
-                continue;
-            }
-            match reply.metadata.response_code {
-                ResponseCode::NoError => {}
-                ResponseCode::NXDomain => {
-                    return Ok(Answer {
-                        addrs: vec![],
-                        ttl: MIN_TTL,
-                    });
-                }
-                code => {
-                    return Err(DnsError::Rcode {
-                        server: self.server,
-                        host: host.to_owned(),
-                        code,
-                    });
-                }
-            }
-            let mut addrs = Vec::new();
-            let mut ttl = u32::MAX;
-            for rec in &reply.answers {
-                let ip = match &rec.data {
-                    RData::A(a) => IpAddr::V4(a.0),
-                    RData::AAAA(a) => IpAddr::V6(a.0),
-                    _ => continue, // CNAMEs are followed by the server's own records
-                };
-                ttl = ttl.min(rec.ttl);
-                addrs.push(ip);
-            }
-            let ttl = if addrs.is_empty() {
-                MIN_TTL
-            } else {
-                Duration::from_secs(u64::from(ttl))
-            };
-            return Ok(Answer { addrs, ttl });
         }
     }
+
+    fn timeout_error(&self) -> DnsError {
+        DnsError::Timeout {
+            server: self.server,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Sends `wire` over UDP (once more halfway to `deadline` if nothing came back) and returns
+    /// the first reply to it: same id, same question.
+    async fn exchange_udp(
+        &self,
+        wire: &[u8],
+        name: &Name,
+        kind: RecordType,
+        id: u16,
+        deadline: Instant,
+    ) -> Result<Message, DnsError> {
+        let bind = if self.server.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let sock = UdpSocket::bind(bind).await.map_err(|e| self.io_error(e))?;
+        sock.connect(self.server)
+            .await
+            .map_err(|e| self.io_error(e))?;
+        let mut buf = vec![0u8; 4096];
+        sock.send(wire).await.map_err(|e| self.io_error(e))?;
+        let halfway = Instant::now() + self.timeout / 2;
+        let mut resent = false;
+        loop {
+            let wait = if resent { deadline } else { halfway };
+            let n = match tokio::time::timeout_at(wait, sock.recv(&mut buf)).await {
+                Ok(r) => r.map_err(|e| self.io_error(e))?,
+                Err(_) if !resent => {
+                    resent = true;
+                    sock.send(wire).await.map_err(|e| self.io_error(e))?;
+                    continue;
+                }
+                Err(_) => return Err(self.timeout_error()),
+            };
+            match Message::from_vec(&buf[..n]) {
+                Ok(reply) if answers(&reply, name, kind, id) => return Ok(reply),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends `wire` over TCP (two-byte length prefix, RFC 1035 4.2.2) and reads the reply.
+    async fn exchange_tcp(
+        &self,
+        wire: &[u8],
+        name: &Name,
+        kind: RecordType,
+        id: u16,
+        deadline: Instant,
+    ) -> Result<Message, DnsError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let exchange = async {
+            let mut tcp = tokio::net::TcpStream::connect(self.server).await?;
+            let len = u16::try_from(wire.len())
+                .map_err(|_| io::Error::other("query too long for TCP"))?;
+            let mut out = Vec::with_capacity(wire.len() + 2);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(wire);
+            tcp.write_all(&out).await?;
+            let n = usize::from(tcp.read_u16().await?);
+            let mut buf = vec![0u8; n];
+            tcp.read_exact(&mut buf).await?;
+            Ok::<_, io::Error>(buf)
+        };
+        let buf = tokio::time::timeout_at(deadline, exchange)
+            .await
+            .map_err(|_| self.timeout_error())?
+            .map_err(|e| self.io_error(e))?;
+        match Message::from_vec(&buf) {
+            Ok(reply) if answers(&reply, name, kind, id) => Ok(reply),
+            Ok(_) => Err(DnsError::Proto(format!(
+                "the TCP answer from {} is not for {name} {kind}",
+                self.server
+            ))),
+            Err(e) => Err(DnsError::Proto(e.to_string())),
+        }
+    }
+}
+
+/// Longest CNAME chain followed.
+const MAX_CNAME_CHAIN: usize = 8;
+
+/// True if `reply` answers the query `id` for `name` `kind`: a response with that id whose one
+/// question is the one asked.
+fn answers(reply: &Message, name: &Name, kind: RecordType, id: u16) -> bool {
+    reply.metadata.id == id
+        && reply.metadata.message_type == hickory_proto::op::MessageType::Response
+        && reply.queries.len() == 1
+        && reply.queries[0].query_type() == kind
+        && reply.queries[0].name().eq_ignore_root_case(name)
+}
+
+/// The addresses `reply` gives for `name` (and the lowest TTL on the way): only records owned by
+/// `name` or by a name its CNAME chain leads to, in order, at most [`MAX_CNAME_CHAIN`] links.
+/// Records for any other owner (what a spoofing or confused server might add) are ignored.
+fn addresses_of(reply: &Message, name: &Name, kind: RecordType) -> (Vec<IpAddr>, u32) {
+    let mut owner = name.clone();
+    let mut ttl = u32::MAX;
+    for _ in 0..=MAX_CNAME_CHAIN {
+        let owned: Vec<_> = reply
+            .answers
+            .iter()
+            .filter(|r| r.name.eq_ignore_root_case(&owner))
+            .collect();
+        let addrs: Vec<IpAddr> = owned
+            .iter()
+            .filter_map(|r| match (&r.data, kind) {
+                (RData::A(a), RecordType::A) => Some((IpAddr::V4(a.0), r.ttl)),
+                (RData::AAAA(a), RecordType::AAAA) => Some((IpAddr::V6(a.0), r.ttl)),
+                _ => None,
+            })
+            .map(|(ip, t)| {
+                ttl = ttl.min(t);
+                ip
+            })
+            .collect();
+        if !addrs.is_empty() {
+            return (addrs, ttl);
+        }
+        match owned.iter().find_map(|r| match &r.data {
+            RData::CNAME(c) => Some((c.0.clone(), r.ttl)),
+            _ => None,
+        }) {
+            Some((next, t)) => {
+                ttl = ttl.min(t);
+                owner = next;
+            }
+            None => break,
+        }
+    }
+    (Vec::new(), ttl)
 }
 
 #[derive(Debug, Default)]
@@ -235,6 +333,17 @@ impl Entries {
                 self.by_ip.entry(*ip).or_default().insert(host.clone());
             }
         }
+    }
+}
+
+impl Resolved for DnsCache {
+    fn addrs_of(&self, host: &str) -> Vec<IpAddr> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .hosts
+            .get(host)
+            .map(|(a, _)| a.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -270,12 +379,7 @@ impl DnsCache {
 
     /// The addresses currently known for `host`.
     pub fn addrs_of(&self, host: &str) -> Vec<IpAddr> {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries
-            .hosts
-            .get(host)
-            .map(|(a, _)| a.clone())
-            .unwrap_or_default()
+        Resolved::addrs_of(self, host)
     }
 
     /// Resolves every host in `wanted` whose answer is due, forgets hosts no longer wanted, and
@@ -386,6 +490,96 @@ mod tests {
             }
         });
         (addr, count)
+    }
+
+    /// A hostile or quirky DNS server on loopback, UDP and TCP on one port. For A queries:
+    /// `chain.test` answers with a stranger's record first, then a CNAME to `cdn.test` and its
+    /// address 192.0.2.7; `forged.test` answers only with `evil.test`'s address; `big.test`
+    /// answers truncated (and empty) over UDP, 192.0.2.8 over TCP.
+    async fn hostile_server() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        let tcp = tokio::net::TcpListener::bind(addr).await.expect("bind tcp");
+        fn answer(q: &Message, over_tcp: bool) -> Option<Vec<u8>> {
+            let query = q.queries.first()?.clone();
+            let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+            r.add_query(query.clone());
+            let name = |s: &str| Name::from_ascii(s).expect("name");
+            let a = |owner: &str, ip: [u8; 4]| {
+                Record::from_rdata(name(owner), 60, RData::A(A(std::net::Ipv4Addr::from(ip))))
+            };
+            if query.query_type() == RecordType::A {
+                match query.name().to_ascii().as_str() {
+                    "chain.test." => {
+                        r.add_answer(a("other.test.", [6, 6, 6, 6]));
+                        r.add_answer(Record::from_rdata(
+                            name("chain.test."),
+                            60,
+                            RData::CNAME(hickory_proto::rr::rdata::CNAME(name("cdn.test."))),
+                        ));
+                        r.add_answer(a("cdn.test.", [192, 0, 2, 7]));
+                    }
+                    "forged.test." => {
+                        r.add_answer(a("evil.test.", [6, 6, 6, 6]));
+                    }
+                    "big.test." if over_tcp => {
+                        r.add_answer(a("big.test.", [192, 0, 2, 8]));
+                    }
+                    "big.test." => r.metadata.truncation = true,
+                    _ => {}
+                }
+            }
+            r.to_vec().ok()
+        }
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                if let Some(out) = Message::from_vec(&buf[..n])
+                    .ok()
+                    .and_then(|q| answer(&q, false))
+                {
+                    let _ = udp.send_to(&out, peer).await;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = tcp.accept().await {
+                tokio::spawn(async move {
+                    let Ok(n) = conn.read_u16().await else { return };
+                    let mut buf = vec![0u8; usize::from(n)];
+                    if conn.read_exact(&mut buf).await.is_err() {
+                        return;
+                    }
+                    if let Some(out) = Message::from_vec(&buf).ok().and_then(|q| answer(&q, true)) {
+                        let mut framed = (out.len() as u16).to_be_bytes().to_vec();
+                        framed.extend_from_slice(&out);
+                        let _ = conn.write_all(&framed).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn only_the_asked_name_and_its_cname_chain_count() {
+        let r = Resolver::new(hostile_server().await, Duration::from_secs(2));
+        let chain = r.lookup("chain.test").await.expect("chain.test");
+        assert_eq!(chain.addrs, vec![IpAddr::from([192, 0, 2, 7])]);
+        let forged = r.lookup("forged.test").await.expect("forged.test");
+        assert_eq!(
+            forged.addrs,
+            Vec::<IpAddr>::new(),
+            "a stranger's record was taken"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_truncated_answer_is_asked_again_over_tcp() {
+        let r = Resolver::new(hostile_server().await, Duration::from_secs(2));
+        let big = r.lookup("big.test").await.expect("big.test");
+        assert_eq!(big.addrs, vec![IpAddr::from([192, 0, 2, 8])]);
     }
 
     #[tokio::test]

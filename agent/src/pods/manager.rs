@@ -1,6 +1,11 @@
 //! The pod manager: reconciles sandboxes (from the enrollment API) and mesh membership (from
 //! MeshState) into capture state — eBPF map entries, the pod's sk_lookup link, its routing and
 //! its proxy listeners. It is the only writer of that state, and every step is idempotent.
+//!
+//! A pod whose capture fails (its application already holds 15001, 15006 or `pod_ip:15008`,
+//! say after an agent restart) is not let go: it stays enrolled *closed* (its connects are
+//! refused, SYNs for its addresses dropped), counted (`sluice_capture_failures_total`,
+//! `sluice_pods_held_closed`) and logged, and capture is retried every [`CAPTURE_RETRY`].
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -9,7 +14,7 @@ use std::{
 };
 
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     netns::{HomeNetns, Netns, NetnsError},
@@ -38,6 +43,16 @@ struct Captured {
     netns: Arc<Netns>,
     _proxy: PodProxy,
 }
+
+/// A pod enrolled closed after its capture failed.
+struct HeldClosed {
+    ips: Vec<IpAddr>,
+    cookie: u64,
+    netns: Arc<Netns>,
+}
+
+/// How often capture is retried for a pod held closed.
+pub const CAPTURE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a request was refused; the state is unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +86,7 @@ pub struct PodManager {
     proxy: ProxyInputs,
     known: BTreeMap<String, Known>,
     captured: BTreeMap<String, Captured>,
+    closed: BTreeMap<String, HeldClosed>,
 }
 
 fn valid_uid(uid: &str) -> bool {
@@ -98,6 +114,7 @@ impl PodManager {
             proxy,
             known: BTreeMap::new(),
             captured: BTreeMap::new(),
+            closed: BTreeMap::new(),
         })
     }
 
@@ -252,16 +269,15 @@ impl PodManager {
             return Ok(());
         };
         let want = Self::wanted(&known.sandbox, state);
+        let held = self.captured.contains_key(uid) || self.closed.contains_key(uid);
         match (want, self.captured.contains_key(uid)) {
+            // Logged (once) and counted by the hold that follows a failure.
             (true, false) => {
                 let sandbox = known.sandbox.clone();
                 let netns = known.netns.clone();
-                self.capture_pod(sandbox, netns).await.map_err(|e| {
-                    warn!(pod = %uid, error = %e, "capture failed");
-                    e
-                })
+                self.capture_pod(sandbox, netns).await
             }
-            (false, true) => {
+            (false, _) if held => {
                 self.release(uid).await;
                 Ok(())
             }
@@ -269,7 +285,58 @@ impl PodManager {
         }
     }
 
+    /// Captures the pod; when that fails, holds it closed (and the caller retries).
     async fn capture_pod(&mut self, sb: Sandbox, netns: Arc<Netns>) -> Result<(), String> {
+        match self.try_capture(&sb, &netns).await {
+            Ok(()) => {
+                if self.closed.remove(&sb.uid).is_some() {
+                    info!(pod = %sb.uid, "capture succeeded on retry; the pod is no longer held closed");
+                    self.proxy.metrics.set_pods_held_closed(self.closed.len());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.hold_closed(&sb, &netns, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Enrolls the pod closed after a failed capture: its traffic is refused, never let around
+    /// the proxy, until a retry succeeds.
+    fn hold_closed(&mut self, sb: &Sandbox, netns: &Arc<Netns>, error: &str) {
+        self.proxy.metrics.capture_failed();
+        let cookie = netns.cookie();
+        let held = self
+            .capture
+            .attach_pod(&sb.uid, netns)
+            .and_then(|()| self.maps.hold_closed(cookie, &sb.ips));
+        let first = !self.closed.contains_key(&sb.uid);
+        match held {
+            Ok(()) if first => {
+                warn!(pod = %sb.uid, namespace = %sb.namespace, name = %sb.name, error, retry_in = ?CAPTURE_RETRY, "capture failed; the pod is held closed (its traffic refused) until a retry succeeds");
+            }
+            Ok(()) => {
+                debug!(pod = %sb.uid, error, "capture retry failed; the pod stays held closed")
+            }
+            Err(e) => {
+                warn!(pod = %sb.uid, error, hold_error = %e, "capture failed, and holding the pod closed failed too; retrying");
+            }
+        }
+        self.closed.insert(
+            sb.uid.clone(),
+            HeldClosed {
+                ips: sb.ips.clone(),
+                cookie,
+                netns: netns.clone(),
+            },
+        );
+        self.proxy.metrics.set_pods_held_closed(self.closed.len());
+    }
+
+    async fn try_capture(&mut self, sb: &Sandbox, netns: &Arc<Netns>) -> Result<(), String> {
+        let sb = sb.clone();
+        let netns = netns.clone();
         let uid = sb.uid.clone();
         pod_net::install(&netns, &self.home, &sb.ips)
             .await
@@ -296,8 +363,7 @@ impl PodManager {
             .and_then(|()| self.capture.attach_pod(&uid, &netns))
             .and_then(|()| self.maps.enroll_netns(cookie))
         {
-            let _ = self.maps.purge_netns(cookie);
-            let _ = self.capture.detach_pod(&uid);
+            // The caller holds the pod closed: never purged into leaving capture.
             return Err(e.to_string());
         }
         info!(pod = %uid, namespace = %sb.namespace, name = %sb.name, netns = %sb.netns.display(), netns_cookie = cookie, ips = ?sb.ips, "pod captured");
@@ -314,6 +380,21 @@ impl PodManager {
     }
 
     async fn release(&mut self, uid: &str) {
+        if let Some(h) = self.closed.remove(uid) {
+            self.proxy.metrics.set_pods_held_closed(self.closed.len());
+            if !self.captured.contains_key(uid) {
+                let _ = self.capture.detach_pod(uid);
+                let _ = pod_net::remove(&h.netns, &self.home).await;
+                for ip in &h.ips {
+                    let _ = self.maps.remove_pod_ip(*ip);
+                }
+                match self.maps.purge_netns(h.cookie) {
+                    Ok(_) => info!(pod = %uid, "pod held closed released"),
+                    Err(e) => warn!(pod = %uid, error = %e, "purging a pod held closed"),
+                }
+                return;
+            }
+        }
         let Some(c) = self.captured.remove(uid) else {
             return;
         };
@@ -356,7 +437,12 @@ impl PodManager {
                 warn!(pod = %uid, error = %e, "reconcile failed; will retry on the next change");
             }
         }
-        let live: BTreeSet<u64> = self.captured.values().map(|c| c.cookie).collect();
+        let live: BTreeSet<u64> = self
+            .captured
+            .values()
+            .map(|c| c.cookie)
+            .chain(self.closed.values().map(|h| h.cookie))
+            .collect();
         for cookie in self.maps.known_netns().difference(&live) {
             match self.maps.purge_netns(*cookie) {
                 Ok(n) => info!(
@@ -368,7 +454,7 @@ impl PodManager {
             }
         }
         for uid in self.capture.pinned_pods() {
-            if !self.captured.contains_key(&uid) {
+            if !self.captured.contains_key(&uid) && !self.closed.contains_key(&uid) {
                 info!(pod = %uid, "removing a pinned link no pod owns");
                 let _ = self.capture.detach_pod(&uid);
             }
@@ -379,8 +465,17 @@ impl PodManager {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut state: StateHandle) {
         let mut current: Snapshot = state.current();
         self.reconcile(&current).await;
+        let mut retry = tokio::time::interval(CAPTURE_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = retry.tick(), if !self.closed.is_empty() => {
+                    let held: Vec<String> = self.closed.keys().cloned().collect();
+                    for uid in held {
+                        // Errors are logged (once) and counted by the hold itself.
+                        let _ = self.reconcile_one(&uid, &current).await;
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     Some((req, reply)) => {
                         let resp = self.handle(req, &current).await;

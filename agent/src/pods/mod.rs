@@ -17,7 +17,17 @@ impl CaptureTables for CaptureMaps {
         CaptureMaps::take_orig_dst(self, netns_cookie, peer)
     }
     fn allow_transparent_source(&self, source: SocketAddr) -> std::io::Result<()> {
-        CaptureMaps::allow_transparent_source(self, source).map_err(std::io::Error::other)
+        CaptureMaps::allow_transparent_source(self, source).map_err(|e| match e {
+            // Keep the errno (E2BIG: the map is full) for the proxy to report.
+            crate::redirect::ebpf::EbpfError::Map {
+                source: aya::maps::MapError::SyscallError(s),
+                ..
+            } => match s.io_error.raw_os_error() {
+                Some(errno) => std::io::Error::from_raw_os_error(errno),
+                None => s.io_error,
+            },
+            other => std::io::Error::other(other),
+        })
     }
     fn forget_transparent_source(&self, source: SocketAddr) {
         if let Err(e) = CaptureMaps::forget_transparent_source(self, source) {

@@ -4,8 +4,13 @@
 use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use crate::{
-    admin::metrics::Metrics, config::AgentConfig, egress::dns::DnsCache,
-    state::outbound::GatewayPeer,
+    admin::metrics::Metrics,
+    config::AgentConfig,
+    egress::dns::DnsCache,
+    state::{
+        egress::{NothingResolved, Resolved},
+        outbound::GatewayPeer,
+    },
 };
 
 /// Egress settings and shared parts every proxy task reads.
@@ -53,6 +58,14 @@ impl EgressRuntime {
                 service_account: e.gateway_service_account.clone(),
             },
             upstream_ca_file: e.gateway.as_ref().and_then(|g| g.upstream_ca_file.clone()),
+        }
+    }
+
+    /// The resolver's answers, for the egress decision.
+    pub fn resolved(&self) -> &dyn Resolved {
+        match &self.dns {
+            Some(d) => &**d,
+            None => &NothingResolved,
         }
     }
 

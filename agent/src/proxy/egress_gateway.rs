@@ -8,6 +8,8 @@
 //! proxy is not trusted to have asked — and then, for a route to an Istio egress Gateway this
 //! node carries, forwards per [`Egress::gateway_decision`]: HTTP by Host, TLS passthrough by
 //! SNI, TLS origination (plain HTTP in, TLS with SNI and certificate verification out), TCP;
+//! in the HTTP modes every later request on the tunnel must name the first one's host
+//! ([`http_requests`](super::http_requests)), or the tunnel ends before it is sent;
 //! for a StaticGatewayConfiguration this node carries, TCP to the original destination.
 //! Anything else is refused: the tunnel is reset, logged and counted.
 //!
@@ -38,12 +40,16 @@ use super::{
     ProxyInputs,
     egress::EgressRuntime,
     hbone::{ConnectRequest, HboneServer, Refusal, RefusalStatus, SpliceIo, Upstream},
+    http_requests::{CheckedRequests, RequestFraming},
     peek::{self, Sniffed},
 };
 use crate::resources::NamespacedName;
 use crate::state::{
     MeshState, Workload,
-    egress::{DestinationScope, EgressDecision, GatewayMode, GatewayTarget, UpstreamTls},
+    egress::{
+        DestinationScope, EgressDecision, GatewayMode, GatewayTarget, HostHint,
+        Upstream as EgressUpstream, UpstreamTls,
+    },
 };
 
 /// How long the gateway waits for the tunnel's first bytes.
@@ -192,13 +198,20 @@ impl Forward {
                 return;
             }
         };
-        let result = self.forward(&out, &first, tunnel).await;
+        let host = match &sniffed {
+            Sniffed::Http(h) => Some(h.as_str()),
+            _ => None,
+        };
+        let result = self.forward(&out, host, &first, tunnel).await;
         let (sent, received, outcome, error) = match result {
             Ok((s, r)) => (s, r, "ok", String::new()),
             Err((stage, e)) => {
                 self.abort.store(true, Ordering::SeqCst);
                 if stage == "connect" || stage == "tls" {
                     self.inputs.egress.refused("gateway_upstream");
+                }
+                if stage == "refused" {
+                    self.inputs.egress.refused("gateway_request_host");
                 }
                 (0, 0, stage, e)
             }
@@ -235,11 +248,14 @@ impl Forward {
             format!("node {} is not in the mesh state", self.inputs.node_name),
         ))?;
         let hint = sniffed.hint();
+        // As at the source: without a name on the wire, a name the resolver gave this address.
+        let resolved_host = self.inputs.egress.resolved_host(self.dst.ip());
         let decision = state.egress.outbound_decision(
             &self.workload,
             self.dst,
-            hint,
+            hint.or(resolved_host.as_deref().map(HostHint::Dns)),
             DestinationScope::OutsideMesh,
+            self.inputs.egress.resolved(),
         );
         let hop = match decision {
             EgressDecision::ViaGateway(hop) => hop,
@@ -271,13 +287,20 @@ impl Forward {
             .and_then(|g| g.prefix)
             .map(|p| crate::egress::source_address(p, &self.workload.uid));
         match &hop.target {
-            GatewayTarget::Static { .. } => Ok(Out {
-                mode: "tcp",
-                host: self.dst.ip().to_string(),
-                port: self.dst.port(),
-                tls: None,
-                bind,
-            }),
+            // Where the decision sends it: the dialled address only if a ServiceEntry lists it.
+            GatewayTarget::Static { .. } => {
+                let to = match &hop.upstream {
+                    EgressUpstream::Addr(a) => *a,
+                    EgressUpstream::Host { .. } => self.dst,
+                };
+                Ok(Out {
+                    mode: "tcp",
+                    host: to.ip().to_string(),
+                    port: to.port(),
+                    tls: None,
+                    bind,
+                })
+            }
             GatewayTarget::Istio {
                 gateway,
                 service_port,
@@ -307,12 +330,34 @@ impl Forward {
         }
     }
 
+    /// Connects out and copies. In the HTTP modes (`host`: the first request's), every later
+    /// request on the tunnel must name the same host, or the tunnel ends before it is sent.
     async fn forward(
         &self,
         out: &Out,
+        host: Option<&str>,
         first: &[u8],
-        mut tunnel: DuplexStream,
+        tunnel: DuplexStream,
     ) -> Result<(u64, u64), (&'static str, String)> {
+        let mut framing = match (out.mode, host) {
+            ("http" | "tls_origination", Some(h)) => Some(RequestFraming::new(h)),
+            _ => None,
+        };
+        let first = match &mut framing {
+            Some(f) => {
+                let mut approved = Vec::with_capacity(first.len());
+                f.feed(first, &mut approved)
+                    .map_err(|e| ("refused", e.to_string()))?;
+                approved
+            }
+            None => first.to_vec(),
+        };
+        let first = first.as_slice();
+        let mut tunnel = CheckedRequests::new(tunnel, framing);
+        let copy_error = |e: io::Error| match e.kind() {
+            io::ErrorKind::PermissionDenied => ("refused", e.to_string()),
+            _ => ("copy", e.to_string()),
+        };
         let addr = resolve(&self.inputs.egress, &out.host, out.port, out.bind)
             .await
             .map_err(|e| ("resolve", e))?;
@@ -328,7 +373,7 @@ impl Forward {
                     .map_err(|e| ("copy", e.to_string()))?;
                 let (s, r) = tokio::io::copy_bidirectional(&mut tunnel, &mut tcp)
                     .await
-                    .map_err(|e| ("copy", e.to_string()))?;
+                    .map_err(copy_error)?;
                 Ok((s + first_len, r))
             }
             Some(tls) => {
@@ -347,7 +392,7 @@ impl Forward {
                     .map_err(|e| ("copy", e.to_string()))?;
                 let (s, r) = tokio::io::copy_bidirectional(&mut tunnel, &mut stream)
                     .await
-                    .map_err(|e| ("copy", e.to_string()))?;
+                    .map_err(copy_error)?;
                 Ok((s + first_len, r))
             }
         }

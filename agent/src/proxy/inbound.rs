@@ -65,8 +65,9 @@ async fn handle(
             return;
         }
     };
-    // The node itself (kubelet probes) is not held to the pod's policies.
-    let from_node = inputs.host.exempts(peer.ip());
+    // The node itself (kubelet probes) is not held to the pod's policies; what it only
+    // forwards (DNAT + MASQUERADE) is.
+    let from_node = inputs.host.exempts(peer, dst);
     // A pod the state does not know yet: wait a little for it, never let it through undecided
     // (`plaintext_allowed` refuses it when it is still unknown).
     if !from_node {
@@ -237,7 +238,12 @@ pub(crate) async fn connect_transparent(
         .local_addr()?
         .as_socket()
         .ok_or_else(|| std::io::Error::other("transparent socket has no address"))?;
-    inputs.capture.allow_transparent_source(source)?;
+    if let Err(e) = inputs.capture.allow_transparent_source(source) {
+        if e.raw_os_error() == Some(libc::E2BIG) {
+            inputs.caps.transparent_sources_full(pod, dst);
+        }
+        return Err(e);
+    }
     let socket = TcpSocket::from_std_stream(socket.into());
     // Bounded, so that an application that drops SYNs cannot hold the proxy's source entry.
     let connected = match tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(dst)).await {

@@ -86,6 +86,7 @@ pub struct ConnectionCaps {
     node: AtomicUsize,
     metrics: Arc<Metrics>,
     log: LogThrottle,
+    tproxy_log: LogThrottle,
 }
 
 impl ConnectionCaps {
@@ -97,6 +98,18 @@ impl ConnectionCaps {
             node: AtomicUsize::new(0),
             metrics,
             log: LogThrottle::new(),
+            tproxy_log: LogThrottle::new(),
+        }
+    }
+
+    /// Reports a connection to `pod`'s application at `dst` refused because `sluice_tproxy`
+    /// (the proxy's transparent sources, held for the length of a connect) is full: counted,
+    /// and logged at most once per [`LOG_EVERY`].
+    pub fn transparent_sources_full(&self, pod: &PodContext, dst: std::net::SocketAddr) {
+        self.metrics.transparent_sources_full();
+        if self.tproxy_log.allow() {
+            warn!(pod = %pod.display_name(), %dst, node_connections = self.current(),
+                "the sluice_tproxy map is full; refusing connections to applications until entries free up (logged once per 10 s)");
         }
     }
 

@@ -108,6 +108,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
         source,
         dst: orig,
         resolved_host: resolved.as_deref(),
+        resolved: inputs.egress.resolved(),
         balance: Some(&*inputs.balance),
     };
     let gateway = &inputs.egress.gateway;

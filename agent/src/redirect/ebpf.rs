@@ -27,8 +27,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use sluice_common::{
-    AF_INET, AF_INET6, Config, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, HBONE_PORT, IpKey, OUTBOUND_PORT,
-    OrigDst, PROXY_MARK, PeerKey, SourceKey, TRANSPARENT_MARK, maps,
+    AF_INET, AF_INET6, Config, ENROLLED_CAPTURED, ENROLLED_CLOSED, EXCLUDE_INBOUND,
+    EXCLUDE_OUTBOUND, HBONE_PORT, IpKey, OUTBOUND_PORT, OrigDst, PROXY_MARK, PeerKey, SourceKey,
+    TRANSPARENT_MARK, maps,
 };
 
 use crate::netns::Netns;
@@ -162,6 +163,7 @@ pub struct CaptureMaps {
     pod_ips: Mutex<HashMap<MapData, IpKey, u64>>,
     inbound_sockets: Mutex<SockHash<MapData, IpKey>>,
     transparent_sources: Mutex<HashMap<MapData, SourceKey, u8>>,
+    agent_cgroups: Mutex<HashMap<MapData, u64, u8>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -227,8 +229,43 @@ impl CaptureMaps {
     /// Marks a namespace as enrolled: connects made inside it are captured.
     pub fn enroll_netns(&self, cookie: u64) -> Result<(), EbpfError> {
         lock(&self.enrolled)
-            .insert(cookie, 1, 0)
+            .insert(cookie, ENROLLED_CAPTURED, 0)
             .map_err(map_err(maps::ENROLLED_NETNS))
+    }
+
+    /// Enrolls a namespace closed, for a pod whose proxy listeners could not be bound: its
+    /// connects (but to loopback and exclusions) are refused, and SYNs for `ips` (and any other
+    /// non-loopback address there, once steering is attached) are dropped.
+    pub fn hold_closed(&self, cookie: u64, ips: &[IpAddr]) -> Result<(), EbpfError> {
+        lock(&self.enrolled)
+            .insert(cookie, ENROLLED_CLOSED, 0)
+            .map_err(map_err(maps::ENROLLED_NETNS))?;
+        for ip in ips {
+            let key = ip_key(*ip);
+            removed(
+                lock(&self.inbound_sockets).remove(&key),
+                maps::INBOUND_SOCKETS,
+            )?;
+            lock(&self.pod_ips)
+                .insert(key, cookie, 0)
+                .map_err(map_err(maps::POD_IPS))?;
+        }
+        Ok(())
+    }
+
+    /// Lets the agent's own marked sockets through the capture hooks: those made by a task in
+    /// the agent's cgroup v2 (`id`, [`own_cgroup_id`]). Entries of earlier agents stay (one may
+    /// still be draining) until the map is full, when all but this one are dropped.
+    pub fn trust_agent_cgroup(&self, id: u64) -> Result<(), EbpfError> {
+        let mut map = lock(&self.agent_cgroups);
+        if map.insert(id, 1, 0).is_ok() {
+            return Ok(());
+        }
+        let old: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for k in old {
+            removed(map.remove(&k), maps::AGENT_CGROUPS)?;
+        }
+        map.insert(id, 1, 0).map_err(map_err(maps::AGENT_CGROUPS))
     }
 
     /// Stops capturing connects made in this namespace.
@@ -388,6 +425,31 @@ impl CaptureMaps {
     }
 }
 
+/// The cgroup v2 id (the directory's inode number) of this process's cgroup, as
+/// `bpf_get_current_cgroup_id` reports it: `/proc/self/cgroup`'s `0::` path under the cgroup2
+/// mount of `/proc/self/mountinfo`.
+pub fn own_cgroup_id() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")?;
+    let path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| io::Error::other("no cgroup v2 line in /proc/self/cgroup"))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Fields: id parent major:minor root mount-point options... - fstype source super-options.
+    let mount = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4))
+                .flatten()
+        })
+        .ok_or_else(|| io::Error::other("no cgroup2 mount in /proc/self/mountinfo"))?;
+    let dir = Path::new(mount).join(path.trim_start_matches('/'));
+    Ok(std::fs::metadata(&dir)?.ino())
+}
+
 /// Entry counts of the capture maps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MapCounts {
@@ -481,8 +543,18 @@ impl Capture {
             pod_ips: Mutex::new(take(&mut bpf, maps::POD_IPS)?),
             inbound_sockets: Mutex::new(take(&mut bpf, maps::INBOUND_SOCKETS)?),
             transparent_sources: Mutex::new(take(&mut bpf, maps::TRANSPARENT_SOURCES)?),
+            agent_cgroups: Mutex::new(take(&mut bpf, maps::AGENT_CGROUPS)?),
         };
         maps.apply_settings(settings)?;
+        let cgroup_id = own_cgroup_id().map_err(|source| EbpfError::Cgroup {
+            path: "/proc/self/cgroup".into(),
+            source,
+        })?;
+        maps.trust_agent_cgroup(cgroup_id)?;
+        tracing::debug!(
+            cgroup_id,
+            "the agent's own cgroup is trusted with the proxy's marks"
+        );
         Ok(Self {
             bpf,
             pin_dir: pin_dir.into(),

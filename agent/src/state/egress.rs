@@ -9,6 +9,10 @@
 //!    `REGISTRY_ONLY`; under `REGISTRY_ONLY` the destination must be listed by a ServiceEntry
 //!    visible to the source's namespace, on the destination port, by host (HTTP `Host`, TLS SNI,
 //!    or a DNS name the agent resolved to this IP) or by address. Otherwise: refused.
+//!    A name alone never sends a connection to the address the client dialled: what leaves
+//!    directly goes where the entry says ([`ExternalService::upstream`]): the dialled address if
+//!    the entry's `addresses` cover it, else a listed endpoint (`STATIC`) or an address the agent
+//!    resolved for the host (DNS), else (`NONE`, nothing resolved) it is refused.
 //! 3. A VirtualService bound to `mesh` that routes the host to an egress Gateway sends the
 //!    connection there (HTTP by Host, TLS passthrough by SNI, TLS origination by
 //!    DestinationRule); if the gateway would have no route for it, it is refused at the source.
@@ -32,7 +36,7 @@ mod tests;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use serde::Serialize;
@@ -49,6 +53,30 @@ pub use static_gateway::{DefaultRoute, Placement, PrefixSource, StaticGateway, S
 use super::{MeshSettings, Node, Workload, WorkloadUid, rejections::Rejections};
 use crate::resources::ResourceSet;
 use routing::{Conn, HostKind};
+
+/// What the agent's resolver knows: the addresses of the names it resolves (the hosts and
+/// endpoint names of DNS ServiceEntries).
+pub trait Resolved: fmt::Debug + Send + Sync {
+    /// The addresses last resolved for `host` (normalised); empty when unknown.
+    fn addrs_of(&self, host: &str) -> Vec<IpAddr>;
+}
+
+/// No resolver: no name has addresses.
+#[derive(Debug, Default)]
+pub struct NothingResolved;
+
+impl Resolved for NothingResolved {
+    fn addrs_of(&self, _host: &str) -> Vec<IpAddr> {
+        Vec::new()
+    }
+}
+
+/// Fixed answers (tests, tools).
+impl Resolved for BTreeMap<String, Vec<IpAddr>> {
+    fn addrs_of(&self, host: &str) -> Vec<IpAddr> {
+        self.get(host).cloned().unwrap_or_default()
+    }
+}
 
 /// Egress configuration, normalised.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -148,6 +176,13 @@ pub enum RefuseReason {
         dest: SocketAddr,
         policy: PolicySource,
     },
+    /// `REGISTRY_ONLY`: a ServiceEntry lists the host, but gives no address to connect to
+    /// (`NONE` without `addresses` covering the dialled one, a DNS host not resolved).
+    NoListedAddress {
+        host: String,
+        dest: SocketAddr,
+        entry: ObjectKey,
+    },
     /// Routed to an egress gateway that has no route for it.
     Gateway(GatewayRefusal),
     /// Bound to a StaticGatewayConfiguration whose prefix is not known yet.
@@ -159,6 +194,7 @@ impl RefuseReason {
     pub fn label(&self) -> &'static str {
         match self {
             Self::NotRegistered { .. } => "registry_only",
+            Self::NoListedAddress { .. } => "registry_only_address",
             Self::Gateway(GatewayRefusal::UnknownGateway(_)) => "gateway_unknown",
             Self::Gateway(GatewayRefusal::NoServer { .. }) => "gateway_no_server",
             Self::Gateway(GatewayRefusal::NoRoute { .. }) => "gateway_no_route",
@@ -182,6 +218,10 @@ impl fmt::Display for RefuseReason {
                 }
                 Ok(())
             }
+            Self::NoListedAddress { host, dest, entry } => write!(
+                f,
+                "REGISTRY_ONLY: ServiceEntry {entry} lists host {host} but not {dest}, and gives no address of its own to connect to"
+            ),
             Self::Gateway(g) => write!(f, "{g}"),
             Self::StaticPrefixUnknown { sgc } => write!(
                 f,
@@ -195,8 +235,9 @@ impl fmt::Display for RefuseReason {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EgressDecision {
-    /// Connect straight to the destination.
-    Passthrough { allowed: Allowed },
+    /// Connect straight out, to `dst`: the dialled address, or the one the ServiceEntry that
+    /// names the host sends it to.
+    Passthrough { allowed: Allowed, dst: SocketAddr },
     /// Tunnel to an egress gateway, which connects out.
     ViaGateway(Box<GatewayHop>),
     /// Close the connection.
@@ -205,16 +246,19 @@ pub enum EgressDecision {
 
 impl Egress {
     /// Decides an outbound connection from `source` to `dest`; see the module docs for the order.
+    /// `resolved` holds the agent's answers for DNS ServiceEntries.
     pub fn outbound_decision(
         &self,
         source: &Workload,
         dest: SocketAddr,
         host: Option<HostHint<'_>>,
         scope: DestinationScope,
+        resolved: &dyn Resolved,
     ) -> EgressDecision {
         if scope == DestinationScope::Mesh {
             return EgressDecision::Passthrough {
                 allowed: Allowed::Mesh,
+                dst: dest,
             };
         }
         let named = host.and_then(|h| {
@@ -222,9 +266,13 @@ impl Egress {
             normalise_host(raw).map(|n| (n, kind))
         });
         let host_name = named.as_ref().map(|(n, _)| n.as_str());
-        let allowed = match self.registered(&source.namespace, dest, host_name) {
+        let by_host =
+            host_name.and_then(|h| self.registered_host(&source.namespace, dest.port(), h));
+        let by_ip = self.registered_ip(&source.namespace, dest);
+        let mode = self.policy.mode_for(&source.namespace, &source.labels);
+        let allowed = match by_host.or(by_ip) {
             Some(se) => Allowed::Registered(se.key.clone()),
-            None => match self.policy.mode_for(&source.namespace, &source.labels) {
+            None => match mode {
                 (OutboundMode::AllowAny, _) => Allowed::AllowAny,
                 (OutboundMode::RegistryOnly, policy) => {
                     return EgressDecision::Refuse(RefuseReason::NotRegistered {
@@ -268,8 +316,26 @@ impl Egress {
             }
             Ok(None) => {}
         }
+        // From here the connection goes to an address: never one that only the name vouches for.
+        let (allowed, upstream) = match (by_host, host_name) {
+            (Some(se), Some(h)) => match se.upstream(dest, h, resolved) {
+                Some(to) => (allowed, to),
+                None => match (by_ip, mode.0) {
+                    (Some(ip_se), _) => (Allowed::Registered(ip_se.key.clone()), dest),
+                    (None, OutboundMode::AllowAny) => (Allowed::AllowAny, dest),
+                    (None, OutboundMode::RegistryOnly) => {
+                        return EgressDecision::Refuse(RefuseReason::NoListedAddress {
+                            host: h.to_owned(),
+                            dest,
+                            entry: se.key.clone(),
+                        });
+                    }
+                },
+            },
+            _ => (allowed, dest),
+        };
         if let Some(sgc) = self.static_gateway_of(&source.uid)
-            && sgc.routes_via_gateway(dest.ip())
+            && sgc.routes_via_gateway(upstream.ip())
         {
             if sgc.prefix.is_none() {
                 return EgressDecision::Refuse(RefuseReason::StaticPrefixUnknown {
@@ -281,12 +347,15 @@ impl Egress {
                     sgc: sgc.key.clone(),
                 },
                 mode: GatewayMode::Tcp,
-                upstream: Upstream::Addr(dest),
+                upstream: Upstream::Addr(upstream),
                 source_prefix: Some(sgc.key.clone()),
                 allowed,
             }));
         }
-        EgressDecision::Passthrough { allowed }
+        EgressDecision::Passthrough {
+            allowed,
+            dst: upstream,
+        }
     }
 
     /// In gateway role: what Gateway `gateway` does with a connection on its `port` naming
@@ -306,19 +375,32 @@ impl Egress {
     }
 
     /// The ServiceEntry visible to `namespace` that lists `dest` (by `host`, else by address).
+    /// A host match says nothing about where the connection may go: see
+    /// [`ExternalService::upstream`].
     pub fn registered(
         &self,
         namespace: &str,
         dest: SocketAddr,
         host: Option<&str>,
     ) -> Option<&ExternalService> {
-        let visible = || {
-            self.registry
-                .iter()
-                .filter(|se| se.export.visible_to(namespace) && se.port(dest.port()).is_some())
-        };
-        host.and_then(|h| visible().find(|se| se.matches_host(h)))
-            .or_else(|| visible().find(|se| se.matches_ip(dest.ip())))
+        host.and_then(|h| self.registered_host(namespace, dest.port(), h))
+            .or_else(|| self.registered_ip(namespace, dest))
+    }
+
+    /// The first ServiceEntry visible to `namespace` that lists `host` on `port`.
+    fn registered_host(&self, namespace: &str, port: u16, host: &str) -> Option<&ExternalService> {
+        self.registry.iter().find(|se| {
+            se.export.visible_to(namespace) && se.port(port).is_some() && se.matches_host(host)
+        })
+    }
+
+    /// The first ServiceEntry visible to `namespace` that lists `dest` by address.
+    fn registered_ip(&self, namespace: &str, dest: SocketAddr) -> Option<&ExternalService> {
+        self.registry.iter().find(|se| {
+            se.export.visible_to(namespace)
+                && se.port(dest.port()).is_some()
+                && se.matches_ip(dest.ip())
+        })
     }
 
     /// The StaticGatewayConfiguration `uid` is bound to, if any.

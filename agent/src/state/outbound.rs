@@ -24,7 +24,8 @@ use sluice_common::HBONE_PORT;
 use super::{
     Identity, MeshState, Node, Workload,
     egress::{
-        DestinationScope, EgressDecision, GatewayTarget, HostHint, RefuseReason, normalise_host,
+        DestinationScope, EgressDecision, GatewayTarget, HostHint, RefuseReason, Resolved,
+        normalise_host,
     },
     load_balance::{self, Attempt, Balance, ServiceRef, ServiceRoute},
 };
@@ -56,6 +57,8 @@ pub struct Connection<'a> {
     pub dst: SocketAddr,
     /// A name the agent's resolver answered with `dst`'s address (DNS ServiceEntries).
     pub resolved_host: Option<&'a str>,
+    /// The agent's resolver answers, for where a ServiceEntry's host may be reached.
+    pub resolved: &'a dyn Resolved,
     /// Load and affinity for choosing a Service endpoint; `None`: at random.
     pub balance: Option<&'a dyn Balance>,
 }
@@ -210,11 +213,15 @@ fn egress(
         .filter(|h| normalise_host(host_name(*h)).is_some())
         .or(conn.resolved_host.map(HostHint::Dns));
     let host = || hint.map(|h| host_name(h).to_owned());
-    match state
-        .egress
-        .outbound_decision(source, dst, hint, DestinationScope::OutsideMesh)
-    {
-        EgressDecision::Passthrough { .. } => Plan::Direct { dst },
+    match state.egress.outbound_decision(
+        source,
+        dst,
+        hint,
+        DestinationScope::OutsideMesh,
+        conn.resolved,
+    ) {
+        // Where the ServiceEntry naming the host sends it, which may not be where it was dialled.
+        EgressDecision::Passthrough { dst: to, .. } => Plan::Direct { dst: to },
         EgressDecision::Refuse(reason) => Plan::Refuse {
             reason: Refusal::Egress(reason),
             host: host(),

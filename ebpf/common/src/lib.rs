@@ -28,6 +28,12 @@ pub const INBOUND_PORT: u16 = 15006;
 /// HBONE (HTTP/2 CONNECT over mTLS) port; never captured.
 pub const HBONE_PORT: u16 = 15008;
 
+/// `sluice_enrolled` value: the pod is captured (connects redirected, SYNs steered).
+pub const ENROLLED_CAPTURED: u8 = 1;
+/// `sluice_enrolled` value: the pod is enrolled but its proxy listeners could not be bound;
+/// its connects (but to loopback and exclusions) are refused and SYNs for its addresses dropped.
+pub const ENROLLED_CLOSED: u8 = 2;
+
 /// Bit in `sluice_excl_port` values: the port is not captured on the way out.
 pub const EXCLUDE_OUTBOUND: u8 = 1;
 /// Bit in excluded-port values: the port is not captured on the way in.
@@ -55,6 +61,7 @@ pub mod maps {
     pub const POD_IPS: &str = "sluice_pod_ips";
     pub const INBOUND_SOCKETS: &str = "sluice_in_socks";
     pub const TRANSPARENT_SOURCES: &str = "sluice_tproxy";
+    pub const AGENT_CGROUPS: &str = "sluice_agent_cg";
 }
 
 /// Runtime settings the agent writes into the one-element `sluice_config` array.

@@ -16,8 +16,15 @@
 //!   SYN for a pod address arriving from outside the pod is handed to the proxy's inbound
 //!   listener; the accepted socket's local address is then the original destination.
 //!
+//!   Every other TCP SYN for a non-loopback address in an enrolled pod (a secondary or
+//!   link-local address nobody registered, a pod held closed) is dropped, never passed to the
+//!   application around the proxy.
+//!
 //! Enrollment is a netns-cookie entry in `sluice_enrolled`, so one attachment serves every pod
-//! and non-enrolled pods pay one hash lookup per connect.
+//! and non-enrolled pods pay one hash lookup per connect. A pod whose proxy listeners could not
+//! be bound is enrolled closed: its connects are refused. The proxy's own sockets carry its
+//! mark, but the mark alone proves nothing (a pod with `CAP_NET_ADMIN` can set it): they are
+//! exempt only when made by a task in one of the agent's cgroups (`sluice_agent_cg`).
 #![no_std]
 #![no_main]
 
@@ -27,27 +34,29 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE, sk_action,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, trace};
 use sluice_common::{
-    AF_INET, AF_INET6, Config, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, IpKey, OrigDst, PeerKey,
-    SourceKey, log_level,
+    AF_INET, AF_INET6, Config, ENROLLED_CLOSED, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, IpKey, OrigDst,
+    PeerKey, SourceKey, log_level,
 };
 
 const IPPROTO_TCP: u32 = 6;
 /// cgroup_sock_addr verdict: let the (possibly rewritten) connect proceed.
 const PROCEED: i32 = 1;
+/// cgroup_sock_addr verdict: refuse the connect (`EPERM`).
+const REFUSE: i32 = 0;
 /// `BPF_F_NO_PREALLOC`, required for LPM tries.
 const NO_PREALLOC: u32 = 1;
 
 #[map(name = "sluice_config")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-/// Network namespaces (by cookie) of enrolled pods; the value is unused.
+/// Network namespaces (by cookie) of enrolled pods: `ENROLLED_CAPTURED` or `ENROLLED_CLOSED`.
 #[map(name = "sluice_enrolled")]
 static ENROLLED: HashMap<u64, u8> = HashMap::pinned(16384, 0);
 
@@ -87,6 +96,10 @@ static TRANSPARENT_SOURCES: HashMap<SourceKey, u8> = HashMap::pinned(65536, 0);
 #[map(name = "sluice_in_socks")]
 static INBOUND_SOCKETS: SockHash<IpKey> = SockHash::pinned(16384, 0);
 
+/// cgroup v2 ids of the agent (this one, and one it is taking over from); the value is unused.
+#[map(name = "sluice_agent_cg")]
+static AGENT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(64, 0);
+
 #[inline(always)]
 fn config() -> Config {
     match CONFIG.get(0) {
@@ -125,9 +138,10 @@ fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
     out
 }
 
-/// The netns cookie of a TCP connect made in an enrolled pod by anyone but the proxy.
+/// The netns cookie and enrollment state of a TCP connect made in an enrolled pod by anyone
+/// but the proxy: a socket with the proxy's mark made by a task in an agent cgroup.
 #[inline(always)]
-fn enrolled_stream(ctx: &SockAddrContext, cfg: &Config) -> Option<u64> {
+fn enrolled_stream(ctx: &SockAddrContext, cfg: &Config) -> Option<(u64, u8)> {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
@@ -135,14 +149,18 @@ fn enrolled_stream(ctx: &SockAddrContext, cfg: &Config) -> Option<u64> {
     }
     // SAFETY: helper allowed for cgroup_sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookup.
-    unsafe { ENROLLED.get(&netns) }?;
+    // SAFETY: read-only lookup of a plain value.
+    let state = *unsafe { ENROLLED.get(&netns) }?;
     // SAFETY: `sk` is always set for connect hooks.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
     if mark == cfg.proxy_mark || mark == cfg.transparent_mark {
-        return None;
+        // SAFETY: helper allowed for cgroup programs; read-only lookup.
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        if unsafe { AGENT_CGROUPS.get(&cgroup) }.is_some() {
+            return None;
+        }
     }
-    Some(netns)
+    Some((netns, state))
 }
 
 #[inline(always)]
@@ -155,7 +173,7 @@ fn record(ctx: &SockAddrContext, orig: &OrigDst) -> bool {
 #[cgroup_sock_addr(connect4)]
 pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
     let cfg = config();
-    let Some(netns_cookie) = enrolled_stream(&ctx, &cfg) else {
+    let Some((netns_cookie, state)) = enrolled_stream(&ctx, &cfg) else {
         return PROCEED;
     };
     // SAFETY: the context pointer is valid and writable for the program's run.
@@ -164,6 +182,9 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
     let port = u16::from_be(sa.user_port as u16);
     if v4_excluded(ip) || port_excluded(port, EXCLUDE_OUTBOUND) {
         return PROCEED;
+    }
+    if state == ENROLLED_CLOSED {
+        return REFUSE;
     }
     let orig = OrigDst {
         ip: IpKey {
@@ -177,7 +198,8 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
         netns_cookie,
     };
     if !record(&ctx, &orig) {
-        return PROCEED;
+        // Never around the proxy: without its record the connect cannot be captured.
+        return REFUSE;
     }
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     sa.user_port = u32::from(cfg.outbound_port.to_be());
@@ -190,7 +212,7 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     let cfg = config();
-    let Some(netns_cookie) = enrolled_stream(&ctx, &cfg) else {
+    let Some((netns_cookie, state)) = enrolled_stream(&ctx, &cfg) else {
         return PROCEED;
     };
     // SAFETY: the context pointer is valid and writable for the program's run.
@@ -211,6 +233,9 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
         if v4_excluded(w[3]) {
             return PROCEED;
         }
+        if state == ENROLLED_CLOSED {
+            return REFUSE;
+        }
         let orig = OrigDst {
             ip: IpKey {
                 family: AF_INET,
@@ -223,7 +248,8 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             netns_cookie,
         };
         if !record(&ctx, &orig) {
-            return PROCEED;
+            // Never around the proxy: without its record the connect cannot be captured.
+            return REFUSE;
         }
         sa.user_ip6[3] = u32::from_ne_bytes([127, 0, 0, 1]);
     } else {
@@ -231,6 +257,9 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]);
         if loopback || EXCLUDED_V6.get(&Key::new(128, v6_bytes(w))).is_some() {
             return PROCEED;
+        }
+        if state == ENROLLED_CLOSED {
+            return REFUSE;
         }
         let orig = OrigDst {
             ip: IpKey {
@@ -244,7 +273,8 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             netns_cookie,
         };
         if !record(&ctx, &orig) {
-            return PROCEED;
+            // Never around the proxy: without its record the connect cannot be captured.
+            return REFUSE;
         }
         sa.user_ip6[0] = 0;
         sa.user_ip6[1] = 0;
@@ -362,7 +392,7 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     let cfg = config();
     let port = l.local_port as u16;
-    if port == cfg.hbone_port || port_excluded(port, EXCLUDE_INBOUND) {
+    if port_excluded(port, EXCLUDE_INBOUND) {
         return sk_action::SK_PASS;
     }
     // Volatile reads, one context field at a time: the verifier refuses context loads through
@@ -370,6 +400,10 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     let key = if l.family == u32::from(AF_INET) {
         // SAFETY: in-bounds field of the context.
         let ip4 = unsafe { core::ptr::read_volatile(&l.local_ip4) };
+        // 127.0.0.0/8 (network byte order: the first octet is the lowest byte).
+        if ip4 & 0xff == 127 {
+            return sk_action::SK_PASS;
+        }
         IpKey {
             family: AF_INET,
             _pad: 0,
@@ -385,12 +419,44 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
                 core::ptr::read_volatile(&l.local_ip6[3]),
             ]
         };
+        if w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]) {
+            return sk_action::SK_PASS;
+        }
         IpKey {
             family: AF_INET6,
             _pad: 0,
             addr: w,
         }
     };
+    // From here on: a non-loopback address of an enrolled pod. It is steered to the proxy or
+    // dropped; nothing reaches the application around it.
+    // SAFETY: read-only lookups of plain values.
+    let registered = match unsafe { POD_IPS.get(&key) } {
+        Some(cookie) => match unsafe { ENROLLED.get(cookie) } {
+            // Held closed: its proxy listeners could not be bound.
+            Some(state) if *state == ENROLLED_CLOSED => {
+                if cfg.log_level >= log_level::DEBUG {
+                    debug!(&ctx, "sk_lookup dropped port {}: pod held closed", port);
+                }
+                return sk_action::SK_DROP;
+            }
+            _ => true,
+        },
+        None => false,
+    };
+    if !registered {
+        if cfg.log_level >= log_level::DEBUG {
+            debug!(
+                &ctx,
+                "sk_lookup dropped port {}: address not registered for the pod", port
+            );
+        }
+        return sk_action::SK_DROP;
+    }
+    // The proxy's own HBONE listener, bound to the registered address.
+    if port == cfg.hbone_port {
+        return sk_action::SK_PASS;
+    }
     // The proxy's own connection to the application, from the real client's address.
     let remote = if l.family == u32::from(AF_INET) {
         // SAFETY: in-bounds field of the context.
@@ -434,8 +500,7 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
             }
             sk_action::SK_PASS
         }
-        // SAFETY: read-only lookup.
-        Err(_) if unsafe { POD_IPS.get(&key) }.is_some() => {
+        Err(_) => {
             if cfg.log_level >= log_level::DEBUG {
                 debug!(
                     &ctx,
@@ -444,7 +509,6 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
             }
             sk_action::SK_DROP
         }
-        Err(_) => sk_action::SK_PASS,
     }
 }
 

@@ -6,6 +6,7 @@
 //! * `connect ADDR BYTES`: connects, reads the server's line, sends BYTES bytes, half-closes,
 //!   reads the echo, checks it, and prints
 //!   `{"local":..,"peer":..,"server":{..},"echoed":N}` (or `{"error":..}` and exits 1).
+//!   With `SLUICE_TESTPOD_SO_MARK` set, its socket carries that `SO_MARK`.
 //! * `latency ADDR COUNT [request]`: COUNT times: connect, read the server's first byte (or,
 //!   with `request`, send a byte and read its echo), close; prints
 //!   `{"samples_us":[..]}` (connect + first byte, microseconds).
@@ -21,6 +22,8 @@
 //! * `fanout ADDR CONNECTIONS BYTES`: opens CONNECTIONS connections to a `serve` and holds them
 //!   all open at once (each has read the server's line), then each sends BYTES bytes and checks
 //!   the echo; prints `{"connections":N,"ok":K,"errors":[..]}` (the first few errors).
+//! * `http-keepalive ADDR HOST...`: one connection, one `GET /` per HOST in turn; prints
+//!   `{"statuses":[..],"error":..}`.
 //! * `http-get ADDR HOST [PATH]`, `tls-get ADDR SNI CA_FILE [PATH]`, `dns SERVER NAME
 //!   [udp|tcp]`: clients of the simulated internet (`sluice_tests::internet::client`).
 //! * `internet DIR DNS_ADDR`: the simulated internet's servers
@@ -46,6 +49,7 @@ fn main() {
         Some("rr") => rr(&args[2..]),
         Some("fanout") => fanout(&args[2..]),
         Some("http-get") => print(client::http_get(&args[2..])),
+        Some("http-keepalive") => http_keepalive(&args[2..]),
         Some("tls-get") => print(client::tls_get(&args[2..])),
         Some("dns") => print(client::dns(&args[2..])),
         Some("internet") => sluice_tests::internet::server::run(&args[2..]),
@@ -53,7 +57,7 @@ fn main() {
             "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
                  latency ADDR COUNT [request] | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \
                  fanout ADDR CONNECTIONS BYTES | \
-                 http-get ADDR HOST [PATH] | tls-get ADDR SNI CA_FILE [PATH] | \
+                 http-get ADDR HOST [PATH] | http-keepalive ADDR HOST... | tls-get ADDR SNI CA_FILE [PATH] | \
                  dns SERVER NAME [udp|tcp] | internet DIR DNS_ADDR"
                 .into(),
         ),
@@ -133,8 +137,7 @@ fn serve(args: &[String]) -> Result<(), String> {
 }
 
 fn open(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>, Value), String> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let stream = dial(addr)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .map_err(|e| e.to_string())?;
@@ -146,6 +149,30 @@ fn open(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>, Value), St
     let server: Value =
         serde_json::from_str(&line).map_err(|e| format!("server line {line:?}: {e}"))?;
     Ok((stream, reader, server))
+}
+
+/// TCP to `addr` within 5 s; with `SLUICE_TESTPOD_SO_MARK` (e.g. `0x539`) set, the socket
+/// carries that mark first, as a pod with `CAP_NET_ADMIN` could set it.
+fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
+    let Ok(raw) = std::env::var("SLUICE_TESTPOD_SO_MARK") else {
+        return TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"));
+    };
+    let mark = u32::from_str_radix(raw.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("bad SLUICE_TESTPOD_SO_MARK {raw:?}"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    socket
+        .set_mark(mark)
+        .map_err(|e| format!("SO_MARK {mark:#x}: {e}"))?;
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    Ok(socket.into())
 }
 
 fn pattern(i: u64) -> u8 {
@@ -424,5 +451,57 @@ fn fanout(args: &[String]) -> Result<(), String> {
         }
     }
     println!("{}", json!({"connections": n, "ok": ok, "errors": errors}));
+    Ok(())
+}
+
+/// `http-keepalive ADDR HOST...`: one connection to ADDR; for each HOST in turn, a `GET /`
+/// naming it, and its answer read (by `Content-Length`); prints
+/// `{"statuses":[..],"error":..}` with the status line of each answer received.
+fn http_keepalive(args: &[String]) -> Result<(), String> {
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let hosts = args.get(1..).unwrap_or_default();
+    let stream = dial(addr)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut statuses = Vec::new();
+    let mut error = None;
+    for host in hosts {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        if let Err(e) = writer.write_all(request.as_bytes()) {
+            error = Some(format!("sending the request for {host}: {e}"));
+            break;
+        }
+        let mut status = String::new();
+        match reader.read_line(&mut status) {
+            Ok(0) => {
+                error = Some(format!("closed before the answer for {host}"));
+                break;
+            }
+            Err(e) => {
+                error = Some(format!("reading the answer for {host}: {e}"));
+                break;
+            }
+            Ok(_) => {}
+        }
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+        statuses.push(status.trim().to_owned());
+    }
+    println!("{}", json!({ "statuses": statuses, "error": error }));
     Ok(())
 }

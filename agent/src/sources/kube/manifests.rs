@@ -632,7 +632,7 @@ mod tests {
     #[test]
     fn missing_and_extra_verbs_are_named() {
         let dir = edited_deploy(|name, text| {
-            if name != "rbac.yaml" {
+            if name != "02-rbac.yaml" {
                 return text;
             }
             text.replace(
@@ -665,8 +665,8 @@ mod tests {
             "sidecars.networking.istio.io.yaml" => {
                 text.replace("outboundTrafficPolicy", "outboundTraficPolicy")
             }
-            "namespace.yaml" => format!("{text}---\nkind: [unclosed\n"),
-            "configmap.yaml" => text.replace("# meshConfig:", "meshConfig:"),
+            "00-namespace.yaml" => format!("{text}---\nkind: [unclosed\n"),
+            "03-configmap.yaml" => text.replace("# meshConfig:", "meshConfig:"),
             "sluice-plugin.json" => text.replace("/var/run/sluice/enroll.sock", "/tmp/x.sock"),
             _ => text,
         });
@@ -677,7 +677,7 @@ mod tests {
             "{p:?}"
         );
         assert!(
-            p.iter().any(|l| l.contains("namespace.yaml: document 1")),
+            p.iter().any(|l| l.contains("00-namespace.yaml: document 1")),
             "{p:?}"
         );
         assert!(

@@ -6,13 +6,16 @@
 //! with a non-HTTP, non-TLS port need `NONE` (nothing else tells the hosts apart).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use ipnet::IpNet;
 use serde::Serialize;
 
-use super::host::{Export, HostMatch, ObjectKey};
+use super::{
+    Resolved,
+    host::{Export, HostMatch, ObjectKey},
+};
 use crate::{
     resources::istio_networking::{PortNumber, ServiceEntry},
     state::rejections::Rejections,
@@ -154,6 +157,66 @@ impl ExternalService {
     /// True if `host` (normalised) is one of the entry's hosts.
     pub fn matches_host(&self, host: &str) -> bool {
         self.hosts.iter().any(|h| h.matches(host))
+    }
+
+    /// Where a connection that names `host` (one of the entry's hosts) and dialled `dest` may
+    /// go, as Istio's sidecar would route it: `dest` itself when the entry's `addresses` cover
+    /// it; otherwise, by resolution, one of the listed endpoints (`STATIC`) or an address the
+    /// agent resolved for the host or the endpoint names (the DNS resolutions), `dest` when it is
+    /// one of them, else one of `dest`'s family. `None` when there is nowhere: `NONE` outside
+    /// its addresses, nothing resolved (yet), a wildcard host the agent does not resolve.
+    pub fn upstream(
+        &self,
+        dest: SocketAddr,
+        host: &str,
+        resolved: &dyn Resolved,
+    ) -> Option<SocketAddr> {
+        if self.addresses.iter().any(|net| net.contains(&dest.ip())) {
+            return Some(dest);
+        }
+        let port = self.port(dest.port())?;
+        let default_port = port.target_port.unwrap_or(port.number);
+        let endpoint_port =
+            |e: &RegistryEndpoint| e.ports.get(&port.name).copied().unwrap_or(default_port);
+        let candidates: Vec<SocketAddr> = match self.resolution {
+            Resolution::None => return None,
+            Resolution::Static => self
+                .endpoints
+                .iter()
+                .filter_map(|e| match e.address {
+                    EndpointAddress::Ip(ip) => Some(SocketAddr::new(ip, endpoint_port(e))),
+                    _ => None,
+                })
+                .collect(),
+            Resolution::Dns | Resolution::DnsRoundRobin | Resolution::DynamicDns => {
+                if self.endpoints.is_empty() {
+                    resolved
+                        .addrs_of(host)
+                        .into_iter()
+                        .map(|ip| SocketAddr::new(ip, default_port))
+                        .collect()
+                } else {
+                    self.endpoints
+                        .iter()
+                        .flat_map(|e| {
+                            let ips = match &e.address {
+                                EndpointAddress::Ip(ip) => vec![*ip],
+                                EndpointAddress::Host(h) => resolved.addrs_of(h),
+                                EndpointAddress::Unix(_) => vec![],
+                            };
+                            let port = endpoint_port(e);
+                            ips.into_iter().map(move |ip| SocketAddr::new(ip, port))
+                        })
+                        .collect()
+                }
+            }
+        };
+        candidates
+            .iter()
+            .find(|a| a.ip() == dest.ip())
+            .or_else(|| candidates.iter().find(|a| a.is_ipv4() == dest.is_ipv4()))
+            .or(candidates.first())
+            .copied()
     }
 
     /// True if `ip` is one of the entry's addresses or static endpoint IPs.

@@ -181,9 +181,22 @@ fn decide(
     host: Option<HostHint<'_>>,
 ) -> EgressDecision {
     let w = state.workload_by_name(pod.0, pod.1).expect("workload");
-    state
-        .egress
-        .outbound_decision(w, addr(dest), host, DestinationScope::OutsideMesh)
+    state.egress.outbound_decision(
+        w,
+        addr(dest),
+        host,
+        DestinationScope::OutsideMesh,
+        &resolved(),
+    )
+}
+
+/// What the agent's resolver knows in these tests: `httpbin.org` is at 34.1.2.3.
+fn resolved() -> BTreeMap<String, Vec<std::net::IpAddr>> {
+    [(
+        "httpbin.org".to_owned(),
+        vec!["34.1.2.3".parse().expect("ip")],
+    )]
+    .into()
 }
 
 fn rejected_field(out: &BuildOutput, name: &str) -> String {
@@ -233,13 +246,18 @@ fn registry_only_refuses_unlisted_host_and_ip() {
 fn mesh_destinations_always_pass() {
     let state = seed();
     let w = state.workload_by_name("client", "curl").expect("curl");
-    let d = state
-        .egress
-        .outbound_decision(w, addr("10.0.9.2:8080"), None, DestinationScope::Mesh);
+    let d = state.egress.outbound_decision(
+        w,
+        addr("10.0.9.2:8080"),
+        None,
+        DestinationScope::Mesh,
+        &NothingResolved,
+    );
     assert_eq!(
         d,
         EgressDecision::Passthrough {
-            allowed: Allowed::Mesh
+            allowed: Allowed::Mesh,
+            dst: addr("10.0.9.2:8080"),
         }
     );
 }
@@ -447,7 +465,8 @@ spec:
     assert_eq!(
         decide(&out.state, CURL, EXAMPLE, None),
         EgressDecision::Passthrough {
-            allowed: Allowed::AllowAny
+            allowed: Allowed::AllowAny,
+            dst: addr(EXAMPLE),
         }
     );
     match decide(&out.state, ("client", "locked"), EXAMPLE, None) {
@@ -484,7 +503,8 @@ status: {podIP: 10.0.9.9}
     assert_eq!(
         decide(&out.state, CURL, EXAMPLE, None),
         EgressDecision::Passthrough {
-            allowed: Allowed::AllowAny
+            allowed: Allowed::AllowAny,
+            dst: addr(EXAMPLE),
         }
     );
     // A namespace's own Sidecar without a policy falls back to the mesh config, not the root's.
@@ -530,16 +550,17 @@ spec:
     let s = &out.state;
     assert!(matches!(
         decide(s, CURL, "192.0.2.77:5432", None),
-        EgressDecision::Passthrough { allowed: Allowed::Registered(k) } if k.name == "db"
+        EgressDecision::Passthrough { allowed: Allowed::Registered(k), .. } if k.name == "db"
     ));
     // Right address, wrong port.
     assert!(matches!(
         decide(s, CURL, "192.0.2.77:5433", None),
         EgressDecision::Refuse(_)
     ));
+    // A NONE entry without addresses gives no address: its SNI alone sends nothing anywhere.
     assert!(matches!(
         decide(s, CURL, "1.2.3.4:443", Some(HostHint::Tls("en.wikipedia.org"))),
-        EgressDecision::Passthrough { allowed: Allowed::Registered(k) } if k.name == "wiki"
+        EgressDecision::Refuse(RefuseReason::NoListedAddress { entry, .. }) if entry.name == "wiki"
     ));
     assert!(matches!(
         decide(s, CURL, "1.2.3.4:443", Some(HostHint::Tls("wikipedia.org"))),
@@ -564,7 +585,7 @@ spec:
     // A resolver answer counts as the host.
     assert!(matches!(
         decide(s, CURL, "34.1.2.3:443", Some(HostHint::Dns("httpbin.org"))),
-        EgressDecision::Passthrough { allowed: Allowed::Registered(k) } if k.name == "httpbin-ext"
+        EgressDecision::Passthrough { allowed: Allowed::Registered(k), .. } if k.name == "httpbin-ext"
     ));
 }
 
@@ -901,4 +922,94 @@ fn the_model_serialises_for_config_dump() {
         "aks-istio-egress/asm-egress-test-sgc"
     );
     assert_eq!(json["policy"]["mesh_mode"], "REGISTRY_ONLY");
+}
+
+#[test]
+fn a_listed_name_goes_only_where_its_entry_says() {
+    let extra = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dnsweb, namespace: client}
+spec:
+  hosts: [dnsweb.example]
+  ports: [{number: 8081, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: fixed, namespace: client}
+spec:
+  hosts: [fixed.example]
+  ports: [{number: 8081, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.10}, {address: "2001:db8::10"}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bare, namespace: client}
+spec:
+  hosts: [bare.example]
+  addresses: [198.51.100.7/32]
+  ports: [{number: 8081, name: http, protocol: HTTP}]
+  resolution: NONE
+"#;
+    let out = build_with(extra, &settings());
+    assert_eq!(out.rejections, Vec::<Rejection>::new());
+    let s = &out.state;
+    let w = s.workload_by_name(CURL.0, CURL.1).expect("curl");
+    let answers: BTreeMap<String, Vec<std::net::IpAddr>> = [(
+        "dnsweb.example".to_owned(),
+        vec![
+            "203.0.113.5".parse().expect("ip"),
+            "203.0.113.6".parse().expect("ip"),
+        ],
+    )]
+    .into();
+    let go = |dest: &str, host: &str, r: &dyn Resolved| {
+        s.egress.outbound_decision(
+            w,
+            addr(dest),
+            Some(HostHint::Http(host)),
+            DestinationScope::OutsideMesh,
+            r,
+        )
+    };
+    let dst = |d: EgressDecision| match d {
+        EgressDecision::Passthrough { dst, .. } => Ok(dst),
+        other => Err(other),
+    };
+    // DNS: a resolved address as dialled; a forged one goes to a resolved address instead.
+    assert_eq!(
+        dst(go("203.0.113.6:8081", "dnsweb.example", &answers)),
+        Ok(addr("203.0.113.6:8081"))
+    );
+    assert_eq!(
+        dst(go("6.6.6.6:8081", "dnsweb.example", &answers)),
+        Ok(addr("203.0.113.5:8081"))
+    );
+    // Nothing resolved (yet): refused, not sent where dialled.
+    assert!(matches!(
+        go("6.6.6.6:8081", "dnsweb.example", &NothingResolved),
+        EgressDecision::Refuse(RefuseReason::NoListedAddress { .. })
+    ));
+    // STATIC: a listed endpoint, of the dialled family.
+    assert_eq!(
+        dst(go("6.6.6.6:8081", "fixed.example", &answers)),
+        Ok(addr("192.0.2.10:8081"))
+    );
+    assert_eq!(
+        dst(go("[2001:db8::66]:8081", "fixed.example", &answers)),
+        Ok(addr("[2001:db8::10]:8081"))
+    );
+    // NONE: only within its addresses.
+    assert_eq!(
+        dst(go("198.51.100.7:8081", "bare.example", &answers)),
+        Ok(addr("198.51.100.7:8081"))
+    );
+    let refused = go("6.6.6.6:8081", "bare.example", &answers);
+    assert!(
+        matches!(&refused, EgressDecision::Refuse(r) if r.label() == "registry_only_address"
+            && r.to_string().contains("bare")),
+        "{refused:?}"
+    );
 }

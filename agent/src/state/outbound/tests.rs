@@ -201,6 +201,8 @@ fn id(ns: &str, sa: &str) -> Identity {
 #[derive(Debug)]
 enum Want {
     Direct,
+    /// Direct, but to this address rather than the one dialled (where the ServiceEntry says).
+    DirectTo(&'static str),
     /// HBONE to the destination's own HBONE port, expecting `identity`.
     Hbone(Identity),
     /// HBONE to this gateway node address.
@@ -493,12 +495,12 @@ fn cases() -> Vec<Case> {
         Case {
             resolved: Some("db.example"),
             ..case(
-                "REGISTRY_ONLY, an address the resolver named for a listed host: direct",
+                "REGISTRY_ONLY, a name resolved for a STATIC entry's host: to its listed endpoint",
                 CURL,
                 "203.0.113.99:5432",
                 false,
                 None,
-                Want::Direct,
+                Want::DirectTo("203.0.113.77:5432"),
             )
         },
         Case {
@@ -537,6 +539,7 @@ fn run(state: &MeshState, c: &Case) -> (bool, Plan) {
         source,
         dst: addr(c.dst),
         resolved_host: c.resolved,
+        resolved: &resolved_answers(),
         balance: None,
     };
     let gw = gateway_peer();
@@ -564,6 +567,7 @@ fn outbound_decisions() {
         let dst = addr(c.dst);
         let expected = match &c.want {
             Want::Direct => Plan::Direct { dst },
+            Want::DirectTo(to) => Plan::Direct { dst: addr(to) },
             Want::Hbone(identity) => Plan::Hbone {
                 dst,
                 peer: SocketAddr::new(dst.ip(), 15008),
@@ -613,6 +617,7 @@ fn refusals_name_their_reason() {
         source: Some(curl),
         dst: addr("93.184.216.34:443"),
         resolved_host: None,
+        resolved: &crate::state::egress::NothingResolved,
         balance: None,
     };
     let Decision::Plan(Plan::Refuse { reason, .. }) = decide(&state, &gateway_peer(), &conn) else {
@@ -633,4 +638,16 @@ fn picks_are_stable_and_in_range() {
         assert_eq!(a, pick("uid-a", n));
     }
     assert_eq!(pick("x", 0), 0);
+}
+
+/// What the agent's resolver knows in these cases.
+fn resolved_answers() -> std::collections::BTreeMap<String, Vec<std::net::IpAddr>> {
+    [
+        ("web.example", "93.184.216.34"),
+        ("plain.example", "93.184.216.34"),
+        ("db.example", "203.0.113.99"),
+    ]
+    .into_iter()
+    .map(|(h, ip)| (h.to_owned(), vec![ip.parse().expect("ip")]))
+    .collect()
 }
