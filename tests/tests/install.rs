@@ -37,7 +37,11 @@ async fn kubectl_apply_of_deploy_creates_everything_in_one_go() {
         .into_iter()
         .filter_map(|v| v.secret.and_then(|s| s.secret_name))
         .collect();
-    assert_eq!(mounts, ["sluice-root-ca"], "the DaemonSet mounts the shared root");
+    assert_eq!(
+        mounts,
+        ["sluice-root-ca"],
+        "the DaemonSet mounts the shared root"
+    );
     Api::<ConfigMap>::namespaced(client, "sluice-system")
         .get("sluice-config")
         .await

@@ -520,7 +520,13 @@ async fn security_forbidden_policy_kind_is_named_not_taken_as_absent() {
     let client = server.client().await;
     kube_mesh::install_crds(&client).await;
     let deploy = kube_mesh::deploy_dir();
-    for file in ["00-namespace.yaml", "01-serviceaccount.yaml", "02-rbac.yaml"].map(|f| deploy.join(f)) {
+    for file in [
+        "00-namespace.yaml",
+        "01-serviceaccount.yaml",
+        "02-rbac.yaml",
+    ]
+    .map(|f| deploy.join(f))
+    {
         let text = std::fs::read_to_string(&file).expect("read deploy file");
         // The drift: the ClusterRole loses AuthorizationPolicy.
         let text = text.replace(

@@ -677,7 +677,8 @@ mod tests {
             "{p:?}"
         );
         assert!(
-            p.iter().any(|l| l.contains("00-namespace.yaml: document 1")),
+            p.iter()
+                .any(|l| l.contains("00-namespace.yaml: document 1")),
             "{p:?}"
         );
         assert!(
