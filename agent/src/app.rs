@@ -65,10 +65,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         })?;
     let ca = crate::identity::BuiltinCa::from_config(&agent.identity, &agent.trust_domain)
         .context("loading the mesh CA")?;
-    let identity = Arc::new(crate::identity::SecretManager::new(
+    let identity = Arc::new(crate::identity::SecretManager::with_key_exchange(
         Arc::new(ca),
         agent.identity.workload_cert_ttl.get(),
+        agent.tls.key_exchange,
     ));
+    tracing::info!(
+        key_exchange = %agent.tls.key_exchange,
+        groups = ?crate::identity::kx_group_names(agent.tls.key_exchange),
+        "mesh TLS key exchange"
+    );
     // Observability: Prometheus metrics, readiness, and the loopback-only config dump.
     let metrics = Arc::new(crate::admin::metrics::Metrics::new());
     let ready = crate::admin::server::Ready::new();
@@ -83,9 +89,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let dump: crate::admin::server::ConfigDump = {
         let state = state.clone();
         let certs = certs.clone();
+        let tls = agent.tls.clone();
         Arc::new(move || {
             let certs = certs.lock().map(|c| c.clone()).unwrap_or_default();
-            serde_json::json!({ "meshState": &*state.current(), "certificates": certs })
+            serde_json::json!({
+                "meshState": &*state.current(),
+                "certificates": certs,
+                "tls": &tls,
+            })
         })
     };
     let _admin_server = crate::admin::server::serve_admin(agent.admin_addr, dump).await?;

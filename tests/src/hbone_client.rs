@@ -108,8 +108,9 @@ fn trusting_client_config(key: Arc<CertifiedKey>) -> rustls::ClientConfig {
     config
 }
 
+/// Presents one fixed certificate as a TLS client.
 #[derive(Debug)]
-struct Present(Arc<CertifiedKey>);
+pub(crate) struct Present(pub(crate) Arc<CertifiedKey>);
 
 impl rustls::client::ResolvesClientCert for Present {
     fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
@@ -120,8 +121,9 @@ impl rustls::client::ResolvesClientCert for Present {
     }
 }
 
+/// Accepts any server certificate (signatures still checked with the provider's algorithms).
 #[derive(Debug)]
-struct TrustAnyServer(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct TrustAnyServer(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for TrustAnyServer {
     fn verify_server_cert(

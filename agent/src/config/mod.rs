@@ -5,6 +5,7 @@ mod hbone;
 mod identity;
 mod kube;
 mod proxy;
+mod tls;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -17,6 +18,7 @@ pub use hbone::{
 pub use identity::{CertTtl, IdentityConfig};
 pub use kube::KubeConfig;
 pub use proxy::{DEFAULT_MAX_CONNECTIONS_PER_NODE, DEFAULT_MAX_CONNECTIONS_PER_POD, ProxyConfig};
+pub use tls::{KeyExchange, TlsConfig};
 
 /// Default bound on the bytes the proxy peeks for a host name (a ClientHello with large key
 /// shares fits easily).
@@ -128,6 +130,9 @@ pub struct AgentConfig {
     /// Reading the mesh from a Kubernetes API server.
     #[serde(default)]
     pub kube: KubeConfig,
+    /// Key exchange of the mesh-facing TLS (`keyExchange: default | pqc`).
+    #[serde(default)]
+    pub tls: TlsConfig,
 }
 
 /// Names a ConfigMap.

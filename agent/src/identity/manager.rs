@@ -17,7 +17,7 @@ use super::{
     cert::{certificate_request, generate_key},
     tls,
 };
-use crate::state::Identity;
+use crate::{config::KeyExchange, state::Identity};
 
 /// First delay before asking the CA again after a failed renewal; doubles up to
 /// [`RETRY_MAX`].
@@ -41,6 +41,7 @@ pub struct SecretManager {
 struct Inner {
     ca: Arc<dyn CaSource>,
     ttl: Duration,
+    key_exchange: KeyExchange,
     slots: Mutex<HashMap<Identity, Arc<Slot>>>,
 }
 
@@ -81,13 +82,25 @@ impl Drop for AbortOnDrop {
 impl SecretManager {
     /// A manager asking `ca` for certificates that live `ttl`.
     pub fn new(ca: Arc<dyn CaSource>, ttl: Duration) -> Self {
+        Self::with_key_exchange(ca, ttl, KeyExchange::Default)
+    }
+
+    /// [`SecretManager::new`] whose TLS configurations use the key exchange `policy`
+    /// (`spec.tls.keyExchange`).
+    pub fn with_key_exchange(ca: Arc<dyn CaSource>, ttl: Duration, policy: KeyExchange) -> Self {
         Self {
             inner: Arc::new(Inner {
                 ca,
                 ttl,
+                key_exchange: policy,
                 slots: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// The key exchange policy of the configurations this manager hands out.
+    pub fn key_exchange(&self) -> KeyExchange {
+        self.inner.key_exchange
     }
 
     /// The live certificate of `identity`, issued now if this is its first need. Concurrent
@@ -122,7 +135,11 @@ impl SecretManager {
         if let Some(config) = lock().get(&expected) {
             return Ok(config.clone());
         }
-        let config = Arc::new(tls::client_config(shared.handle.clone(), expected.clone())?);
+        let config = Arc::new(tls::client_config_with(
+            shared.handle.clone(),
+            expected.clone(),
+            self.inner.key_exchange,
+        )?);
         let mut cache = lock();
         if cache.len() >= MAX_CLIENT_CONFIGS {
             cache.clear();
@@ -187,7 +204,10 @@ impl SecretManager {
         let (sender, receiver) = watch::channel(Arc::new(cert));
         let sender = Arc::new(sender);
         let handle = CertHandle::from_receiver(receiver);
-        let server_config = Arc::new(tls::server_config(handle.clone())?);
+        let server_config = Arc::new(tls::server_config_with(
+            handle.clone(),
+            self.inner.key_exchange,
+        )?);
         let replanned = Arc::new(Notify::new());
         let renewer = tokio::spawn(renew(
             self.inner.ca.clone(),

@@ -16,12 +16,15 @@ pub mod manager;
 pub mod provider;
 pub mod tls;
 
-pub use crate::config::{CertTtl, IdentityConfig};
+pub use crate::config::{CertTtl, IdentityConfig, KeyExchange};
 pub use ca::{BuiltinCa, CaError, CaSource, CustomCert, SignRequest};
 pub use cert::{CertChain, CertHandle, CertInfo, MissingRoot, WorkloadCert};
 pub use manager::SecretManager;
-pub use provider::crypto_provider;
-pub use tls::{HBONE_ALPN, client_config, peer_identity, server_config};
+pub use provider::{crypto_provider, crypto_provider_for, kx_group_names, kx_groups};
+pub use tls::{
+    HBONE_ALPN, client_config, client_config_with, handshake_hint, peer_identity, server_config,
+    server_config_with,
+};
 
 use crate::state::Identity;
 

@@ -32,8 +32,12 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::{CertHandle, IdentityError, cert::identity_of, provider::crypto_provider};
-use crate::state::Identity;
+use super::{
+    CertHandle, IdentityError,
+    cert::identity_of,
+    provider::{crypto_provider, crypto_provider_for},
+};
+use crate::{config::KeyExchange, state::Identity};
 
 /// The ALPN protocol HBONE negotiates.
 pub const HBONE_ALPN: &[u8] = b"h2";
@@ -43,13 +47,21 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
 }
 
 /// The inbound (port 15008) side: presents `cert`'s current certificate, requires a client
-/// certificate from the mesh.
+/// certificate from the mesh. Default key exchange policy.
 pub fn server_config(cert: CertHandle) -> Result<ServerConfig, IdentityError> {
+    server_config_with(cert, KeyExchange::Default)
+}
+
+/// [`server_config`] accepting the key exchange groups of `policy`.
+pub fn server_config_with(
+    cert: CertHandle,
+    policy: KeyExchange,
+) -> Result<ServerConfig, IdentityError> {
     let verifier = Arc::new(MeshClientVerifier {
         cert: cert.clone(),
         algorithms: algorithms(),
     });
-    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+    let mut config = ServerConfig::builder_with_provider(crypto_provider_for(policy))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(CurrentCert(cert)));
@@ -61,10 +73,19 @@ pub fn server_config(cert: CertHandle) -> Result<ServerConfig, IdentityError> {
 
 /// The outbound side: presents the source workload's certificate (`source`) and accepts only a
 /// server whose SAN is one of `expected`. Sends no SNI; the server name given to the connector
-/// is not checked (pass the destination IP).
+/// is not checked (pass the destination IP). Default key exchange policy.
 pub fn client_config(
     source: CertHandle,
     expected: Vec<Identity>,
+) -> Result<ClientConfig, IdentityError> {
+    client_config_with(source, expected, KeyExchange::Default)
+}
+
+/// [`client_config`] offering the key exchange groups of `policy`.
+pub fn client_config_with(
+    source: CertHandle,
+    expected: Vec<Identity>,
+    policy: KeyExchange,
 ) -> Result<ClientConfig, IdentityError> {
     if expected.is_empty() {
         return Err(IdentityError::NoExpectedIdentity);
@@ -74,7 +95,7 @@ pub fn client_config(
         expected,
         algorithms: algorithms(),
     });
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+    let mut config = ClientConfig::builder_with_provider(crypto_provider_for(policy))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -91,6 +112,53 @@ pub fn peer_identity(conn: &CommonState) -> Option<Identity> {
     conn.peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|leaf| identity_of(leaf).ok())
+}
+
+/// A sentence saying why a failed HBONE handshake failed when the key exchange policy is the
+/// likely cause, for log lines: no group in common (this side refused the peer's offer), or,
+/// under `pqc`, the peer's `handshake_failure` alert (it refused the hybrid-only offer). `None`
+/// for any other error. Looks through `std::io::Error` wrappers (tokio-rustls's).
+pub fn handshake_hint(
+    error: &(dyn std::error::Error + 'static),
+    policy: KeyExchange,
+) -> Option<String> {
+    let offered = || {
+        super::provider::kx_group_names(policy)
+            .iter()
+            .map(|g| format!("{g:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(hint) = handshake_hint(inner, policy)
+        {
+            return Some(hint);
+        }
+        match e.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon)) => {
+                return Some(format!(
+                    "TLS key exchange: no group in common with the peer (this side allows \
+                     {} under spec.tls.keyExchange: {policy})",
+                    offered()
+                ));
+            }
+            Some(rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure))
+                if policy == KeyExchange::Pqc =>
+            {
+                return Some(format!(
+                    "TLS key exchange: the peer refused the handshake; this side offers only \
+                     {} (spec.tls.keyExchange: pqc), which the peer probably does not support",
+                    offered()
+                ));
+            }
+            _ => {}
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// Why a verified chain is still refused.
@@ -281,7 +349,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
-    use rustls::crypto::{CryptoProvider, ring};
+    use rustls::crypto::{CryptoProvider, aws_lc_rs};
 
     use super::*;
     use crate::identity::{BuiltinCa, CustomCert};
@@ -610,7 +678,7 @@ mod tests {
         // TLS 1.2 only.
         let (s, _) = handshake(
             server(),
-            plain(ring::default_provider(), &[&rustls::version::TLS12]),
+            plain(aws_lc_rs::default_provider(), &[&rustls::version::TLS12]),
             ip_name(),
         )
         .await;
@@ -623,8 +691,8 @@ mod tests {
         );
 
         // ChaCha20 only.
-        let mut chacha = ring::default_provider();
-        chacha.cipher_suites = vec![ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
+        let mut chacha = aws_lc_rs::default_provider();
+        chacha.cipher_suites = vec![aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
         let (s, _) = handshake(
             server(),
             plain(chacha, &[&rustls::version::TLS13]),

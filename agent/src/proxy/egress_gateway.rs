@@ -497,7 +497,7 @@ pub fn upstream_tls(
         warn!("DestinationRule asks insecureSkipVerify; Sluice verifies the upstream anyway");
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?

@@ -19,7 +19,11 @@ use super::{
     limits::Unauthenticated,
     telemetry::{self, Peer, Reporter},
 };
-use crate::{identity::peer_identity, policy, state::Identity};
+use crate::{
+    identity::{handshake_hint, peer_identity},
+    policy,
+    state::Identity,
+};
 
 /// Accepts HBONE connections on one pod address until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInputs) {
@@ -103,7 +107,13 @@ pub(crate) async fn serve_as<H: super::hbone::ConnectHandler>(
     let limit = inputs.hbone.server.handshake_timeout;
     let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
     let stream = match tokio::time::timeout(limit, accept).await {
-        Ok(stream) => stream?,
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            return Err(match handshake_hint(&e, inputs.identity.key_exchange()) {
+                Some(hint) => anyhow::anyhow!("{e}: {hint}"),
+                None => e.into(),
+            });
+        }
         Err(_) => {
             inputs.metrics.hbone_handshake_timeout("tls");
             anyhow::bail!("no TLS handshake within {limit:?}");
@@ -138,8 +148,10 @@ async fn authorize_and_connect(
     let dst = req.authority;
     let src = req.connection.peer_addr;
     let source = req.connection.peer_identity.clone();
-    // What the source says about its workload (telemetry only: the certificate is the proof).
-    let src_baggage = req.baggage().header_value();
+    // What the source says about its workload: telemetry only, and only when its certificate
+    // backs the claim (`telemetry::baggage_trust`); the certificate alone is the identity.
+    let claimed = req.baggage();
+    let src_baggage = claimed.header_value();
     let pod_name = pod.display_name();
     let refuse = |status: RefusalStatus, reason: String| {
         info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %pod_name, src = %src, dst = %dst, src_identity = %source, outcome = "refused", status = status.code().as_u16(), reason = %reason, "connection refused");
@@ -155,6 +167,7 @@ async fn authorize_and_connect(
         ));
     }
     let state = inputs.state.current();
+    let baggage_trust = telemetry::baggage_trust(&claimed, &source, &state);
     let Some(workload) = state.workload_by_ip(dst.ip()) else {
         return Err(refuse(
             RefusalStatus::BadRequest,
@@ -204,6 +217,7 @@ async fn authorize_and_connect(
         true,
     );
     telemetry::set_service_of(&mut labels, &state, workload, dst.port());
+    telemetry::set_source_from_baggage(&mut labels, &claimed, baggage_trust);
     let metrics = inputs.metrics.connection(&labels);
     Ok(Upstream::new(app).on_close(move |report| {
         drop(slot);
@@ -227,6 +241,7 @@ async fn authorize_and_connect(
             src_identity = %source,
             dst_identity = %dst_identity,
             src_baggage = %src_baggage,
+            src_baggage_trust = baggage_trust.as_str(),
             sent = report.hbone_to_tcp,
             received = report.tcp_to_hbone,
             duration_ms = start.elapsed().as_millis() as u64,

@@ -26,6 +26,7 @@ use super::{
     own_listeners, peek, socket,
     telemetry::{self, ConnectionResult, OutboundLog, Outcome, Peer, Reporter},
 };
+use crate::identity::handshake_hint;
 use crate::state::{
     Identity,
     load_balance::{Attempt, Hop, ServiceRef},
@@ -289,7 +290,9 @@ async fn hbone(
         .copied()
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .unwrap_or(src_addr.ip());
-    let meta = RequestMeta::new(SocketAddr::new(src_ip, 0), from.baggage);
+    // `forwarded: for=` names the application's own socket: the pod's address and its port.
+    let src_port = client.peer_addr().map_or(0, |a| a.port());
+    let meta = RequestMeta::new(SocketAddr::new(src_ip, src_port), from.baggage);
     let early = first_flight(&client);
     let counters = SpliceCounters::default();
     counters
@@ -301,7 +304,12 @@ async fn hbone(
         .await
     {
         Ok(s) => s,
-        Err(e) => return Outcome::failed("connect", e),
+        Err(e) => {
+            return match handshake_hint(&e, inputs.identity.key_exchange()) {
+                Some(hint) => Outcome::failed("connect", format!("{e}: {hint}")),
+                None => Outcome::failed("connect", e),
+            };
+        }
     };
     spliced(splice(client, stream, &counters).await)
 }
@@ -457,7 +465,8 @@ async fn open_endpoint(
                     .map_err(|e| (e.to_string(), false))?
                     .ip(),
             };
-            let meta = RequestMeta::new(SocketAddr::new(src_ip, 0), from.baggage.clone());
+            let src_port = client.peer_addr().map_or(0, |a| a.port());
+            let meta = RequestMeta::new(SocketAddr::new(src_ip, src_port), from.baggage.clone());
             pod.pool
                 .connect_with_data(&key, tls, *dst, &meta, early.clone())
                 .await

@@ -296,7 +296,7 @@ mod tests {
         let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).expect("cert");
         roots.add(ca.cert.der().clone()).expect("root");
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("versions")

@@ -144,6 +144,94 @@ pub fn baggage(w: &Workload, node: Option<&Node>) -> Baggage {
     }
 }
 
+/// The service account Istio's node proxy (ztunnel) runs as, in the root namespace.
+pub const NODE_PROXY_SERVICE_ACCOUNT: &str = "ztunnel";
+
+/// How far the `baggage` a peer sent may be believed. Baggage only ever labels telemetry; the
+/// source identity is always the verified certificate's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaggageTrust {
+    /// No baggage was sent.
+    Absent,
+    /// The peer's certificate names a node proxy (`<root namespace>/sa/ztunnel` of this trust
+    /// domain), which speaks for the workloads it carries.
+    NodeProxy,
+    /// The baggage names the namespace of the peer's certificate, and every workload MeshState
+    /// knows by that namespace and name runs as the certificate's service account.
+    SameWorkload,
+    /// Anything else: logged as sent, used for nothing.
+    Untrusted,
+}
+
+impl BaggageTrust {
+    /// The access log's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Absent => "absent",
+            Self::NodeProxy => "node_proxy",
+            Self::SameWorkload => "same_workload",
+            Self::Untrusted => "untrusted",
+        }
+    }
+
+    /// True when the baggage may label telemetry.
+    pub fn is_trusted(self) -> bool {
+        matches!(self, Self::NodeProxy | Self::SameWorkload)
+    }
+}
+
+/// The trust rule for `baggage` received from a peer proven to be `peer` (see [`BaggageTrust`]).
+pub fn baggage_trust(baggage: &Baggage, peer: &Identity, state: &MeshState) -> BaggageTrust {
+    if baggage.is_empty() {
+        return BaggageTrust::Absent;
+    }
+    if peer.trust_domain == state.trust_domain
+        && peer.namespace == state.root_namespace
+        && peer.service_account == NODE_PROXY_SERVICE_ACCOUNT
+    {
+        return BaggageTrust::NodeProxy;
+    }
+    let (Some(namespace), Some(name)) = (&baggage.namespace, &baggage.workload_name) else {
+        return BaggageTrust::Untrusted;
+    };
+    if *namespace != peer.namespace {
+        return BaggageTrust::Untrusted;
+    }
+    // A workload this node does not know (another cluster's, say) is believed within the
+    // certificate's namespace: it can name no workload MeshState knows under another account.
+    let impostor = state.workloads.values().any(|w| {
+        w.namespace == *namespace
+            && owner(w).1 == name.as_str()
+            && w.service_account != peer.service_account
+    });
+    if impostor {
+        return BaggageTrust::Untrusted;
+    }
+    BaggageTrust::SameWorkload
+}
+
+/// Fills the source labels MeshState could not (a source it does not know) from `baggage`,
+/// when it is trusted: workload and namespace, as ztunnel does.
+pub fn set_source_from_baggage(
+    labels: &mut ConnectionLabels,
+    baggage: &Baggage,
+    trust: BaggageTrust,
+) {
+    if !trust.is_trusted() {
+        return;
+    }
+    let unknown = |v: &str| v == ConnectionLabels::UNKNOWN;
+    if let (true, Some(name)) = (unknown(&labels.source_workload), &baggage.workload_name) {
+        labels.source_workload = name.clone();
+    }
+    if let (true, Some(ns)) = (
+        unknown(&labels.source_workload_namespace),
+        &baggage.namespace,
+    ) {
+        labels.source_workload_namespace = ns.clone();
+    }
+}
+
 /// The workload a pod belongs to, as far as its name and labels show: a Deployment's pod is
 /// `<deployment>-<pod-template-hash>-<suffix>`.
 fn owner(w: &Workload) -> (&'static str, &str) {
@@ -366,6 +454,76 @@ mod tests {
             ports: Default::default(),
             ready: true,
         }
+    }
+
+    #[test]
+    fn baggage_is_trusted_from_a_node_proxy_or_the_workload_it_names() {
+        let mut state = MeshState {
+            trust_domain: "td".into(),
+            root_namespace: "istio-system".into(),
+            ..MeshState::default()
+        };
+        let w = pod(&[]);
+        state.workloads.insert(w.uid.clone(), w.clone());
+        let own = baggage(&w, None);
+        let web = Identity::new("td", "shop", "web");
+        let other = Identity::new("td", "shop", "db");
+        let ztunnel = Identity::new("td", "istio-system", "ztunnel");
+        assert_eq!(
+            baggage_trust(&Baggage::default(), &web, &state),
+            BaggageTrust::Absent
+        );
+        assert_eq!(
+            baggage_trust(&own, &web, &state),
+            BaggageTrust::SameWorkload
+        );
+        assert_eq!(
+            baggage_trust(&own, &ztunnel, &state),
+            BaggageTrust::NodeProxy
+        );
+        // Another account claiming web-7f9c, or a namespace not its own: untrusted.
+        assert_eq!(baggage_trust(&own, &other, &state), BaggageTrust::Untrusted);
+        let elsewhere = Baggage {
+            namespace: Some("kube-system".into()),
+            ..own.clone()
+        };
+        assert_eq!(
+            baggage_trust(&elsewhere, &web, &state),
+            BaggageTrust::Untrusted
+        );
+        // Another trust domain's ztunnel is no node proxy of ours.
+        let foreign = Identity::new("evil", "istio-system", "ztunnel");
+        assert_eq!(
+            baggage_trust(&own, &foreign, &state),
+            BaggageTrust::Untrusted
+        );
+        // An unknown workload in the certificate's own namespace labels telemetry…
+        let remote = Baggage {
+            workload_name: Some("remote".into()),
+            ..own.clone()
+        };
+        assert_eq!(
+            baggage_trust(&remote, &other, &state),
+            BaggageTrust::SameWorkload
+        );
+        let mut labels = labels(
+            Reporter::Destination,
+            Peer::default(),
+            Peer::default(),
+            true,
+        );
+        set_source_from_baggage(&mut labels, &remote, BaggageTrust::SameWorkload);
+        assert_eq!(labels.source_workload, "remote");
+        assert_eq!(labels.source_workload_namespace, "shop");
+        // …untrusted baggage labels nothing.
+        let mut l2 = super::labels(
+            Reporter::Destination,
+            Peer::default(),
+            Peer::default(),
+            true,
+        );
+        set_source_from_baggage(&mut l2, &elsewhere, BaggageTrust::Untrusted);
+        assert_eq!(l2.source_workload_namespace, ConnectionLabels::UNKNOWN);
     }
 
     #[test]

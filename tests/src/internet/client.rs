@@ -92,7 +92,7 @@ pub fn tls_get(args: &[String]) -> Result<Value, String> {
             .map_err(|e| format!("{ca}: {e}"))?;
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?

@@ -67,7 +67,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let resolver = Arc::new(Issuing::generate(&dir)?);
     let tls = Arc::new(
         rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -251,7 +251,7 @@ impl Issuing {
             .signed_by(&key, &self.issuer)
             .ok()?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing = rustls::crypto::ring::sign::any_supported_type(&der).ok()?;
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der).ok()?;
         let certified = Arc::new(CertifiedKey::new(
             vec![cert.der().clone(), self.ca.clone()],
             signing,
