@@ -7,6 +7,7 @@
 //! | room | what it holds | imports |
 //! |------|---------------|---------|
 //! | [`app`] | `sluice run`: wires sources → state → consumers | every room |
+//! | [`gateway`] | `sluice gateway`: the ingress data plane (Gateway API listeners, HTTPRoutes, HBONE to backends) | proxy, identity, admin, sources, state, config |
 //! | [`pods`] | pod lifecycle: enrollment and discovery → capture + per-pod proxy listeners | redirect, proxy, netns, state |
 //! | [`proxy`] | outbound, inbound, HBONE, egress gateway, copy | policy, identity, egress, admin, netns, state, resources, config |
 //! | [`egress`] | source-prefix pinning (netlink), DNS for ServiceEntries | state, resources, config |
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod egress;
+pub mod gateway;
 pub mod identity;
 pub mod memory;
 pub mod netns;

@@ -51,6 +51,14 @@ enum Cmd {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Run an ingress gateway: serve the listeners of the Gateways of `spec.ingress.classes`
+    /// and hand requests to backends over HBONE.
+    Gateway {
+        /// Config file: an AgentConfig document (its `spec.ingress`) and, in file mode,
+        /// Kubernetes-shaped resources.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Chained CNI plugin (reads CNI_* variables and stdin, as the CNI spec says).
     Cni,
     /// Talk to a running agent's enrollment API.
@@ -176,6 +184,14 @@ fn main() -> Result<()> {
             init_logging(cli.log_format);
             let rt = runtime(cli.worker_threads)?;
             rt.block_on(sluice::app::run(sluice::app::RunArgs { config, node }))
+        }
+        Cmd::Gateway { config } => {
+            sluice::memory::limit_arenas();
+            init_logging(cli.log_format);
+            let rt = runtime(cli.worker_threads)?;
+            rt.block_on(sluice::gateway::run(sluice::gateway::GatewayArgs {
+                config,
+            }))
         }
         Cmd::Enroll { socket, op } => {
             let req = match op {

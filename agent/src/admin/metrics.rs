@@ -161,6 +161,7 @@ pub struct Metrics {
     capture_failures: Counter,
     pods_held_closed: Gauge,
     transparent_sources_full: Counter,
+    http: super::http::HttpRequests,
 }
 
 impl Default for Metrics {
@@ -196,6 +197,7 @@ impl Metrics {
             })
             .set(1);
 
+        let http = super::http::HttpRequests::register(&mut registry);
         registry.register_collector(Box::new(tcp.clone()));
         registry.register_collector(Box::new(hbone_pool.clone()));
         registry.register(
@@ -270,7 +272,13 @@ impl Metrics {
             capture_failures,
             pods_held_closed,
             transparent_sources_full,
+            http,
         }
+    }
+
+    /// HTTP request metrics (the ingress gateway's).
+    pub fn http(&self) -> &super::http::HttpRequests {
+        &self.http
     }
 
     /// Counts a failed attempt to capture a pod.

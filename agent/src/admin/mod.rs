@@ -3,6 +3,7 @@
 //!
 //! [`metrics::Metrics`] is shared by the proxy, identity and redirect code through an `Arc`;
 //! [`server`] exposes it, readiness and a configuration dump over HTTP/1.1.
+pub mod http;
 mod labels;
 pub mod metrics;
 pub mod server;

@@ -3,6 +3,7 @@
 //! its settings (and their defaults) from here.
 mod hbone;
 mod identity;
+mod ingress;
 mod kube;
 mod proxy;
 mod tls;
@@ -16,6 +17,7 @@ pub use hbone::{
     FRAME_SIZE_RANGE, H2Limits, HboneLimits, Keepalive, MAX_WINDOW, PoolLimits, ServerLimits,
 };
 pub use identity::{CertTtl, IdentityConfig};
+pub use ingress::{CertificateFiles, IngressConfig};
 pub use kube::KubeConfig;
 pub use proxy::{DEFAULT_MAX_CONNECTIONS_PER_NODE, DEFAULT_MAX_CONNECTIONS_PER_POD, ProxyConfig};
 pub use tls::{KeyExchange, TlsConfig};
@@ -133,6 +135,9 @@ pub struct AgentConfig {
     /// Key exchange of the mesh-facing TLS (`keyExchange: default | pqc`).
     #[serde(default)]
     pub tls: TlsConfig,
+    /// What a `sluice gateway` instance serves (read by that command only).
+    #[serde(default)]
+    pub ingress: IngressConfig,
 }
 
 /// Names a ConfigMap.

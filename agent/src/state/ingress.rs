@@ -16,8 +16,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::{rejections::Rejections, service::Service, workload::Namespace};
+use super::{
+    http_filters::{self, HttpFilter, RouteTimeouts, ValueMatches},
+    rejections::Rejections,
+    service::Service,
+    workload::Namespace,
+};
 use kube::Resource;
+
+pub use super::http_filters::valid_hostname;
 
 use crate::resources::{
     NamespacedName, ResourceSet,
@@ -155,6 +162,8 @@ pub struct IngressListener {
     pub allowed_namespaces: AllowedNamespaces,
     /// `namespace/name` of every route attached here, once per parent reference that attached it.
     pub attached_routes: Vec<String>,
+    /// HTTPS: the Secrets (`namespace/name`) holding the certificates the listener serves.
+    pub certificates: Vec<String>,
 }
 
 /// An HTTPRoute.
@@ -167,6 +176,8 @@ pub struct HttpRoute {
     pub rules: Vec<HttpRule>,
     /// Whether every backend is a Service of the route's namespace that exists.
     pub resolved_refs: Cond,
+    /// `metadata.creationTimestamp` (RFC 3339): the older route wins a tie between matches.
+    pub created: String,
 }
 
 /// A Gateway (or one of its listeners) a route attaches to.
@@ -193,14 +204,18 @@ pub struct Attachment {
 pub struct HttpRule {
     pub matches: Vec<HttpMatch>,
     pub backends: Vec<HttpBackend>,
+    pub filters: Vec<HttpFilter>,
+    pub timeouts: RouteTimeouts,
 }
 
 /// Conditions on a request (all must hold).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HttpMatch {
     pub path: PathMatch,
-    /// Header name (lower-case) → exact value.
-    pub headers: BTreeMap<String, String>,
+    /// Header name (lower-case) → value.
+    pub headers: ValueMatches,
+    /// Query parameter name (exact) → value.
+    pub query: ValueMatches,
     pub method: Option<String>,
 }
 
@@ -221,6 +236,9 @@ pub struct HttpBackend {
     pub service: String,
     pub port: u16,
     pub weight: u32,
+    /// Why requests sent here get a 500 (a kind that is not a Service, another namespace
+    /// without a ReferenceGrant, a Service that does not exist), or `None`.
+    pub invalid: Option<String>,
 }
 
 /// Normalises every Gateway and HTTPRoute in `resources` and attaches the routes, against the
@@ -507,24 +525,6 @@ pub fn listener_conditions(gw: &gateway_api::Gateway) -> Vec<ListenerConditions>
         .collect()
 }
 
-/// True for a DNS-1123 subdomain, optionally with a leading `*.` label (a Gateway API
-/// `Hostname`: no IP addresses, no port).
-pub fn valid_hostname(h: &str) -> bool {
-    let rest = h.strip_prefix("*.").unwrap_or(h);
-    if rest.is_empty() || rest.len() > 253 || rest.parse::<std::net::IpAddr>().is_ok() {
-        return false;
-    }
-    rest.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-    })
-}
-
 fn object_name(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> (String, String) {
@@ -627,6 +627,14 @@ fn gateway(gw: &gateway_api::Gateway, out: &mut Rejections) -> Option<IngressGat
             hostname: l.hostname.clone(),
             allowed_namespaces,
             attached_routes: Vec::new(),
+            certificates: l
+                .tls
+                .iter()
+                .flat_map(|t| &t.certificate_refs)
+                .map(|c| {
+                    NamespacedName::new(c.namespace.as_deref().unwrap_or(&namespace), &c.name).key()
+                })
+                .collect(),
         });
     }
     Some(IngressGateway {
@@ -658,23 +666,31 @@ fn http_match(m: &HttpRouteMatch, field: &str) -> Result<HttpMatch, (String, Str
             ));
         }
     };
+    if let PathMatch::RegularExpression(re) = &path {
+        http_filters::check_regex(re, &format!("{field}.path.value"))?;
+    }
     let mut headers = BTreeMap::new();
     for (k, h) in m.headers.iter().enumerate() {
-        match h.type_.as_deref().unwrap_or("Exact") {
-            "Exact" => {
-                headers.insert(h.name.to_ascii_lowercase(), h.value.clone());
-            }
-            other => {
-                return Err((
-                    format!("{field}.headers[{k}].type"),
-                    format!("{other:?} is not supported (Exact is)"),
-                ));
-            }
-        }
+        let v = http_filters::value_match(
+            h.type_.as_deref(),
+            &h.value,
+            &format!("{field}.headers[{k}]"),
+        )?;
+        headers.insert(h.name.to_ascii_lowercase(), v);
+    }
+    let mut query = BTreeMap::new();
+    for (k, q) in m.query_params.iter().enumerate() {
+        let v = http_filters::value_match(
+            q.type_.as_deref(),
+            &q.value,
+            &format!("{field}.queryParams[{k}]"),
+        )?;
+        query.insert(q.name.clone(), v);
     }
     Ok(HttpMatch {
         path,
         headers,
+        query,
         method: m.method.clone(),
     })
 }
@@ -739,6 +755,7 @@ fn http_route(
             matches.push(HttpMatch {
                 path: PathMatch::Prefix("/".into()),
                 headers: BTreeMap::new(),
+                query: BTreeMap::new(),
                 method: None,
             });
         }
@@ -746,34 +763,86 @@ fn http_route(
         for (j, b) in rule.backend_refs.iter().enumerate() {
             let is_service = b.group.as_deref().unwrap_or("").is_empty()
                 && b.kind.as_deref().unwrap_or("Service") == "Service";
-            if !is_service {
-                continue; // reported as ResolvedRefs=False/InvalidKind by the status writer
-            }
-            let Some(port) = b
+            let ns = b.namespace.as_deref().unwrap_or(&namespace);
+            let service = NamespacedName::new(ns, &b.name);
+            let weight = b.weight.and_then(|w| u32::try_from(w).ok()).unwrap_or(1);
+            let port = b
                 .port
                 .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p > 0)
-            else {
-                reject(
-                    format!("spec.rules[{i}].backendRefs[{j}].port"),
-                    "a Service backend needs a port".into(),
-                );
-                return None;
+                .filter(|p| *p > 0);
+            // What the spec answers with 500 for its share of requests.
+            let invalid = if !is_service {
+                Some(format!(
+                    "backend {} {} is not a Service",
+                    b.kind.as_deref().unwrap_or("Service"),
+                    b.name
+                ))
+            } else if ns != namespace {
+                Some(format!(
+                    "Service {service} is in another namespace and no ReferenceGrant is read"
+                ))
+            } else if !services.contains_key(&service.key()) {
+                Some(format!("Service {service} not found"))
+            } else {
+                None
+            };
+            let port = match (port, is_service) {
+                (Some(p), _) => p,
+                (None, false) => 0,
+                (None, true) => {
+                    reject(
+                        format!("spec.rules[{i}].backendRefs[{j}].port"),
+                        "a Service backend needs a port".into(),
+                    );
+                    return None;
+                }
             };
             backends.push(HttpBackend {
-                service: NamespacedName::new(b.namespace.as_deref().unwrap_or(&namespace), &b.name)
-                    .key(),
+                service: service.key(),
                 port,
-                weight: b.weight.and_then(|w| u32::try_from(w).ok()).unwrap_or(1),
+                weight,
+                invalid,
             });
         }
-        rules.push(HttpRule { matches, backends });
+        let mut filters = Vec::new();
+        for (j, f) in rule.filters.iter().enumerate() {
+            match http_filters::filter(f, &format!("spec.rules[{i}].filters[{j}]")) {
+                Ok(Some(f)) => filters.push(f),
+                Ok(None) => {}
+                Err((field, message)) => {
+                    reject(field, message);
+                    return None;
+                }
+            }
+        }
+        let timeouts = match http_filters::timeouts(
+            rule.timeouts.as_ref(),
+            &format!("spec.rules[{i}].timeouts"),
+        ) {
+            Ok(t) => t,
+            Err((field, message)) => {
+                reject(field, message);
+                return None;
+            }
+        };
+        rules.push(HttpRule {
+            matches,
+            backends,
+            filters,
+            timeouts,
+        });
     }
     Some(HttpRoute {
         resolved_refs: resolved_refs(route, services),
         hostnames: route.spec.hostnames.clone(),
         parents,
         rules,
+        created: route
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
         namespace,
         name,
     })
@@ -782,6 +851,7 @@ fn http_route(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::http_filters::ValueMatch;
 
     fn parse(yaml: &str) -> ResourceSet {
         ResourceSet::from_yaml(yaml).expect("known kinds")
@@ -841,15 +911,31 @@ spec:
         assert_eq!(shop.parents[0].namespace, "ingress");
         let first = &shop.rules[0];
         assert_eq!(first.matches[0].path, PathMatch::Exact("/cart".into()));
-        assert_eq!(first.matches[0].headers["x-canary"], "1");
         assert_eq!(
-            first.backends,
-            vec![HttpBackend {
-                service: "shop/cart".into(),
-                port: 8080,
-                weight: 3
-            }],
-            "the Bucket backend is not a Service"
+            first.matches[0].headers["x-canary"],
+            ValueMatch::Exact("1".into())
+        );
+        assert_eq!(first.backends.len(), 2, "{:?}", first.backends);
+        assert_eq!(
+            (
+                first.backends[0].service.as_str(),
+                first.backends[0].port,
+                first.backends[0].weight
+            ),
+            ("shop/cart", 8080, 3)
+        );
+        // No Service exists in this build, and a Bucket is no Service: both answer 500.
+        assert_eq!(
+            first.backends[0].invalid.as_deref(),
+            Some("Service shop/cart not found")
+        );
+        assert!(
+            first.backends[1]
+                .invalid
+                .as_deref()
+                .is_some_and(|w| w.contains("is not a Service")),
+            "the Bucket backend is not a Service: {:?}",
+            first.backends[1]
         );
         let second = &shop.rules[1];
         assert_eq!(second.matches[0].path, PathMatch::Prefix("/".into()));

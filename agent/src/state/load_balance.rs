@@ -121,12 +121,56 @@ pub fn route(
     balance: &dyn Balance,
 ) -> Option<ServiceRoute> {
     let k = state.services_by_vip.get(&dst.ip())?;
-    let svc = state.services.get(k)?;
-    let service = ServiceRef::of(k, svc);
-    let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
-        return Some(ServiceRoute::NoHealthyUpstream { service });
+    Some(choose(
+        state,
+        k,
+        dst.port(),
+        source,
+        client,
+        dst.is_ipv4(),
+        balance,
+    ))
+}
+
+/// The route for a request to Service `key` (`namespace/name`) on its `port`, from a client
+/// that is no workload of the mesh (the ingress gateway); `None` when there is no such Service.
+pub fn route_named(
+    state: &MeshState,
+    key: &str,
+    port: u16,
+    client: Option<IpAddr>,
+    balance: &dyn Balance,
+) -> Option<ServiceRoute> {
+    state.services.get(key)?;
+    Some(choose(state, key, port, None, client, true, balance))
+}
+
+/// Endpoints of Service `k` for `port`, in the order to try.
+fn choose(
+    state: &MeshState,
+    k: &str,
+    port: u16,
+    source: Option<&Workload>,
+    client: Option<IpAddr>,
+    v4: bool,
+    balance: &dyn Balance,
+) -> ServiceRoute {
+    let Some(svc) = state.services.get(k) else {
+        return ServiceRoute::NoHealthyUpstream {
+            service: ServiceRef {
+                key: k.to_owned(),
+                name: String::new(),
+                namespace: String::new(),
+                hostname: String::new(),
+                affinity: None,
+            },
+        };
     };
-    let mut candidates = candidates(state, svc, port, source, dst.is_ipv4());
+    let service = ServiceRef::of(k, svc);
+    let Some(port) = svc.ports.iter().find(|p| p.port == port) else {
+        return ServiceRoute::NoHealthyUpstream { service };
+    };
+    let mut candidates = candidates(state, svc, port, source, v4);
     let mut attempts = Vec::new();
     if let Some(timeout) = svc.affinity
         && let Some(client) = client
@@ -140,7 +184,7 @@ pub fn route(
         attempts.push(candidates.swap_remove(i));
     }
     if attempts.is_empty() {
-        return Some(ServiceRoute::NoHealthyUpstream { service });
+        return ServiceRoute::NoHealthyUpstream { service };
     }
     let attempts = attempts
         .into_iter()
@@ -160,7 +204,7 @@ pub fn route(
             }
         })
         .collect();
-    Some(ServiceRoute::Endpoints { service, attempts })
+    ServiceRoute::Endpoints { service, attempts }
 }
 
 /// (endpoint address, target port, pod) of every endpoint that may take a connection to `port`.

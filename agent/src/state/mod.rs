@@ -6,6 +6,7 @@
 //! Consumers receive immutable snapshots through a [`StateHandle`] and never write back.
 pub mod build;
 pub mod egress;
+pub mod http_filters;
 pub mod ingress;
 pub mod last_good;
 pub mod load_balance;

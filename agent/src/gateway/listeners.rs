@@ -1,0 +1,210 @@
+//! The gateway's listening sockets: one per port of the served listeners, bound when a port
+//! appears in the routing table and closed when it leaves. HTTPS ports terminate TLS with the
+//! certificate of the listener whose hostname matches the SNI; every port speaks HTTP/1.1 and
+//! HTTP/2 (ALPN, or prior knowledge in cleartext).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use rustls::{
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use super::{
+    handler::{self, ConnInfo, Shared},
+    routes::RouteTable,
+};
+use crate::{config::CertificateFiles, state::ingress::ListenerProtocol};
+
+/// Certificates of HTTPS listeners by hostname (`None`: the listener has no hostname).
+#[derive(Debug, Default)]
+pub struct SniCertificates {
+    by_host: Vec<(Option<String>, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for SniCertificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let rank = |pattern: &Option<String>| -> Option<(u8, usize)> {
+            match (pattern, &sni) {
+                (None, _) => Some((0, 0)),
+                (Some(p), Some(s)) if p == s => Some((2, p.len())),
+                (Some(p), Some(s))
+                    if p.starts_with("*.") && s.ends_with(&p[1..]) && s.len() > p.len() - 1 =>
+                {
+                    Some((1, p.len()))
+                }
+                _ => None,
+            }
+        };
+        self.by_host
+            .iter()
+            .filter_map(|(h, k)| Some((rank(h)?, k)))
+            .max_by_key(|(r, _)| *r)
+            .map(|(_, k)| k.clone())
+    }
+}
+
+/// Loads a PEM chain and key.
+pub fn load_certified_key(files: &CertificateFiles) -> anyhow::Result<Arc<CertifiedKey>> {
+    use anyhow::Context;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
+        .with_context(|| format!("{}", files.cert_file.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}", files.cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .with_context(|| format!("{}", files.key_file.display()))?;
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
+        .with_context(|| format!("{}: unsupported key", files.key_file.display()))?;
+    Ok(Arc::new(CertifiedKey::new(certs, signer)))
+}
+
+/// The bound ports and their accept loops.
+#[derive(Default)]
+pub struct Listeners {
+    bound: BTreeMap<u16, (ListenerProtocol, JoinHandle<()>)>,
+}
+
+impl Listeners {
+    /// Binds what `table` serves and is not bound yet, and closes what it no longer serves.
+    /// Returns the ports now bound. A port that cannot be bound is logged and left out (so
+    /// status can say so).
+    pub async fn reconcile(
+        &mut self,
+        table: &RouteTable,
+        bind: Option<IpAddr>,
+        certificates: &BTreeMap<String, CertificateFiles>,
+        shared: &Arc<Shared>,
+    ) -> BTreeSet<u16> {
+        let wanted: BTreeMap<u16, ListenerProtocol> =
+            table.ports.iter().map(|(p, r)| (*p, r.protocol)).collect();
+        self.bound.retain(|port, (protocol, task)| {
+            let keep = wanted.get(port) == Some(protocol);
+            if !keep {
+                task.abort();
+                info!(port, "gateway listener closed");
+            }
+            keep
+        });
+        for (port, protocol) in &wanted {
+            if self.bound.contains_key(port) {
+                continue;
+            }
+            let tls = match protocol {
+                ListenerProtocol::Https => match server_config(table, *port, certificates) {
+                    Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+                    Err(e) => {
+                        warn!(port, error = %e, "HTTPS listener not bound: its certificates are not usable");
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let addr = SocketAddr::new(bind.unwrap_or(IpAddr::from([0, 0, 0, 0])), *port);
+            let listener = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(%addr, error = %e, "gateway listener not bound");
+                    continue;
+                }
+            };
+            info!(%addr, protocol = ?protocol, "gateway listener bound");
+            let task = tokio::spawn(accept(listener, *port, tls, shared.clone()));
+            self.bound.insert(*port, (*protocol, task));
+        }
+        self.bound.keys().copied().collect()
+    }
+}
+
+/// A TLS server config for the HTTPS listeners on `port`, their certificates chosen by SNI.
+fn server_config(
+    table: &RouteTable,
+    port: u16,
+    certificates: &BTreeMap<String, CertificateFiles>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut sni = SniCertificates::default();
+    for l in table
+        .ports
+        .get(&port)
+        .map(|p| &p.listeners[..])
+        .unwrap_or(&[])
+    {
+        for secret in &l.certificates {
+            let files = certificates.get(secret).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "listener {}/{}: Secret {secret} has no entry in spec.ingress.certificates",
+                    l.gateway,
+                    l.name
+                )
+            })?;
+            sni.by_host
+                .push((l.hostname.clone(), load_certified_key(files)?));
+        }
+    }
+    if sni.by_host.is_empty() {
+        anyhow::bail!("no certificate for port {port}");
+    }
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(sni));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn accept(
+    listener: TcpListener,
+    port: u16,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(port, error = %e, "gateway accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let conn = ConnInfo { peer, port, scheme };
+            let service = service_fn(move |req| handler::handle(shared.clone(), conn, req));
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => {
+                        builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                    }
+                    Err(e) => {
+                        debug!(%peer, port, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => builder.serve_connection(TokioIo::new(tcp), service).await,
+            };
+            if let Err(e) = result {
+                debug!(%peer, port, error = %e, "gateway connection ended with an error");
+            }
+        });
+    }
+}
