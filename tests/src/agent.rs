@@ -56,18 +56,49 @@ impl Agent {
         cgroup: Option<&Path>,
         env: &[(&str, &str)],
     ) -> Agent {
+        Self::spawn("run", "ready", netns, config, dir, cgroup, env)
+    }
+
+    /// `sluice gateway --config CONFIG` in network namespace `netns` (a gateway pod's), waiting
+    /// until it has applied its routes; its log is `DIR/gateway-N.log`.
+    pub fn start_gateway(netns: &str, config: &Path, dir: &Path) -> Agent {
+        Self::spawn(
+            "gateway",
+            "gateway routes applied",
+            netns,
+            config,
+            dir,
+            None,
+            &[],
+        )
+    }
+
+    fn spawn(
+        command: &str,
+        ready: &str,
+        netns: &str,
+        config: &Path,
+        dir: &Path,
+        cgroup: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let prefix = if command == "run" { "agent" } else { command };
         let runs = std::fs::read_dir(dir)
             .map(|d| {
                 d.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(&format!("{prefix}-"))
+                    })
                     .count()
             })
             .unwrap_or(0);
-        let log = dir.join(format!("agent-{runs}.log"));
+        let log = dir.join(format!("{prefix}-{runs}.log"));
         let log_file = File::create(&log).expect("agent log");
         let ns = File::open(Path::new("/run/netns").join(netns)).expect("node netns");
         let mut cmd = Command::new(agent_bin());
-        cmd.args(["run", "--config"])
+        cmd.args([command, "--config"])
             .arg(config)
             .env("SLUICE_LOG_FORMAT", "json")
             .env(
@@ -107,9 +138,9 @@ impl Agent {
             netns: netns.into(),
         };
         agent.wait_for_log(
-            |l| l["message"] == "ready",
+            |l| l["message"] == ready,
             Duration::from_secs(30),
-            "agent ready",
+            &format!("sluice {command}: {ready}"),
         );
         agent
     }

@@ -241,6 +241,12 @@ impl PodSpec {
         self
     }
 
+    /// Sets the pod's service account.
+    pub fn with_sa(mut self, service_account: &str) -> Self {
+        self.service_account = service_account.into();
+        self
+    }
+
     /// Adds a pod label.
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.insert(k.into(), v.into());
@@ -546,9 +552,20 @@ impl World {
         self.children.len() - 1
     }
 
+    /// Starts `sluice-testpod http-echo ADDR NAME` in a pod (an HTTP/1.1 server answering
+    /// with what it received, see [`crate::http_echo`]) and waits until it listens.
+    pub fn spawn_http_echo(&mut self, pod: &str, addr: &str, name: &str) {
+        self.spawn_listening(pod, &["http-echo", addr, name]);
+    }
+
     /// Starts `sluice-testpod serve ADDR` in a pod and waits until it listens.
     pub fn serve(&mut self, pod: &str, addr: &str) -> Server {
-        let idx = self.spawn_in(pod, &["serve", addr]);
+        self.spawn_listening(pod, &["serve", addr])
+    }
+
+    /// Starts `sluice-testpod ARGS` in a pod and waits for its `listening` event.
+    fn spawn_listening(&mut self, pod: &str, args: &[&str]) -> Server {
+        let idx = self.spawn_in(pod, args);
         let stdout = self.children[idx].stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

@@ -151,6 +151,8 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("tcpdump", "tcpdump"),
     ("openssl", "openssl"),
+    // The ingress tests' HTTP/1.1, HTTP/2 and HTTPS client.
+    ("curl", "curl"),
 ];
 
 fn setup(root: &Path) -> Result<()> {
@@ -206,7 +208,9 @@ fn setup(root: &Path) -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        say("system tools (bpftool, iproute2, iperf3, wrk, iptables, tcpdump, openssl): present");
+        say(
+            "system tools (bpftool, iproute2, iperf3, wrk, iptables, tcpdump, openssl, curl): present",
+        );
     } else {
         say(&format!("system tools: installing {}", missing.join(" ")));
         run(Command::new("apt-get").arg("update").arg("-q"))?;

@@ -53,6 +53,7 @@ fn main() {
         Some("tls-get") => print(client::tls_get(&args[2..])),
         Some("dns") => print(client::dns(&args[2..])),
         Some("internet") => sluice_tests::internet::server::run(&args[2..]),
+        Some("http-echo") => sluice_tests::http_echo::run(&args[2..]),
         _ => Err(
             "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
                  latency ADDR COUNT [request] | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \

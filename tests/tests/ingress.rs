@@ -1,0 +1,717 @@
+//! End-to-end: `sluice gateway` (the ingress data plane) in a pod of its own, serving the
+//! Gateways of its classes. Clients outside the mesh send HTTP to the gateway's address; it
+//! routes each request by HTTPRoute and hands it to the backend's endpoints over HBONE with its
+//! own SPIFFE identity (the backends' namespace is STRICT, so nothing else gets in).
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use sluice_tests::{
+    agent::Agent,
+    metrics,
+    world::{PodSpec, World},
+};
+
+/// The gateway's identity: namespace `alb-test-infra`, service account `alb-gateway`.
+const GATEWAY_ID: &str = "spiffe://cluster.local/ns/alb-test-infra/sa/alb-gateway";
+
+/// The backends' namespace is STRICT.
+const STRICT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: test-infra}
+spec:
+  mtls: {mode: STRICT}
+"#;
+
+/// The Services of seed 000's example deployment.
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: backend-v1, namespace: test-infra}
+spec:
+  clusterIP: 10.96.50.1
+  selector: {app: backend-v1}
+  ports: [{port: 8080, targetPort: 3000, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend-v2, namespace: test-infra}
+spec:
+  clusterIP: 10.96.50.2
+  selector: {app: backend-v2}
+  ports: [{port: 8080, targetPort: 3000, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: test-infra}
+spec:
+  clusterIP: 10.96.50.3
+  selector: {app: nobody}
+  ports: [{port: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: deaf, namespace: test-infra}
+spec:
+  clusterIP: 10.96.50.4
+  selector: {app: backend-v1}
+  ports: [{port: 8080, targetPort: 3999, protocol: TCP}]
+"#;
+
+/// Seed 000's Gateway and HTTPRoute (Application Gateway for Containers with Istio), as its
+/// documentation writes them: class `azure-alb-external`, a 50/50 split.
+const SEED_000: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: gateway-01
+  namespace: test-infra
+  annotations:
+    alb.networking.azure.io/alb-namespace: alb-test-infra
+    alb.networking.azure.io/alb-name: alb-test
+spec:
+  gatewayClassName: azure-alb-external
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Same
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: traffic-split-route
+  namespace: test-infra
+spec:
+  parentRefs:
+  - name: gateway-01
+  rules:
+  - backendRefs:
+    - name: backend-v1
+      port: 8080
+      weight: 50
+    - name: backend-v2
+      port: 8080
+      weight: 50
+"#;
+
+/// A running ingress world: two nodes, the gateway pod `gw` and a client `client` (both
+/// outside the mesh) on node 1, `backend-v1` and `backend-v2` (in the STRICT mesh namespace
+/// `test-infra`, answering HTTP on 3000) on node 2.
+struct Ingress {
+    w: World,
+    gateway: Option<Agent>,
+    gateway_extra: String,
+}
+
+impl Ingress {
+    fn start(resources: &str, gateway_extra: &str) -> Ingress {
+        let pods = [
+            PodSpec::new("gw", "alb-test-infra", 1).with_sa("alb-gateway"),
+            PodSpec::new("client", "outside", 1),
+            PodSpec::new("backend-v1", "test-infra", 2).label("app", "backend-v1"),
+            PodSpec::new("backend-v2", "test-infra", 2).label("app", "backend-v2"),
+        ];
+        let mut w = World::build(2, &pods);
+        w.namespace("test-infra", &[("istio-injection", "enabled")]);
+        w.namespace("alb-test-infra", &[]);
+        w.namespace("outside", &[]);
+        w.extra_resources = format!("{STRICT}\n---\n{SERVICES}\n---\n{resources}");
+        w.start_agent(1, "");
+        w.start_agent(2, "");
+        for p in ["backend-v1", "backend-v2"] {
+            assert!(w.enroll(p), "{p} captured");
+            w.spawn_http_echo(p, "0.0.0.0:3000", p);
+        }
+        let mut this = Ingress {
+            w,
+            gateway: None,
+            gateway_extra: gateway_extra.to_owned(),
+        };
+        let config = this.gateway_config();
+        let dir = this.w.dir.path().join("gateway");
+        this.gateway = Some(Agent::start_gateway(&this.w.pod("gw").netns, &config, &dir));
+        this
+    }
+
+    /// Writes the gateway's config: an AgentConfig with `spec.ingress`, and the world's
+    /// resources (file mode).
+    fn gateway_config(&self) -> PathBuf {
+        let dir = self.w.dir.path().join("gateway");
+        std::fs::create_dir_all(&dir).expect("gateway dir");
+        let path = dir.join("config.yaml");
+        let body = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node1\n  identity:\n    rootCertFile: {}\n    rootKeyFile: {}\n  ingress:\n    classes: [sluice, azure-alb-external]\n    namespace: alb-test-infra\n    serviceAccount: alb-gateway\n{}\n{}",
+            self.w.root_cert().display(),
+            self.w.dir.path().join("root-key.pem").display(),
+            self.gateway_extra,
+            self.w.resources_yaml(),
+        );
+        // Written whole and renamed, so the file watch never reads half a file.
+        let tmp = dir.join("config.yaml.tmp");
+        std::fs::write(&tmp, body).expect("write gateway config");
+        std::fs::rename(&tmp, &path).expect("rename gateway config");
+        path
+    }
+
+    fn gateway(&self) -> &Agent {
+        self.gateway.as_ref().expect("gateway running")
+    }
+
+    fn gw_ip(&self) -> String {
+        self.w.pod("gw").ipv4.to_string()
+    }
+
+    /// `curl ARGS` in the client pod: (stdout, stderr), failing the test if curl fails.
+    fn curl(&self, args: &[&str]) -> (String, String) {
+        let (ok, out, err) = self.try_curl(args);
+        assert!(ok, "curl {args:?} failed: {err}");
+        (out, err)
+    }
+
+    fn try_curl(&self, args: &[&str]) -> (bool, String, String) {
+        curl_in(&self.w, "client", args)
+    }
+
+    /// `GET http://<gateway>:80<path>` with `headers`: (status, JSON body or null).
+    fn get(&self, path: &str, headers: &[&str]) -> (u16, serde_json::Value, String) {
+        let url = format!("http://{}{path}", self.gw_ip());
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "10",
+            "-D",
+            "/dev/stderr",
+            "-w",
+            "\n%{http_code}",
+        ];
+        for h in headers {
+            args.push("-H");
+            args.push(h);
+        }
+        args.push(&url);
+        let (out, head) = self.curl(&args);
+        let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+        let status = code.trim().parse().expect("status code");
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+            head,
+        )
+    }
+
+    /// The gateway's Prometheus text.
+    fn gateway_metrics(&self) -> String {
+        let (out, _) = curl_in(
+            &self.w,
+            "gw",
+            &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"],
+        )
+        .pipe_ok();
+        out
+    }
+}
+
+trait PipeOk {
+    fn pipe_ok(self) -> (String, String);
+}
+
+impl PipeOk for (bool, String, String) {
+    fn pipe_ok(self) -> (String, String) {
+        assert!(self.0, "curl failed: {}", self.2);
+        (self.1, self.2)
+    }
+}
+
+/// `curl ARGS` in pod `pod`: (succeeded, stdout, stderr).
+fn curl_in(w: &World, pod: &str, args: &[&str]) -> (bool, String, String) {
+    let out = w
+        .pod(pod)
+        .command("curl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run curl (Debian package curl, installed by cargo xtask setup)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Backend names of the JSON lines in `out`, counted.
+fn count_backends(out: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for line in out.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("echo JSON");
+        *counts
+            .entry(v["backend"].as_str().unwrap_or("?").to_owned())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+#[test]
+fn ingress_seed_000_reaches_the_strict_backend_over_hbone_with_the_gateway_identity() {
+    let ing = Ingress::start(SEED_000, "");
+    let mut seen = BTreeMap::new();
+    for _ in 0..20 {
+        let (status, body, _) = ing.get("/hello", &[]);
+        assert_eq!(status, 200, "{body}");
+        *seen
+            .entry(body["backend"].as_str().unwrap_or("?").to_owned())
+            .or_insert(0) += 1;
+        // The backend got it from its own node's proxy (the HBONE hop ended there).
+        assert_eq!(body["path"], "/hello");
+        assert!(
+            body["headers"]["x-forwarded-for"]
+                .as_str()
+                .is_some_and(|x| x.ends_with(&ing.w.pod("client").ipv4.to_string())),
+            "{body}"
+        );
+        assert_eq!(body["headers"]["x-forwarded-proto"], "http");
+        assert!(
+            body["headers"]["x-request-id"]
+                .as_str()
+                .is_some_and(|i| i.len() == 36)
+        );
+        assert!(
+            body["headers"]["traceparent"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("00-"))
+        );
+    }
+    assert!(
+        seen.contains_key("backend-v1") && seen.contains_key("backend-v2"),
+        "{seen:?}"
+    );
+    // The backends' node saw HBONE from the gateway's identity, and nothing in plaintext.
+    let inbound = ing.w.agents[&2].wait_access(20, |l| {
+        l["direction"] == "inbound" && l["src_identity"] == GATEWAY_ID && l["outcome"] != "refused"
+    });
+    assert!(inbound >= 1, "{inbound}");
+    // A client outside the mesh cannot skip the gateway: STRICT refuses its plaintext.
+    let direct = ing.try_curl(&[
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://{}:3000/direct", ing.w.pod("backend-v1").ipv4),
+    ]);
+    assert!(
+        !direct.0,
+        "plaintext reached a STRICT backend: {}",
+        direct.1
+    );
+    // One access-log line per request, and Istio's request metrics.
+    let lines = ing.gateway().access_log();
+    let ok = lines
+        .iter()
+        .filter(|l| l["direction"] == "ingress" && l["response_code"] == 200)
+        .count();
+    assert_eq!(ok, 20, "{lines:?}");
+    assert!(lines.iter().all(|l| {
+        l["upstream_identity"]
+            .as_str()
+            .is_some_and(|i| i.contains("/ns/test-infra/sa/backend-v"))
+    }));
+    let text = ing.gateway_metrics();
+    let v1 = metrics::sample(
+        &text,
+        "istio_requests_total",
+        &[
+            ("response_code", "200"),
+            (
+                "destination_service",
+                "backend-v1.test-infra.svc.cluster.local",
+            ),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", GATEWAY_ID),
+        ],
+    );
+    let v2 = metrics::sample(
+        &text,
+        "istio_requests_total",
+        &[
+            ("response_code", "200"),
+            (
+                "destination_service",
+                "backend-v2.test-infra.svc.cluster.local",
+            ),
+        ],
+    );
+    assert_eq!(v1 + v2, 20.0, "{text}");
+    assert_eq!(v1 as usize, seen["backend-v1"]);
+    assert_eq!(
+        metrics::sample(
+            &text,
+            "istio_request_duration_milliseconds_count",
+            &[("response_code", "200")]
+        ),
+        20.0
+    );
+}
+
+#[test]
+fn ingress_traffic_split_80_20_lands_within_5_percent() {
+    let route = SEED_000.replace(
+        "weight: 50\n    - name: backend-v2\n      port: 8080\n      weight: 50",
+        "weight: 80\n    - name: backend-v2\n      port: 8080\n      weight: 20",
+    );
+    assert_ne!(route, SEED_000);
+    let ing = Ingress::start(&route, "");
+    let url = format!("http://{}/split", ing.gw_ip());
+    // 1,000 requests on keep-alive connections, in 4 curl runs of 250.
+    let mut counts = BTreeMap::new();
+    for _ in 0..4 {
+        let mut args = vec!["-sS", "--max-time", "60"];
+        for _ in 0..250 {
+            args.push(&url);
+        }
+        let (out, _) = ing.curl(&args);
+        for (k, v) in count_backends(&out) {
+            *counts.entry(k).or_insert(0) += v;
+        }
+    }
+    assert_eq!(counts.values().sum::<usize>(), 1000, "{counts:?}");
+    let v1 = counts.get("backend-v1").copied().unwrap_or(0);
+    assert!(
+        (750..=850).contains(&v1),
+        "80/20 split off by more than 5 %: {counts:?}"
+    );
+}
+
+/// Routes exercising every match and filter.
+const MATCHES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web, namespace: test-infra}
+spec:
+  gatewayClassName: sluice
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: matches, namespace: test-infra}
+spec:
+  parentRefs: [{name: web}]
+  hostnames: [shop.example.com]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs: [{name: backend-v1, port: 8080}]
+  - matches: [{path: {type: Exact, value: /v2}}]
+    backendRefs: [{name: backend-v2, port: 8080}]
+  - matches: [{path: {type: RegularExpression, value: "/items/[0-9]+"}}]
+    backendRefs: [{name: backend-v2, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: X-Canary, value: "true"}]}]
+    backendRefs: [{name: backend-v2, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: version, value: "2"}]}]
+    backendRefs: [{name: backend-v2, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /api}, method: DELETE}]
+    backendRefs: [{name: backend-v2, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, hostname: new.example.com, statusCode: 301}
+  - matches: [{path: {type: PathPrefix, value: /legacy}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: internal.example.com, path: {type: ReplacePrefixMatch, replacePrefixMatch: /modern}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: X-Env, value: prod}], add: [{name: X-Added, value: "1"}], remove: [X-Secret]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: X-Served-By, value: sluice}], remove: [X-Backend]}
+    backendRefs: [{name: backend-v1, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /empty}}]
+    backendRefs: [{name: nobody, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /deaf}}]
+    backendRefs: [{name: deaf, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /elsewhere}}]
+    backendRefs: [{name: web, namespace: other, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /delay}}]
+    timeouts: {request: 500ms}
+    backendRefs: [{name: backend-v1, port: 8080}]
+"#;
+
+#[test]
+fn ingress_matches_filters_and_errors_follow_the_gateway_api() {
+    let ing = Ingress::start(MATCHES, "");
+    let host = "Host: shop.example.com";
+    let backend = |path: &str, headers: &[&str]| {
+        let mut h = vec![host];
+        h.extend_from_slice(headers);
+        let (status, body, head) = ing.get(path, &h);
+        assert_eq!(status, 200, "{path} {headers:?}: {head}");
+        body["backend"].as_str().unwrap_or("?").to_owned()
+    };
+    assert_eq!(backend("/", &[]), "backend-v1");
+    assert_eq!(backend("/v2", &[]), "backend-v2");
+    assert_eq!(
+        backend("/v2/x", &[]),
+        "backend-v1",
+        "Exact does not match below it"
+    );
+    assert_eq!(backend("/items/42", &[]), "backend-v2");
+    assert_eq!(backend("/items/4x", &[]), "backend-v1");
+    assert_eq!(backend("/api/a", &["X-Canary: true"]), "backend-v2");
+    assert_eq!(backend("/api/a", &["X-Canary: false"]), "backend-v1");
+    assert_eq!(backend("/api/a?version=2", &[]), "backend-v2");
+    assert_eq!(backend("/api/a?version=3", &[]), "backend-v1");
+    // Method.
+    let (out, _) = ing.curl(&[
+        "-sS",
+        "-X",
+        "DELETE",
+        "-H",
+        host,
+        &format!("http://{}/api/a", ing.gw_ip()),
+    ]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(out.trim()).expect("json")["backend"],
+        "backend-v2"
+    );
+    // Another host has no route.
+    let (status, _, _) = ing.get("/", &["Host: other.example.com"]);
+    assert_eq!(status, 404);
+    // Redirect.
+    let (status, _, head) = ing.get("/old/page?q=1", &[host]);
+    assert_eq!(status, 301, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("location: https://new.example.com/old/page?q=1"),
+        "{head}"
+    );
+    // Rewrite and header modifiers.
+    let (status, body, head) = ing.get("/legacy/x?y=1", &[host, "X-Secret: s3cret", "X-Env: dev"]);
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body["path"], "/modern/x?y=1", "{body}");
+    assert_eq!(body["host"], "internal.example.com");
+    assert_eq!(body["headers"]["x-env"], "prod");
+    assert_eq!(body["headers"]["x-added"], "1");
+    assert!(body["headers"].get("x-secret").is_none(), "{body}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("x-served-by: sluice"), "{head}");
+    assert!(!lower.contains("x-backend:"), "{head}");
+    // Errors, as the spec and the issue ask: no endpoint 503, upstream failure 502, invalid
+    // backend 500, a request timeout 504.
+    assert_eq!(ing.get("/empty", &[host]).0, 503);
+    assert_eq!(ing.get("/deaf", &[host]).0, 502);
+    assert_eq!(ing.get("/elsewhere", &[host]).0, 500);
+    let started = Instant::now();
+    assert_eq!(ing.get("/delay/3000", &[host]).0, 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    // HTTP/2 from the client (prior knowledge, cleartext).
+    let (out, _) = ing.curl(&[
+        "-sS",
+        "--http2-prior-knowledge",
+        "-H",
+        host,
+        "-w",
+        "\n%{http_version}",
+        &format!("http://{}/v2", ing.gw_ip()),
+    ]);
+    let (body, version) = out.trim_end().rsplit_once('\n').expect("version line");
+    assert_eq!(version, "2");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(body).expect("json")["backend"],
+        "backend-v2"
+    );
+}
+
+#[test]
+fn ingress_https_listener_picks_the_certificate_by_sni() {
+    // A CA and two server certificates, as a user's Secrets would hold them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ingress test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).expect("ca.pem");
+    let mut files = String::new();
+    for (secret, host) in [
+        ("shop-cert", "shop.example.com"),
+        ("api-cert", "api.example.com"),
+    ] {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![host.to_owned()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        let (c, k) = (
+            dir.path().join(format!("{secret}.crt")),
+            dir.path().join(format!("{secret}.key")),
+        );
+        std::fs::write(&c, cert.pem()).expect("crt");
+        std::fs::write(&k, key.serialize_pem()).expect("key");
+        files.push_str(&format!(
+            "      test-infra/{secret}: {{certFile: {}, keyFile: {}}}\n",
+            c.display(),
+            k.display()
+        ));
+    }
+    let gateway = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: tls, namespace: test-infra}
+spec:
+  gatewayClassName: sluice
+  listeners:
+  - {name: shop, port: 443, protocol: HTTPS, hostname: shop.example.com, tls: {certificateRefs: [{name: shop-cert}]}}
+  - {name: api, port: 443, protocol: HTTPS, hostname: api.example.com, tls: {certificateRefs: [{name: api-cert}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: test-infra}
+spec:
+  parentRefs: [{name: tls, sectionName: shop}]
+  rules: [{backendRefs: [{name: backend-v1, port: 8080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: test-infra}
+spec:
+  parentRefs: [{name: tls, sectionName: api}]
+  rules: [{backendRefs: [{name: backend-v2, port: 8080}]}]
+"#;
+    let ing = Ingress::start(gateway, &format!("    certificates:\n{files}"));
+    let ca = dir.path().join("ca.pem");
+    for (host, backend, http) in [
+        ("shop.example.com", "backend-v1", "--http1.1"),
+        ("api.example.com", "backend-v2", "--http2"),
+    ] {
+        let resolve = format!("{host}:443:{}", ing.gw_ip());
+        let url = format!("https://{host}/");
+        // curl verifies the certificate against the CA and the host name: the wrong
+        // certificate fails the request.
+        let (out, _) = ing.curl(&[
+            "-sS",
+            "--max-time",
+            "10",
+            http,
+            "--cacert",
+            ca.to_str().expect("utf-8"),
+            "--resolve",
+            &resolve,
+            "-w",
+            "\n%{http_version}",
+            &url,
+        ]);
+        let (body, version) = out.trim_end().rsplit_once('\n').expect("version line");
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["backend"], backend, "{host}");
+        assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+        assert_eq!(
+            version,
+            if http == "--http2" { "2" } else { "1.1" },
+            "{host}"
+        );
+    }
+}
+
+#[test]
+fn ingress_client_address_behind_two_trusted_proxies() {
+    let ing = Ingress::start(SEED_000, "    numTrustedProxies: 2");
+    // client 192.0.2.7 → proxy 10.9.9.1 → proxy (the client pod) → gateway; the leftmost
+    // entry is forged by the client and must not be taken.
+    let (status, body, _) = ing.get(
+        "/",
+        &[
+            "X-Forwarded-For: 198.51.100.1, 192.0.2.7, 10.9.9.1",
+            "X-Forwarded-Proto: https",
+        ],
+    );
+    assert_eq!(status, 200);
+    let client_pod = ing.w.pod("client").ipv4.to_string();
+    assert_eq!(
+        body["headers"]["x-forwarded-for"],
+        format!("198.51.100.1, 192.0.2.7, 10.9.9.1, {client_pod}")
+    );
+    assert_eq!(
+        body["headers"]["x-forwarded-proto"], "https",
+        "a trusted proxy's scheme stands"
+    );
+    let line = ing
+        .gateway()
+        .access_log()
+        .into_iter()
+        .find(|l| l["direction"] == "ingress")
+        .expect("access line");
+    assert_eq!(line["client"], "192.0.2.7", "{line}");
+    assert!(
+        line["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(&client_pod)),
+        "{line}"
+    );
+}
+
+#[test]
+fn ingress_route_change_with_50_requests_in_flight_drops_none() {
+    let mut ing = Ingress::start(SEED_000, "");
+    let url = format!("http://{}/delay/1500", ing.gw_ip());
+    let children: Vec<_> = (0..50)
+        .map(|_| {
+            ing.w
+                .pod("client")
+                .command("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "20",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &url,
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Every request goes to v2 from now on.
+    ing.w.extra_resources = ing.w.extra_resources.replace(
+        "weight: 50\n    - name: backend-v2\n      port: 8080\n      weight: 50",
+        "weight: 0\n    - name: backend-v2\n      port: 8080\n      weight: 1",
+    );
+    ing.gateway_config();
+    let mut codes = BTreeMap::new();
+    for c in children {
+        let out = c.wait_with_output().expect("curl output");
+        *codes
+            .entry(String::from_utf8_lossy(&out.stdout).into_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(codes.get("200"), Some(&50), "{codes:?}");
+    // The change applied: only v2 from now on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (out, _) = ing.curl(&[
+            "-sS",
+            &format!("http://{}/x", ing.gw_ip()),
+            &format!("http://{}/x", ing.gw_ip()),
+            &format!("http://{}/x", ing.gw_ip()),
+        ]);
+        if count_backends(&out).get("backend-v2") == Some(&3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the route change never applied");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
