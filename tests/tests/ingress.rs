@@ -715,3 +715,84 @@ fn ingress_route_change_with_50_requests_in_flight_drops_none() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Seed 001's form: an Istio ingress Gateway (selected by the gateway instance's labels, as the
+/// AKS add-on's `istio: aks-istio-ingressgateway-external`) and a VirtualService bound to it.
+const SEED_001: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway, namespace: test-infra}
+spec:
+  selector:
+    istio: aks-istio-ingressgateway-external
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo, namespace: test-infra}
+spec:
+  hosts: ["*"]
+  gateways: [bookinfo-gateway]
+  http:
+  - match:
+    - uri: {exact: /productpage}
+    - uri: {prefix: /static}
+    route:
+    - destination: {host: backend-v1, port: {number: 8080}}
+  - match:
+    - uri: {prefix: /api/v1/products}
+      headers: {x-tier: {exact: gold}}
+    rewrite: {uri: /catalog}
+    timeout: 5s
+    route:
+    - destination: {host: backend-v2.test-infra.svc.cluster.local, port: {number: 8080}}
+  - match:
+    - uri: {prefix: /api}
+    route:
+    - destination: {host: backend-v1}
+      weight: 80
+    - destination: {host: backend-v2}
+      weight: 20
+"#;
+
+#[test]
+fn ingress_istio_gateway_and_virtual_service_in_seed_001_form() {
+    let ing = Ingress::start(
+        SEED_001,
+        "    labels: {istio: aks-istio-ingressgateway-external}",
+    );
+    let backend = |path: &str, headers: &[&str]| {
+        let (status, body, head) = ing.get(path, headers);
+        assert_eq!(status, 200, "{path}: {head}");
+        (
+            body["backend"].as_str().unwrap_or("?").to_owned(),
+            body["path"].as_str().unwrap_or("?").to_owned(),
+        )
+    };
+    assert_eq!(backend("/productpage", &[]).0, "backend-v1");
+    // Istio's prefix is a character prefix.
+    assert_eq!(backend("/staticfiles/a.css", &[]).0, "backend-v1");
+    assert_eq!(
+        backend("/api/v1/products/7", &["x-tier: gold"]),
+        ("backend-v2".to_owned(), "/catalog/7".to_owned())
+    );
+    assert_eq!(ing.get("/other", &[]).0, 404);
+    let url = format!("http://{}/api/x", ing.gw_ip());
+    let mut args = vec!["-sS", "--max-time", "60"];
+    for _ in 0..200 {
+        args.push(&url);
+    }
+    let (out, _) = ing.curl(&args);
+    let counts = count_backends(&out);
+    let v1 = counts.get("backend-v1").copied().unwrap_or(0);
+    assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
+    assert!((140..=180).contains(&v1), "80/20 off: {counts:?}");
+    // Over HBONE with the gateway's identity, as for the Gateway API.
+    assert!(
+        ing.w.agents[&2].wait_access(1, |l| l["direction"] == "inbound"
+            && l["src_identity"] == GATEWAY_ID)
+            >= 1
+    );
+}

@@ -32,6 +32,10 @@ pub struct IngressConfig {
     /// X-Forwarded-For, so the client is the address that many hops from the right.
     #[serde(default)]
     pub num_trusted_proxies: usize,
+    /// The gateway instance's own labels: an Istio Gateway whose `selector` they include is
+    /// served too (e.g. `istio: aks-istio-ingressgateway-external`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Address the listeners bind (all addresses when unset).
     #[serde(default)]
     pub bind_address: Option<IpAddr>,
@@ -72,5 +76,10 @@ impl IngressConfig {
     pub fn serves(&self, class: &str, key: &str) -> bool {
         self.classes.iter().any(|c| c == class)
             && (self.gateways.is_empty() || self.gateways.iter().any(|g| g == key))
+    }
+
+    /// Whether this gateway serves an Istio Gateway with `selector` (never an empty one).
+    pub fn selected_by(&self, selector: &BTreeMap<String, String>) -> bool {
+        !selector.is_empty() && selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
     }
 }

@@ -22,7 +22,7 @@ use tracing::info;
 
 use super::{
     forwarding,
-    routes::{RequestView, RouteTable, Selected},
+    routes::{MatchedPrefix, RequestView, RouteTable, Selected},
     upstream::MeshConnector,
 };
 use crate::{
@@ -330,7 +330,7 @@ async fn route_and_forward(
                 let new_path = r
                     .path
                     .as_ref()
-                    .map(|m| apply_path(m, &original_path, matched_prefix.as_deref()))
+                    .map(|m| apply_path(m, &original_path, matched_prefix.as_ref()))
                     .unwrap_or_else(|| original_path.clone());
                 let q = query.as_ref().map(|q| format!("?{q}")).unwrap_or_default();
                 let location = format!("{scheme}://{host}{port}{new_path}{q}");
@@ -359,7 +359,7 @@ async fn route_and_forward(
                     authority = h.clone();
                 }
                 if let Some(m) = &r.path {
-                    path = apply_path(m, &original_path, matched_prefix.as_deref());
+                    path = apply_path(m, &original_path, matched_prefix.as_ref());
                 }
             }
         }
@@ -556,11 +556,21 @@ fn modify(headers: &mut http::HeaderMap, m: &HeaderModifier) {
 }
 
 /// The path after a redirect's or rewrite's path modifier.
-pub fn apply_path(m: &PathModifier, path: &str, matched_prefix: Option<&str>) -> String {
-    match m {
-        PathModifier::ReplaceFullPath(p) => p.clone(),
-        PathModifier::ReplacePrefixMatch(replacement) => {
-            let prefix = matched_prefix.unwrap_or("/");
+pub fn apply_path(m: &PathModifier, path: &str, matched: Option<&MatchedPrefix>) -> String {
+    match (m, matched) {
+        (PathModifier::ReplaceFullPath(p), _) => p.clone(),
+        // Istio's rewrite: the matched characters are replaced, the rest kept as it is.
+        (PathModifier::ReplacePrefixMatch(replacement), Some(MatchedPrefix::Chars(prefix))) => {
+            format!(
+                "{replacement}{}",
+                path.strip_prefix(prefix.as_str()).unwrap_or(path)
+            )
+        }
+        (PathModifier::ReplacePrefixMatch(replacement), matched) => {
+            let prefix = match matched {
+                Some(MatchedPrefix::Elements(p)) => p.as_str(),
+                _ => "/",
+            };
             let rest = if prefix == "/" {
                 path.strip_prefix('/').unwrap_or(path)
             } else {
@@ -609,7 +619,7 @@ mod tests {
             apply_path(
                 &PathModifier::ReplacePrefixMatch(rep.into()),
                 path,
-                Some(prefix),
+                Some(&MatchedPrefix::Elements(prefix.into())),
             )
         };
         assert_eq!(r("/xyz", "/foo", "/foo/bar"), "/xyz/bar");
@@ -619,12 +629,17 @@ mod tests {
         assert_eq!(r("/", "/foo", "/foo"), "/");
         assert_eq!(r("/v2", "/", "/a/b"), "/v2/a/b");
         assert_eq!(
-            apply_path(
-                &PathModifier::ReplaceFullPath("/x".into()),
-                "/a/b",
-                Some("/a")
-            ),
+            apply_path(&PathModifier::ReplaceFullPath("/x".into()), "/a/b", None),
             "/x"
+        );
+        // Istio: characters, not path elements.
+        assert_eq!(
+            apply_path(
+                &PathModifier::ReplacePrefixMatch("/v2".into()),
+                "/apix/y",
+                Some(&MatchedPrefix::Chars("/api".into()))
+            ),
+            "/v2x/y"
         );
     }
 

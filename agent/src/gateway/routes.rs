@@ -54,6 +54,8 @@ enum PathMatcher {
     Exact(String),
     /// Without its trailing slash (`/` stays `/`).
     Prefix(String),
+    /// Istio's character prefix.
+    StringPrefix(String),
     Regex(Regex),
 }
 
@@ -86,8 +88,17 @@ pub struct Selected {
     /// `namespace/name` of the HTTPRoute.
     pub route: Arc<str>,
     pub rule: Arc<HttpRule>,
-    /// The part of the path a `PathPrefix` match covered (for `ReplacePrefixMatch`).
-    pub matched_prefix: Option<String>,
+    /// The part of the path a prefix match covered (for `ReplacePrefixMatch`).
+    pub matched_prefix: Option<MatchedPrefix>,
+}
+
+/// The prefix a request's path matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MatchedPrefix {
+    /// A Gateway API `PathPrefix` (whole path elements).
+    Elements(String),
+    /// An Istio `uri.prefix` (characters).
+    Chars(String),
 }
 
 /// The request, as routing reads it.
@@ -114,10 +125,18 @@ impl RouteTable {
     pub fn build(state: &MeshState, config: &IngressConfig) -> (Self, Vec<Skipped>) {
         let mut table = RouteTable::default();
         let mut skipped = Vec::new();
-        for (key, gw) in &state.ingress.gateways {
-            if !config.serves(&gw.class, key) {
-                continue;
-            }
+        let ingress = &state.ingress;
+        let gateway_api = ingress
+            .gateways
+            .iter()
+            .filter(|(key, gw)| config.serves(&gw.class, key))
+            .map(|g| (g, &ingress.routes));
+        let istio = ingress
+            .istio_gateways
+            .iter()
+            .filter(|(_, gw)| gw.selector.as_ref().is_some_and(|s| config.selected_by(s)))
+            .map(|g| (g, &ingress.istio_routes));
+        for ((key, gw), routes) in gateway_api.chain(istio) {
             for l in &gw.listeners {
                 if !l.protocol.carries_http() {
                     continue;
@@ -128,7 +147,7 @@ impl RouteTable {
                 }
                 let mut candidates = Vec::new();
                 for route_key in &l.attached_routes {
-                    let Some(route) = state.ingress.routes.get(route_key) else {
+                    let Some(route) = routes.get(route_key) else {
                         continue;
                     };
                     let hostnames: Arc<[String]> = route.hostnames.clone().into();
@@ -241,7 +260,8 @@ impl ListenerRoutes {
             route: c.route.clone(),
             rule: c.rule.clone(),
             matched_prefix: match &c.matcher.path {
-                PathMatcher::Prefix(p) => Some(p.clone()),
+                PathMatcher::Prefix(p) => Some(MatchedPrefix::Elements(p.clone())),
+                PathMatcher::StringPrefix(p) => Some(MatchedPrefix::Chars(p.clone())),
                 _ => None,
             },
         })
@@ -266,6 +286,7 @@ impl Matcher {
                     let trimmed = p.trim_end_matches('/');
                     PathMatcher::Prefix(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
                 }
+                PathMatch::StringPrefix(p) => PathMatcher::StringPrefix(p.clone()),
                 PathMatch::RegularExpression(r) => PathMatcher::Regex(anchored(r)?),
             },
             headers: values(&m.headers)?
@@ -284,7 +305,7 @@ impl Matcher {
     fn rank(&self) -> (u8, usize, bool, usize, usize) {
         let (kind, len) = match &self.path {
             PathMatcher::Exact(p) => (3, p.len()),
-            PathMatcher::Prefix(p) => (2, p.len()),
+            PathMatcher::Prefix(p) | PathMatcher::StringPrefix(p) => (2, p.len()),
             PathMatcher::Regex(_) => (1, 0),
         };
         (
@@ -300,6 +321,7 @@ impl Matcher {
         let path_ok = match &self.path {
             PathMatcher::Exact(p) => req.path == p,
             PathMatcher::Prefix(p) => prefix_matches(p, req.path),
+            PathMatcher::StringPrefix(p) => req.path.starts_with(p.as_str()),
             PathMatcher::Regex(r) => r.is_match(req.path),
         };
         path_ok

@@ -98,6 +98,15 @@ pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
         &out.state.services,
         &mut rejected,
     );
+    // Istio's ingress form, into the same model.
+    let ingress = &mut out.state.ingress;
+    ingress.istio_gateways = super::istio_ingress::gateways(&resources.istio_gateways);
+    ingress.istio_routes = super::istio_ingress::routes(
+        &resources.virtual_services,
+        &mut ingress.istio_gateways,
+        &out.state.services,
+        &mut rejected,
+    );
     out.rejections = rejected.0;
     out
 }

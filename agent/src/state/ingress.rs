@@ -39,6 +39,10 @@ pub struct Ingress {
     pub gateways: BTreeMap<String, IngressGateway>,
     /// HTTPRoutes by `namespace/name`.
     pub routes: BTreeMap<String, HttpRoute>,
+    /// Istio Gateways with HTTP or HTTPS servers, by `namespace/name`.
+    pub istio_gateways: BTreeMap<String, IngressGateway>,
+    /// VirtualServices bound to them, by `namespace/name`.
+    pub istio_routes: BTreeMap<String, HttpRoute>,
 }
 
 /// A Gateway and the listeners Sluice can serve.
@@ -46,8 +50,10 @@ pub struct Ingress {
 pub struct IngressGateway {
     pub namespace: String,
     pub name: String,
-    /// `spec.gatewayClassName`.
+    /// `spec.gatewayClassName` (empty for an Istio Gateway).
     pub class: String,
+    /// An Istio Gateway's `selector`: the gateway instances whose labels include it serve it.
+    pub selector: Option<BTreeMap<String, String>>,
     pub listeners: Vec<IngressListener>,
     /// The Gateway API conditions of every listener in the spec (those Sluice cannot serve too).
     pub listener_conditions: Vec<ListenerConditions>,
@@ -226,6 +232,8 @@ pub enum PathMatch {
     Exact(String),
     /// Element-wise prefix (`/a` matches `/a` and `/a/b`, not `/ab`).
     Prefix(String),
+    /// Character prefix, Istio's `uri.prefix` (`/a` matches `/ab` too).
+    StringPrefix(String),
     RegularExpression(String),
 }
 
@@ -270,7 +278,9 @@ pub fn build(
 
 /// Decides every route parent's attachment and lists each listener's attached routes.
 fn attach_all(ingress: &mut Ingress, namespaces: &BTreeMap<String, Namespace>) {
-    let Ingress { gateways, routes } = ingress;
+    let Ingress {
+        gateways, routes, ..
+    } = ingress;
     for (key, route) in routes.iter_mut() {
         let attachments: Vec<Attachment> = route
             .parents
@@ -639,6 +649,7 @@ fn gateway(gw: &gateway_api::Gateway, out: &mut Rejections) -> Option<IngressGat
     }
     Some(IngressGateway {
         class: gw.spec.gateway_class_name.clone(),
+        selector: None,
         listeners,
         listener_conditions: listener_conditions(gw),
         namespace,

@@ -8,6 +8,7 @@ pub mod build;
 pub mod egress;
 pub mod http_filters;
 pub mod ingress;
+pub mod istio_ingress;
 pub mod last_good;
 pub mod load_balance;
 pub mod mesh;
