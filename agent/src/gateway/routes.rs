@@ -173,7 +173,8 @@ impl RouteTable {
                         }
                     }
                 }
-                // Precedence (Gateway API): exact path, then the longest prefix, then method,
+                // Precedence (Gateway API): exact path, a regular expression, then the longest
+                // prefix, then method,
                 // more headers, more query parameters; ties go to the older route, then by
                 // name, then by rule and match order. Host specificity is decided per request.
                 candidates.sort_by(|(ta, a), (tb, b)| {
@@ -301,12 +302,15 @@ impl Matcher {
         })
     }
 
-    /// Precedence among matches, higher first: path kind, path length, method, headers, query.
+    /// Precedence among matches, higher first: path kind (exact, regular expression, prefix),
+    /// path length, method, headers, query.
     fn rank(&self) -> (u8, usize, bool, usize, usize) {
+        // Regular expressions between exact paths and prefixes (the spec leaves them to the
+        // implementation; Istio and Envoy-based gateways order them so).
         let (kind, len) = match &self.path {
             PathMatcher::Exact(p) => (3, p.len()),
-            PathMatcher::Prefix(p) | PathMatcher::StringPrefix(p) => (2, p.len()),
-            PathMatcher::Regex(_) => (1, 0),
+            PathMatcher::Regex(_) => (2, 0),
+            PathMatcher::Prefix(p) | PathMatcher::StringPrefix(p) => (1, p.len()),
         };
         (
             kind,
