@@ -454,6 +454,71 @@ async fn kube_invalid_resources_are_rejected_with_a_condition_while_valid_ones_a
             .cloned(),
         generation
     );
+    assert!(
+        web.pointer("/status/addresses")
+            .is_none_or(|a| a.as_array().is_some_and(|a| a.is_empty())),
+        "no address while nothing serves: {web}"
+    );
+    // A ready gateway instance (a pod labelled with the Gateway's name, behind a Service):
+    // Programmed, with the Service's address; gone again when the pod is not ready.
+    let mut gw_pod = pod(
+        "rj",
+        "web-gateway-7f9c",
+        "node-1",
+        "10.244.9.9",
+        json!({"gateway.networking.k8s.io/gateway-name": "web", "app": "web-gateway"}),
+    );
+    gw_pod["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    apply(&client, &gw_pod).await;
+    let gw_svc = apply(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": meta("web-gateway"),
+            "spec": {"selector": {"app": "web-gateway"}, "ports": [{"port": 80, "protocol": "TCP"}]}}),
+    )
+    .await;
+    let cluster_ip = gw_svc.data["spec"]["clusterIP"]
+        .as_str()
+        .expect("clusterIP allocated")
+        .to_owned();
+    let served = wait_object(
+        &client,
+        &gw_good,
+        long,
+        "Gateway Programmed once an instance is ready",
+        |o| {
+            gw(o, "Programmed").is_some_and(|c| c.0 == "True")
+                && o.pointer("/status/listeners/0/conditions")
+                    .and_then(|c| c.as_array())
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Programmed" && c["status"] == "True")
+                    })
+        },
+    )
+    .await;
+    assert_eq!(
+        served.pointer("/status/addresses"),
+        Some(&json!([{"type": "IPAddress", "value": cluster_ip}])),
+        "{served}"
+    );
+    assert!(
+        gw(&served, "Programmed").is_some_and(|c| c.2.contains("web-gateway-7f9c")),
+        "{served}"
+    );
+    gw_pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    apply(&client, &gw_pod).await;
+    wait_object(
+        &client,
+        &gw_good,
+        long,
+        "not Programmed once the instance is not ready",
+        |o| {
+            gw(o, "Programmed").is_some_and(|c| c.0 == "False" && c.1 == "Pending")
+                && o.pointer("/status/addresses")
+                    .is_none_or(|a| a.as_array().is_some_and(|a| a.is_empty()))
+        },
+    )
+    .await;
     let by_ip = wait_object(&client, &gw_bad, long, "Gateway rejected", |o| {
         gw(o, "Accepted").is_some()
     })

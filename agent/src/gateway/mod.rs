@@ -118,6 +118,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     });
 
     let mut listeners = listeners::Listeners::default();
+    let mut _held: Option<crate::admin::server::BlockReady> = None;
     let mut snapshot = state.current();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -129,8 +130,18 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             .reconcile(&table, ingress.bind_address, &ingress.certificates, &shared)
             .await;
         let routes: usize = table.ports.values().flat_map(|p| &p.listeners).count();
+        // Ready (and so `Programmed` in the Gateway's status) only while every port a served
+        // listener needs is bound.
+        let unbound: Vec<u16> = table
+            .ports
+            .keys()
+            .copied()
+            .filter(|p| !bound.contains(p))
+            .collect();
+        _held = (!unbound.is_empty())
+            .then(|| ready.block(format!("listener ports {unbound:?} are not bound")));
         *shared.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
-        info!(ports = ?bound, listeners = routes, "gateway routes applied");
+        info!(ports = ?bound, ?unbound, listeners = routes, "gateway routes applied");
         ready.set_ready();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { info!("interrupted"); break; }

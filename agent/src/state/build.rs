@@ -98,6 +98,11 @@ pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
         &out.state.services,
         &mut rejected,
     );
+    super::ingress::find_instances(
+        &mut out.state.ingress,
+        &out.state.workloads,
+        &out.state.services,
+    );
     // Istio's ingress form, into the same model.
     let ingress = &mut out.state.ingress;
     ingress.istio_gateways = super::istio_ingress::gateways(&resources.istio_gateways);

@@ -57,7 +57,18 @@ pub struct IngressGateway {
     pub listeners: Vec<IngressListener>,
     /// The Gateway API conditions of every listener in the spec (those Sluice cannot serve too).
     pub listener_conditions: Vec<ListenerConditions>,
+    /// Ready gateway instances serving it: pods of its namespace labelled
+    /// [`GATEWAY_NAME_LABEL`]`=<name>` (a `sluice gateway` is ready only once it has bound every
+    /// listener it serves), by pod name.
+    pub instances: Vec<String>,
+    /// Where clients reach it: the addresses of the Services selecting those pods, else the
+    /// pods' own addresses.
+    pub addresses: Vec<std::net::IpAddr>,
 }
+
+/// The label that ties a gateway pod to the Gateway it serves (the Gateway API's own, as on
+/// Istio's and Cilium's gateway Deployments).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// What the Gateway API asks a condition to say (the status writer adds generation and time).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -96,25 +107,69 @@ pub struct ListenerConditions {
 }
 
 impl ListenerConditions {
-    /// Programmed, unless the Gateway as a whole is rejected.
-    pub fn programmed(&self, gateway_rejected: bool) -> Cond {
+    /// Programmed when valid and a ready gateway instance serves it (`instances`), unless the
+    /// Gateway as a whole is rejected.
+    pub fn programmed(&self, gateway_rejected: bool, instances: &[String]) -> Cond {
         if !gateway_rejected
             && self.accepted.status
             && self.resolved_refs.status
             && !self.conflicted.status
         {
-            // Valid, but nothing serves it: no Sluice gateway instance binds listeners yet.
-            Cond::new("Programmed", false, "Pending", NOT_BOUND)
+            match instances {
+                [] => Cond::new("Programmed", false, "Pending", NOT_BOUND),
+                some => Cond::new(
+                    "Programmed",
+                    true,
+                    "Programmed",
+                    format!("bound by ready gateway instance(s) {}", some.join(", ")),
+                ),
+            }
         } else {
             Cond::new("Programmed", false, "Invalid", "listener is not programmed")
         }
     }
 }
 
-/// Why a valid Gateway or listener is not `Programmed`: Sluice has no ingress data plane yet,
-/// and the condition says what is, not what is hoped.
-pub const NOT_BOUND: &str =
-    "no Sluice gateway instance has bound this listener (Sluice has no ingress data plane yet)";
+/// Why a valid Gateway or listener is not `Programmed`: no ready gateway instance serves it.
+pub const NOT_BOUND: &str = "no ready gateway instance serves this Gateway (a `sluice gateway` pod \
+     in its namespace labelled gateway.networking.k8s.io/gateway-name=<its name>)";
+
+/// Fills each Gateway's `instances` and `addresses` from the ready pods labelled for it and the
+/// Services selecting them.
+pub fn find_instances(
+    ingress: &mut Ingress,
+    workloads: &BTreeMap<super::WorkloadUid, super::Workload>,
+    services: &BTreeMap<String, Service>,
+) {
+    for gw in ingress.gateways.values_mut() {
+        let pods: Vec<&super::Workload> = workloads
+            .values()
+            .filter(|w| {
+                w.namespace == gw.namespace
+                    && w.ready
+                    && !w.ips.is_empty()
+                    && w.labels.get(GATEWAY_NAME_LABEL) == Some(&gw.name)
+            })
+            .collect();
+        gw.instances = pods.iter().map(|w| w.name.clone()).collect();
+        gw.instances.sort();
+        let mut addresses: Vec<std::net::IpAddr> = services
+            .values()
+            .filter(|s| s.namespace == gw.namespace && !s.selector.is_empty())
+            .filter(|s| {
+                pods.iter()
+                    .any(|w| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            })
+            .flat_map(|s| s.vips.iter().copied())
+            .collect();
+        if addresses.is_empty() {
+            addresses = pods.iter().flat_map(|w| w.ips.iter().copied()).collect();
+        }
+        addresses.sort();
+        addresses.dedup();
+        gw.addresses = addresses;
+    }
+}
 
 /// Protocols a listener may carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -650,6 +705,8 @@ fn gateway(gw: &gateway_api::Gateway, out: &mut Rejections) -> Option<IngressGat
     Some(IngressGateway {
         class: gw.spec.gateway_class_name.clone(),
         selector: None,
+        instances: Vec::new(),
+        addresses: Vec::new(),
         listeners,
         listener_conditions: listener_conditions(gw),
         namespace,
@@ -1135,9 +1192,13 @@ spec:
             (conds[2].accepted.status, conds[2].accepted.reason),
             (false, "UnsupportedProtocol")
         );
-        assert_eq!(conds[2].programmed(false).reason, "Invalid");
-        assert_eq!(conds[0].programmed(false).reason, "Pending");
-        assert_eq!(conds[0].programmed(true).reason, "Invalid");
+        let none: [String; 0] = [];
+        let one = ["gw-7f9c".to_owned()];
+        assert_eq!(conds[2].programmed(false, &one).reason, "Invalid");
+        assert_eq!(conds[0].programmed(false, &none).reason, "Pending");
+        let served = conds[0].programmed(false, &one);
+        assert!(served.status && served.reason == "Programmed", "{served:?}");
+        assert_eq!(conds[0].programmed(true, &one).reason, "Invalid");
         assert_eq!(conds[0].conflicted.reason, "NoConflicts");
     }
 }

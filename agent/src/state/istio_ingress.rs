@@ -99,6 +99,8 @@ pub fn gateways(gws: &[istio_networking::Gateway]) -> BTreeMap<String, IngressGa
                 name,
                 class: String::new(),
                 selector: Some(gw.spec.selector.clone()),
+                instances: Vec::new(),
+                addresses: Vec::new(),
                 listeners,
                 listener_conditions: Vec::new(),
             },

@@ -226,6 +226,17 @@ pub fn gateway_status(
         _ => Cow::Owned(ingress::listener_conditions(gw)),
     };
     let invalid_listeners = decided.iter().filter(|l| !l.accepted.status).count();
+    let no_instances = Vec::new();
+    let instances = normalised.map_or(&no_instances, |g| &g.instances);
+    let served = || match &instances[..] {
+        [] => Cond::new("Programmed", false, "Pending", ingress::NOT_BOUND),
+        some => Cond::new(
+            "Programmed",
+            true,
+            "Programmed",
+            format!("bound by ready gateway instance(s) {}", some.join(", ")),
+        ),
+    };
     let mut listeners = Vec::new();
     for l in decided.iter() {
         let prev = previous
@@ -245,7 +256,7 @@ pub fn gateway_status(
             conditions: conditions(
                 &[
                     l.accepted.clone(),
-                    l.programmed(rejection.is_some()),
+                    l.programmed(rejection.is_some(), instances),
                     l.resolved_refs.clone(),
                     l.conflicted.clone(),
                 ],
@@ -287,15 +298,27 @@ pub fn gateway_status(
                 "ListenersNotValid",
                 format!("{invalid_listeners} listener(s) are not valid; the others are served"),
             ),
-            Cond::new("Programmed", false, "Pending", ingress::NOT_BOUND),
+            served(),
         ),
         None => (
             Cond::new("Accepted", true, "Accepted", "accepted by Sluice"),
-            Cond::new("Programmed", false, "Pending", ingress::NOT_BOUND),
+            served(),
         ),
     };
+    // Where the Gateway is reached, while an instance serves it; nothing otherwise.
+    let addresses = match normalised {
+        Some(g) if !g.instances.is_empty() => g
+            .addresses
+            .iter()
+            .map(|a| gateway_api::GatewayStatusAddress {
+                type_: Some("IPAddress".into()),
+                value: a.to_string(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     GatewayStatus {
-        addresses: previous.addresses.clone(),
+        addresses,
         conditions: conditions(
             &[accepted, programmed],
             generation,

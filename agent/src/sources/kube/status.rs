@@ -270,6 +270,7 @@ impl StatusWriter {
             let want = gateway_status::gateway_status(gw, rejection, normalised, &attached, now);
             let have = gw.status.clone().unwrap_or_default();
             let same = same_conditions(&want.conditions, &have.conditions)
+                && want.addresses == have.addresses
                 && want.listeners.len() == have.listeners.len()
                 && want.listeners.iter().all(|w| {
                     have.listeners.iter().any(|h| {
