@@ -1,6 +1,7 @@
 //! `sluice-testpod http-echo ADDR NAME`: an HTTP/1.1 server with keep-alive that answers every
 //! request with `200` and one JSON line naming itself and what it received:
-//! `{"backend","method","path","host","peer","headers":{..}}`. It prints
+//! `{"backend","method","path","host","peer","headers":{..}}` (`/bytes/<n>`: n bytes, and
+//! `/delay/<ms>/…`: answered that late). It prints
 //! `{"event":"listening"}` once bound. Connections are served on threads until the process
 //! is killed.
 use std::{
@@ -75,6 +76,21 @@ fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
             .and_then(|m| m.parse::<u64>().ok())
         {
             std::thread::sleep(Duration::from_millis(ms.min(30_000)));
+        }
+        // `/bytes/<n>` answers with n bytes (the benchmark's fixed-size responses).
+        if let Some(n) = path
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            let body = vec![b'x'; n.min(1 << 20)];
+            write!(
+                writer,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )?;
+            writer.write_all(&body)?;
+            writer.flush()?;
+            continue;
         }
         let answer = json!({
             "backend": name,

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod egress_world;
 pub mod hbone_client;
 pub mod http_echo;
+pub mod ingress_world;
 pub mod internet;
 pub mod interop;
 pub mod kube_mesh;

@@ -31,7 +31,7 @@ enum Cmd {
     },
     /// Build a two-node, three-pod world, send traffic through it and explain what happened.
     Demo,
-    /// Measure Sluice against direct paths: `capture`, `mesh`, `egress`, `scale`, or all when
+    /// Measure Sluice against direct paths: `capture`, `mesh`, `egress`, `scale`, `ingress`, or all when
     /// omitted.
     Bench {
         /// Which benchmark.
@@ -153,6 +153,9 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // The ingress tests' HTTP/1.1, HTTP/2 and HTTPS client.
     ("curl", "curl"),
+    // The ingress benchmark's reverse proxy beside Sluice's gateway (not started as a service:
+    // setup installs with RUNLEVEL=1).
+    ("nginx", "nginx-light"),
 ];
 
 fn setup(root: &Path) -> Result<()> {
@@ -217,7 +220,9 @@ fn setup(root: &Path) -> Result<()> {
         run(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            // invoke-rc.d starts no service (nginx) at install.
+            .env("RUNLEVEL", "1"))?;
     }
 
     if succeeds(Command::new("sh").args(["-c", "mount | grep -q ' /sys/fs/bpf type bpf '"])) {

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [capture|mesh|egress|scale]`: Sluice measured side by side with the direct path in one
+//! `cargo xtask bench [capture|mesh|egress|scale|ingress]`: Sluice measured side by side with the direct path in one
 //! run, on this machine, inside namespaces it creates and removes.
 //!
 //! Every figure is printed in a table and every ratio also as `ratio <name> <value>` (Sluice's
@@ -6,6 +6,9 @@
 use std::net::SocketAddr;
 
 use sluice_tests::world::{PodSpec, World, ip, testpod_bin};
+
+#[path = "bench/ingress.rs"]
+mod ingress;
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
@@ -50,14 +53,18 @@ fn main() {
         "mesh" => mesh(),
         "egress" => egress(),
         "scale" => scale(),
+        "ingress" => ingress::run(),
         "all" => {
             capture();
             mesh();
             egress();
             scale();
+            ingress::run();
         }
         other => {
-            eprintln!("unknown benchmark {other:?}: capture | mesh | egress | scale | all");
+            eprintln!(
+                "unknown benchmark {other:?}: capture | mesh | egress | scale | ingress | all"
+            );
             std::process::exit(2);
         }
     }
