@@ -50,6 +50,9 @@ fn main() {
         "mesh" => mesh(),
         "egress" => egress(),
         "scale" => scale(),
+        "scale-state" => {
+            scale_in_process(&sluice_tests::scale::Size::CLUSTER);
+        }
         "all" => {
             capture();
             mesh();
@@ -57,7 +60,7 @@ fn main() {
             scale();
         }
         other => {
-            eprintln!("unknown benchmark {other:?}: capture | mesh | egress | scale | all");
+            eprintln!("unknown benchmark {other:?}: capture | mesh | egress | scale | scale-state | all");
             std::process::exit(2);
         }
     }
@@ -743,12 +746,7 @@ fn last_generation(w: &World, i: usize) -> u64 {
 fn scale() {
     use std::time::{Duration, Instant};
 
-    use sluice::{
-        policy::ConnectionInfo,
-        resources::ResourceSet,
-        state::{MeshSettings, build},
-    };
-    use sluice_tests::scale::{Size, cluster, pod, pod_ip};
+    use sluice_tests::scale::{Size, cluster, pod};
 
     let size = Size::CLUSTER;
     let started = Instant::now();
@@ -769,62 +767,15 @@ fn scale() {
         yaml.len() as f64 / 1e6
     );
 
-    // In process, on this thread: what the parsed resources and the built state hold.
-    let self_rss = || {
-        sluice::memory::release_freed();
-        rss_mib(std::process::id())
-    };
-    let (resources_mib, state_mib) = {
-        let before = self_rss();
-        let resources = ResourceSet::from_yaml(&yaml).expect("synthetic cluster parses");
-        let parsed = self_rss();
-        let out = build::build(&resources, &MeshSettings::default());
-        let built = self_rss();
-        drop((resources, out));
-        (parsed - before, built - parsed)
-    };
-
-    // In process: parse and build, best of three; then decisions against the built state.
-    let mut parse_ms = f64::MAX;
-    let mut build_ms = f64::MAX;
-    let mut built = None;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let resources = ResourceSet::from_yaml(&yaml).expect("synthetic cluster parses");
-        parse_ms = parse_ms.min(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        let out = build::build(&resources, &MeshSettings::default());
-        build_ms = build_ms.min(t.elapsed().as_secs_f64() * 1e3);
-        assert!(out.rejections.is_empty(), "{:?}", &out.rejections[..1]);
-        built = Some(out.state);
-    }
-    let state = built.expect("built");
-    assert_eq!(state.workloads.len(), size.pods, "workloads");
-    let mut decisions = Vec::with_capacity(20_000);
-    let mut allowed = 0usize;
-    for k in 0..20_000usize {
-        let dst = (k * 7_919) % size.pods;
-        let ip: std::net::IpAddr = pod_ip(dst).parse().expect("ip");
-        let workload = state.workload_by_ip(ip).expect("workload by ip");
-        let src = state
-            .workload_by_ip(pod_ip((k * 104_729) % size.pods).parse().expect("ip"))
-            .expect("source");
-        let identity = src.identity(&state.trust_domain);
-        let conn = ConnectionInfo {
-            source_identity: Some(&identity),
-            source_ip: src.ips[0],
-            destination: workload,
-            destination_ip: ip,
-            destination_port: 8000 + (k % 12) as u16,
-        };
-        let t = Instant::now();
-        let d = std::hint::black_box(state.policy.authorize(&conn));
-        decisions.push(t.elapsed().as_nanos() as u64);
-        allowed += usize::from(d.is_allowed());
-    }
-    decisions.sort_unstable();
-    let decision_us = |q| percentile(&decisions, q) as f64 / 1e3;
-    drop(state);
+    let InProcess {
+        parse_ms,
+        build_ms,
+        resources_mib,
+        state_mib,
+        decision_p50_us,
+        decision_p99_us,
+        allowed,
+    } = scale_in_process(&size);
 
     // The agents: first with nothing but the two pods the rate is measured between.
     let pods = [PodSpec::new("m1", "mesh", 1), PodSpec::new("m2", "mesh", 2)];
@@ -918,12 +869,12 @@ fn scale() {
     println!(
         "{:<44} {:>12.2}",
         "policy decision p50 (µs)",
-        decision_us(0.5)
+        decision_p50_us
     );
     println!(
         "{:<44} {:>12.2}",
         "policy decision p99 (µs)",
-        decision_us(0.99)
+        decision_p99_us
     );
     println!(
         "{:<44} {:>12.1}",
@@ -954,6 +905,109 @@ fn scale() {
     );
     println!("scale_rss_mb {rss_steady:.1}");
     println!("scale_rss_after_reloads_mb {rss_after:.1}");
-    println!("scale_decision_p99_us {:.2}", decision_us(0.99));
+    println!("scale_decision_p99_us {:.2}", decision_p99_us);
     println!("ratio conn_at_scale_vs_empty {conn_ratio:.2}");
+}
+
+/// The in-process part of `scale`: parse and build times, memory of the parsed resources and
+/// of the built state, and decision times (`sluice-bench scale-state` runs only this, without
+/// root or agents).
+struct InProcess {
+    parse_ms: f64,
+    build_ms: f64,
+    resources_mib: f64,
+    state_mib: f64,
+    decision_p50_us: f64,
+    decision_p99_us: f64,
+    allowed: usize,
+}
+
+fn scale_in_process(size: &sluice_tests::scale::Size) -> InProcess {
+    use std::time::Instant;
+
+    use sluice::{
+        policy::ConnectionInfo,
+        resources::ResourceSet,
+        state::{MeshSettings, build},
+    };
+    use sluice_tests::scale::{cluster, pod_ip};
+
+    let size = *size;
+    let yaml = cluster(&size, 0);
+    // In process, on this thread: what the parsed resources and the built state hold.
+    let self_rss = || {
+        sluice::memory::release_freed();
+        rss_mib(std::process::id())
+    };
+    let (resources_mib, state_mib) = {
+        let before = self_rss();
+        let resources = ResourceSet::from_yaml(&yaml).expect("synthetic cluster parses");
+        let parsed = self_rss();
+        let out = build::build(&resources, &MeshSettings::default());
+        let built = self_rss();
+        drop((resources, out));
+        (parsed - before, built - parsed)
+    };
+
+    // In process: parse and build, best of three; then decisions against the built state.
+    let mut parse_ms = f64::MAX;
+    let mut build_ms = f64::MAX;
+    let mut built = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let resources = ResourceSet::from_yaml(&yaml).expect("synthetic cluster parses");
+        parse_ms = parse_ms.min(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let out = build::build(&resources, &MeshSettings::default());
+        build_ms = build_ms.min(t.elapsed().as_secs_f64() * 1e3);
+        assert!(out.rejections.is_empty(), "{:?}", &out.rejections[..1]);
+        built = Some(out.state);
+    }
+    let state = built.expect("built");
+    assert_eq!(state.workloads.len(), size.pods, "workloads");
+    let mut decisions = Vec::with_capacity(20_000);
+    let mut allowed = 0usize;
+    for k in 0..20_000usize {
+        let dst = (k * 7_919) % size.pods;
+        let ip: std::net::IpAddr = pod_ip(dst).parse().expect("ip");
+        let workload = state.workload_by_ip(ip).expect("workload by ip");
+        let src = state
+            .workload_by_ip(pod_ip((k * 104_729) % size.pods).parse().expect("ip"))
+            .expect("source");
+        let identity = src.identity(&state.trust_domain);
+        let conn = ConnectionInfo {
+            source_identity: Some(&identity),
+            source_ip: src.ips[0],
+            destination: workload,
+            destination_ip: ip,
+            destination_port: 8000 + (k % 12) as u16,
+        };
+        let t = Instant::now();
+        let d = std::hint::black_box(state.policy.authorize(&conn));
+        decisions.push(t.elapsed().as_nanos() as u64);
+        allowed += usize::from(d.is_allowed());
+    }
+    decisions.sort_unstable();
+
+    let decision_us = |q| percentile(&decisions, q) as f64 / 1e3;
+    let out = InProcess {
+        parse_ms,
+        build_ms,
+        resources_mib,
+        state_mib,
+        decision_p50_us: decision_us(0.5),
+        decision_p99_us: decision_us(0.99),
+        allowed,
+    };
+    println!(
+        "in process: parse {:.0} ms, build {:.0} ms, resources {:.1} MiB, state {:.1} MiB, \
+         decision p50 {:.2} µs p99 {:.2} µs",
+        out.parse_ms,
+        out.build_ms,
+        out.resources_mib,
+        out.state_mib,
+        out.decision_p50_us,
+        out.decision_p99_us
+    );
+    out
 }
