@@ -60,7 +60,9 @@ fn main() {
             scale();
         }
         other => {
-            eprintln!("unknown benchmark {other:?}: capture | mesh | egress | scale | scale-state | all");
+            eprintln!(
+                "unknown benchmark {other:?}: capture | mesh | egress | scale | scale-state | all"
+            );
             std::process::exit(2);
         }
     }
@@ -868,13 +870,11 @@ fn scale() {
     );
     println!(
         "{:<44} {:>12.2}",
-        "policy decision p50 (µs)",
-        decision_p50_us
+        "policy decision p50 (µs)", decision_p50_us
     );
     println!(
         "{:<44} {:>12.2}",
-        "policy decision p99 (µs)",
-        decision_p99_us
+        "policy decision p99 (µs)", decision_p99_us
     );
     println!(
         "{:<44} {:>12.1}",
