@@ -46,8 +46,11 @@ struct AgentConfigDocument {
     spec: Option<serde_yaml::Value>,
 }
 
-/// How often the config file is checked for changes.
-pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the config file's size and modification time are checked for changes.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Every this many checks the file is read and hashed even if its size and modification time
+/// stayed (a rewrite can keep both).
+const FULL_CHECK_EVERY: u32 = 5;
 
 /// Republishes the file's resources whenever the file changes (its agent settings stay as they
 /// were at start: changing those needs a restart). A file that no longer parses is reported and
@@ -86,8 +89,22 @@ impl Watch {
             async move {
                 // A fingerprint, not the bytes: a cluster's file is megabytes.
                 let mut last = std::fs::read(&path).ok().map(|b| fingerprint(&b));
+                let stat = |path: &Path| {
+                    std::fs::metadata(path)
+                        .ok()
+                        .map(|m| (m.len(), m.modified().ok()))
+                };
+                let mut last_stat = stat(&path);
+                let mut checks = 0u32;
                 loop {
                     tokio::time::sleep(WATCH_INTERVAL).await;
+                    // A stat is cheap; reading and hashing a cluster's file is not.
+                    checks += 1;
+                    let now_stat = stat(&path);
+                    if now_stat == last_stat && checks < FULL_CHECK_EVERY {
+                        continue;
+                    }
+                    (last_stat, checks) = (now_stat, 0);
                     let Ok(bytes) = std::fs::read(&path) else {
                         continue;
                     };
@@ -160,14 +177,13 @@ pub fn parse(text: &str, path: &Path) -> Result<LocalFile, FileError> {
         if value.is_null() {
             continue; // an empty document between separators
         }
-        let is_resource = file
-            .resources
-            .add_document(index, value.clone())
-            .map_err(|source| FileError::Document {
-                path: path.into(),
-                source,
-            })?;
-        if is_resource {
+        if !crate::resources::is_agent_config(&value) {
+            file.resources
+                .add_document(index, value)
+                .map_err(|source| FileError::Document {
+                    path: path.into(),
+                    source,
+                })?;
             continue;
         }
         if agent_seen {
