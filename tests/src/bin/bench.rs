@@ -53,6 +53,7 @@ fn main() {
         "scale-state" => {
             scale_in_process(&sluice_tests::scale::Size::CLUSTER);
         }
+        "scale-memory" => scale_memory(),
         "all" => {
             capture();
             mesh();
@@ -1022,4 +1023,65 @@ fn scale_in_process(size: &sluice_tests::scale::Size) -> InProcess {
         out.decision_p99_us
     );
     out
+}
+
+/// The file source's rebuild cycle in process (parse through the document cache, build with
+/// LastGood, publish, drop the old state, trim), each change on a fresh thread as the agent's
+/// blocking pool would run it, with the agent's malloc settings; prints RSS after each trim.
+/// `SLUICE_MMAP_THRESHOLD=<bytes>` also fixes glibc's mmap threshold, to compare.
+fn scale_memory() {
+    use sluice::{
+        sources::file::{DocumentCache, parse_cached},
+        state::{LastGood, MeshSettings},
+    };
+    use sluice_tests::scale::{Size, cluster, pod};
+
+    sluice::memory::limit_arenas();
+    if let Some(t) = std::env::var("SLUICE_MMAP_THRESHOLD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        // SAFETY: mallopt only changes a malloc tunable.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, t);
+        }
+        println!("mmap threshold fixed at {t} bytes");
+    }
+    let size = Size::CLUSTER;
+    let yaml = cluster(&size, 0);
+    let rss = || rss_mib(std::process::id());
+    println!("base {:.1} MiB (the YAML text included)", rss());
+    let mut carried = Some((DocumentCache::default(), LastGood::default(), None));
+    let mut extra = String::new();
+    for c in 0..12usize {
+        if c > 0 {
+            extra.push_str(&pod(&size, size.pods + c, 0));
+        }
+        let text = format!("{yaml}{extra}");
+        let (mut cache, mut last_good, previous) = carried.take().expect("carried");
+        let t = std::time::Instant::now();
+        let (cache, last_good, state) = std::thread::spawn(move || {
+            let file = parse_cached(&text, std::path::Path::new("scale.yaml"), &mut cache)
+                .expect("parses");
+            let built = last_good.build(file.resources, &MeshSettings::default());
+            drop(previous);
+            (cache, last_good, Some(std::sync::Arc::new(built.state)))
+        })
+        .join()
+        .expect("rebuild thread");
+        let ms = t.elapsed().as_millis();
+        sluice::memory::release_freed();
+        println!("change {c}: {ms} ms, RSS after trim {:.1} MiB", rss());
+        carried = Some((cache, last_good, state));
+    }
+    let (cache, last_good, state) = carried.take().expect("carried");
+    for (what, dropped) in [
+        ("state", Box::new(state) as Box<dyn std::any::Any>),
+        ("LastGood", Box::new(last_good)),
+        ("document cache", Box::new(cache)),
+    ] {
+        drop(dropped);
+        sluice::memory::release_freed();
+        println!("without the {what}: RSS {:.1} MiB", rss());
+    }
 }
