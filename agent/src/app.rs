@@ -90,13 +90,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let state = state.clone();
         let certs = certs.clone();
         let tls = agent.tls.clone();
-        Arc::new(move || {
+        Arc::new(move |w: &mut crate::admin::server::DumpWriter<'_>| {
             let certs = certs.lock().map(|c| c.clone()).unwrap_or_default();
-            serde_json::json!({
-                "meshState": &*state.current(),
-                "certificates": certs,
-                "tls": &tls,
-            })
+            state.current().visit_sections(&mut MeshStateDump(w))?;
+            w.section(None, "certificates", &certs)?;
+            w.section(None, "tls", &tls)
         })
     };
     let _admin_server = crate::admin::server::serve_admin(agent.admin_addr, dump).await?;
@@ -323,5 +321,19 @@ impl crate::egress::pinning::PrefixReporter for EgressPrefixStatus {
                 .await
                 .map_err(Into::into)
         })
+    }
+}
+
+/// Writes MeshState's fields as the `meshState` group of `/config_dump`.
+struct MeshStateDump<'a, 'b>(&'a mut crate::admin::server::DumpWriter<'b>);
+
+impl crate::state::mesh::SectionVisitor for MeshStateDump<'_, '_> {
+    type Error = std::io::Error;
+    fn section<T: serde::Serialize + ?Sized>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> std::io::Result<()> {
+        self.0.section(Some("meshState"), name, value)
     }
 }

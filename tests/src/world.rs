@@ -650,10 +650,15 @@ impl World {
             let mut out = String::new();
             let _ = s.read_to_string(&mut out);
             let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-            (
-                head.lines().next().unwrap_or_default().to_owned(),
-                body.to_owned(),
-            )
+            let body = if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                dechunk(body)
+            } else {
+                body.to_owned()
+            };
+            (head.lines().next().unwrap_or_default().to_owned(), body)
         })
         .join()
         .expect("http thread")
@@ -889,4 +894,21 @@ fn testpod_json(mut cmd: Command, args: &[&str], place: &str) -> serde_json::Val
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim())
         .unwrap_or_else(|e| panic!("sluice-testpod {args:?} {place} printed {text:?}: {e}"))
+}
+
+/// The data of a chunked HTTP/1.1 body (what is there of it, if it ends early).
+fn dechunk(mut raw: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = raw.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            out.push_str(rest.get(..size).unwrap_or(rest));
+            break;
+        }
+        out.push_str(&rest[..size]);
+        raw = rest.get(size + 2..).unwrap_or_default();
+    }
+    out
 }

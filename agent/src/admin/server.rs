@@ -147,8 +147,215 @@ impl Drop for BlockReady {
     }
 }
 
-/// Produces the `/config_dump` document on each request. It must never include private keys.
-pub type ConfigDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Writes the `/config_dump` document on each request, section by section through a
+/// [`DumpWriter`] (which applies the request's filters). It must never include private keys.
+pub type ConfigDump = Arc<dyn Fn(&mut DumpWriter<'_>) -> io::Result<()> + Send + Sync>;
+
+/// What a `/config_dump` request asks for: `?kind=` a section (`workloads`, `services`,
+/// `policy`, `certificates`, …), `namespace=` and `name=` the entries of that namespace and name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DumpFilter {
+    pub kind: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+impl DumpFilter {
+    /// Reads a query string; an unknown parameter is an error naming it.
+    pub fn parse(query: Option<&str>) -> Result<Self, String> {
+        let mut filter = DumpFilter::default();
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let slot = match key {
+                "kind" => &mut filter.kind,
+                "namespace" => &mut filter.namespace,
+                "name" => &mut filter.name,
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?}: kind, namespace, name"
+                    ));
+                }
+            };
+            *slot = Some(value.to_owned());
+        }
+        Ok(filter)
+    }
+
+    /// Keeps, in a section, the entries of the requested namespace and name: an object with a
+    /// `namespace` or `name` field is an entry, others are searched one level down.
+    fn prune(&self, value: &mut serde_json::Value) {
+        use serde_json::Value;
+        let is_entry = |v: &Value| v.get("namespace").is_some() || v.get("name").is_some();
+        let keep = |v: &Value| {
+            let field = |f: &str| v.get(f).and_then(Value::as_str);
+            self.namespace
+                .as_deref()
+                .is_none_or(|ns| field("namespace").unwrap_or(field("name").unwrap_or("")) == ns)
+                && self
+                    .name
+                    .as_deref()
+                    .is_none_or(|n| field("name") == Some(n))
+        };
+        match value {
+            Value::Array(items) => {
+                items.retain(|v| !is_entry(v) || keep(v));
+                items
+                    .iter_mut()
+                    .filter(|v| !is_entry(v))
+                    .for_each(|v| self.prune(v));
+            }
+            Value::Object(map) => {
+                map.retain(|_, v| !is_entry(v) || keep(v));
+                map.values_mut()
+                    .filter(|v| !is_entry(v))
+                    .for_each(|v| self.prune(v));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Writes the dump as one JSON object of groups (`meshState`, …) of sections, leaving out what
+/// the filter does not ask for. Sections go out one at a time, so the document is never held
+/// whole.
+pub struct DumpWriter<'a> {
+    out: &'a mut dyn io::Write,
+    filter: &'a DumpFilter,
+    /// The group open now, and whether a section was written in it.
+    group: Option<(&'static str, bool)>,
+    /// Whether anything was written at the top level.
+    started: bool,
+}
+
+impl<'a> DumpWriter<'a> {
+    pub fn new(out: &'a mut dyn io::Write, filter: &'a DumpFilter) -> Self {
+        Self {
+            out,
+            filter,
+            group: None,
+            started: false,
+        }
+    }
+
+    /// Writes section `name` (inside `group`, or at the top level) if the filter asks for it.
+    /// Sections of one group are written one after another.
+    pub fn section<T: serde::Serialize + ?Sized>(
+        &mut self,
+        group: Option<&'static str>,
+        name: &str,
+        value: &T,
+    ) -> io::Result<()> {
+        if self.filter.kind.as_deref().is_some_and(|k| k != name) {
+            return Ok(());
+        }
+        if self.group.map(|(g, _)| g) != group {
+            self.close_group()?;
+            if let Some(g) = group {
+                self.key(g)?;
+                self.out.write_all(b"{")?;
+                self.group = Some((g, false));
+            }
+        }
+        match &mut self.group {
+            Some((_, written)) => {
+                if *written {
+                    self.out.write_all(b",")?;
+                }
+                *written = true;
+                write!(self.out, "\n{}:", serde_json::Value::from(name))?;
+            }
+            None => self.key(name)?,
+        }
+        if self.filter.namespace.is_none() && self.filter.name.is_none() {
+            serde_json::to_writer(&mut self.out, value)?;
+        } else {
+            let mut v = serde_json::to_value(value)?;
+            self.filter.prune(&mut v);
+            serde_json::to_writer(&mut self.out, &v)?;
+        }
+        Ok(())
+    }
+
+    fn key(&mut self, name: &str) -> io::Result<()> {
+        self.out
+            .write_all(if self.started { b",\n" } else { b"{\n" })?;
+        self.started = true;
+        write!(self.out, "{}:", serde_json::Value::from(name))
+    }
+
+    fn close_group(&mut self) -> io::Result<()> {
+        if self.group.take().is_some() {
+            self.out.write_all(b"}")?;
+        }
+        Ok(())
+    }
+
+    /// Ends the document.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.close_group()?;
+        self.out
+            .write_all(if self.started { b"\n}\n" } else { b"{}\n" })
+    }
+}
+
+/// Sends what is written to it as body chunks of about [`DUMP_CHUNK`] bytes; fails once the
+/// client has gone (which stops the dump).
+struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+/// Size of one streamed chunk of `/config_dump`.
+const DUMP_CHUNK: usize = 64 * 1024;
+
+impl io::Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= DUMP_CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client gone"))
+    }
+}
+
+/// A body streaming what `dump` writes, produced on a blocking thread.
+fn stream_dump(dump: ConfigDump, filter: DumpFilter) -> Body {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut sender = ChunkSender {
+            tx,
+            buf: Vec::with_capacity(DUMP_CHUNK),
+        };
+        let mut writer = DumpWriter::new(&mut sender, &filter);
+        let written = dump(&mut writer)
+            .and_then(|()| writer.finish())
+            .and_then(|()| io::Write::flush(&mut sender));
+        if let Err(e) = written {
+            // The status is sent already: the body ends short, which the client sees.
+            tracing::debug!(error = %e, "config dump ended early");
+        }
+    });
+    let frames = futures::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, Infallible>(hyper::body::Frame::data(chunk)), rx))
+    });
+    http_body_util::StreamBody::new(frames).boxed_unsync()
+}
 
 /// Serves `metrics` as OpenMetrics text on `addr` at `/metrics`.
 pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<Server, ServeError> {
@@ -183,18 +390,19 @@ pub async fn serve_readiness(addr: SocketAddr, ready: Ready) -> Result<Server, S
     .await
 }
 
-/// Serves `/config_dump` on `addr` (meant for localhost) as pretty JSON from `dump`.
+/// Serves `/config_dump` on `addr` (meant for localhost) as JSON from `dump`, streamed, with
+/// the filters of [`DumpFilter`] (an unknown parameter gets 400).
 pub async fn serve_admin(addr: SocketAddr, dump: ConfigDump) -> Result<Server, ServeError> {
-    serve("admin", addr, move |path| match path {
-        CONFIG_DUMP_PATH => match serde_json::to_vec_pretty(&dump()) {
-            Ok(mut json) => {
-                json.push(b'\n');
-                respond(StatusCode::OK, JSON, json)
+    serve_with_query("admin", addr, move |path, query| match path {
+        CONFIG_DUMP_PATH => match DumpFilter::parse(query) {
+            Ok(filter) => {
+                let mut response = Response::new(stream_dump(dump.clone(), filter));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON));
+                response
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "encoding the config dump failed");
-                respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, "encoding failed\n")
-            }
+            Err(message) => respond(StatusCode::BAD_REQUEST, TEXT, format!("{message}\n")),
         },
         _ => not_found(),
     })
@@ -204,14 +412,15 @@ pub async fn serve_admin(addr: SocketAddr, dump: ConfigDump) -> Result<Server, S
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 
-type Body = Full<Bytes>;
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
 fn respond(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()));
+    use http_body_util::BodyExt;
+    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -228,6 +437,18 @@ fn not_found() -> Response<Body> {
 async fn serve<F>(endpoint: &'static str, addr: SocketAddr, route: F) -> Result<Server, ServeError>
 where
     F: Fn(&str) -> Response<Body> + Send + Sync + 'static,
+{
+    serve_with_query(endpoint, addr, move |path, _| route(path)).await
+}
+
+/// As [`serve`], with `route(path, query)`.
+async fn serve_with_query<F>(
+    endpoint: &'static str,
+    addr: SocketAddr,
+    route: F,
+) -> Result<Server, ServeError>
+where
+    F: Fn(&str, Option<&str>) -> Response<Body> + Send + Sync + 'static,
 {
     let bind_error = |source| ServeError::Bind {
         endpoint,
@@ -267,7 +488,10 @@ where
     Ok(Server { local_addr, task })
 }
 
-fn answer(request: &Request<Incoming>, route: &dyn Fn(&str) -> Response<Body>) -> Response<Body> {
+fn answer(
+    request: &Request<Incoming>,
+    route: &dyn Fn(&str, Option<&str>) -> Response<Body>,
+) -> Response<Body> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n");
         response
@@ -275,7 +499,7 @@ fn answer(request: &Request<Incoming>, route: &dyn Fn(&str) -> Response<Body>) -
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    route(request.uri().path())
+    route(request.uri().path(), request.uri().query())
 }
 
 #[cfg(test)]
@@ -310,7 +534,27 @@ mod tests {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .expect("a status line");
-        (status, head.to_ascii_lowercase(), body.to_owned())
+        let head = head.to_ascii_lowercase();
+        let body = if head.contains("transfer-encoding: chunked") {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        (status, head, body)
+    }
+
+    /// The data of a chunked body.
+    fn dechunk(mut raw: &str) -> String {
+        let mut out = String::new();
+        loop {
+            let (size, rest) = raw.split_once("\r\n").expect("a chunk size line");
+            let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+            if size == 0 {
+                return out;
+            }
+            out.push_str(&rest[..size]);
+            raw = &rest[size + 2..];
+        }
     }
 
     #[tokio::test]
@@ -384,26 +628,103 @@ mod tests {
         assert!(ready.pending().is_empty());
     }
 
+    /// A dump of two groups: `mesh` with `workloads` and `policies`, and `certificates`.
+    fn sample_dump(calls: Arc<std::sync::atomic::AtomicUsize>) -> ConfigDump {
+        Arc::new(move |w: &mut DumpWriter<'_>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let workloads: BTreeMap<String, serde_json::Value> = (0..2000)
+                .map(|i| {
+                    let ns = if i % 2 == 0 { "shop" } else { "bank" };
+                    (
+                        format!("uid-{i}"),
+                        serde_json::json!({"namespace": ns, "name": format!("web-{i}"), "call": n}),
+                    )
+                })
+                .collect();
+            w.section(Some("mesh"), "workloads", &workloads)?;
+            let policies = serde_json::json!({
+                "authorizations": [
+                    {"namespace": "shop", "name": "allow-web", "rules": [{"namespace": "bank"}]},
+                    {"namespace": "bank", "name": "deny-all"},
+                ],
+            });
+            w.section(Some("mesh"), "policies", &policies)?;
+            w.section(
+                None,
+                "certificates",
+                &[serde_json::json!({"identity": "shop/web"})],
+            )
+        })
+    }
+
     #[tokio::test]
-    async fn admin_serves_the_dump_from_the_closure() {
+    async fn admin_streams_the_dump_from_the_closure() {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = calls.clone();
-        let dump: ConfigDump = Arc::new(move || {
-            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
-            serde_json::json!({ "workloads": ["shop/web"], "call": n })
-        });
-        let server = serve_admin(loopback(), dump).await.unwrap();
+        let server = serve_admin(loopback(), sample_dump(calls)).await.unwrap();
 
         let (status, head, body) = request(server.local_addr(), "GET", CONFIG_DUMP_PATH).await;
         assert_eq!(status, 200);
         assert!(head.contains("content-type: application/json"), "{head}");
+        // More than one chunk's worth, streamed rather than sent with a length.
+        assert!(body.len() > DUMP_CHUNK, "{}", body.len());
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
         let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(value["workloads"][0], "shop/web");
+        assert_eq!(value["mesh"]["workloads"].as_object().unwrap().len(), 2000);
+        assert_eq!(value["mesh"]["workloads"]["uid-7"]["name"], "web-7");
+        assert_eq!(value["certificates"][0]["identity"], "shop/web");
         // Each request asks the closure afresh.
         let (_, _, body) = request(server.local_addr(), "GET", CONFIG_DUMP_PATH).await;
         let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(value["call"], 2);
+        assert_eq!(value["mesh"]["workloads"]["uid-0"]["call"], 2);
         assert_eq!(request(server.local_addr(), "GET", "/").await.0, 404);
+    }
+
+    #[tokio::test]
+    async fn admin_dump_filters_by_kind_namespace_and_name() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = serve_admin(loopback(), sample_dump(calls)).await.unwrap();
+        let addr = server.local_addr();
+        let get = |query: &'static str| async move {
+            let path = format!("{CONFIG_DUMP_PATH}?{query}");
+            let (status, _, body) = request(addr, "GET", &path).await;
+            assert_eq!(status, 200, "{query}: {body}");
+            serde_json::from_str::<serde_json::Value>(&body)
+                .unwrap_or_else(|e| panic!("{query}: {e}: {body}"))
+        };
+
+        let only = get("kind=certificates").await;
+        assert_eq!(
+            only,
+            serde_json::json!({"certificates": [{"identity": "shop/web"}]})
+        );
+
+        let bank = get("kind=workloads&namespace=bank").await;
+        let workloads = bank["mesh"]["workloads"].as_object().unwrap();
+        assert_eq!(workloads.len(), 1000);
+        assert!(workloads.values().all(|w| w["namespace"] == "bank"));
+        assert!(bank.get("certificates").is_none(), "{bank}");
+
+        let one = get("namespace=shop&name=web-42").await;
+        assert_eq!(
+            one["mesh"]["workloads"],
+            serde_json::json!({"uid-42": {"namespace": "shop", "name": "web-42", "call": 3}})
+        );
+        // Entries one level down are filtered; what is inside an entry is not.
+        assert_eq!(
+            one["mesh"]["policies"]["authorizations"],
+            serde_json::json!([])
+        );
+        let policy = get("kind=policies&name=allow-web").await;
+        assert_eq!(
+            policy["mesh"]["policies"]["authorizations"][0]["rules"][0]["namespace"],
+            "bank"
+        );
+
+        assert_eq!(get("kind=nothing").await, serde_json::json!({}));
+        let (status, _, body) =
+            request(server.local_addr(), "GET", "/config_dump?nmespace=shop").await;
+        assert_eq!(status, 400);
+        assert!(body.contains("nmespace"), "{body}");
     }
 
     #[tokio::test]

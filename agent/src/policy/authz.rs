@@ -4,7 +4,7 @@ use super::{ConnectionInfo, Decision, DenyReason};
 use crate::resources::NamespacedName;
 use crate::state::policy::{
     Authorization, AuthzAction, AuthzRule, Clause, ConnMatch, Policies, ServiceAccountRef,
-    StringMatch,
+    StringMatch, Term,
 };
 
 impl Policies {
@@ -13,11 +13,7 @@ impl Policies {
         let facts = Facts::of(conn);
         let mut first_allow: Option<&Authorization> = None;
         let mut allowed = false;
-        for policy in self
-            .authorizations
-            .reaching(&conn.destination.namespace)
-            .filter(|p| p.scope.selects(conn.destination))
-        {
+        for policy in self.authorizations.selecting(conn.destination) {
             match policy.action {
                 AuthzAction::Deny if policy.matches(&facts) => {
                     return Decision::Deny {
@@ -84,40 +80,38 @@ impl Clause {
     }
 }
 
-/// `list` empty, or some entry matching.
-fn positive<T>(list: &[T], hit: impl Fn(&T) -> bool) -> bool {
-    list.is_empty() || list.iter().any(hit)
-}
-
-/// No entry of `list` matching.
-fn negative<T>(list: &[T], hit: impl Fn(&T) -> bool) -> bool {
-    !list.iter().any(hit)
-}
-
 impl ConnMatch {
     fn matches(&self, facts: &Facts<'_>) -> bool {
+        self.terms().iter().all(|t| t.holds(facts))
+    }
+}
+
+impl Term {
+    /// A positive list has a hit; a negative list has none.
+    fn holds(&self, facts: &Facts<'_>) -> bool {
         let conn = facts.conn;
         let principal = |m: &StringMatch| m.matches(facts.principal.as_deref());
         let namespace = |m: &StringMatch| m.matches(facts.namespace());
         let service_account = |sa: &ServiceAccountRef| {
             conn.source_identity
-                .is_some_and(|id| id.namespace == sa.namespace && id.service_account == sa.name)
+                .is_some_and(|id| *id.namespace == *sa.namespace && *id.service_account == *sa.name)
         };
         let source_ip = |net: &ipnet::IpNet| net.contains(&conn.source_ip);
         let destination_ip = |net: &ipnet::IpNet| net.contains(&conn.destination_ip);
         let port = |p: &u16| *p == conn.destination_port;
-
-        positive(&self.principals, principal)
-            && negative(&self.not_principals, principal)
-            && positive(&self.namespaces, namespace)
-            && negative(&self.not_namespaces, namespace)
-            && positive(&self.service_accounts, service_account)
-            && negative(&self.not_service_accounts, service_account)
-            && positive(&self.source_ips, source_ip)
-            && negative(&self.not_source_ips, source_ip)
-            && positive(&self.destination_ips, destination_ip)
-            && negative(&self.not_destination_ips, destination_ip)
-            && positive(&self.destination_ports, port)
-            && negative(&self.not_destination_ports, port)
+        match self {
+            Term::Principals(l) => l.iter().any(principal),
+            Term::NotPrincipals(l) => !l.iter().any(principal),
+            Term::Namespaces(l) => l.iter().any(namespace),
+            Term::NotNamespaces(l) => !l.iter().any(namespace),
+            Term::ServiceAccounts(l) => l.iter().any(service_account),
+            Term::NotServiceAccounts(l) => !l.iter().any(service_account),
+            Term::SourceIps(l) => l.iter().any(source_ip),
+            Term::NotSourceIps(l) => !l.iter().any(source_ip),
+            Term::DestinationIps(l) => l.iter().any(destination_ip),
+            Term::NotDestinationIps(l) => !l.iter().any(destination_ip),
+            Term::DestinationPorts(l) => l.iter().any(port),
+            Term::NotDestinationPorts(l) => !l.iter().any(port),
+        }
     }
 }

@@ -58,6 +58,15 @@ struct NameOnly {
     name: Option<String>,
 }
 
+/// True if `doc` is the agent's own configuration document, which
+/// [`ResourceSet::add_document`] leaves out.
+pub fn is_agent_config(doc: &serde_yaml::Value) -> bool {
+    TypeMeta::deserialize(doc).is_ok_and(|m| {
+        m.api_version.as_deref() == Some(AGENT_CONFIG_API_VERSION)
+            && m.kind.as_deref() == Some(AGENT_CONFIG_KIND)
+    })
+}
+
 /// A document that is not a mesh resource but configures the agent itself.
 pub const AGENT_CONFIG_API_VERSION: &str = "sluice.dev/v1alpha1";
 /// Kind of the agent's own configuration document.
@@ -85,8 +94,9 @@ impl ResourceSet {
         index: usize,
         doc: serde_yaml::Value,
     ) -> Result<bool, DocumentError> {
-        let meta: TypeMeta = serde_yaml::from_value(doc.clone())
-            .map_err(|source| DocumentError::Yaml { index, source })?;
+        // Read through a reference: a clone of the document would double the parse's work.
+        let meta =
+            TypeMeta::deserialize(&doc).map_err(|source| DocumentError::Yaml { index, source })?;
         let (Some(api_version), Some(kind)) = (meta.api_version, meta.kind) else {
             return Err(DocumentError::MissingType { index });
         };

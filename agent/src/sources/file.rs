@@ -1,12 +1,19 @@
 //! The local file source: one YAML stream holding an `AgentConfig` and Kubernetes-shaped
 //! resources (Namespaces, Pods, Services, Nodes, and the mesh's own kinds).
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use serde::Deserialize;
 
 use crate::{
     config::AgentConfig,
-    resources::{AGENT_CONFIG_KIND, DocumentError, ResourceSet},
+    resources::{
+        AGENT_CONFIG_KIND, DocumentError, ResourceSet,
+        kinds::{self, KindVisitor, WatchedKind},
+    },
     state::{LastGood, StatePublisher},
 };
 
@@ -46,8 +53,11 @@ struct AgentConfigDocument {
     spec: Option<serde_yaml::Value>,
 }
 
-/// How often the config file is checked for changes.
-pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the config file's size and modification time are checked for changes.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Every this many checks the file is read and hashed even if its size and modification time
+/// stayed (a rewrite can keep both).
+const FULL_CHECK_EVERY: u32 = 5;
 
 /// Republishes the file's resources whenever the file changes (its agent settings stay as they
 /// were at start: changing those needs a restart). A file that no longer parses is reported and
@@ -84,10 +94,40 @@ impl Watch {
         let task = tokio::spawn({
             let publisher = publisher.clone();
             async move {
-                // A fingerprint, not the bytes: a cluster's file is megabytes.
-                let mut last = std::fs::read(&path).ok().map(|b| fingerprint(&b));
+                // A fingerprint, not the bytes: a cluster's file is megabytes. The documents'
+                // cache is filled from the same read, off the runtime's threads.
+                let warm = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || {
+                        let mut cache = DocumentCache::default();
+                        let bytes = std::fs::read(&path).ok()?;
+                        let _ = parse_cached(&String::from_utf8_lossy(&bytes), &path, &mut cache);
+                        Some((fingerprint(&bytes), cache))
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+                let (mut last, mut cache) = match warm {
+                    Some((f, cache)) => (Some(f), cache),
+                    None => (None, DocumentCache::default()),
+                };
+                let stat = |path: &Path| {
+                    std::fs::metadata(path)
+                        .ok()
+                        .map(|m| (m.len(), m.modified().ok()))
+                };
+                let mut last_stat = stat(&path);
+                let mut checks = 0u32;
                 loop {
                     tokio::time::sleep(WATCH_INTERVAL).await;
+                    // A stat is cheap; reading and hashing a cluster's file is not.
+                    checks += 1;
+                    let now_stat = stat(&path);
+                    if now_stat == last_stat && checks < FULL_CHECK_EVERY {
+                        continue;
+                    }
+                    (last_stat, checks) = (now_stat, 0);
                     let Ok(bytes) = std::fs::read(&path) else {
                         continue;
                     };
@@ -100,9 +140,10 @@ impl Watch {
                     // more: off the runtime's threads, which keep proxying meanwhile.
                     let (agent, publisher, path) = (agent.clone(), publisher.clone(), path.clone());
                     let mut kept = std::mem::take(&mut last_good);
+                    let mut docs = std::mem::take(&mut cache);
                     let rebuilt = tokio::task::spawn_blocking(move || {
                         let text = String::from_utf8_lossy(&bytes);
-                        match parse(&text, &path) {
+                        match parse_cached(&text, &path, &mut docs) {
                             Ok(file) => {
                                 tracing::info!(path = %path.display(), "config file changed; republishing its resources");
                                 publish(file.resources, &agent, &publisher, &mut kept);
@@ -111,11 +152,14 @@ impl Watch {
                                 tracing::warn!(error = %e, "config file changed but does not parse; keeping the last state")
                             }
                         }
-                        kept
+                        (kept, docs)
                     })
                     .await;
                     last_good = match rebuilt {
-                        Ok(kept) => kept,
+                        Ok((kept, docs)) => {
+                            cache = docs;
+                            kept
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, "rebuilding from the config file failed; the next change rebuilds from scratch");
                             crate::state::LastGood::default()
@@ -160,14 +204,13 @@ pub fn parse(text: &str, path: &Path) -> Result<LocalFile, FileError> {
         if value.is_null() {
             continue; // an empty document between separators
         }
-        let is_resource = file
-            .resources
-            .add_document(index, value.clone())
-            .map_err(|source| FileError::Document {
-                path: path.into(),
-                source,
-            })?;
-        if is_resource {
+        if !crate::resources::is_agent_config(&value) {
+            file.resources
+                .add_document(index, value)
+                .map_err(|source| FileError::Document {
+                    path: path.into(),
+                    source,
+                })?;
             continue;
         }
         if agent_seen {
@@ -190,6 +233,176 @@ pub fn parse(text: &str, path: &Path) -> Result<LocalFile, FileError> {
         })?;
     }
     Ok(file)
+}
+
+/// The documents of the file's last read, by a hash of their text, each as what it parsed to
+/// (a resource kept as compact JSON), so that a rewrite changing one document parses only that
+/// one. About the size of the file's JSON; the typed resources are not kept.
+#[derive(Debug, Default)]
+pub struct DocumentCache {
+    docs: HashMap<u64, Parsed>,
+}
+
+/// What one document parsed to.
+#[derive(Clone, Debug)]
+enum Parsed {
+    /// Nothing (an empty document, or only comments).
+    Nothing,
+    /// The agent's own configuration document (valid).
+    AgentConfig,
+    /// A resource of the kind with [`WatchedKind::INDEX`] `kind`.
+    Resource { kind: usize, json: Arc<[u8]> },
+}
+
+/// As [`parse`], reusing `cache` for the documents whose text has not changed, and updating it.
+/// The result is the same as [`parse`]'s: a stream this cannot split plainly (directives,
+/// document end markers, content on a `---` line) and every error go through [`parse`].
+pub fn parse_cached(
+    text: &str,
+    path: &Path,
+    cache: &mut DocumentCache,
+) -> Result<LocalFile, FileError> {
+    let Some(documents) = split_documents(text) else {
+        return parse(text, path);
+    };
+    let mut file = LocalFile::default();
+    let mut next = HashMap::with_capacity(cache.docs.len());
+    let mut agent_seen = false;
+    for doc in documents {
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            doc.hash(&mut h);
+            h.finish()
+        };
+        let parsed = match cache.docs.remove(&key).or_else(|| next.get(&key).cloned()) {
+            Some(p) => p,
+            None => match parse_one(doc, path) {
+                Some(p) => p,
+                None => return parse(text, path),
+            },
+        };
+        match &parsed {
+            Parsed::Nothing => {}
+            Parsed::AgentConfig if agent_seen => return parse(text, path),
+            Parsed::AgentConfig => agent_seen = true,
+            Parsed::Resource { kind, json } => {
+                if !push_json(&mut file.resources, *kind, json) {
+                    return parse(text, path);
+                }
+            }
+        }
+        next.insert(key, parsed);
+    }
+    cache.docs = next;
+    // The agent settings are read at start only (see `Watch`), so the cache does not keep them.
+    Ok(file)
+}
+
+/// The documents of a YAML stream, split at `---` lines; `None` if the stream has directives,
+/// document end markers or content on a `---` line, which [`parse`] reads instead.
+fn split_documents(text: &str) -> Option<Vec<&str>> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare.starts_with('%') || bare.starts_with("...") {
+            return None;
+        }
+        if bare.starts_with("---") {
+            if bare.trim_end() != "---" {
+                return None;
+            }
+            docs.push(&text[start..at]);
+            start = at + line.len();
+        }
+        at += line.len();
+    }
+    docs.push(&text[start..]);
+    Some(docs)
+}
+
+/// Parses one document alone; `None` if it does not parse (the caller then reads the whole
+/// stream for the error).
+fn parse_one(doc: &str, path: &Path) -> Option<Parsed> {
+    struct Find<'a> {
+        set: &'a ResourceSet,
+        found: Vec<(usize, Vec<u8>)>,
+        unfaithful: bool,
+    }
+    impl KindVisitor for Find<'_> {
+        fn visit<K: WatchedKind>(&mut self) {
+            for o in K::list(self.set) {
+                // Kept only if it reads back as it was (else the stream is parsed whole).
+                let Ok(json) = serde_json::to_vec(o) else {
+                    continue;
+                };
+                let back = serde_json::from_slice::<K>(&json);
+                if back.is_ok_and(|b| format!("{b:?}") == format!("{o:?}")) {
+                    self.found.push((K::INDEX, json));
+                } else {
+                    self.unfaithful = true;
+                }
+            }
+        }
+    }
+    let file = parse(doc, path).ok()?;
+    let mut find = Find {
+        set: &file.resources,
+        found: Vec::new(),
+        unfaithful: false,
+    };
+    kinds::for_each_kind(&mut find);
+    if find.unfaithful {
+        return None;
+    }
+    match find.found.len() {
+        0 => {
+            let value: serde_yaml::Value = serde_yaml::from_str(doc).ok()?;
+            if value.is_null() {
+                Some(Parsed::Nothing)
+            } else if crate::resources::is_agent_config(&value) {
+                Some(Parsed::AgentConfig)
+            } else {
+                None
+            }
+        }
+        1 => find.found.pop().map(|(kind, json)| Parsed::Resource {
+            kind,
+            json: json.into(),
+        }),
+        _ => None,
+    }
+}
+
+/// Adds the resource of kind `kind` read from `json` to `set`; false if it does not read.
+fn push_json(set: &mut ResourceSet, kind: usize, json: &[u8]) -> bool {
+    struct Push<'a> {
+        set: &'a mut ResourceSet,
+        kind: usize,
+        json: &'a [u8],
+        done: bool,
+    }
+    impl KindVisitor for Push<'_> {
+        fn visit<K: WatchedKind>(&mut self) {
+            if K::INDEX != self.kind {
+                return;
+            }
+            if let Ok(o) = serde_json::from_slice::<K>(self.json) {
+                K::list_mut(self.set).push(o);
+                self.done = true;
+            }
+        }
+    }
+    let mut push = Push {
+        set,
+        kind,
+        json,
+        done: false,
+    };
+    kinds::for_each_kind(&mut push);
+    push.done
 }
 
 /// Builds and publishes the file's resources (falling back to the last valid version of a
@@ -223,6 +436,132 @@ mod tests {
         assert_eq!(f.agent.node_name, "n1");
         assert_eq!(f.agent.capture.excluded_ports, vec![22]);
         assert_eq!(f.resources.namespaces.len(), 1);
+    }
+
+    /// Kinds the seeds lack, with the fields the state reads.
+    const KINDS: &str = r#"---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: u1, labels: {app: web}, annotations: {a: b}}
+spec:
+  nodeName: n1
+  serviceAccountName: web
+  containers: [{name: app, ports: [{containerPort: 8080, name: http, protocol: TCP}]}]
+status:
+  phase: Running
+  podIP: 10.0.0.1
+  podIPs: [{ip: 10.0.0.1}]
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {zone: z}}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.1], conditions: {ready: true}}]
+ports: [{name: http, port: 8080}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ap, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - from: [{source: {notNamespaces: [a], ipBlocks: [10.0.0.0/8]}}]
+    to: [{operation: {ports: ["80"], methods: [GET]}}]
+    when: [{key: destination.port, values: ["80"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: shop}
+spec: {hosts: [example.com], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}
+"#;
+
+    /// Every seed document reads the same through the cache as through a whole parse, each
+    /// is cached, and a rewrite reuses the cached documents and parses the changed one.
+    #[test]
+    fn the_document_cache_reads_what_a_whole_parse_reads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/seeds");
+        let mut files: Vec<(PathBuf, String)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                let path = e.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap();
+                (path, text)
+            })
+            .collect();
+        files.push((PathBuf::from("kinds.yaml"), KINDS.into()));
+        let mut seen = 0;
+        for (path, text) in files {
+            let whole = parse(&text, &path).unwrap();
+            let mut cache = DocumentCache::default();
+            let cached = parse_cached(&text, &path, &mut cache).unwrap();
+            assert_eq!(
+                format!("{:?}", cached.resources),
+                format!("{:?}", whole.resources),
+                "{}",
+                path.display()
+            );
+            let resources = cache
+                .docs
+                .values()
+                .filter(|d| matches!(d, Parsed::Resource { .. }))
+                .count();
+            assert!(resources > 0, "{} is cached", path.display());
+            seen += resources;
+        }
+        assert!(seen >= 10, "{seen} seed resources");
+    }
+
+    #[test]
+    fn a_rewrite_parses_only_the_documents_that_changed() {
+        let ns = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n");
+        let text = format!("---\n{}---\n{}", ns("a"), ns("b"));
+        let mut cache = DocumentCache::default();
+        let file = parse_cached(&text, Path::new("t.yaml"), &mut cache).unwrap();
+        assert_eq!(file.resources.namespaces.len(), 2);
+        // Mark the cached `a`: a reuse shows the mark, a fresh parse would not.
+        for d in cache.docs.values_mut() {
+            if let Parsed::Resource { json, .. } = d {
+                let text = String::from_utf8(json.to_vec()).unwrap();
+                if text.contains("\"a\"") {
+                    *json = text.replace("\"a\"", "\"a-cached\"").into_bytes().into();
+                }
+            }
+        }
+        let text = format!("---\n{}---\n{}", ns("a"), ns("c"));
+        let file = parse_cached(&text, Path::new("t.yaml"), &mut cache).unwrap();
+        let names: Vec<_> = file
+            .resources
+            .namespaces
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(names, ["a-cached", "c"]);
+        // `b` is gone from the cache: `a`, `c` and the empty document before the first `---`.
+        let resources = |c: &DocumentCache| {
+            c.docs
+                .values()
+                .filter(|d| matches!(d, Parsed::Resource { .. }))
+                .count()
+        };
+        assert_eq!((cache.docs.len(), resources(&cache)), (3, 2));
+
+        // Errors are the whole parse's, with the document's index in the stream.
+        let broken = format!("---\n{}---\napiVersion: v9\nkind: Thing\n", ns("a"));
+        let err = parse_cached(&broken, Path::new("t.yaml"), &mut cache).unwrap_err();
+        let whole = parse(&broken, Path::new("t.yaml")).unwrap_err();
+        assert_eq!(err.to_string(), whole.to_string());
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! plaintext, a broken StaticGatewayConfiguration would unpin its prefix). [`LastGood`]
 //! remembers the accepted version of every resource and builds from it instead, while the
 //! rejection of the new version is still reported (log line and status condition).
+use std::collections::HashMap;
+
 use kube::Resource;
 
 use super::{
@@ -21,37 +23,40 @@ use crate::resources::{
 /// What the message of a rejection whose previous version stays in force ends with.
 pub const KEPT_NOTE: &str = "; the last valid version stays in force";
 
+/// A resource's kind ([`WatchedKind::INDEX`]), namespace and name.
+type Key = (usize, Option<String>, String);
+
 /// The last accepted version of every resource, across builds.
+///
+/// Kept as compact JSON, not as typed objects: a fallback is rare, and a cluster's worth of
+/// typed resources is several times the size of its JSON (the built MeshState is what serves).
 #[derive(Debug, Default)]
 pub struct LastGood {
-    accepted: ResourceSet,
+    accepted: HashMap<Key, Box<[u8]>>,
 }
 
 impl LastGood {
     /// Builds MeshState from `resources`, substituting the last accepted version for every
     /// resource that is rejected now but was accepted before. Every rejection of the current
     /// versions is returned; those that fell back say so ([`KEPT_NOTE`]).
-    ///
-    /// Takes the set by value and keeps it (no copy) as the accepted versions when every
-    /// resource is valid, the common case: a cluster's worth of objects is held once, not twice.
     pub fn build(&mut self, resources: ResourceSet, settings: &MeshSettings) -> BuildOutput {
         let first = build(&resources, settings);
         if first.rejections.is_empty() {
-            self.accepted = resources;
+            self.accepted = accepted(&resources, &[]);
             return first;
         }
-        let mut patched = resources.clone();
+        let mut patched = resources;
         let mut rejections = first.rejections;
         let mut kept = 0;
         for r in &mut rejections {
-            if restore(&mut patched, &self.accepted, r) {
+            if self.restore(&mut patched, r) {
                 r.message.push_str(KEPT_NOTE);
                 kept += 1;
             }
         }
         if kept == 0 {
             // Nothing to fall back to: the first build is the answer.
-            self.accepted = without(resources, &rejections);
+            self.accepted = accepted(&patched, &rejections);
             return BuildOutput {
                 state: first.state,
                 rejections,
@@ -59,100 +64,122 @@ impl LastGood {
         }
         let second = build(&patched, settings);
         // An old version can be invalid now (e.g. against a resource added since): then it goes.
-        self.accepted = without(patched, &second.rejections);
+        self.accepted = accepted(&patched, &second.rejections);
         BuildOutput {
             state: second.state,
             rejections,
         }
     }
-}
 
-/// Replaces, in `set`, the resource `r` names with its version in `accepted`; whether it did.
-fn restore(set: &mut ResourceSet, accepted: &ResourceSet, r: &Rejection) -> bool {
-    let (ns, name) = (r.namespace.as_deref(), r.name.as_str());
-    by_kind(&r.kind, set, accepted, &mut Restore { ns, name })
-}
-
-/// `set` without the resources `rejections` name.
-fn without(mut set: ResourceSet, rejections: &[Rejection]) -> ResourceSet {
-    let none = ResourceSet::default();
-    for r in rejections {
-        let (ns, name) = (r.namespace.as_deref(), r.name.as_str());
-        by_kind(&r.kind, &mut set, &none, &mut Remove { ns, name });
+    /// Replaces, in `set`, the resource `r` names with its accepted version; whether it did.
+    fn restore(&self, set: &mut ResourceSet, r: &Rejection) -> bool {
+        struct Restore<'a> {
+            set: &'a mut ResourceSet,
+            accepted: &'a HashMap<Key, Box<[u8]>>,
+            ns: Option<&'a str>,
+            name: &'a str,
+            done: bool,
+        }
+        impl KindVisitor for Restore<'_> {
+            fn visit<K: WatchedKind>(&mut self) {
+                let key = (K::INDEX, self.ns.map(str::to_owned), self.name.to_owned());
+                let Some(json) = self.accepted.get(&key) else {
+                    return;
+                };
+                let (ns, name) = (self.ns, self.name);
+                let Some(slot) = K::list_mut(self.set)
+                    .iter_mut()
+                    .find(|o| is(&**o, ns, name))
+                else {
+                    return;
+                };
+                match serde_json::from_slice::<K>(json) {
+                    Ok(old) => {
+                        *slot = old;
+                        self.done = true;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, kind = %K::qualified(), ?ns, name, "the last valid version does not read back");
+                    }
+                }
+            }
+        }
+        let mut op = Restore {
+            set,
+            accepted: &self.accepted,
+            ns: r.namespace.as_deref(),
+            name: &r.name,
+            done: false,
+        };
+        kinds::visit_named(&r.kind, &mut op) && op.done
     }
-    set
-}
 
-/// An operation on the list of one kind in a [`ResourceSet`] (and the same list in another).
-trait KindOp {
-    fn apply<T: Resource + Clone>(&mut self, current: &mut Vec<T>, accepted: &[T]) -> bool;
-}
-
-/// Runs `op` on the lists of `kind` (as [`Rejection::kind`] names it, any watched kind); false
-/// for other kinds.
-fn by_kind(
-    kind: &str,
-    set: &mut ResourceSet,
-    accepted: &ResourceSet,
-    op: &mut impl KindOp,
-) -> bool {
-    struct Apply<'a, O> {
-        set: &'a mut ResourceSet,
-        accepted: &'a ResourceSet,
-        op: &'a mut O,
-        done: bool,
+    /// How many resources have an accepted version.
+    pub fn len(&self) -> usize {
+        self.accepted.len()
     }
-    impl<O: KindOp> KindVisitor for Apply<'_, O> {
+
+    pub fn is_empty(&self) -> bool {
+        self.accepted.is_empty()
+    }
+}
+
+/// The resources of `set` but those `rejections` name, as JSON by kind, namespace and name.
+fn accepted(set: &ResourceSet, rejections: &[Rejection]) -> HashMap<Key, Box<[u8]>> {
+    struct Collect<'a> {
+        set: &'a ResourceSet,
+        out: HashMap<Key, Box<[u8]>>,
+    }
+    impl KindVisitor for Collect<'_> {
         fn visit<K: WatchedKind>(&mut self) {
-            self.done = self.op.apply(K::list_mut(self.set), K::list(self.accepted));
+            for o in K::list(self.set) {
+                let meta = o.meta();
+                match serde_json::to_vec(o) {
+                    Ok(json) => {
+                        let key = (
+                            K::INDEX,
+                            meta.namespace.clone(),
+                            meta.name.clone().unwrap_or_default(),
+                        );
+                        self.out.insert(key, json.into_boxed_slice());
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, kind = %K::qualified(), name = ?meta.name, "cannot keep the valid version");
+                    }
+                }
+            }
         }
     }
-    let mut apply = Apply {
+    let mut collect = Collect {
         set,
-        accepted,
-        op,
-        done: false,
+        out: HashMap::new(),
     };
-    kinds::visit_named(kind, &mut apply) && apply.done
+    kinds::for_each_kind(&mut collect);
+    for r in rejections {
+        if let Some(index) = kind_index(&r.kind) {
+            collect
+                .out
+                .remove(&(index, r.namespace.clone(), r.name.clone()));
+        }
+    }
+    collect.out
+}
+
+/// [`WatchedKind::INDEX`] of the kind a [`Rejection::kind`] names (any watched kind).
+fn kind_index(kind: &str) -> Option<usize> {
+    struct Find(Option<usize>);
+    impl KindVisitor for Find {
+        fn visit<K: WatchedKind>(&mut self) {
+            self.0 = Some(K::INDEX);
+        }
+    }
+    let mut find = Find(None);
+    kinds::visit_named(kind, &mut find);
+    find.0
 }
 
 fn is<T: Resource>(o: &T, ns: Option<&str>, name: &str) -> bool {
     o.meta().namespace.as_deref() == ns && o.meta().name.as_deref() == Some(name)
-}
-
-/// Puts the accepted version of one resource in place of the current one.
-struct Restore<'a> {
-    ns: Option<&'a str>,
-    name: &'a str,
-}
-
-impl KindOp for Restore<'_> {
-    fn apply<T: Resource + Clone>(&mut self, current: &mut Vec<T>, accepted: &[T]) -> bool {
-        let Some(old) = accepted.iter().find(|o| is(*o, self.ns, self.name)) else {
-            return false;
-        };
-        match current.iter_mut().find(|o| is(&**o, self.ns, self.name)) {
-            Some(slot) => {
-                *slot = old.clone();
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// Drops one resource.
-struct Remove<'a> {
-    ns: Option<&'a str>,
-    name: &'a str,
-}
-
-impl KindOp for Remove<'_> {
-    fn apply<T: Resource + Clone>(&mut self, current: &mut Vec<T>, _: &[T]) -> bool {
-        let before = current.len();
-        current.retain(|o| !is(o, self.ns, self.name));
-        current.len() != before
-    }
 }
 
 #[cfg(test)]
@@ -238,24 +265,57 @@ status: {podIP: 10.0.1.2}
 
     #[test]
     fn every_watched_kind_can_fall_back_namespaces_included() {
-        /// Reports that it reached a kind's lists.
-        struct Reached;
-        impl KindOp for Reached {
-            fn apply<T: Resource + Clone>(&mut self, _: &mut Vec<T>, _: &[T]) -> bool {
-                true
-            }
-        }
         let names: Vec<String> = kinds::watched().iter().map(|k| k.qualified()).collect();
         assert!(names.iter().any(|n| n == "Namespace"), "{names:?}");
         for name in &names {
-            let (mut set, accepted) = (ResourceSet::default(), ResourceSet::default());
-            assert!(by_kind(name, &mut set, &accepted, &mut Reached), "{name}");
+            assert!(kind_index(name).is_some(), "{name}");
         }
-        assert!(!by_kind(
-            "Unknown.example.com",
-            &mut ResourceSet::default(),
-            &ResourceSet::default(),
-            &mut Reached
+        assert_eq!(kind_index("Unknown.example.com"), None);
+    }
+
+    /// Every accepted resource reads back from what is kept as it was, and a rejected one is
+    /// not kept.
+    #[test]
+    fn accepted_versions_read_back_unchanged() {
+        let resources = set(&format!(
+            "{}\n---\n{}",
+            pa("STRICT"),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {name: ap, namespace: shop}\nspec: {selector: {matchLabels: {app: web}}, \
+             rules: [{from: [{source: {principals: [td/ns/a/sa/b]}}], to: [{operation: {ports: [\"80\"]}}]}]}"
         ));
+        let mut last = LastGood::default();
+        let out = last.build(resources.clone(), &MeshSettings::default());
+        assert!(out.rejections.is_empty(), "{:?}", out.rejections);
+        assert_eq!(last.len(), 4);
+        let mut emptied = resources.clone();
+        emptied.peer_authentications[0].spec = Default::default();
+        emptied.authorization_policies[0].spec = Default::default();
+        emptied.pods[0].spec = None;
+        for (kind, ns, name) in [
+            ("PeerAuthentication.security.istio.io", "shop", "default"),
+            ("AuthorizationPolicy.security.istio.io", "shop", "ap"),
+            ("Pod", "shop", "web"),
+        ] {
+            let r = Rejection {
+                kind: kind.into(),
+                namespace: Some(ns.into()),
+                name: name.into(),
+                field: String::new(),
+                message: String::new(),
+            };
+            assert!(last.restore(&mut emptied, &r), "{kind}");
+        }
+        let json = |s: &ResourceSet| {
+            serde_json::to_value((&s.pods, &s.peer_authentications, &s.authorization_policies))
+                .unwrap()
+        };
+        assert_eq!(json(&emptied), json(&resources));
+        assert_ne!(emptied.pods[0].spec, None);
+
+        let out = last.build(set(&pa("STRCT")), &MeshSettings::default());
+        assert_eq!(out.rejections.len(), 1);
+        // The namespace, the pod and the PeerAuthentication (its STRICT version restored).
+        assert_eq!(last.len(), 3);
     }
 }

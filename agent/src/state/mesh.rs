@@ -32,7 +32,32 @@ pub struct MeshState {
     pub by_ip: BTreeMap<IpAddr, WorkloadUid>,
 }
 
+/// Receives the serialized fields of a [`MeshState`] one at a time (`/config_dump` writes and
+/// filters them so, without serializing the whole state at once).
+pub trait SectionVisitor {
+    type Error;
+    fn section<T: Serialize + ?Sized>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), Self::Error>;
+}
+
 impl MeshState {
+    /// Hands every serialized field, under its serialized name, to `v`, in order.
+    pub fn visit_sections<V: SectionVisitor>(&self, v: &mut V) -> Result<(), V::Error> {
+        v.section("trust_domain", &self.trust_domain)?;
+        v.section("root_namespace", &self.root_namespace)?;
+        v.section("namespaces", &self.namespaces)?;
+        v.section("workloads", &self.workloads)?;
+        v.section("services", &self.services)?;
+        v.section("service_conflicts", &self.service_conflicts)?;
+        v.section("nodes", &self.nodes)?;
+        v.section("policy", &self.policy)?;
+        v.section("egress", &self.egress)?;
+        v.section("ingress", &self.ingress)
+    }
+
     /// The workload that owns `ip`, if any.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
         self.by_ip.get(&ip).and_then(|uid| self.workloads.get(uid))
@@ -52,5 +77,42 @@ impl MeshState {
         self.services_by_vip
             .get(&ip)
             .and_then(|k| self.services.get(k))
+    }
+}
+
+#[cfg(test)]
+mod section_tests {
+    use super::*;
+
+    /// `visit_sections` hands over every field that serializes, so a dump written section by
+    /// section is the whole state.
+    #[test]
+    fn sections_are_every_serialized_field() {
+        struct Names(Vec<&'static str>);
+        impl SectionVisitor for Names {
+            type Error = std::convert::Infallible;
+            fn section<T: Serialize + ?Sized>(
+                &mut self,
+                name: &'static str,
+                _: &T,
+            ) -> Result<(), Self::Error> {
+                self.0.push(name);
+                Ok(())
+            }
+        }
+        let mut names = Names(Vec::new());
+        let Ok(()) = MeshState::default().visit_sections(&mut names);
+        let whole = serde_json::to_value(MeshState::default()).unwrap();
+        let fields: Vec<&str> = whole
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut visited = names.0.clone();
+        visited.sort_unstable();
+        let mut fields = fields.clone();
+        fields.sort_unstable();
+        assert_eq!(visited, fields);
     }
 }

@@ -25,7 +25,7 @@ use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Serialize;
 
-use super::rejections::Rejections;
+use super::{rejections::Rejections, workload::Workload};
 use crate::resources::{
     ResourceSet,
     istio_security::{
@@ -47,16 +47,55 @@ pub struct Policies {
 }
 
 /// The enforced AuthorizationPolicies in their order, indexed by the namespace their scope
-/// reaches, so that a connection's decision reads only the policies that can select its
-/// destination (a cluster has thousands; a namespace a few).
+/// reaches and by one label of their selector, so that a connection's decision reads only the
+/// policies that can select its destination (a cluster has thousands; a namespace tens, of which
+/// a workload's labels pick a few).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Authorizations {
     list: Vec<Authorization>,
-    /// Namespace → positions in `list` of the policies scoped to it, ascending.
-    by_namespace: HashMap<String, Vec<usize>>,
-    /// Positions of the policies that reach every namespace (mesh-wide, or a selector in the
-    /// root namespace), ascending.
-    everywhere: Vec<usize>,
+    /// Namespace → the policies scoped to it.
+    by_namespace: HashMap<String, ScopeIndex>,
+    /// The policies that reach every namespace (mesh-wide, or a selector in the root
+    /// namespace).
+    everywhere: ScopeIndex,
+}
+
+/// Positions in [`Authorizations::list`] of the policies of one reach, ascending in each list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ScopeIndex {
+    /// Policies without labels to match: they select every workload they reach.
+    unlabelled: Vec<usize>,
+    /// Label key → value → the policies whose selector's first label (in key order) is that
+    /// pair; a workload without that label is never selected by them.
+    by_label: HashMap<String, HashMap<String, Vec<usize>>>,
+}
+
+impl ScopeIndex {
+    fn add(&mut self, i: usize, labels: Option<&BTreeMap<String, String>>) {
+        match labels.and_then(|l| l.iter().next()) {
+            None => self.unlabelled.push(i),
+            Some((k, v)) => self
+                .by_label
+                .entry(k.clone())
+                .or_default()
+                .entry(v.clone())
+                .or_default()
+                .push(i),
+        }
+    }
+
+    /// Adds to `out` the positions of the policies that may select a workload with `labels`.
+    fn candidates(&self, labels: &BTreeMap<String, String>, out: &mut Vec<usize>) {
+        out.extend_from_slice(&self.unlabelled);
+        if self.by_label.is_empty() {
+            return;
+        }
+        for (k, v) in labels {
+            if let Some(found) = self.by_label.get(k).and_then(|values| values.get(v)) {
+                out.extend_from_slice(found);
+            }
+        }
+    }
 }
 
 impl Authorizations {
@@ -73,24 +112,23 @@ impl Authorizations {
         self.list.is_empty()
     }
 
-    /// The policies whose scope can reach a workload in `namespace`, in order (the scope's
-    /// labels are still to be checked).
-    pub fn reaching<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a Authorization> {
-        let local = self
-            .by_namespace
-            .get(namespace)
-            .map_or(&[][..], Vec::as_slice);
-        // Merge two ascending position lists, keeping the policies' order.
-        let (mut a, mut b) = (local.iter().peekable(), self.everywhere.iter().peekable());
-        std::iter::from_fn(move || {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x < y => a.next(),
-                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, None) => None,
-            }?;
-            Some(&self.list[*next])
-        })
+    /// The policies whose scope selects `workload`, in order: the same as
+    /// `iter().filter(|p| p.scope.selects(workload))`, without reading the others.
+    pub fn selecting<'a>(
+        &'a self,
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a Authorization> {
+        let mut positions = Vec::new();
+        self.everywhere.candidates(&workload.labels, &mut positions);
+        if let Some(local) = self.by_namespace.get(&workload.namespace) {
+            local.candidates(&workload.labels, &mut positions);
+        }
+        // Each policy sits in one list only: sorting restores the order without duplicates.
+        positions.sort_unstable();
+        positions
+            .into_iter()
+            .map(|i| &self.list[i])
+            .filter(move |p| p.scope.selects(workload))
     }
 }
 
@@ -99,19 +137,24 @@ impl FromIterator<Authorization> for Authorizations {
         let mut out = Authorizations::default();
         for (i, a) in iter.into_iter().enumerate() {
             match &a.scope {
-                PolicyScope::Mesh
-                | PolicyScope::Workloads {
-                    namespace: None, ..
-                } => out.everywhere.push(i),
-                PolicyScope::Namespace { namespace }
-                | PolicyScope::Workloads {
+                PolicyScope::Mesh => out.everywhere.add(i, None),
+                PolicyScope::Workloads {
+                    namespace: None,
+                    labels,
+                } => out.everywhere.add(i, Some(labels)),
+                PolicyScope::Namespace { namespace } => out
+                    .by_namespace
+                    .entry(namespace.clone())
+                    .or_default()
+                    .add(i, None),
+                PolicyScope::Workloads {
                     namespace: Some(namespace),
-                    ..
+                    labels,
                 } => out
                     .by_namespace
                     .entry(namespace.clone())
                     .or_default()
-                    .push(i),
+                    .add(i, Some(labels)),
             }
             out.list.push(a);
         }
@@ -213,52 +256,144 @@ pub struct Authorization {
 /// One rule: every clause must match.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct AuthzRule {
-    pub clauses: Vec<Clause>,
+    pub clauses: Box<[Clause]>,
 }
 
 /// A clause (`from`, `to`, or one `when` condition): any of its matches will do.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Clause {
-    pub any_of: Vec<ConnMatch>,
+    pub any_of: Box<[ConnMatch]>,
 }
 
 /// Conditions on a connection; every non-empty positive list must have a hit, no negative list
-/// may have one.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// may have one. Built from [`ConnLists`]; only the lists that are not empty are kept (a cluster
+/// holds tens of thousands of matches, most with one or two lists of twelve).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConnMatch {
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    terms: Box<[Term]>,
+}
+
+impl ConnMatch {
+    /// The non-empty lists, in the order of [`ConnLists`]' fields.
+    pub fn terms(&self) -> &[Term] {
+        &self.terms
+    }
+}
+
+/// One non-empty list of a [`ConnMatch`], named as the field of [`ConnLists`] it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Term {
+    Principals(Box<[StringMatch]>),
+    NotPrincipals(Box<[StringMatch]>),
+    Namespaces(Box<[StringMatch]>),
+    NotNamespaces(Box<[StringMatch]>),
+    ServiceAccounts(Box<[ServiceAccountRef]>),
+    NotServiceAccounts(Box<[ServiceAccountRef]>),
+    SourceIps(Box<[IpNet]>),
+    NotSourceIps(Box<[IpNet]>),
+    DestinationIps(Box<[IpNet]>),
+    NotDestinationIps(Box<[IpNet]>),
+    DestinationPorts(Box<[u16]>),
+    NotDestinationPorts(Box<[u16]>),
+}
+
+impl Term {
+    /// The field name it serializes under (the same as [`ConnLists`]').
+    fn field(&self) -> &'static str {
+        match self {
+            Term::Principals(_) => "principals",
+            Term::NotPrincipals(_) => "not_principals",
+            Term::Namespaces(_) => "namespaces",
+            Term::NotNamespaces(_) => "not_namespaces",
+            Term::ServiceAccounts(_) => "service_accounts",
+            Term::NotServiceAccounts(_) => "not_service_accounts",
+            Term::SourceIps(_) => "source_ips",
+            Term::NotSourceIps(_) => "not_source_ips",
+            Term::DestinationIps(_) => "destination_ips",
+            Term::NotDestinationIps(_) => "not_destination_ips",
+            Term::DestinationPorts(_) => "destination_ports",
+            Term::NotDestinationPorts(_) => "not_destination_ports",
+        }
+    }
+}
+
+/// Serialized as the map of its non-empty lists, as [`ConnLists`] would be.
+impl Serialize for ConnMatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.terms.len()))?;
+        for t in self.terms.iter() {
+            match t {
+                Term::Principals(l)
+                | Term::NotPrincipals(l)
+                | Term::Namespaces(l)
+                | Term::NotNamespaces(l) => map.serialize_entry(t.field(), l)?,
+                Term::ServiceAccounts(l) | Term::NotServiceAccounts(l) => {
+                    map.serialize_entry(t.field(), l)?
+                }
+                Term::SourceIps(l)
+                | Term::NotSourceIps(l)
+                | Term::DestinationIps(l)
+                | Term::NotDestinationIps(l) => map.serialize_entry(t.field(), l)?,
+                Term::DestinationPorts(l) | Term::NotDestinationPorts(l) => {
+                    map.serialize_entry(t.field(), l)?
+                }
+            }
+        }
+        map.end()
+    }
+}
+
+/// The lists of a [`ConnMatch`] while it is being read from a policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnLists {
     pub principals: Vec<StringMatch>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<StringMatch>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<StringMatch>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<StringMatch>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<ServiceAccountRef>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_service_accounts: Vec<ServiceAccountRef>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub source_ips: Vec<IpNet>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_source_ips: Vec<IpNet>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub destination_ips: Vec<IpNet>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ips: Vec<IpNet>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub destination_ports: Vec<u16>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ports: Vec<u16>,
+}
+
+impl From<ConnLists> for ConnMatch {
+    fn from(l: ConnLists) -> Self {
+        fn add<T>(terms: &mut Vec<Term>, list: Vec<T>, term: fn(Box<[T]>) -> Term) {
+            if !list.is_empty() {
+                terms.push(term(list.into_boxed_slice()));
+            }
+        }
+        let mut t = Vec::new();
+        add(&mut t, l.principals, Term::Principals);
+        add(&mut t, l.not_principals, Term::NotPrincipals);
+        add(&mut t, l.namespaces, Term::Namespaces);
+        add(&mut t, l.not_namespaces, Term::NotNamespaces);
+        add(&mut t, l.service_accounts, Term::ServiceAccounts);
+        add(&mut t, l.not_service_accounts, Term::NotServiceAccounts);
+        add(&mut t, l.source_ips, Term::SourceIps);
+        add(&mut t, l.not_source_ips, Term::NotSourceIps);
+        add(&mut t, l.destination_ips, Term::DestinationIps);
+        add(&mut t, l.not_destination_ips, Term::NotDestinationIps);
+        add(&mut t, l.destination_ports, Term::DestinationPorts);
+        add(&mut t, l.not_destination_ports, Term::NotDestinationPorts);
+        ConnMatch {
+            terms: t.into_boxed_slice(),
+        }
+    }
 }
 
 /// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (present).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StringMatch {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
     Presence,
 }
 
@@ -268,11 +403,11 @@ impl StringMatch {
         if s == "*" {
             StringMatch::Presence
         } else if let Some(suffix) = s.strip_prefix('*') {
-            StringMatch::Suffix(suffix.to_owned())
+            StringMatch::Suffix(suffix.into())
         } else if let Some(prefix) = s.strip_suffix('*') {
-            StringMatch::Prefix(prefix.to_owned())
+            StringMatch::Prefix(prefix.into())
         } else {
-            StringMatch::Exact(s.to_owned())
+            StringMatch::Exact(s.into())
         }
     }
 
@@ -282,9 +417,9 @@ impl StringMatch {
             return false;
         };
         match self {
-            StringMatch::Exact(s) => v == s,
-            StringMatch::Prefix(p) => v.starts_with(p.as_str()),
-            StringMatch::Suffix(s) => v.ends_with(s.as_str()),
+            StringMatch::Exact(s) => v == &**s,
+            StringMatch::Prefix(p) => v.starts_with(&**p),
+            StringMatch::Suffix(s) => v.ends_with(&**s),
             StringMatch::Presence => !v.is_empty(),
         }
     }
@@ -293,8 +428,8 @@ impl StringMatch {
 /// A service account named by an AuthorizationPolicy (`serviceAccounts`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceAccountRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Box<str>,
+    pub name: Box<str>,
 }
 
 /// A valid policy that the node proxy does not enforce.
@@ -534,6 +669,7 @@ fn authorization_policy(
         http_attributes.extend(found);
         rules.extend(rule);
     }
+    rules.shrink_to_fit();
     if let Some((field, message)) = errors.into_iter().next() {
         // Fail closed. The rejection is reported (log line, condition), and a version of the
         // policy that was valid before stays in force instead (`state::LastGood`). One that was
@@ -624,13 +760,15 @@ fn authz_rule(
                         http.push(field.to_owned());
                     }
                 }
-                any_of.push(ConnMatch {
+                any_of.push(ConnMatch::from(ConnLists {
                     destination_ports: ports(&op.ports, &format!("{at}.ports"))?,
                     not_destination_ports: ports(&op.not_ports, &format!("{at}.notPorts"))?,
-                    ..ConnMatch::default()
-                });
+                    ..ConnLists::default()
+                }));
             }
-            Ok(Clause { any_of })
+            Ok(Clause {
+                any_of: any_of.into_boxed_slice(),
+            })
         })();
         keep(to, &mut clauses);
     }
@@ -644,7 +782,9 @@ fn authz_rule(
                 http.extend(found);
                 any_of.push(m);
             }
-            Ok(Clause { any_of })
+            Ok(Clause {
+                any_of: any_of.into_boxed_slice(),
+            })
         })();
         keep(from, &mut clauses);
     }
@@ -652,7 +792,9 @@ fn authz_rule(
     for (j, when) in rule.when.iter().enumerate() {
         let at = format!("{path}.when[{j}]");
         match condition(when, &at) {
-            Ok(Some(m)) => clauses.push(Clause { any_of: vec![m] }),
+            Ok(Some(m)) => clauses.push(Clause {
+                any_of: Box::new([m]),
+            }),
             // An HTTP condition: dropped (DENY) or the whole rule dropped (ALLOW), below.
             Ok(None) => http.push(when.key.clone()),
             Err(e) => errors.push(e),
@@ -662,7 +804,12 @@ fn authz_rule(
     if action == AuthzAction::Allow && !http.is_empty() {
         return (None, http);
     }
-    (Some(AuthzRule { clauses }), http)
+    (
+        Some(AuthzRule {
+            clauses: clauses.into_boxed_slice(),
+        }),
+        http,
+    )
 }
 
 fn ports(list: &[PortText], field: &str) -> Result<Vec<u16>, FieldError> {
@@ -687,12 +834,12 @@ fn service_accounts(list: &[String], policy_namespace: &str) -> Vec<ServiceAccou
     list.iter()
         .map(|s| match s.split_once('/') {
             Some((ns, sa)) => ServiceAccountRef {
-                namespace: ns.to_owned(),
-                name: sa.to_owned(),
+                namespace: ns.into(),
+                name: sa.into(),
             },
             None => ServiceAccountRef {
-                namespace: policy_namespace.to_owned(),
-                name: s.clone(),
+                namespace: policy_namespace.into(),
+                name: s.as_str().into(),
             },
         })
         .collect()
@@ -714,7 +861,7 @@ fn source(
             http.push(field.to_owned());
         }
     }
-    let m = ConnMatch {
+    let m = ConnLists {
         principals: string_matches(&s.principals),
         not_principals: string_matches(&s.not_principals),
         namespaces: string_matches(&s.namespaces),
@@ -723,9 +870,9 @@ fn source(
         not_service_accounts: service_accounts(&s.not_service_accounts, policy_namespace),
         source_ips: ip_blocks(&s.ip_blocks, &format!("{at}.ipBlocks"))?,
         not_source_ips: ip_blocks(&s.not_ip_blocks, &format!("{at}.notIpBlocks"))?,
-        ..ConnMatch::default()
+        ..ConnLists::default()
     };
-    Ok((m, http))
+    Ok((m.into(), http))
 }
 
 /// A `when` condition on an L4 key as a match; `None` for an HTTP key.
@@ -736,7 +883,7 @@ fn condition(c: &Condition, at: &str) -> Result<Option<ConnMatch>, FieldError> {
         let texts: Vec<PortText> = list.iter().map(|s| PortText(s.clone())).collect();
         ports(&texts, field)
     };
-    let mut m = ConnMatch::default();
+    let mut m = ConnLists::default();
     match c.key.as_str() {
         "source.ip" => {
             m.source_ips = ip_blocks(&c.values, &values)?;
@@ -760,12 +907,13 @@ fn condition(c: &Condition, at: &str) -> Result<Option<ConnMatch>, FieldError> {
         }
         _ => return Ok(None),
     }
-    Ok(Some(m))
+    Ok(Some(m.into()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{Membership, WorkloadUid};
 
     fn policy(name: &str, scope: PolicyScope) -> Authorization {
         Authorization {
@@ -778,8 +926,35 @@ mod tests {
         }
     }
 
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn workload(namespace: &str, pairs: &[(&str, &str)]) -> Workload {
+        Workload {
+            uid: WorkloadUid("w".into()),
+            name: "w".into(),
+            namespace: namespace.into(),
+            service_account: "default".into(),
+            node: None,
+            ips: Vec::new(),
+            labels: labels(pairs),
+            annotations: BTreeMap::new(),
+            membership: Membership::Namespace,
+            ports: BTreeMap::new(),
+            ready: true,
+        }
+    }
+
+    fn selected(all: &Authorizations, w: &Workload) -> Vec<String> {
+        all.selecting(w).map(|p| p.name.clone()).collect()
+    }
+
     #[test]
-    fn reaching_keeps_the_order_of_local_and_mesh_wide_policies() {
+    fn selecting_keeps_the_order_of_local_and_mesh_wide_policies() {
         let ns = |n: &str| PolicyScope::Namespace {
             namespace: n.into(),
         };
@@ -791,24 +966,105 @@ mod tests {
                 "root-selector",
                 PolicyScope::Workloads {
                     namespace: None,
-                    labels: BTreeMap::new(),
+                    labels: labels(&[("app", "web")]),
                 },
             ),
             policy(
                 "a2",
                 PolicyScope::Workloads {
                     namespace: Some("a".into()),
-                    labels: BTreeMap::new(),
+                    labels: labels(&[("app", "web")]),
                 },
             ),
+            policy("a3", ns("a")),
         ]
         .into_iter()
         .collect();
-        let names =
-            |ns: &str| -> Vec<String> { all.reaching(ns).map(|p| p.name.clone()).collect() };
-        assert_eq!(names("a"), ["mesh", "a1", "root-selector", "a2"]);
-        assert_eq!(names("b"), ["mesh", "b1", "root-selector"]);
-        assert_eq!(names("c"), ["mesh", "root-selector"]);
-        assert_eq!(all.len(), 5);
+        let web = [("app", "web")];
+        assert_eq!(
+            selected(&all, &workload("a", &web)),
+            ["mesh", "a1", "root-selector", "a2", "a3"]
+        );
+        assert_eq!(selected(&all, &workload("a", &[])), ["mesh", "a1", "a3"]);
+        assert_eq!(
+            selected(&all, &workload("b", &web)),
+            ["mesh", "b1", "root-selector"]
+        );
+        assert_eq!(selected(&all, &workload("c", &[])), ["mesh"]);
+        assert_eq!(all.len(), 6);
+    }
+
+    /// The index finds exactly what reading every policy would: selectors of one and several
+    /// labels, labels a workload has with another value, every reach.
+    #[test]
+    fn selecting_equals_filtering_every_policy() {
+        let namespaces = [None, Some("a"), Some("b")];
+        let selectors: [&[(&str, &str)]; 6] = [
+            &[],
+            &[("app", "web")],
+            &[("app", "db")],
+            &[("app", "web"), ("tier", "front")],
+            &[("tier", "front")],
+            &[("app", "web"), ("zone", "z1")],
+        ];
+        let mut policies = Vec::new();
+        for round in 0..2 {
+            for ns in namespaces {
+                for (k, sel) in selectors.iter().enumerate() {
+                    let name = format!("{round}-{}-{k}", ns.unwrap_or("root"));
+                    let scope = match (ns, sel.is_empty()) {
+                        (None, true) => PolicyScope::Mesh,
+                        (Some(n), true) => PolicyScope::Namespace {
+                            namespace: n.into(),
+                        },
+                        (ns, false) => PolicyScope::Workloads {
+                            namespace: ns.map(str::to_owned),
+                            labels: labels(sel),
+                        },
+                    };
+                    policies.push(policy(&name, scope));
+                }
+            }
+        }
+        let all: Authorizations = policies.into_iter().collect();
+        let mut checked = 0;
+        for ns in ["a", "b", "c"] {
+            for pairs in [
+                &[][..],
+                &[("app", "web")],
+                &[("app", "web"), ("tier", "front")],
+                &[("app", "db"), ("tier", "back"), ("zone", "z1")],
+                &[("app", "web"), ("tier", "front"), ("zone", "z1")],
+                &[("tier", "front")],
+            ] {
+                let w = workload(ns, pairs);
+                let expected: Vec<String> = all
+                    .iter()
+                    .filter(|p| p.scope.selects(&w))
+                    .map(|p| p.name.clone())
+                    .collect();
+                assert_eq!(selected(&all, &w), expected, "{ns} {pairs:?}");
+                checked += expected.len();
+            }
+        }
+        assert!(checked > 50, "the cases select policies: {checked}");
+    }
+
+    /// A compact match serializes as the lists it was read from did: only the non-empty ones.
+    #[test]
+    fn conn_match_serializes_its_non_empty_lists() {
+        let m = ConnMatch::from(ConnLists {
+            principals: vec![StringMatch::parse("td/ns/a/sa/*")],
+            not_destination_ports: vec![22],
+            ..ConnLists::default()
+        });
+        assert_eq!(
+            serde_json::to_value(&m).unwrap(),
+            serde_json::json!({"principals": [{"prefix": "td/ns/a/sa/"}], "not_destination_ports": [22]})
+        );
+        assert_eq!(
+            serde_json::to_value(ConnMatch::from(ConnLists::default())).unwrap(),
+            serde_json::json!({})
+        );
     }
 }

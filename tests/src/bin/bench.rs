@@ -54,6 +54,10 @@ fn main() {
         "egress" => egress(),
         "scale" => scale(),
         "ingress" => ingress::run(),
+        "scale-state" => {
+            scale_in_process(&sluice_tests::scale::Size::CLUSTER);
+        }
+        "scale-memory" => scale_memory(),
         "all" => {
             capture();
             mesh();
@@ -63,7 +67,8 @@ fn main() {
         }
         other => {
             eprintln!(
-                "unknown benchmark {other:?}: capture | mesh | egress | scale | ingress | all"
+                "unknown benchmark {other:?}: capture | mesh | egress | scale | ingress | all \
+                 (and scale-state, scale-memory: the in-process parts of scale)"
             );
             std::process::exit(2);
         }
@@ -750,12 +755,7 @@ fn last_generation(w: &World, i: usize) -> u64 {
 fn scale() {
     use std::time::{Duration, Instant};
 
-    use sluice::{
-        policy::ConnectionInfo,
-        resources::ResourceSet,
-        state::{MeshSettings, build},
-    };
-    use sluice_tests::scale::{Size, cluster, pod, pod_ip};
+    use sluice_tests::scale::{Size, cluster, pod};
 
     let size = Size::CLUSTER;
     let started = Instant::now();
@@ -776,6 +776,183 @@ fn scale() {
         yaml.len() as f64 / 1e6
     );
 
+    let InProcess {
+        parse_ms,
+        build_ms,
+        resources_mib,
+        state_mib,
+        decision_p50_us,
+        decision_p99_us,
+        allowed,
+    } = scale_in_process(&size);
+
+    // The agents: first with nothing but the two pods the rate is measured between.
+    let pods = [PodSpec::new("m1", "mesh", 1), PodSpec::new("m2", "mesh", 2)];
+    let mut w = World::build(2, &pods);
+    w.namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]);
+    w.start_agent(1, "");
+    w.start_agent(2, "");
+    for p in &pods {
+        w.enroll(&p.name);
+    }
+    let m2 = w.pod("m2").ipv4;
+    let _server = w.serve("m2", "0.0.0.0:8080");
+    let echo = SocketAddr::new(m2, 8080).to_string();
+    samples(&w, "m1", &echo, 100);
+    let mut empty = Vec::new();
+    for _ in 0..3 {
+        empty.extend(samples(&w, "m1", &echo, 300));
+    }
+    let pid = w.agents[&1].pid().expect("agent 1 runs");
+    let rss_empty = rss_mib(pid);
+
+    // The whole cluster arrives in one file change.
+    let generation = last_generation(&w, 1);
+    w.extra_resources = yaml.clone();
+    w.rewrite_configs();
+    let (_, mut generation) = published_after(&w, 1, generation, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_steady = rss_mib(pid);
+    let mut at_scale = Vec::new();
+    for _ in 0..3 {
+        at_scale.extend(samples(&w, "m1", &echo, 300));
+    }
+
+    // Changes: one more pod each time; from the file's write to the agent's publication.
+    let mut propagation = Vec::new();
+    let mut rss_changes = Vec::new();
+    let mut extra = String::new();
+    // The issue's figures: propagation over 50 changes, RSS after 10 (and after all 50).
+    const CHANGES: usize = 50;
+    const RSS_AFTER: usize = 10;
+    let mut rss_after = 0.0;
+    for c in 0..CHANGES {
+        extra.push_str(&pod(&size, size.pods + c, 0));
+        w.extra_resources = format!("{yaml}{extra}");
+        let written = k8s_openapi::jiff::Timestamp::now();
+        w.rewrite_configs();
+        let (at, g) = published_after(&w, 1, generation, Duration::from_secs(120));
+        generation = g;
+        propagation.push((at.as_millisecond() - written.as_millisecond()).max(0) as u64);
+        rss_changes.push(rss_mib(pid));
+        if c + 1 == RSS_AFTER {
+            std::thread::sleep(Duration::from_secs(2));
+            rss_after = rss_mib(pid);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after_all = rss_mib(pid);
+    propagation.sort_unstable();
+    empty.sort_unstable();
+    at_scale.sort_unstable();
+    let rate = |v: &[u64]| 1e6 / (percentile(v, 0.5) as f64).max(1.0);
+    let conn_ratio = rate(&at_scale) / rate(&empty);
+
+    println!("{:<44} {:>12}", "figure", "value");
+    println!(
+        "{:<44} {:>12.0}",
+        "parse the YAML, in process (ms)", parse_ms
+    );
+    println!("{:<44} {:>12.0}", "state::build, in process (ms)", build_ms);
+    println!(
+        "{:<44} {:>12.0}",
+        "one change, file mode, p50 (ms)",
+        percentile(&propagation, 0.5)
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "one change, file mode, p99 (ms)",
+        percentile(&propagation, 0.99)
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "parsed resources, in process (MiB)", resources_mib
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "built MeshState, in process (MiB)", state_mib
+    );
+    println!("{:<44} {:>12.1}", "agent RSS, empty state (MiB)", rss_empty);
+    println!(
+        "{:<44} {:>12.1}",
+        "agent RSS, cluster state (MiB)", rss_steady
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        format!("agent RSS after {RSS_AFTER} changes (MiB)"),
+        rss_after
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        format!("agent RSS after {CHANGES} changes (MiB)"),
+        rss_after_all
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "policy decision p50 (µs)", decision_p50_us
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "policy decision p99 (µs)", decision_p99_us
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "new conns/s, pooled, empty state",
+        rate(&empty)
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "new conns/s, pooled, cluster state",
+        rate(&at_scale)
+    );
+    println!(
+        "(RSS of node 1's agent, which holds every resource; per change {:?} MiB; {} of 20,000 \
+         decisions allowed; conns/s = 1 / median connect + first byte, 900 each; changes \
+         add one pod, file source stat'ed every 100 ms; {:.0} s in all)",
+        rss_changes
+            .iter()
+            .map(|r| (r * 10.0).round() / 10.0)
+            .collect::<Vec<_>>(),
+        allowed,
+        started.elapsed().as_secs_f64()
+    );
+    println!("scale_build_ms {build_ms:.0}");
+    println!("scale_propagation_p50_ms {}", percentile(&propagation, 0.5));
+    println!(
+        "scale_propagation_p99_ms {}",
+        percentile(&propagation, 0.99)
+    );
+    println!("scale_rss_mb {rss_steady:.1}");
+    println!("scale_rss_after_reloads_mb {rss_after:.1}");
+    println!("scale_decision_p99_us {:.2}", decision_p99_us);
+    println!("ratio conn_at_scale_vs_empty {conn_ratio:.2}");
+}
+
+/// The in-process part of `scale`: parse and build times, memory of the parsed resources and
+/// of the built state, and decision times (`sluice-bench scale-state` runs only this, without
+/// root or agents).
+struct InProcess {
+    parse_ms: f64,
+    build_ms: f64,
+    resources_mib: f64,
+    state_mib: f64,
+    decision_p50_us: f64,
+    decision_p99_us: f64,
+    allowed: usize,
+}
+
+fn scale_in_process(size: &sluice_tests::scale::Size) -> InProcess {
+    use std::time::Instant;
+
+    use sluice::{
+        policy::ConnectionInfo,
+        resources::ResourceSet,
+        state::{MeshSettings, build},
+    };
+    use sluice_tests::scale::{cluster, pod_ip};
+
+    let size = *size;
+    let yaml = cluster(&size, 0);
     // In process, on this thread: what the parsed resources and the built state hold.
     let self_rss = || {
         sluice::memory::release_freed();
@@ -830,137 +1007,87 @@ fn scale() {
         allowed += usize::from(d.is_allowed());
     }
     decisions.sort_unstable();
+
     let decision_us = |q| percentile(&decisions, q) as f64 / 1e3;
-    drop(state);
-
-    // The agents: first with nothing but the two pods the rate is measured between.
-    let pods = [PodSpec::new("m1", "mesh", 1), PodSpec::new("m2", "mesh", 2)];
-    let mut w = World::build(2, &pods);
-    w.namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]);
-    w.start_agent(1, "");
-    w.start_agent(2, "");
-    for p in &pods {
-        w.enroll(&p.name);
-    }
-    let m2 = w.pod("m2").ipv4;
-    let _server = w.serve("m2", "0.0.0.0:8080");
-    let echo = SocketAddr::new(m2, 8080).to_string();
-    samples(&w, "m1", &echo, 100);
-    let mut empty = Vec::new();
-    for _ in 0..3 {
-        empty.extend(samples(&w, "m1", &echo, 300));
-    }
-    let pid = w.agents[&1].pid().expect("agent 1 runs");
-    let rss_empty = rss_mib(pid);
-
-    // The whole cluster arrives in one file change.
-    let generation = last_generation(&w, 1);
-    w.extra_resources = yaml.clone();
-    w.rewrite_configs();
-    let (_, mut generation) = published_after(&w, 1, generation, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_secs(2));
-    let rss_steady = rss_mib(pid);
-    let mut at_scale = Vec::new();
-    for _ in 0..3 {
-        at_scale.extend(samples(&w, "m1", &echo, 300));
-    }
-
-    // Changes: one more pod each time; from the file's write to the agent's publication.
-    let mut propagation = Vec::new();
-    let mut rss_changes = Vec::new();
-    let mut extra = String::new();
-    const CHANGES: usize = 10;
-    for c in 0..CHANGES {
-        extra.push_str(&pod(&size, size.pods + c, 0));
-        w.extra_resources = format!("{yaml}{extra}");
-        let written = k8s_openapi::jiff::Timestamp::now();
-        w.rewrite_configs();
-        let (at, g) = published_after(&w, 1, generation, Duration::from_secs(120));
-        generation = g;
-        propagation.push((at.as_millisecond() - written.as_millisecond()).max(0) as u64);
-        rss_changes.push(rss_mib(pid));
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    let rss_after = rss_mib(pid);
-    propagation.sort_unstable();
-    empty.sort_unstable();
-    at_scale.sort_unstable();
-    let rate = |v: &[u64]| 1e6 / (percentile(v, 0.5) as f64).max(1.0);
-    let conn_ratio = rate(&at_scale) / rate(&empty);
-
-    println!("{:<44} {:>12}", "figure", "value");
-    println!(
-        "{:<44} {:>12.0}",
-        "parse the YAML, in process (ms)", parse_ms
-    );
-    println!("{:<44} {:>12.0}", "state::build, in process (ms)", build_ms);
-    println!(
-        "{:<44} {:>12.0}",
-        "one change, file mode, p50 (ms)",
-        percentile(&propagation, 0.5)
-    );
-    println!(
-        "{:<44} {:>12.0}",
-        "one change, file mode, p99 (ms)",
-        percentile(&propagation, 0.99)
-    );
-    println!(
-        "{:<44} {:>12.1}",
-        "parsed resources, in process (MiB)", resources_mib
-    );
-    println!(
-        "{:<44} {:>12.1}",
-        "built MeshState, in process (MiB)", state_mib
-    );
-    println!("{:<44} {:>12.1}", "agent RSS, empty state (MiB)", rss_empty);
-    println!(
-        "{:<44} {:>12.1}",
-        "agent RSS, cluster state (MiB)", rss_steady
-    );
-    println!(
-        "{:<44} {:>12.1}",
-        format!("agent RSS after {CHANGES} changes (MiB)"),
-        rss_after
-    );
-    println!(
-        "{:<44} {:>12.2}",
-        "policy decision p50 (µs)",
-        decision_us(0.5)
-    );
-    println!(
-        "{:<44} {:>12.2}",
-        "policy decision p99 (µs)",
-        decision_us(0.99)
-    );
-    println!(
-        "{:<44} {:>12.1}",
-        "new conns/s, pooled, empty state",
-        rate(&empty)
-    );
-    println!(
-        "{:<44} {:>12.1}",
-        "new conns/s, pooled, cluster state",
-        rate(&at_scale)
-    );
-    println!(
-        "(RSS of node 1's agent, which holds every resource; per change {:?} MiB; {} of 20,000 \
-         decisions allowed; conns/s = 1 / median connect + first byte, 900 each; changes \
-         add one pod, file source polled every 500 ms; {:.0} s in all)",
-        rss_changes
-            .iter()
-            .map(|r| (r * 10.0).round() / 10.0)
-            .collect::<Vec<_>>(),
+    let out = InProcess {
+        parse_ms,
+        build_ms,
+        resources_mib,
+        state_mib,
+        decision_p50_us: decision_us(0.5),
+        decision_p99_us: decision_us(0.99),
         allowed,
-        started.elapsed().as_secs_f64()
-    );
-    println!("scale_build_ms {build_ms:.0}");
-    println!("scale_propagation_p50_ms {}", percentile(&propagation, 0.5));
+    };
     println!(
-        "scale_propagation_p99_ms {}",
-        percentile(&propagation, 0.99)
+        "in process: parse {:.0} ms, build {:.0} ms, resources {:.1} MiB, state {:.1} MiB, \
+         decision p50 {:.2} µs p99 {:.2} µs",
+        out.parse_ms,
+        out.build_ms,
+        out.resources_mib,
+        out.state_mib,
+        out.decision_p50_us,
+        out.decision_p99_us
     );
-    println!("scale_rss_mb {rss_steady:.1}");
-    println!("scale_rss_after_reloads_mb {rss_after:.1}");
-    println!("scale_decision_p99_us {:.2}", decision_us(0.99));
-    println!("ratio conn_at_scale_vs_empty {conn_ratio:.2}");
+    out
+}
+
+/// The file source's rebuild cycle in process (parse through the document cache, build with
+/// LastGood, publish, drop the old state, trim), each change on a fresh thread as the agent's
+/// blocking pool would run it, with the agent's malloc settings; prints RSS after each trim.
+/// `SLUICE_MMAP_THRESHOLD=<bytes>` also fixes glibc's mmap threshold, to compare.
+fn scale_memory() {
+    use sluice::{
+        sources::file::{DocumentCache, parse_cached},
+        state::{LastGood, MeshSettings},
+    };
+    use sluice_tests::scale::{Size, cluster, pod};
+
+    sluice::memory::limit_arenas();
+    if let Some(t) = std::env::var("SLUICE_MMAP_THRESHOLD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        // SAFETY: mallopt only changes a malloc tunable.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, t);
+        }
+        println!("mmap threshold fixed at {t} bytes");
+    }
+    let size = Size::CLUSTER;
+    let yaml = cluster(&size, 0);
+    let rss = || rss_mib(std::process::id());
+    println!("base {:.1} MiB (the YAML text included)", rss());
+    let mut carried = Some((DocumentCache::default(), LastGood::default(), None));
+    let mut extra = String::new();
+    for c in 0..12usize {
+        if c > 0 {
+            extra.push_str(&pod(&size, size.pods + c, 0));
+        }
+        let text = format!("{yaml}{extra}");
+        let (mut cache, mut last_good, previous) = carried.take().expect("carried");
+        let t = std::time::Instant::now();
+        let (cache, last_good, state) = std::thread::spawn(move || {
+            let file = parse_cached(&text, std::path::Path::new("scale.yaml"), &mut cache)
+                .expect("parses");
+            let built = last_good.build(file.resources, &MeshSettings::default());
+            drop(previous);
+            (cache, last_good, Some(std::sync::Arc::new(built.state)))
+        })
+        .join()
+        .expect("rebuild thread");
+        let ms = t.elapsed().as_millis();
+        sluice::memory::release_freed();
+        println!("change {c}: {ms} ms, RSS after trim {:.1} MiB", rss());
+        carried = Some((cache, last_good, state));
+    }
+    let (cache, last_good, state) = carried.take().expect("carried");
+    for (what, dropped) in [
+        ("state", Box::new(state) as Box<dyn std::any::Any>),
+        ("LastGood", Box::new(last_good)),
+        ("document cache", Box::new(cache)),
+    ] {
+        drop(dropped);
+        sluice::memory::release_freed();
+        println!("without the {what}: RSS {:.1} MiB", rss());
+    }
 }
