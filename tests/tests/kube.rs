@@ -121,6 +121,15 @@ fn custom_cases(ns: &str) -> Vec<Case> {
                 "spec": {"parentRefs": [{"name": "ingress"}], "hostnames": ["two.example.com"],
                          "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
         },
+        Case {
+            name: "ReferenceGrant",
+            create: json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant", "metadata": meta("grant"),
+                "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
+                         "to": [{"group": "", "kind": "Service"}]}}),
+            update: json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant", "metadata": meta("grant"),
+                "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
+                         "to": [{"group": "", "kind": "Service", "name": "web"}]}}),
+        },
     ]
 }
 
@@ -365,6 +374,12 @@ async fn kube_invalid_resources_are_rejected_with_a_condition_while_valid_ones_a
                  "backendRefs": [{"name": "backend", "port": 8080}]}]}});
     let route_missing = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": meta("dangling"),
         "spec": {"parentRefs": [{"name": "web"}], "rules": [{"backendRefs": [{"name": "nothing", "port": 8080}]}]}});
+    // A backend in another namespace: refused until a ReferenceGrant there permits it.
+    let other_svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "shared", "namespace": "rj-other"},
+        "spec": {"ports": [{"port": 8080, "protocol": "TCP"}]}});
+    let route_cross = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": meta("cross"),
+        "spec": {"parentRefs": [{"name": "web"}], "rules": [{"backendRefs": [{"name": "shared", "namespace": "rj-other", "port": 8080}]}]}});
+    apply(&client, &ns("rj-other", json!({}))).await;
     for doc in [
         &pa_good,
         &pa_bad,
@@ -376,6 +391,8 @@ async fn kube_invalid_resources_are_rejected_with_a_condition_while_valid_ones_a
         &route_good,
         &route_bad,
         &route_missing,
+        &other_svc,
+        &route_cross,
     ] {
         apply(&client, doc).await;
     }
@@ -563,6 +580,30 @@ async fn kube_invalid_resources_are_rejected_with_a_condition_while_valid_ones_a
         parent(&dangling, "ResolvedRefs").map(|c| c.1),
         Some("BackendNotFound".to_owned())
     );
+    let cross = wait_object(&client, &route_cross, long, "cross-namespace route", |o| {
+        parent(o, "ResolvedRefs").is_some()
+    })
+    .await;
+    let (status, reason, message) = parent(&cross, "ResolvedRefs").expect("ResolvedRefs");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "RefNotPermitted"),
+        "{message}"
+    );
+    assert!(message.contains("rj-other/shared"), "{message}");
+    let grant = json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "routes-from-rj", "namespace": "rj-other"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "rj"}],
+                 "to": [{"group": "", "kind": "Service"}]}});
+    apply(&client, &grant).await;
+    wait_object(
+        &client,
+        &route_cross,
+        long,
+        "cross-namespace route resolved once granted",
+        |o| parent(o, "ResolvedRefs").is_some_and(|c| c.0 == "True" && c.1 == "ResolvedRefs"),
+    )
+    .await;
 
     // Another controller's Gateway is left alone; the writer holds the Lease.
     let other = wait_object(&client, &gw_other, long, "other gateway", |o| {

@@ -1,5 +1,5 @@
-//! `gateway.networking.k8s.io/v1` Gateway and HTTPRoute, with the fields of the Gateway API's
-//! standard channel (the ingress side of the mesh reads them).
+//! `gateway.networking.k8s.io` Gateway and HTTPRoute (v1) and ReferenceGrant (v1beta1), with the fields of
+//! the Gateway API's standard channel (the ingress side of the mesh reads them).
 //!
 //! As in the Istio modules, enumerations (protocols, match types, TLS modes) stay strings: an
 //! unknown value becomes a normalisation [`Rejection`](crate::state::Rejection) or a status
@@ -422,6 +422,54 @@ pub struct RouteParentStatus {
     pub conditions: Vec<Condition>,
 }
 
+// ---------------------------------------------------------------------------------------------
+// ReferenceGrant
+
+/// Lets objects of other namespaces refer to objects of this one (a route's backend in another
+/// namespace, a listener's certificate Secret). It lives in the namespace referred *to*.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1beta1",
+    kind = "ReferenceGrant",
+    plural = "referencegrants",
+    shortname = "refgrant",
+    category = "gateway-api",
+    namespaced,
+    derive = "PartialEq",
+    derive = "Default"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceGrantSpec {
+    /// Who may refer: objects of this group and kind in this namespace.
+    #[schemars(length(min = 1, max = 16))]
+    pub from: Vec<ReferenceGrantFrom>,
+    /// What they may refer to, in the grant's own namespace.
+    #[schemars(length(min = 1, max = 16))]
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+/// One kind of referrer, in one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceGrantFrom {
+    /// `""` for core.
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+/// One kind of referent; `name` narrows the grant to one object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceGrantTo {
+    /// `""` for core.
+    pub group: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
 /// The annotation every CRD in a `*.k8s.io` group needs (API servers refuse it otherwise), with
 /// the value the upstream Gateway API CRDs carry.
 pub const API_APPROVED: (&str, &str) = (
@@ -431,7 +479,7 @@ pub const API_APPROVED: (&str, &str) = (
 
 /// The CRDs of this module (standard channel), annotated as upstream's are.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    let mut crds = vec![Gateway::crd(), HTTPRoute::crd()];
+    let mut crds = vec![Gateway::crd(), HTTPRoute::crd(), ReferenceGrant::crd()];
     for crd in &mut crds {
         let annotations = crd.metadata.annotations.get_or_insert_with(BTreeMap::new);
         annotations.insert(API_APPROVED.0.to_owned(), API_APPROVED.1.to_owned());

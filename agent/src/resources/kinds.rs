@@ -426,6 +426,10 @@ watched_kinds! {
     http_routes: gateway_api::HTTPRoute {
         reach: All, status: GatewayApi, custom: true, versions: None, trim: trim_meta,
     },
+    /// `gateway.networking.k8s.io` ReferenceGrants (cross-namespace references).
+    reference_grants: gateway_api::ReferenceGrant {
+        reach: All, status: None, custom: true, versions: None, trim: trim_meta,
+    },
 }
 
 #[cfg(test)]

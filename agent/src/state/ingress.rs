@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::{
     http_filters::{self, HttpFilter, RouteTimeouts, ValueMatches},
+    reference_grants::{ObjectRef, ReferenceGrants},
     rejections::Rejections,
     service::Service,
     workload::Namespace,
@@ -43,6 +44,8 @@ pub struct Ingress {
     pub istio_gateways: BTreeMap<String, IngressGateway>,
     /// VirtualServices bound to them, by `namespace/name`.
     pub istio_routes: BTreeMap<String, HttpRoute>,
+    /// The cross-namespace references ReferenceGrants permit.
+    pub reference_grants: ReferenceGrants,
 }
 
 /// A Gateway and the listeners Sluice can serve.
@@ -312,16 +315,19 @@ pub fn build(
     services: &BTreeMap<String, Service>,
     out: &mut Rejections,
 ) -> Ingress {
-    let mut ingress = Ingress::default();
+    let mut ingress = Ingress {
+        reference_grants: ReferenceGrants::build(&resources.reference_grants),
+        ..Ingress::default()
+    };
     for gw in &resources.gateways {
-        if let Some(g) = gateway(gw, out) {
+        if let Some(g) = gateway(gw, &ingress.reference_grants, out) {
             ingress
                 .gateways
                 .insert(NamespacedName::new(&g.namespace, &g.name).key(), g);
         }
     }
     for route in &resources.http_routes {
-        if let Some(r) = http_route(route, services, out) {
+        if let Some(r) = http_route(route, services, &ingress.reference_grants, out) {
             ingress
                 .routes
                 .insert(NamespacedName::new(&r.namespace, &r.name).key(), r);
@@ -459,9 +465,13 @@ pub fn attach(
     }
 }
 
-/// `ResolvedRefs` of a route: every backend must be a Service of the route's namespace that
-/// exists in `services` (keyed `namespace/name`).
-pub fn resolved_refs(route: &HTTPRoute, services: &BTreeMap<String, Service>) -> Cond {
+/// `ResolvedRefs` of a route: every backend must be a Service that exists in `services` (keyed
+/// `namespace/name`), of the route's namespace or of one whose ReferenceGrant permits it.
+pub fn resolved_refs(
+    route: &HTTPRoute,
+    services: &BTreeMap<String, Service>,
+    grants: &ReferenceGrants,
+) -> Cond {
     let route_ns = route.metadata.namespace.as_deref().unwrap_or("default");
     for (i, rule) in route.spec.rules.iter().enumerate() {
         for (j, b) in rule.backend_refs.iter().enumerate() {
@@ -478,13 +488,13 @@ pub fn resolved_refs(route: &HTTPRoute, services: &BTreeMap<String, Service>) ->
             }
             let ns = b.namespace.as_deref().unwrap_or(route_ns);
             let service = NamespacedName::new(ns, &b.name);
-            if ns != route_ns {
+            if !grants.permits(route_ref(route_ns, route), service_ref(ns, &b.name)) {
                 return Cond::new(
                     "ResolvedRefs",
                     false,
                     "RefNotPermitted",
                     format!(
-                        "{field}: Service {service} is in another namespace (ReferenceGrants are not supported)"
+                        "{field}: Service {service} is in another namespace and no ReferenceGrant there permits it"
                     ),
                 );
             }
@@ -506,9 +516,54 @@ pub fn resolved_refs(route: &HTTPRoute, services: &BTreeMap<String, Service>) ->
     )
 }
 
+/// Whether `gw` (in `gw_ns`) may use the Secret `cert` names.
+fn certificate_permitted(
+    gw: &gateway_api::Gateway,
+    gw_ns: &str,
+    cert: &gateway_api::SecretObjectReference,
+    grants: &ReferenceGrants,
+) -> bool {
+    let from = ObjectRef {
+        group: gateway_api::GROUP,
+        kind: "Gateway",
+        namespace: gw_ns,
+        name: gw.metadata.name.as_deref().unwrap_or(""),
+    };
+    let ns = cert.namespace.as_deref().unwrap_or(gw_ns);
+    grants.permits(from, core_ref("Secret", ns, &cert.name))
+}
+
+/// An HTTPRoute as the referrer of a ReferenceGrant.
+fn route_ref<'a>(namespace: &'a str, route: &'a HTTPRoute) -> ObjectRef<'a> {
+    ObjectRef {
+        group: gateway_api::GROUP,
+        kind: "HTTPRoute",
+        namespace,
+        name: route.metadata.name.as_deref().unwrap_or(""),
+    }
+}
+
+/// A core Service or Secret as the referent of a ReferenceGrant.
+fn core_ref<'a>(kind: &'a str, namespace: &'a str, name: &'a str) -> ObjectRef<'a> {
+    ObjectRef {
+        group: "",
+        kind,
+        namespace,
+        name,
+    }
+}
+
+fn service_ref<'a>(namespace: &'a str, name: &'a str) -> ObjectRef<'a> {
+    core_ref("Service", namespace, name)
+}
+
 /// The conditions of every listener in `gw`'s spec: `Accepted` (a protocol Sluice knows),
 /// `ResolvedRefs` (route kinds and certificate references) and `Conflicted` (port sharing).
-pub fn listener_conditions(gw: &gateway_api::Gateway) -> Vec<ListenerConditions> {
+pub fn listener_conditions(
+    gw: &gateway_api::Gateway,
+    grants: &ReferenceGrants,
+) -> Vec<ListenerConditions> {
+    let gw_ns = gw.metadata.namespace.as_deref().unwrap_or("default");
     let listeners = &gw.spec.listeners;
     listeners
         .iter()
@@ -535,18 +590,33 @@ pub fn listener_conditions(gw: &gateway_api::Gateway) -> Vec<ListenerConditions>
                         || c.kind.as_deref().unwrap_or("Secret") != "Secret"
                 })
             });
-            let resolved_refs = match (bad_kind, bad_cert) {
+            let foreign_cert = l.tls.as_ref().and_then(|t| {
+                t.certificate_refs
+                    .iter()
+                    .find(|c| !certificate_permitted(gw, gw_ns, c, grants))
+            });
+            let resolved_refs = match (bad_kind, bad_cert.or(foreign_cert)) {
                 (Some(k), _) => Cond::new(
                     "ResolvedRefs",
                     false,
                     "InvalidRouteKinds",
                     format!("route kind {} is not supported", k.kind),
                 ),
-                (None, Some(c)) => Cond::new(
+                (None, Some(c)) if bad_cert.is_some() => Cond::new(
                     "ResolvedRefs",
                     false,
                     "InvalidCertificateRef",
                     format!("certificate reference {} is not a Secret", c.name),
+                ),
+                (None, Some(c)) => Cond::new(
+                    "ResolvedRefs",
+                    false,
+                    "RefNotPermitted",
+                    format!(
+                        "certificate reference {}/{} is in another namespace and no ReferenceGrant there permits it",
+                        c.namespace.as_deref().unwrap_or(gw_ns),
+                        c.name
+                    ),
                 ),
                 (None, None) => {
                     Cond::new("ResolvedRefs", true, "ResolvedRefs", "references resolved")
@@ -599,7 +669,11 @@ fn object_name(
     )
 }
 
-fn gateway(gw: &gateway_api::Gateway, out: &mut Rejections) -> Option<IngressGateway> {
+fn gateway(
+    gw: &gateway_api::Gateway,
+    grants: &ReferenceGrants,
+    out: &mut Rejections,
+) -> Option<IngressGateway> {
     let (namespace, name) = object_name(&gw.metadata);
     let mut reject = |field: String, message: String| {
         out.reject(
@@ -696,6 +770,7 @@ fn gateway(gw: &gateway_api::Gateway, out: &mut Rejections) -> Option<IngressGat
                 .tls
                 .iter()
                 .flat_map(|t| &t.certificate_refs)
+                .filter(|c| certificate_permitted(gw, &namespace, c, grants))
                 .map(|c| {
                     NamespacedName::new(c.namespace.as_deref().unwrap_or(&namespace), &c.name).key()
                 })
@@ -708,7 +783,7 @@ fn gateway(gw: &gateway_api::Gateway, out: &mut Rejections) -> Option<IngressGat
         instances: Vec::new(),
         addresses: Vec::new(),
         listeners,
-        listener_conditions: listener_conditions(gw),
+        listener_conditions: listener_conditions(gw, grants),
         namespace,
         name,
     })
@@ -766,6 +841,7 @@ fn http_match(m: &HttpRouteMatch, field: &str) -> Result<HttpMatch, (String, Str
 fn http_route(
     route: &HTTPRoute,
     services: &BTreeMap<String, Service>,
+    grants: &ReferenceGrants,
     out: &mut Rejections,
 ) -> Option<HttpRoute> {
     let (namespace, name) = object_name(&route.metadata);
@@ -845,9 +921,9 @@ fn http_route(
                     b.kind.as_deref().unwrap_or("Service"),
                     b.name
                 ))
-            } else if ns != namespace {
+            } else if !grants.permits(route_ref(&namespace, route), service_ref(ns, &b.name)) {
                 Some(format!(
-                    "Service {service} is in another namespace and no ReferenceGrant is read"
+                    "Service {service} is in another namespace and no ReferenceGrant there permits it"
                 ))
             } else if !services.contains_key(&service.key()) {
                 Some(format!("Service {service} not found"))
@@ -901,7 +977,7 @@ fn http_route(
         });
     }
     Some(HttpRoute {
-        resolved_refs: resolved_refs(route, services),
+        resolved_refs: resolved_refs(route, services, grants),
         hostnames: route.spec.hostnames.clone(),
         parents,
         rules,
@@ -1158,7 +1234,8 @@ spec:
             ))
             .expect("route")
         };
-        let reason = |b: &str| resolved_refs(&r(b), &state.services).reason;
+        let reason =
+            |b: &str| resolved_refs(&r(b), &state.services, &state.ingress.reference_grants).reason;
         assert_eq!(reason("{name: cart, port: 8080}"), "ResolvedRefs");
         assert_eq!(reason("{name: gone, port: 8080}"), "BackendNotFound");
         assert_eq!(
@@ -1178,6 +1255,67 @@ spec:
             state.ingress.routes["shop/r"].resolved_refs.reason,
             "BackendNotFound"
         );
+    }
+
+    #[test]
+    fn a_cross_namespace_backend_needs_a_reference_grant_in_its_namespace() {
+        let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: r, namespace: web}\n\
+             spec: {rules: [{backendRefs: [{name: cart, namespace: shop, port: 8080}]}]}\n---\n";
+        let grant = |name: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
+                 metadata: {{name: g, namespace: shop}}\n\
+                 spec: {{from: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: web}}], \
+                 to: [{{group: \"\", kind: Service, name: {name}}}]}}\n"
+            )
+        };
+        let backend = |state: &crate::state::MeshState| {
+            let r = &state.ingress.routes["web/r"];
+            (
+                r.resolved_refs.reason,
+                r.rules[0].backends[0].invalid.clone(),
+            )
+        };
+        let (reason, invalid) = backend(&attach_world(route));
+        assert_eq!(reason, "RefNotPermitted");
+        assert!(invalid.is_some_and(|m| m.contains("ReferenceGrant")));
+        // A grant for another Service of that namespace does not count.
+        let (reason, _) = backend(&attach_world(&format!("{route}{}", grant("other"))));
+        assert_eq!(reason, "RefNotPermitted");
+        let (reason, invalid) = backend(&attach_world(&format!("{route}{}", grant("cart"))));
+        assert_eq!((reason, invalid), ("ResolvedRefs", None));
+    }
+
+    #[test]
+    fn a_certificate_in_another_namespace_needs_a_reference_grant() {
+        let gw = |grant: &str| {
+            attach_world(&format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+                 metadata: {{name: tls, namespace: ingress}}\n\
+                 spec: {{gatewayClassName: sluice, listeners: [{{name: https, port: 443, protocol: HTTPS, \
+                 tls: {{certificateRefs: [{{name: web-cert, namespace: certs}}]}}}}]}}\n---\n{grant}"
+            ))
+        };
+        let state = gw("");
+        let g = &state.ingress.gateways["ingress/tls"];
+        assert_eq!(
+            g.listener_conditions[0].resolved_refs.reason,
+            "RefNotPermitted"
+        );
+        assert!(g.listeners[0].certificates.is_empty());
+        let state = gw(
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
+             metadata: {name: g, namespace: certs}\n\
+             spec: {from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: ingress}], \
+             to: [{group: \"\", kind: Secret}]}\n",
+        );
+        let g = &state.ingress.gateways["ingress/tls"];
+        assert_eq!(
+            g.listener_conditions[0].resolved_refs.reason,
+            "ResolvedRefs"
+        );
+        assert_eq!(g.listeners[0].certificates, ["certs/web-cert"]);
     }
 
     #[test]

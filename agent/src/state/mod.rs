@@ -14,6 +14,7 @@ pub mod load_balance;
 pub mod mesh;
 pub mod outbound;
 pub mod policy;
+pub mod reference_grants;
 pub mod rejections;
 pub mod service;
 pub mod workload;

@@ -5,10 +5,10 @@
 //! with `Accepted` and `ResolvedRefs` — each with the spec's reasons and `observedGeneration`.
 //! These functions only turn those answers (and rejections) into API conditions.
 //!
-//! Limits: cross-namespace backends are `RefNotPermitted` (ReferenceGrants are not read),
-//! certificate Secrets are not looked up (only their kind is checked), and `Programmed` stays
-//! `False` (`Pending`) on valid Gateways and listeners: no Sluice gateway instance binds a
-//! listener yet, so none is programmed.
+//! `Programmed` is `True` only while a ready gateway instance serves the Gateway (see
+//! [`IngressGateway::instances`](crate::state::ingress::IngressGateway)). Cross-namespace
+//! references hold only with a ReferenceGrant. Limit: certificate Secrets are not looked up (only
+//! their kind and namespace are checked), since gateways read their certificates from files.
 use std::{borrow::Cow, collections::BTreeMap};
 
 use k8s_openapi::{
@@ -28,6 +28,7 @@ use crate::{
     state::{
         MeshState, Rejection,
         ingress::{self, Cond, IngressGateway, RouteParent},
+        reference_grants::ReferenceGrants,
     },
 };
 
@@ -166,7 +167,7 @@ pub fn route_status(
         // are judged by the same rule.
         let resolved = match (rejection, state.ingress.routes.get(&route_key)) {
             (None, Some(r)) => r.resolved_refs.clone(),
-            _ => ingress::resolved_refs(route, &state.services),
+            _ => ingress::resolved_refs(route, &state.services, &state.ingress.reference_grants),
         };
         let prev = previous
             .iter()
@@ -212,6 +213,7 @@ pub fn attached_routes(
 /// The status Sluice wants on a Gateway of its class.
 pub fn gateway_status(
     gw: &Gateway,
+    grants: &ReferenceGrants,
     rejection: Option<&Rejection>,
     normalised: Option<&IngressGateway>,
     attached: &BTreeMap<String, i32>,
@@ -223,7 +225,7 @@ pub fn gateway_status(
     // else judged now by the same rule.
     let decided = match (rejection, normalised) {
         (None, Some(g)) => Cow::Borrowed(&g.listener_conditions),
-        _ => Cow::Owned(ingress::listener_conditions(gw)),
+        _ => Cow::Owned(ingress::listener_conditions(gw, grants)),
     };
     let invalid_listeners = decided.iter().filter(|l| !l.accepted.status).count();
     let no_instances = Vec::new();
@@ -427,9 +429,16 @@ spec: {parentRefs: [{name: web, namespace: ingress}]}"#,
         assert!(rejections.is_empty(), "{rejections:?}");
         let gw = &set.gateways[0];
         assert_eq!(
-            gateway_status(gw, None, None, &BTreeMap::new(), Timestamp::now())
-                .listeners
-                .len(),
+            gateway_status(
+                gw,
+                &ReferenceGrants::default(),
+                None,
+                None,
+                &BTreeMap::new(),
+                Timestamp::now()
+            )
+            .listeners
+            .len(),
             3,
             "without MeshState's answer the listeners are judged from the spec"
         );
@@ -437,6 +446,7 @@ spec: {parentRefs: [{name: web, namespace: ingress}]}"#,
         let now = Timestamp::now();
         let s = gateway_status(
             gw,
+            &ReferenceGrants::default(),
             None,
             state.ingress.gateways.get("ingress/web"),
             &attached,
@@ -477,7 +487,14 @@ spec: {parentRefs: [{name: web, namespace: ingress}]}"#,
             field: "spec.listeners[0].hostname".into(),
             message: "bad".into(),
         };
-        let s2 = gateway_status(gw, Some(&r), None, &attached, now);
+        let s2 = gateway_status(
+            gw,
+            &ReferenceGrants::default(),
+            Some(&r),
+            None,
+            &attached,
+            now,
+        );
         assert_eq!(cond(&s2.conditions, "Accepted"), ("False", "Invalid"));
         let msg = &s2.conditions[0].message;
         assert!(msg.contains("spec.listeners[0].hostname"), "{msg}");

@@ -267,7 +267,14 @@ impl StatusWriter {
             let attached = normalised
                 .map(|g| gateway_status::attached_routes(g, &route_rejections))
                 .unwrap_or_default();
-            let want = gateway_status::gateway_status(gw, rejection, normalised, &attached, now);
+            let want = gateway_status::gateway_status(
+                gw,
+                &state.ingress.reference_grants,
+                rejection,
+                normalised,
+                &attached,
+                now,
+            );
             let have = gw.status.clone().unwrap_or_default();
             let same = same_conditions(&want.conditions, &have.conditions)
                 && want.addresses == have.addresses
