@@ -456,6 +456,50 @@ fn ingress_client_address_behind_two_trusted_proxies() {
     );
 }
 
+/// An AuthorizationPolicy on the gateway's namespace that admits only 192.0.2.0/24 as the
+/// remote (client) address.
+const ONLY_FROM_OFFICE: &str = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: office-only, namespace: alb-test-infra}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source: {remoteIpBlocks: [192.0.2.0/24]}
+"#;
+
+#[test]
+fn ingress_remote_ip_blocks_see_the_client_behind_two_trusted_proxies() {
+    let ing = Ingress::start(
+        &format!("{SEED_000}{ONLY_FROM_OFFICE}"),
+        "    numTrustedProxies: 2",
+    );
+    // The client behind the two proxies is 192.0.2.7: admitted.
+    let (status, _, _) = ing.get("/", &["X-Forwarded-For: 198.51.100.1, 192.0.2.7, 10.9.9.1"]);
+    assert_eq!(status, 200);
+    // A forged leftmost entry in the block does not help: the client is 198.51.100.1.
+    let (status, _, _) = ing.get("/", &["X-Forwarded-For: 192.0.2.7, 198.51.100.1, 10.9.9.1"]);
+    assert_eq!(status, 403);
+    // Without X-Forwarded-For the client is the peer (the client pod), outside the block.
+    let (status, _, _) = ing.get("/", &[]);
+    assert_eq!(status, 403);
+    let denied: Vec<_> = ing
+        .gateway()
+        .access_log()
+        .into_iter()
+        .filter(|l| l["direction"] == "ingress" && l["response_code"] == 403)
+        .collect();
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert_eq!(denied[0]["client"], "198.51.100.1", "{}", denied[0]);
+    assert!(
+        denied[0].to_string().contains("alb-test-infra/office-only"),
+        "{}",
+        denied[0]
+    );
+}
+
 #[test]
 fn ingress_route_change_with_50_requests_in_flight_drops_none() {
     let mut ing = Ingress::start(SEED_000, "");

@@ -3,7 +3,7 @@
 //! once (metrics and one access-log line) when its response has ended.
 use std::{
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, RwLock,
@@ -27,9 +27,11 @@ use super::{
 };
 use crate::{
     admin::{Metrics, http::RequestLabels, tcp::ConnectionLabels},
+    config::IngressConfig,
+    policy,
     proxy::balance::Balancer,
     state::{
-        Identity, StateHandle,
+        Identity, Membership, StateHandle, Workload, WorkloadUid,
         http_filters::{HeaderModifier, HttpFilter, PathModifier},
         ingress::HttpBackend,
         load_balance::{self, Hop, ServiceRoute},
@@ -52,12 +54,37 @@ pub struct Shared {
     pub me: Identity,
     pub workload: String,
     pub namespace: String,
+    /// The gateway as AuthorizationPolicies select it (its namespace and labels).
+    pub policy_target: Workload,
+}
+
+/// The gateway as a workload that AuthorizationPolicies select: its namespace, service account
+/// and labels (`ingress.labels`, the labels of its pods).
+pub fn policy_target(ingress: &IngressConfig, node: &str) -> Workload {
+    Workload {
+        uid: WorkloadUid(format!(
+            "gateway/{}/{}",
+            ingress.namespace, ingress.service_account
+        )),
+        name: ingress.service_account.clone(),
+        namespace: ingress.namespace.clone(),
+        service_account: ingress.service_account.clone(),
+        node: Some(node.to_owned()),
+        ips: Vec::new(),
+        labels: ingress.labels.clone(),
+        annotations: Default::default(),
+        membership: Membership::Outside,
+        ports: Default::default(),
+        ready: true,
+    }
 }
 
 /// The connection a request came on.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The gateway's address the client dialled.
+    pub local: SocketAddr,
     pub port: u16,
     pub scheme: &'static str,
 }
@@ -217,8 +244,17 @@ pub async fn handle(
             ..AccessLine::default()
         },
     };
-    let (status_or_response, flags) =
-        route_and_forward(&shared, conn, req, &host, &request_bytes, &mut report).await;
+    let denied = authorize(&shared, &conn, client);
+    let (status_or_response, flags) = match denied {
+        Some(policy) => (
+            Err((
+                StatusCode::FORBIDDEN,
+                format!("RBAC: access denied by {policy}"),
+            )),
+            "RBAC",
+        ),
+        None => route_and_forward(&shared, conn, req, &host, &request_bytes, &mut report).await,
+    };
     let mut response = match status_or_response {
         Ok(r) => r,
         Err((status, reason)) => {
@@ -240,6 +276,24 @@ pub async fn handle(
     }
     .boxed();
     Ok(response)
+}
+
+/// The AuthorizationPolicies that select the gateway, with the client address as the remote
+/// address (`remoteIpBlocks`); `Some(policy)` when one denies the request.
+fn authorize(shared: &Shared, conn: &ConnInfo, client: IpAddr) -> Option<String> {
+    let state = shared.state.current();
+    let decision = state.policy.authorize(&policy::ConnectionInfo {
+        source_identity: None,
+        source_ip: conn.peer.ip(),
+        destination: &shared.policy_target,
+        destination_ip: conn.local.ip(),
+        destination_port: conn.port,
+        remote_ip: Some(client),
+    });
+    match decision {
+        policy::Decision::Allow => None,
+        policy::Decision::Deny { policy, .. } => Some(policy),
+    }
 }
 
 fn base_labels(shared: &Shared) -> ConnectionLabels {

@@ -181,11 +181,23 @@ async fn accept(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let local = match tcp.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(port, error = %e, "gateway connection without a local address");
+                continue;
+            }
+        };
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let scheme = if tls.is_some() { "https" } else { "http" };
-            let conn = ConnInfo { peer, port, scheme };
+            let conn = ConnInfo {
+                peer,
+                local,
+                port,
+                scheme,
+            };
             let service = service_fn(move |req| handler::handle(shared.clone(), conn, req));
             let builder = auto::Builder::new(TokioExecutor::new());
             let result = match tls {

@@ -115,6 +115,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         me: me.clone(),
         workload: ingress.service_account.clone(),
         namespace: ingress.namespace.clone(),
+        policy_target: handler::policy_target(&ingress, &agent.node_name),
     });
 
     let mut listeners = listeners::Listeners::default();

@@ -64,31 +64,37 @@ impl<'a> Facts<'a> {
 
 impl Authorization {
     fn matches(&self, facts: &Facts<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(facts))
+        // What a term on an attribute this proxy cannot see answers: no match in ALLOW (fail
+        // closed), a match in DENY (it denies more, never less).
+        let unknown = self.action == AuthzAction::Deny;
+        self.rules.iter().any(|rule| rule.matches(facts, unknown))
     }
 }
 
 impl AuthzRule {
-    fn matches(&self, facts: &Facts<'_>) -> bool {
-        self.clauses.iter().all(|clause| clause.matches(facts))
+    fn matches(&self, facts: &Facts<'_>, unknown: bool) -> bool {
+        self.clauses
+            .iter()
+            .all(|clause| clause.matches(facts, unknown))
     }
 }
 
 impl Clause {
-    fn matches(&self, facts: &Facts<'_>) -> bool {
-        self.any_of.iter().any(|m| m.matches(facts))
+    fn matches(&self, facts: &Facts<'_>, unknown: bool) -> bool {
+        self.any_of.iter().any(|m| m.matches(facts, unknown))
     }
 }
 
 impl ConnMatch {
-    fn matches(&self, facts: &Facts<'_>) -> bool {
-        self.terms().iter().all(|t| t.holds(facts))
+    fn matches(&self, facts: &Facts<'_>, unknown: bool) -> bool {
+        self.terms().iter().all(|t| t.holds(facts, unknown))
     }
 }
 
 impl Term {
-    /// A positive list has a hit; a negative list has none.
-    fn holds(&self, facts: &Facts<'_>) -> bool {
+    /// A positive list has a hit; a negative list has none; `unknown` when the attribute is not
+    /// known here.
+    fn holds(&self, facts: &Facts<'_>, unknown: bool) -> bool {
         let conn = facts.conn;
         let principal = |m: &StringMatch| m.matches(facts.principal.as_deref());
         let namespace = |m: &StringMatch| m.matches(facts.namespace());
@@ -112,6 +118,12 @@ impl Term {
             Term::NotDestinationIps(l) => !l.iter().any(destination_ip),
             Term::DestinationPorts(l) => l.iter().any(port),
             Term::NotDestinationPorts(l) => !l.iter().any(port),
+            Term::RemoteIps(l) => conn
+                .remote_ip
+                .map_or(unknown, |ip| l.iter().any(|net| net.contains(&ip))),
+            Term::NotRemoteIps(l) => conn
+                .remote_ip
+                .map_or(unknown, |ip| !l.iter().any(|net| net.contains(&ip))),
         }
     }
 }

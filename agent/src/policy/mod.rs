@@ -34,6 +34,11 @@ pub struct ConnectionInfo<'a> {
     pub destination_ip: IpAddr,
     /// The workload port dialled.
     pub destination_port: u16,
+    /// The original client (`remoteIpBlocks`, `remote.ip`), as a gateway derives it from
+    /// `X-Forwarded-For`; `None` at the node proxy, which cannot know it. A term on it then
+    /// never matches in an ALLOW policy and is left out of a DENY policy's match, as Istio's
+    /// node proxy treats attributes it cannot see.
+    pub remote_ip: Option<IpAddr>,
 }
 
 /// The outcome of [`Policies::authorize`].

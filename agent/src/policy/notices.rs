@@ -23,7 +23,7 @@ impl PolicyNotices {
             }
             let consequence = match a.action {
                 AuthzAction::Allow => {
-                    "ALLOW rules using them never match (more restrictive than written)"
+                    "ALLOW rules (or, for a remote address, the sources) using them never match (more restrictive than written)"
                 }
                 AuthzAction::Deny => {
                     "DENY rules using them match on their L4 part alone (more restrictive than written)"

@@ -180,6 +180,7 @@ async fn authorize_and_connect(
         destination: workload,
         destination_ip: dst.ip(),
         destination_port: dst.port(),
+        remote_ip: None,
     });
     if !decision.is_allowed() {
         inputs.metrics.policy_denied("authorization");

@@ -179,6 +179,7 @@ fn plaintext_allowed(
         destination: workload,
         destination_ip: dst.ip(),
         destination_port: dst.port(),
+        remote_ip: None,
     });
     if decision.is_allowed() {
         Ok(())

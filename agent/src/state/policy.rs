@@ -8,13 +8,15 @@
 //! PeerAuthentications with a selector in the root namespace) are kept aside in
 //! [`Policies::ignored`] with the reason.
 //!
-//! HTTP-only attributes (`hosts`, `methods`, `paths`, `requestPrincipals`, `remoteIpBlocks`,
-//! `when` keys other than `source.ip`, `source.namespace`, `source.principal`,
-//! `destination.ip`, `destination.port`) are handled as Istio does for ztunnel: in an `ALLOW`
-//! policy the *rule* using them is dropped (it never matches: fail closed), in a `DENY` policy the
-//! rule is kept without them, so it matches on its L4 part alone (more restrictive than
-//! written). Either way the attributes are listed in [`Authorization::http_attributes`] so the
-//! proxy can log it once per policy.
+//! HTTP-only attributes (`hosts`, `methods`, `paths`, `requestPrincipals`, `when` keys other
+//! than `source.ip`, `source.namespace`, `source.principal`, `destination.ip`,
+//! `destination.port`, `remote.ip`) are handled as Istio does for ztunnel: in an `ALLOW` policy
+//! the *rule* using them is dropped (it never matches: fail closed), in a `DENY` policy the rule
+//! is kept without them, so it matches on its L4 part alone (more restrictive than written).
+//! The remote address (`remoteIpBlocks`, `remote.ip`) is kept as a term, because a gateway knows
+//! it (from `X-Forwarded-For`); where it is unknown, at the node proxy, the term never matches in
+//! `ALLOW` and always in `DENY`, to the same effect. Either way the attributes are listed in
+//! [`Authorization::http_attributes`] so the proxy can log it once per policy.
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
@@ -295,6 +297,10 @@ pub enum Term {
     NotDestinationIps(Box<[IpNet]>),
     DestinationPorts(Box<[u16]>),
     NotDestinationPorts(Box<[u16]>),
+    /// `remoteIpBlocks` / `remote.ip`: the original client, as a gateway derives it from
+    /// `X-Forwarded-For`. Unknown at the node proxy (see [`Term`]'s evaluation).
+    RemoteIps(Box<[IpNet]>),
+    NotRemoteIps(Box<[IpNet]>),
 }
 
 impl Term {
@@ -313,6 +319,8 @@ impl Term {
             Term::NotDestinationIps(_) => "not_destination_ips",
             Term::DestinationPorts(_) => "destination_ports",
             Term::NotDestinationPorts(_) => "not_destination_ports",
+            Term::RemoteIps(_) => "remote_ips",
+            Term::NotRemoteIps(_) => "not_remote_ips",
         }
     }
 }
@@ -334,7 +342,9 @@ impl Serialize for ConnMatch {
                 Term::SourceIps(l)
                 | Term::NotSourceIps(l)
                 | Term::DestinationIps(l)
-                | Term::NotDestinationIps(l) => map.serialize_entry(t.field(), l)?,
+                | Term::NotDestinationIps(l)
+                | Term::RemoteIps(l)
+                | Term::NotRemoteIps(l) => map.serialize_entry(t.field(), l)?,
                 Term::DestinationPorts(l) | Term::NotDestinationPorts(l) => {
                     map.serialize_entry(t.field(), l)?
                 }
@@ -359,6 +369,8 @@ pub struct ConnLists {
     pub not_destination_ips: Vec<IpNet>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    pub remote_ips: Vec<IpNet>,
+    pub not_remote_ips: Vec<IpNet>,
 }
 
 impl From<ConnLists> for ConnMatch {
@@ -381,6 +393,8 @@ impl From<ConnLists> for ConnMatch {
         add(&mut t, l.not_destination_ips, Term::NotDestinationIps);
         add(&mut t, l.destination_ports, Term::DestinationPorts);
         add(&mut t, l.not_destination_ports, Term::NotDestinationPorts);
+        add(&mut t, l.remote_ips, Term::RemoteIps);
+        add(&mut t, l.not_remote_ips, Term::NotRemoteIps);
         ConnMatch {
             terms: t.into_boxed_slice(),
         }
@@ -736,6 +750,9 @@ fn authz_rule(
     errors: &mut Vec<FieldError>,
 ) -> (Option<AuthzRule>, Vec<String>) {
     let mut http = Vec::new();
+    // Attributes only a gateway sees (the remote address): kept as terms, and named for the
+    // node proxy's notice, without dropping the rule.
+    let mut remote = Vec::new();
     let mut clauses = Vec::new();
     let mut keep = |clause: Result<Clause, FieldError>, clauses: &mut Vec<Clause>| match clause {
         Ok(c) => clauses.push(c),
@@ -780,6 +797,14 @@ fn authz_rule(
                 let at = format!("{path}.from[{j}].source");
                 let (m, found) = source(&from.source, &at, policy_namespace)?;
                 http.extend(found);
+                for (field, list) in [
+                    ("remoteIpBlocks", &from.source.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &from.source.not_remote_ip_blocks),
+                ] {
+                    if !list.is_empty() {
+                        remote.push(field.to_owned());
+                    }
+                }
                 any_of.push(m);
             }
             Ok(Clause {
@@ -792,16 +817,23 @@ fn authz_rule(
     for (j, when) in rule.when.iter().enumerate() {
         let at = format!("{path}.when[{j}]");
         match condition(when, &at) {
-            Ok(Some(m)) => clauses.push(Clause {
-                any_of: Box::new([m]),
-            }),
+            Ok(Some(m)) => {
+                if when.key == "remote.ip" {
+                    remote.push(when.key.clone());
+                }
+                clauses.push(Clause {
+                    any_of: Box::new([m]),
+                })
+            }
             // An HTTP condition: dropped (DENY) or the whole rule dropped (ALLOW), below.
             Ok(None) => http.push(when.key.clone()),
             Err(e) => errors.push(e),
         }
     }
 
-    if action == AuthzAction::Allow && !http.is_empty() {
+    let dropped = action == AuthzAction::Allow && !http.is_empty();
+    http.extend(remote);
+    if dropped {
         return (None, http);
     }
     (
@@ -851,11 +883,11 @@ fn source(
     policy_namespace: &str,
 ) -> Result<(ConnMatch, Vec<String>), FieldError> {
     let mut http = Vec::new();
+    // remoteIpBlocks are kept as a term: a gateway knows the remote address, the node proxy
+    // does not (and evaluates the term as the HTTP attributes are handled, see `policy::authz`).
     for (field, list) in [
         ("requestPrincipals", &s.request_principals),
         ("notRequestPrincipals", &s.not_request_principals),
-        ("remoteIpBlocks", &s.remote_ip_blocks),
-        ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
     ] {
         if !list.is_empty() {
             http.push(field.to_owned());
@@ -870,6 +902,8 @@ fn source(
         not_service_accounts: service_accounts(&s.not_service_accounts, policy_namespace),
         source_ips: ip_blocks(&s.ip_blocks, &format!("{at}.ipBlocks"))?,
         not_source_ips: ip_blocks(&s.not_ip_blocks, &format!("{at}.notIpBlocks"))?,
+        remote_ips: ip_blocks(&s.remote_ip_blocks, &format!("{at}.remoteIpBlocks"))?,
+        not_remote_ips: ip_blocks(&s.not_remote_ip_blocks, &format!("{at}.notRemoteIpBlocks"))?,
         ..ConnLists::default()
     };
     Ok((m.into(), http))
@@ -888,6 +922,10 @@ fn condition(c: &Condition, at: &str) -> Result<Option<ConnMatch>, FieldError> {
         "source.ip" => {
             m.source_ips = ip_blocks(&c.values, &values)?;
             m.not_source_ips = ip_blocks(&c.not_values, &not_values)?;
+        }
+        "remote.ip" => {
+            m.remote_ips = ip_blocks(&c.values, &values)?;
+            m.not_remote_ips = ip_blocks(&c.not_values, &not_values)?;
         }
         "destination.ip" => {
             m.destination_ips = ip_blocks(&c.values, &values)?;

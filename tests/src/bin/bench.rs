@@ -1000,6 +1000,7 @@ fn scale_in_process(size: &sluice_tests::scale::Size) -> InProcess {
             destination: workload,
             destination_ip: ip,
             destination_port: 8000 + (k % 12) as u16,
+            remote_ip: None,
         };
         let t = Instant::now();
         let d = std::hint::black_box(state.policy.authorize(&conn));

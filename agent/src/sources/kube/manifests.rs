@@ -636,8 +636,8 @@ mod tests {
                 return text;
             }
             text.replace(
-                "resources: [gateways, httproutes]\n    verbs: [list, watch]",
-                "resources: [gateways, httproutes]\n    verbs: [list]",
+                "resources: [gateways, httproutes, referencegrants]\n    verbs: [list, watch]",
+                "resources: [gateways, httproutes, referencegrants]\n    verbs: [list]",
             )
             .replace(
                 "resources: [peerauthentications, authorizationpolicies]\n    verbs: [list, watch]",
