@@ -1120,3 +1120,62 @@ async fn kube_namespace_relabel_enrolls_and_unenrolls_pods_through_the_agent() {
         "no discovery log line"
     );
 }
+
+/// A self-signed certificate for `host`, as PEM (chain, key).
+fn tls_pem(host: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![host.to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn tls_secret(name: &str, pem: &(String, String)) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": "gw-certs"},
+        "stringData": {"tls.crt": pem.0, "tls.key": pem.1}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_gateway_reads_listener_certificates_from_tls_secrets() {
+    use sluice::gateway::certificates::{CertificateError, CertificateSource};
+    let server = KubeServer::start();
+    let client = server.client().await;
+    apply(&client, &ns("gw-certs", json!({}))).await;
+    let first = tls_pem("web.example.com");
+    apply(&client, &tls_secret("web", &first)).await;
+    let source = CertificateSource::new(Default::default(), Some(client.clone()));
+
+    let loaded = source.load("gw-certs/web").await.expect("the Secret loads");
+    assert_eq!(loaded.key.cert.len(), 1);
+    assert_eq!(
+        loaded.key.cert[0].as_ref(),
+        <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::from_pem_slice(
+            first.0.as_bytes()
+        )
+        .expect("pem")
+        .as_ref(),
+        "the certificate served is the Secret's"
+    );
+
+    // A rotation (cert-manager renewing the Secret) shows as another fingerprint.
+    apply(&client, &tls_secret("web", &tls_pem("web.example.com"))).await;
+    let rotated = source.load("gw-certs/web").await.expect("loads again");
+    assert_ne!(rotated.fingerprint, loaded.fingerprint);
+
+    // A missing Secret and one without a key are errors naming the Secret.
+    let missing = source.load("gw-certs/absent").await.expect_err("missing");
+    assert!(
+        matches!(missing, CertificateError::Api { .. })
+            && missing.to_string().contains("gw-certs/absent"),
+        "{missing}"
+    );
+    apply(&client, &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "opaque", "namespace": "gw-certs"},
+        "data": {"tls.crt": "AA=="}})).await;
+    let keyless = source.load("gw-certs/opaque").await.expect_err("no key");
+    assert_eq!(
+        keyless.to_string(),
+        "Secret gw-certs/opaque: has no data.tls.key (a kubernetes.io/tls Secret)"
+    );
+}

@@ -1,11 +1,13 @@
 //! The gateway's listening sockets: one per port of the served listeners, bound when a port
 //! appears in the routing table and closed when it leaves. HTTPS ports terminate TLS with the
 //! certificate of the listener whose hostname matches the SNI; every port speaks HTTP/1.1 and
-//! HTTP/2 (ALPN, or prior knowledge in cleartext).
+//! HTTP/2 (ALPN, or prior knowledge in cleartext). Certificates are read again on every
+//! reconcile; a rotated one serves new connections, and one that can no longer be read leaves
+//! the last good one in place.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
 };
 
 use hyper::service::service_fn;
@@ -21,10 +23,11 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{
+    certificates::CertificateSource,
     handler::{self, ConnInfo, Shared},
     routes::RouteTable,
 };
-use crate::{config::CertificateFiles, state::ingress::ListenerProtocol};
+use crate::state::ingress::ListenerProtocol;
 
 /// Certificates of HTTPS listeners by hostname (`None`: the listener has no hostname).
 #[derive(Debug, Default)]
@@ -55,25 +58,21 @@ impl ResolvesServerCert for SniCertificates {
     }
 }
 
-/// Loads a PEM chain and key.
-pub fn load_certified_key(files: &CertificateFiles) -> anyhow::Result<Arc<CertifiedKey>> {
-    use anyhow::Context;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
-        .with_context(|| format!("{}", files.cert_file.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{}", files.cert_file.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&files.key_file)
-        .with_context(|| format!("{}", files.key_file.display()))?;
-    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
-        .with_context(|| format!("{}: unsupported key", files.key_file.display()))?;
-    Ok(Arc::new(CertifiedKey::new(certs, signer)))
+/// An HTTPS port's TLS configuration, swapped in place when a certificate rotates.
+type SharedTls = Arc<RwLock<(u64, tokio_rustls::TlsAcceptor)>>;
+
+/// One bound port.
+struct Bound {
+    protocol: ListenerProtocol,
+    task: JoinHandle<()>,
+    /// HTTPS: the acceptor the accept loop uses, with the fingerprint of its certificates.
+    tls: Option<SharedTls>,
 }
 
 /// The bound ports and their accept loops.
 #[derive(Default)]
 pub struct Listeners {
-    bound: BTreeMap<u16, (ListenerProtocol, JoinHandle<()>)>,
+    bound: BTreeMap<u16, Bound>,
 }
 
 impl Listeners {
@@ -84,26 +83,45 @@ impl Listeners {
         &mut self,
         table: &RouteTable,
         bind: Option<IpAddr>,
-        certificates: &BTreeMap<String, CertificateFiles>,
+        certificates: &CertificateSource,
         shared: &Arc<Shared>,
     ) -> BTreeSet<u16> {
         let wanted: BTreeMap<u16, ListenerProtocol> =
             table.ports.iter().map(|(p, r)| (*p, r.protocol)).collect();
-        self.bound.retain(|port, (protocol, task)| {
-            let keep = wanted.get(port) == Some(protocol);
+        self.bound.retain(|port, b| {
+            let keep = wanted.get(port) == Some(&b.protocol);
             if !keep {
-                task.abort();
+                b.task.abort();
                 info!(port, "gateway listener closed");
             }
             keep
         });
+        // Bound HTTPS ports: a rotated certificate replaces the old one for new connections.
+        for (port, b) in &self.bound {
+            let Some(tls) = &b.tls else { continue };
+            match server_config(table, *port, certificates).await {
+                Ok((fingerprint, config)) => {
+                    let mut current = tls.write().unwrap_or_else(|e| e.into_inner());
+                    if current.0 != fingerprint {
+                        *current = (fingerprint, tokio_rustls::TlsAcceptor::from(config));
+                        info!(port, "gateway listener certificates replaced");
+                    }
+                }
+                Err(e) => {
+                    warn!(port, error = %e, "certificates not re-read; the listener keeps serving its last good ones");
+                }
+            }
+        }
         for (port, protocol) in &wanted {
             if self.bound.contains_key(port) {
                 continue;
             }
             let tls = match protocol {
-                ListenerProtocol::Https => match server_config(table, *port, certificates) {
-                    Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+                ListenerProtocol::Https => match server_config(table, *port, certificates).await {
+                    Ok((fingerprint, c)) => Some(Arc::new(RwLock::new((
+                        fingerprint,
+                        tokio_rustls::TlsAcceptor::from(c),
+                    )))),
                     Err(e) => {
                         warn!(port, error = %e, "HTTPS listener not bound: its certificates are not usable");
                         continue;
@@ -120,20 +138,30 @@ impl Listeners {
                 }
             };
             info!(%addr, protocol = ?protocol, "gateway listener bound");
-            let task = tokio::spawn(accept(listener, *port, tls, shared.clone()));
-            self.bound.insert(*port, (*protocol, task));
+            let task = tokio::spawn(accept(listener, *port, tls.clone(), shared.clone()));
+            self.bound.insert(
+                *port,
+                Bound {
+                    protocol: *protocol,
+                    task,
+                    tls,
+                },
+            );
         }
         self.bound.keys().copied().collect()
     }
 }
 
-/// A TLS server config for the HTTPS listeners on `port`, their certificates chosen by SNI.
-fn server_config(
+/// A TLS server config for the HTTPS listeners on `port`, their certificates chosen by SNI,
+/// with a fingerprint of those certificates.
+async fn server_config(
     table: &RouteTable,
     port: u16,
-    certificates: &BTreeMap<String, CertificateFiles>,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    certificates: &CertificateSource,
+) -> anyhow::Result<(u64, Arc<rustls::ServerConfig>)> {
+    use std::hash::{Hash, Hasher};
     let mut sni = SniCertificates::default();
+    let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
     for l in table
         .ports
         .get(&port)
@@ -141,15 +169,12 @@ fn server_config(
         .unwrap_or(&[])
     {
         for secret in &l.certificates {
-            let files = certificates.get(secret).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "listener {}/{}: Secret {secret} has no entry in spec.ingress.certificates",
-                    l.gateway,
-                    l.name
-                )
-            })?;
-            sni.by_host
-                .push((l.hostname.clone(), load_certified_key(files)?));
+            let loaded = certificates
+                .load(secret)
+                .await
+                .map_err(|e| anyhow::anyhow!("listener {}/{}: {e}", l.gateway, l.name))?;
+            (&l.hostname, loaded.fingerprint).hash(&mut fingerprint);
+            sni.by_host.push((l.hostname.clone(), loaded.key));
         }
     }
     if sni.by_host.is_empty() {
@@ -162,15 +187,10 @@ fn server_config(
     .with_no_client_auth()
     .with_cert_resolver(Arc::new(sni));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((fingerprint.finish(), Arc::new(config)))
 }
 
-async fn accept(
-    listener: TcpListener,
-    port: u16,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shared: Arc<Shared>,
-) {
+async fn accept(listener: TcpListener, port: u16, tls: Option<SharedTls>, shared: Arc<Shared>) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -189,7 +209,10 @@ async fn accept(
             }
         };
         let shared = shared.clone();
-        let tls = tls.clone();
+        // The acceptor of this moment: a rotation applies from the next connection on.
+        let tls = tls
+            .as_ref()
+            .map(|t| t.read().unwrap_or_else(|e| e.into_inner()).1.clone());
         tokio::spawn(async move {
             let scheme = if tls.is_some() { "https" } else { "http" };
             let conn = ConnInfo {

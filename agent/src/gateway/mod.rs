@@ -5,6 +5,7 @@
 //!
 //! Data flows one way: sources → MeshState → [`routes::RouteTable`] → [`listeners`] →
 //! [`handler`] → [`upstream`].
+pub mod certificates;
 pub mod forwarding;
 pub mod handler;
 pub mod listeners;
@@ -27,6 +28,9 @@ use crate::{
     sources, state,
     state::Identity,
 };
+
+/// How often the gateway reads its listeners' certificates again.
+const CERTIFICATE_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Command-line overrides for `sluice gateway`.
 #[derive(Debug, Default)]
@@ -118,9 +122,24 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         policy_target: handler::policy_target(&ingress, &agent.node_name),
     });
 
+    let kube = if agent.kube.enabled {
+        Some(
+            sources::kube::client(agent.kube.kubeconfig.as_deref())
+                .await
+                .context("the kube client that reads listener certificates")?,
+        )
+    } else {
+        None
+    };
+    let certificates = certificates::CertificateSource::new(ingress.certificates.clone(), kube);
     let mut listeners = listeners::Listeners::default();
+    // Certificates are re-read this often (a rotated Secret or file).
+    let mut recheck = tokio::time::interval(CERTIFICATE_RECHECK);
+    recheck.tick().await;
     let mut _held: Option<crate::admin::server::BlockReady> = None;
     let mut snapshot = state.current();
+    // Whether this pass follows a new state (logged) or only the certificate recheck.
+    let mut changed = true;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let (table, skipped) = routes::RouteTable::build(&snapshot, &ingress);
@@ -128,7 +147,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             warn!(error = %s, "left out of the gateway's routes");
         }
         let bound = listeners
-            .reconcile(&table, ingress.bind_address, &ingress.certificates, &shared)
+            .reconcile(&table, ingress.bind_address, &certificates, &shared)
             .await;
         let routes: usize = table.ports.values().flat_map(|p| &p.listeners).count();
         // Ready (and so `Programmed` in the Gateway's status) only while every port a served
@@ -142,15 +161,18 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         _held = (!unbound.is_empty())
             .then(|| ready.block(format!("listener ports {unbound:?} are not bound")));
         *shared.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
-        info!(ports = ?bound, ?unbound, listeners = routes, "gateway routes applied");
+        if changed {
+            info!(ports = ?bound, ?unbound, listeners = routes, "gateway routes applied");
+        }
         ready.set_ready();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { info!("interrupted"); break; }
             _ = term.recv() => { info!("terminated"); break; }
             next = state.changed() => match next {
-                Some(s) => snapshot = s,
+                Some(s) => { snapshot = s; changed = true; }
                 None => break,
             },
+            _ = recheck.tick() => changed = false,
         }
     }
     Ok(())
