@@ -453,8 +453,10 @@ pub struct ReferenceGrantSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReferenceGrantFrom {
-    /// `""` for core.
-    pub group: String,
+    /// `""` (or absent) for core. Optional in the schema: server-side apply on some API servers
+    /// sends an empty string as null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub kind: String,
     pub namespace: String,
 }
@@ -463,8 +465,9 @@ pub struct ReferenceGrantFrom {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReferenceGrantTo {
-    /// `""` for core.
-    pub group: String,
+    /// `""` (or absent) for core, as in [`ReferenceGrantFrom::group`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,

@@ -57,11 +57,11 @@ impl ReferenceGrants {
                     permits.insert(Permit {
                         grant: format!("{namespace}/{name}"),
                         to_namespace: namespace.to_owned(),
-                        to_group: to.group.clone(),
+                        to_group: to.group.clone().unwrap_or_default(),
                         to_kind: to.kind.clone(),
                         to_name: to.name.clone().filter(|n| !n.is_empty()),
                         from_namespace: from.namespace.clone(),
-                        from_group: from.group.clone(),
+                        from_group: from.group.clone().unwrap_or_default(),
                         from_kind: from.kind.clone(),
                     });
                 }
