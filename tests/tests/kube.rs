@@ -524,8 +524,27 @@ async fn kube_invalid_resources_are_rejected_with_a_condition_while_valid_ones_a
         gw(&served, "Programmed").is_some_and(|c| c.2.contains("web-gateway-7f9c")),
         "{served}"
     );
+    // The route attached to it is Programmed too (as seed 000's output shows on routes).
+    let route_parent =
+        |obj: &serde_json::Value, t: &str| condition(obj, "/status/parents/0/conditions", t);
+    wait_object(
+        &client,
+        &route_good,
+        long,
+        "route Programmed while a gateway instance serves it",
+        |o| route_parent(o, "Programmed").is_some_and(|c| c.0 == "True" && c.1 == "Programmed"),
+    )
+    .await;
     gw_pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
     apply(&client, &gw_pod).await;
+    wait_object(
+        &client,
+        &route_good,
+        long,
+        "route not Programmed once the instance is not ready",
+        |o| route_parent(o, "Programmed").is_some_and(|c| c.0 == "False" && c.1 == "Pending"),
+    )
+    .await;
     wait_object(
         &client,
         &gw_good,

@@ -169,6 +169,24 @@ pub fn route_status(
             (None, Some(r)) => r.resolved_refs.clone(),
             _ => ingress::resolved_refs(route, &state.services, &state.ingress.reference_grants),
         };
+        // Programmed: attached, and a ready gateway instance serves the parent Gateway (what
+        // seed 000's AGC output shows on a route; the spec leaves routes without it).
+        let instances = state
+            .ingress
+            .gateways
+            .get(&gw_name.key())
+            .map(|g| g.instances.as_slice())
+            .unwrap_or(&[]);
+        let programmed = match (accepted.status, instances) {
+            (false, _) => Cond::new("Programmed", false, "Invalid", "the route is not accepted"),
+            (true, []) => Cond::new("Programmed", false, "Pending", ingress::NOT_BOUND),
+            (true, some) => Cond::new(
+                "Programmed",
+                true,
+                "Programmed",
+                format!("served by ready gateway instance(s) {}", some.join(", ")),
+            ),
+        };
         let prev = previous
             .iter()
             .find(|p| p.controller_name == CONTROLLER_NAME && &p.parent_ref == parent)
@@ -177,7 +195,7 @@ pub fn route_status(
         out.push(RouteParentStatus {
             parent_ref: parent.clone(),
             controller_name: CONTROLLER_NAME.to_owned(),
-            conditions: conditions(&[accepted, resolved], generation, prev, now),
+            conditions: conditions(&[accepted, resolved, programmed], generation, prev, now),
         });
     }
     out
