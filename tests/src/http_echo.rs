@@ -34,6 +34,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
 fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // Each response goes out in one write, at once: head and body in separate small writes
+    // would meet the client's delayed ACK under Nagle (40 ms a response).
+    stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?.to_string();
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -82,14 +85,13 @@ fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
             .strip_prefix("/bytes/")
             .and_then(|n| n.parse::<usize>().ok())
         {
-            let body = vec![b'x'; n.min(1 << 20)];
-            write!(
-                writer,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )?;
-            writer.write_all(&body)?;
-            writer.flush()?;
+            let n = n.min(1 << 20);
+            let mut response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"
+            )
+            .into_bytes();
+            response.resize(response.len() + n, b'x');
+            writer.write_all(&response)?;
             continue;
         }
         let answer = json!({
@@ -103,12 +105,11 @@ fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
         })
         .to_string()
             + "\n";
-        write!(
-            writer,
+        let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Backend: {name}\r\nContent-Length: {}\r\n\r\n{answer}",
             answer.len()
-        )?;
-        writer.flush()?;
+        );
+        writer.write_all(response.as_bytes())?;
         if headers
             .get("connection")
             .is_some_and(|c| c.eq_ignore_ascii_case("close"))
