@@ -34,7 +34,7 @@ const SINK_PORT: u16 = 29000;
 const TLS_ECHO_PORT: u16 = 28443;
 const TLS_SINK_PORT: u16 = 29443;
 /// What the README says was set: both processes get these lines in `global`.
-pub const TUNING: &str = "nbthread 2, tune.bufsize 65536, maxconn 20000, option splice-auto";
+pub const TUNING: &str = "nbthread 2, tune.bufsize 65536, maxconn 5000, option splice-auto";
 
 /// Both haproxy processes; killed, and their files removed, when dropped.
 pub struct HaproxyPeer {
@@ -152,7 +152,7 @@ impl HaproxyPeer {
 
         let global = |name: &str| {
             format!(
-                "global\n  nbthread 2\n  maxconn 20000\n  tune.bufsize 65536\n  \
+                "global\n  nbthread 2\n  maxconn 5000\n  tune.bufsize 65536\n  \
                  ssl-server-verify required\n  stats socket {}/{name}.sock mode 600 level admin\n\
                  defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
                  timeout client 120s\n  timeout server 120s\n",
