@@ -777,9 +777,6 @@ fn mesh() {
         loadavg().trim(),
     );
     println!("ztunnel: not run ({ztunnel_note})");
-    if part("fanout") {
-        fanout(&w, &echo(m2));
-    }
     for (name, value) in [
         ("bulk1_vs_direct", bulk1.0),
         ("bulk4_vs_direct", bulk4.0),
@@ -805,6 +802,10 @@ fn mesh() {
     }
     println!("rss_idle_mb {rss_idle:.1}");
     println!("handshake_cpu_us {handshake_cpu:.0}");
+    // Last: the figures above are printed even if this part fails.
+    if part("fanout") {
+        fanout(&w, &echo(m2));
+    }
 }
 
 /// Busy loops, one per CPU, beside a measurement; stopped when dropped.
