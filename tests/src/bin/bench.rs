@@ -855,6 +855,12 @@ fn fanout(w: &World, addr: &str) {
             v["errors"]
         );
         let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "fanout {label}: connect + greeting p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            ms(percentile(&open, 0.5)),
+            ms(percentile(&open, 0.99)),
+            ms(open.last().copied().unwrap_or(0))
+        );
         (
             ms(percentile(&open, 0.99)),
             ms(open.last().copied().unwrap_or(0)),
