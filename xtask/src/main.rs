@@ -156,6 +156,9 @@ const APT_TOOLS: &[(&str, &str)] = &[
     // The ingress benchmark's reverse proxy beside Sluice's gateway (not started as a service:
     // setup installs with RUNLEVEL=1).
     ("nginx", "nginx-light"),
+    // The mesh benchmark's mutual-TLS TCP tunnel beside Sluice (run by the bench inside the node
+    // namespaces, never as a service).
+    ("haproxy", "haproxy"),
 ];
 
 fn setup(root: &Path) -> Result<()> {
@@ -212,7 +215,7 @@ fn setup(root: &Path) -> Result<()> {
         .collect();
     if missing.is_empty() {
         say(
-            "system tools (bpftool, iproute2, iperf3, wrk, iptables, tcpdump, openssl, curl): present",
+            "system tools (bpftool, iproute2, iperf3, wrk, iptables, tcpdump, openssl, curl, nginx, haproxy): present",
         );
     } else {
         say(&format!("system tools: installing {}", missing.join(" ")));
@@ -221,7 +224,7 @@ fn setup(root: &Path) -> Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
-            // invoke-rc.d starts no service (nginx) at install.
+            // invoke-rc.d starts no service (nginx, haproxy) at install.
             .env("RUNLEVEL", "1"))?;
     }
 

@@ -3,10 +3,12 @@
 //!
 //! Every figure is printed in a table and every ratio also as `ratio <name> <value>` (Sluice's
 //! figure divided by the other), for scripts.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use sluice_tests::world::{PodSpec, World, ip, testpod_bin};
 
+#[path = "bench/haproxy.rs"]
+mod haproxy;
 #[path = "bench/ingress.rs"]
 mod ingress;
 
@@ -423,13 +425,23 @@ fn mesh() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(24);
-    // For profiling: `SLUICE_BENCH_ONLY=bulk,rr,conn,handshake` runs only those parts (the
+    // For profiling: `SLUICE_BENCH_ONLY=bulk,rr,conn,handshake,fanout` runs only those parts (the
     // others print as 0).
     let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
     let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
     const BULK_SECONDS: &str = "3";
     const ROUNDS: usize = 3;
     let started = std::time::Instant::now();
+    let load_start = loadavg();
+    // The peers: HAProxy is required (the bench fails without it); ztunnel is not driven yet.
+    let hap_version = haproxy::require_haproxy();
+    let ztunnel_note = match std::env::var_os("SLUICE_BENCH_ZTUNNEL") {
+        Some(bin) => panic!(
+            "SLUICE_BENCH_ZTUNNEL={bin:?} is set, but this bench cannot drive ztunnel yet \
+             (issue 22): unset it to run the other figures"
+        ),
+        None => "SLUICE_BENCH_ZTUNNEL is not set; the bench does not drive ztunnel yet",
+    };
     // Four client pods per path for the 4-stream bulk: four independent connections, as four
     // workloads would make (one pod's streams to one peer share one pooled HBONE connection).
     let mesh_clients = ["m1", "m1b", "m1c", "m1d"];
@@ -478,8 +490,17 @@ fn mesh() {
     ];
     let echo = |ip| SocketAddr::new(ip, 8080).to_string();
     let sink = |ip| SocketAddr::new(ip, 9000).to_string();
-    // (name, client pod, server ip)
-    let paths = [("direct", "d1", d2), ("sluice", "m1", m2)];
+
+    // The peer: HAProxy as a mutual-TLS tunnel between the same two nodes, to the same server
+    // pod as the direct path (d2), from the same client pods.
+    let hap = haproxy::HaproxyPeer::start(&w, d2);
+    hap.check_mtls(&w);
+    // (name, client pod, the 4-stream client pods, echo address, sink address)
+    let paths: [(&str, &str, &[&str], String, String); 3] = [
+        ("direct", "d1", &direct_clients, echo(d2), sink(d2)),
+        ("sluice", "m1", &mesh_clients, echo(m2), sink(m2)),
+        ("haproxy", "d1", &direct_clients, hap.echo(), hap.sink()),
+    ];
 
     // Check the paths are what they claim: the mesh pair captured and carried over HBONE.
     let c = w.connect("m1", &echo(m2), 10_000);
@@ -499,21 +520,35 @@ fn mesh() {
         via_service >= 1,
         "m1 → ClusterIP did not go over HBONE to m2"
     );
+    // Through HAProxy, d2 sees node 2's haproxy as its client (node 2's address on its veth).
+    let c = w.connect("d1", &hap.echo(), 10_000);
+    assert_eq!(
+        c.server_local.ip(),
+        d2,
+        "the HAProxy tunnel did not reach d2"
+    );
+    assert_eq!(
+        c.server_peer.ip(),
+        IpAddr::from([10, 0, 2, 1]),
+        "d2's client is not node 2's haproxy"
+    );
 
     // Bulk throughput: 1 stream; 4 streams from 4 pods; 4 streams from one pod (sharing one
-    // HBONE connection, for information); the agents' CPU while the mesh path runs.
-    let clients = [&direct_clients, &mesh_clients];
-    let mut bulk = [[0.0f64; 2]; 3]; // [kind][path] bytes/s, averaged over rounds
+    // HBONE connection, for information); the proxies' CPU while their path runs.
+    let hap_pids = hap.pids();
+    let hap_cpu_now = || hap_pids.iter().copied().map(cpu_seconds).sum::<f64>();
+    let mut bulk = [[0.0f64; 3]; 3]; // [kind][path] bytes/s, averaged over rounds
     let (mut mesh_cpu, mut mesh_bytes) = (0.0, 0.0);
+    let (mut hap_cpu, mut hap_bytes) = (0.0, 0.0);
     for _ in 0..if part("bulk") { 2 } else { 0 } {
         for (kind, figures) in bulk.iter_mut().enumerate() {
-            for (pi, (_, pod, ip)) in paths.iter().enumerate() {
-                let before = agents_cpu(&w);
+            for (pi, (_, pod, clients, _, sink_addr)) in paths.iter().enumerate() {
+                let before = (agents_cpu(&w), hap_cpu_now());
                 let (bytes, rate) = match kind {
-                    0 => bulk_parallel(&w, &[pod], &sink(*ip), BULK_SECONDS),
-                    1 => bulk_parallel(&w, clients[pi], &sink(*ip), BULK_SECONDS),
+                    0 => bulk_parallel(&w, &[pod], sink_addr, BULK_SECONDS),
+                    1 => bulk_parallel(&w, clients, sink_addr, BULK_SECONDS),
                     _ => {
-                        let v = run_ok(&w, pod, &["bulk", &sink(*ip), BULK_SECONDS, "4"]);
+                        let v = run_ok(&w, pod, &["bulk", sink_addr, BULK_SECONDS, "4"]);
                         (
                             v["bytes"].as_f64().unwrap_or(0.0),
                             v["bytes_per_s"].as_f64().unwrap_or(0.0),
@@ -521,38 +556,49 @@ fn mesh() {
                     }
                 };
                 if pi == 1 {
-                    mesh_cpu += agents_cpu(&w) - before;
+                    mesh_cpu += agents_cpu(&w) - before.0;
                     mesh_bytes += bytes;
+                }
+                if pi == 2 {
+                    hap_cpu += hap_cpu_now() - before.1;
+                    hap_bytes += bytes;
                 }
                 figures[pi] += rate / 2.0;
             }
         }
     }
 
-    // Request/response on one connection, and pooled new connections (connect + first byte).
-    let mut rr64: [Vec<u64>; 2] = Default::default();
-    let mut rr16k: [Vec<u64>; 2] = Default::default();
-    let mut conn: [Vec<u64>; 2] = Default::default();
-    let mut conn_request: [Vec<u64>; 2] = Default::default();
+    // Request/response on one connection, and new connections (connect + first byte): pooled
+    // for Sluice; for HAProxy, one TLS connection per connection, resuming its TLS session to
+    // node 2 (its default), and with `no-ssl-reuse`, a full handshake each.
+    let mut rr64: [Vec<u64>; 3] = Default::default();
+    let mut rr16k: [Vec<u64>; 3] = Default::default();
+    let mut conn: [Vec<u64>; 3] = Default::default();
+    let mut conn_request: [Vec<u64>; 3] = Default::default();
     let mut conn_service = Vec::new();
-    for (_, pod, ip) in &paths {
-        rr_samples(&w, pod, &echo(*ip), 64, 200);
-        samples(&w, pod, &echo(*ip), 100);
+    let mut hap_full = Vec::new();
+    for (_, pod, _, echo_addr, _) in &paths {
+        rr_samples(&w, pod, echo_addr, 64, 200);
+        samples(&w, pod, echo_addr, 100);
     }
+    samples(&w, "d1", &hap.echo_full(), 100);
     samples(&w, "m1", &service, 100);
     let pooled_handshakes = handshakes(&w, 1);
     for _ in 0..ROUNDS {
-        for (pi, (_, pod, ip)) in paths.iter().enumerate() {
+        for (pi, (_, pod, _, echo_addr, _)) in paths.iter().enumerate() {
             if part("rr") {
-                rr64[pi].extend(rr_samples(&w, pod, &echo(*ip), 64, 2000));
-                rr16k[pi].extend(rr_samples(&w, pod, &echo(*ip), 16 * 1024, 500));
+                rr64[pi].extend(rr_samples(&w, pod, echo_addr, 64, 2000));
+                rr16k[pi].extend(rr_samples(&w, pod, echo_addr, 16 * 1024, 500));
             }
             if part("conn") || part("handshake") {
-                conn[pi].extend(samples(&w, pod, &echo(*ip), 400));
+                conn[pi].extend(samples(&w, pod, echo_addr, 400));
             }
             if part("conn") {
-                conn_request[pi].extend(samples_mode(&w, pod, &echo(*ip), 400, true));
+                conn_request[pi].extend(samples_mode(&w, pod, echo_addr, 400, true));
             }
+        }
+        if part("handshake") {
+            hap_full.extend(samples(&w, "d1", &hap.echo_full(), 400));
         }
         // Same pod, same endpoint, same pooled HBONE connection: only the Service lookup and
         // the endpoint choice differ from the pod-IP samples of this round.
@@ -588,11 +634,10 @@ fn mesh() {
         .chain(rr16k.iter_mut())
         .chain(conn.iter_mut())
         .chain(conn_request.iter_mut())
-        .chain(std::iter::once(&mut conn_service))
+        .chain([&mut conn_service, &mut handshake, &mut hap_full])
     {
         v.sort_unstable();
     }
-    handshake.sort_unstable();
     let mbps = |b: f64| b * 8.0 / 1e6;
     // Connections per second from the median connect + first byte time (one connection at a
     // time): a mean would be dominated by the few slow outliers a shared machine produces.
@@ -604,55 +649,89 @@ fn mesh() {
         }
     };
     println!(
-        "\nmesh: node 1 → node 2, direct vs Sluice (captured, HBONE mTLS between node proxies)"
+        "\nmesh: node 1 → node 2, direct vs Sluice (captured, HBONE mTLS between node proxies) \
+         vs HAProxy (mTLS TCP tunnel between the nodes)"
     );
     println!(
-        "{:<34} {:>12} {:>12} {:>8}",
-        "figure", "direct", "sluice", "ratio"
+        "{:<34} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "figure", "direct", "sluice", "haproxy", "s/direct", "s/haproxy"
     );
     // Parts left out by SLUICE_BENCH_ONLY measured nothing: say so instead of printing 0.
-    let row = |name: &str, d: f64, s: f64| {
+    // `latency`: the Sluice/HAProxy ratio is of the latency each adds over direct.
+    let row = |name: &str, d: f64, s: f64, h: f64, latency: bool| {
         if d > 0.0 && s > 0.0 {
-            println!("{name:<34} {d:>12.1} {s:>12.1} {:>8.2}", s / d);
-            s / d
+            let vs_hap = if h <= 0.0 {
+                f64::NAN
+            } else if latency {
+                (s - d) / (h - d)
+            } else {
+                s / h
+            };
+            println!(
+                "{name:<34} {d:>10.1} {s:>10.1} {h:>10.1} {:>9.2} {vs_hap:>9.2}",
+                s / d
+            );
+            (s / d, vs_hap)
         } else {
-            println!("{name:<34} {:>12} {:>12}", "not run", "not run");
-            f64::NAN
+            println!(
+                "{name:<34} {:>10} {:>10} {:>10}",
+                "not run", "not run", "not run"
+            );
+            (f64::NAN, f64::NAN)
         }
     };
-    let bulk1 = row("bulk 1 stream (Mbit/s)", mbps(bulk[0][0]), mbps(bulk[0][1]));
+    let bulk1 = row(
+        "bulk 1 stream (Mbit/s)",
+        mbps(bulk[0][0]),
+        mbps(bulk[0][1]),
+        mbps(bulk[0][2]),
+        false,
+    );
     let bulk4 = row(
         "bulk 4 streams, 4 pods (Mbit/s)",
         mbps(bulk[1][0]),
         mbps(bulk[1][1]),
+        mbps(bulk[1][2]),
+        false,
     );
     row(
         "bulk 4 streams, 1 pod (Mbit/s)",
         mbps(bulk[2][0]),
         mbps(bulk[2][1]),
+        mbps(bulk[2][2]),
+        false,
     );
     let p = |v: &[u64], q| percentile(v, q) as f64;
-    let rr64_50 = row("rr 64 B p50 (µs)", p(&rr64[0], 0.5), p(&rr64[1], 0.5));
-    let rr64_99 = row("rr 64 B p99 (µs)", p(&rr64[0], 0.99), p(&rr64[1], 0.99));
-    let rr16k_50 = row("rr 16 KiB p50 (µs)", p(&rr16k[0], 0.5), p(&rr16k[1], 0.5));
+    let pq = |v: &[Vec<u64>; 3], q| (p(&v[0], q), p(&v[1], q), p(&v[2], q));
+    let (d, s, h) = pq(&rr64, 0.5);
+    let rr64_50 = row("rr 64 B p50 (µs)", d, s, h, true);
+    let (d, s, h) = pq(&rr64, 0.99);
+    let rr64_99 = row("rr 64 B p99 (µs)", d, s, h, true);
+    let (d, s, h) = pq(&rr16k, 0.5);
+    let rr16k_50 = row("rr 16 KiB p50 (µs)", d, s, h, true);
     let pooled = row(
-        "new conns/s, pooled",
+        "new conns/s, pooled (hap: resumed)",
         conn_rate(&conn[0]),
         conn_rate(&conn[1]),
+        conn_rate(&conn[2]),
+        false,
     );
     let pooled_request = row(
         "new conns/s, pooled, client first",
         conn_rate(&conn_request[0]),
         conn_rate(&conn_request[1]),
+        conn_rate(&conn_request[2]),
+        false,
     );
     let service_ratio = {
         let (pod_ip, vip) = (conn_rate(&conn[1]), conn_rate(&conn_service));
         if pod_ip > 0.0 && vip > 0.0 {
             println!(
-                "{:<34} {:>12.1} {:>12.1} {:>8.2}",
+                "{:<34} {:>10.1} {:>10.1} {:>10} {:>9.2}",
                 "new conns/s, pooled: pod IP | VIP",
                 pod_ip,
                 vip,
+                "-",
                 vip / pod_ip
             );
             vip / pod_ip
@@ -664,20 +743,23 @@ fn mesh() {
         "new conns/s, handshake each",
         conn_rate(&conn[0]),
         conn_rate(&handshake),
+        conn_rate(&hap_full),
+        false,
     );
     println!(
-        "{:<34} {:>12} {:>12.2}",
-        "agents' CPU s per GB (both nodes)",
+        "{:<34} {:>10} {:>10.2} {:>10.2}",
+        "proxies' CPU s per GB (both nodes)",
         "-",
-        mesh_cpu / (mesh_bytes / 1e9).max(1e-9)
+        mesh_cpu / (mesh_bytes / 1e9).max(1e-9),
+        hap_cpu / (hap_bytes / 1e9).max(1e-9)
     );
     println!(
-        "{:<34} {:>12} {:>12.1}",
+        "{:<34} {:>10} {:>10.1}",
         "agent idle RSS (MiB, larger node)", "-", rss_idle
     );
     let handshake_cpu = handshake_cpu_us(300);
     println!(
-        "{:<34} {:>12} {:>12.0}",
+        "{:<34} {:>10} {:>10.0}",
         "TLS handshake CPU, both sides (µs)", "-", handshake_cpu
     );
     println!(
@@ -686,19 +768,33 @@ fn mesh() {
          byte time, one connection at a time: pooled {ROUNDS}×400 connections (0 TLS handshakes, \
          checked), as many where the client sends a byte first and times its echo, and as many from m1 to a ClusterIP whose one endpoint is m2 (compared with m1 → m2 pod IP); handshake {handshake_pods} new source identities, one connection each \
          ({measured_handshakes} TLS handshakes counted by sluice_hbone_handshakes_total), both \
-         against the direct rate; {:.0} s in all)",
-        started.elapsed().as_secs_f64()
+         against the direct rate; HAProxy: {hap_version}, {}, its handshake row {ROUNDS}×400 \
+         connections with no-ssl-reuse; latency ratios against HAProxy divide the latency each adds \
+         over direct; {:.0} s in all; load average {} at the start, {} at the end)",
+        haproxy::TUNING,
+        started.elapsed().as_secs_f64(),
+        load_start.trim(),
+        loadavg().trim(),
     );
+    println!("ztunnel: not run ({ztunnel_note})");
     for (name, value) in [
-        ("bulk1_vs_direct", bulk1),
-        ("bulk4_vs_direct", bulk4),
-        ("rr64_p50_vs_direct", rr64_50),
-        ("rr64_p99_vs_direct", rr64_99),
-        ("rr16k_p50_vs_direct", rr16k_50),
-        ("conn_pooled_vs_direct", pooled),
-        ("conn_pooled_request_vs_direct", pooled_request),
-        ("conn_handshake_vs_direct", hs_ratio),
+        ("bulk1_vs_direct", bulk1.0),
+        ("bulk4_vs_direct", bulk4.0),
+        ("rr64_p50_vs_direct", rr64_50.0),
+        ("rr64_p99_vs_direct", rr64_99.0),
+        ("rr16k_p50_vs_direct", rr16k_50.0),
+        ("conn_pooled_vs_direct", pooled.0),
+        ("conn_pooled_request_vs_direct", pooled_request.0),
+        ("conn_handshake_vs_direct", hs_ratio.0),
         ("service_vs_podip_conn", service_ratio),
+        ("sluice_vs_haproxy_bulk1", bulk1.1),
+        ("sluice_vs_haproxy_bulk4", bulk4.1),
+        ("sluice_vs_haproxy_rr64_p50", rr64_50.1),
+        ("sluice_vs_haproxy_rr64_p99", rr64_99.1),
+        ("sluice_vs_haproxy_rr16k_p50", rr16k_50.1),
+        ("sluice_vs_haproxy_conn_pooled", pooled.1),
+        ("sluice_vs_haproxy_conn_pooled_request", pooled_request.1),
+        ("sluice_vs_haproxy_conn_handshake", hs_ratio.1),
     ] {
         if value.is_finite() {
             println!("ratio {name} {value:.2}");
@@ -706,6 +802,99 @@ fn mesh() {
     }
     println!("rss_idle_mb {rss_idle:.1}");
     println!("handshake_cpu_us {handshake_cpu:.0}");
+    // Last: the figures above are printed even if this part fails.
+    if part("fanout") {
+        fanout(&w, &echo(m2));
+    }
+}
+
+/// Busy loops, one per CPU, beside a measurement; stopped when dropped.
+struct CpuHog(Vec<std::process::Child>);
+
+impl CpuHog {
+    fn start() -> CpuHog {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        CpuHog(
+            (0..cpus)
+                .map(|_| {
+                    std::process::Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("start CPU hog")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Latency under contention: 1,000 concurrent connections from m1 through the mesh (connect +
+/// the server's greeting, all opened at once), on a quiet CPU and beside one busy loop per CPU.
+fn fanout(w: &World, addr: &str) {
+    const CONNECTIONS: usize = 1000;
+    let once = |label: &str| {
+        let v = run_ok(w, "m1", &["fanout", addr, &CONNECTIONS.to_string(), "64"]);
+        let mut open: Vec<u64> = v["open_us"]
+            .as_array()
+            .expect("open_us")
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .collect();
+        open.sort_unstable();
+        let ok = v["ok"].as_u64().unwrap_or(0);
+        println!(
+            "fanout {label}: {ok} of {CONNECTIONS} connections completed, errors {}",
+            v["errors"]
+        );
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "fanout {label}: connect + greeting p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            ms(percentile(&open, 0.5)),
+            ms(percentile(&open, 0.99)),
+            ms(open.last().copied().unwrap_or(0))
+        );
+        (
+            ms(percentile(&open, 0.99)),
+            ms(open.last().copied().unwrap_or(0)),
+            ok,
+        )
+    };
+    // Warm-up: the pooled HBONE connections and the certificates exist before timing.
+    once("warm-up");
+    let (p99, max, ok) = once("quiet");
+    let (p99_hog, max_hog, ok_hog) = {
+        let _hog = CpuHog::start();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        once("beside a CPU hog")
+    };
+    println!(
+        "fanout: {CONNECTIONS} concurrent connections m1 → m2 (connect + greeting): quiet p99 \
+         {p99:.1} ms, max {max:.1} ms; beside one busy loop per CPU p99 {p99_hog:.1} ms, max \
+         {max_hog:.1} ms"
+    );
+    println!("fanout_p99_ms {p99:.1}");
+    println!("fanout_max_ms {max:.1}");
+    println!("fanout_p99_ms_contended {p99_hog:.1}");
+    println!("fanout_max_ms_contended {max_hog:.1}");
+    println!("fanout_failed {}", 2 * CONNECTIONS as u64 - ok - ok_hog);
+}
+
+/// `/proc/loadavg`'s three load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// When agent `i` last logged `mesh state published` with a generation above `after`: its

@@ -21,7 +21,8 @@
 //!   SIZE-byte echo; prints `{"samples_us":[..]}` (one round trip each, microseconds).
 //! * `fanout ADDR CONNECTIONS BYTES`: opens CONNECTIONS connections to a `serve` and holds them
 //!   all open at once (each has read the server's line), then each sends BYTES bytes and checks
-//!   the echo; prints `{"connections":N,"ok":K,"errors":[..]}` (the first few errors).
+//!   the echo; prints `{"connections":N,"ok":K,"errors":[..],"open_us":[..]}` (the first few
+//!   errors; per connection that opened, µs from the start of all until its greeting was read).
 //! * `http-keepalive ADDR HOST...`: one connection, one `GET /` per HOST in turn; prints
 //!   `{"statuses":[..],"error":..}`.
 //! * `http-get ADDR HOST [PATH]`, `tls-get ADDR SNI CA_FILE [PATH]`, `dns SERVER NAME
@@ -408,13 +409,15 @@ fn fanout(args: &[String]) -> Result<(), String> {
     let bytes: u64 = arg(args, 2, "BYTES")?;
     // Every connection is open (and greeted) before any of them sends: truly concurrent.
     let all_open = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let started = Instant::now();
     let workers: Vec<_> = (0..n)
         .map(|_| {
             let all_open = all_open.clone();
             std::thread::Builder::new()
                 .stack_size(128 * 1024)
-                .spawn(move || -> Result<(), String> {
+                .spawn(move || -> Result<u64, String> {
                     let opened = open(addr);
+                    let open_us = started.elapsed().as_micros() as u64;
                     all_open.wait();
                     let (mut stream, mut reader, _server) = opened?;
                     let chunk = vec![0u8; 4096];
@@ -436,22 +439,29 @@ fn fanout(args: &[String]) -> Result<(), String> {
                     if echoed.len() as u64 != bytes || echoed.iter().any(|b| *b != 0) {
                         return Err(format!("echo of {} bytes, expected {bytes}", echoed.len()));
                     }
-                    Ok(())
+                    Ok(open_us)
                 })
                 .map_err(|e| format!("thread: {e}"))
         })
         .collect::<Result<_, _>>()?;
     let mut ok = 0;
     let mut errors = Vec::new();
+    let mut open_us = Vec::with_capacity(n);
     for w in workers {
         match w.join() {
-            Ok(Ok(())) => ok += 1,
+            Ok(Ok(us)) => {
+                ok += 1;
+                open_us.push(us);
+            }
             Ok(Err(e)) if errors.len() < 5 => errors.push(e),
             Ok(Err(_)) => {}
             Err(_) => errors.push("worker panicked".to_owned()),
         }
     }
-    println!("{}", json!({"connections": n, "ok": ok, "errors": errors}));
+    println!(
+        "{}",
+        json!({"connections": n, "ok": ok, "errors": errors, "open_us": open_us})
+    );
     Ok(())
 }
 
