@@ -43,6 +43,17 @@ enum Cmd {
         #[command(subcommand)]
         op: ClusterOp,
     },
+    /// Fuzz the parsers of untrusted bytes (nightly, cargo-fuzz, installed when missing): list
+    /// the targets, or run TARGET (`all`: each, one after another) for SECONDS each, growing
+    /// its corpus in tests/fuzz/corpus/TARGET, and print executions and coverage. Not part of
+    /// `test`.
+    Fuzz {
+        /// A target name, or `all`; lists the targets when omitted.
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(default_value_t = 600)]
+        seconds: u64,
+    },
     /// Generate CRDs into deploy/ (or, with --check, validate deploy/).
     Manifests {
         #[arg(long)]
@@ -91,6 +102,7 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Cmd::Manifests { check } => manifests(&root, check),
+        Cmd::Fuzz { target, seconds } => fuzz(&root, target.as_deref(), seconds),
         Cmd::Cluster { op } => cluster(&root, op),
     }
 }
@@ -337,6 +349,169 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
             "--test-threads=1",
         ])
         .args(&filter))
+}
+
+/// The cargo-fuzz crate, its own workspace (the main one excludes it).
+const FUZZ_DIR: &str = "tests/fuzz";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// The fuzz targets (`tests/fuzz/fuzz_targets/*.rs`) with the first line of each one's doc.
+fn fuzz_targets(root: &Path) -> Result<Vec<(String, String)>> {
+    let dir = root.join(FUZZ_DIR).join("fuzz_targets");
+    let mut targets = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let (Some(name), Some("rs")) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            path.extension().and_then(|s| s.to_str()),
+        ) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path)?;
+        let about = text
+            .lines()
+            .find_map(|l| l.strip_prefix("//! "))
+            .unwrap_or_default()
+            .to_owned();
+        targets.push((name.to_owned(), about));
+    }
+    targets.sort();
+    Ok(targets)
+}
+
+/// What libFuzzer said about one run.
+#[derive(Default)]
+struct FuzzReport {
+    executions: Option<String>,
+    per_second: Option<String>,
+    coverage: Option<String>,
+    corpus: usize,
+    seconds: u64,
+    ok: bool,
+}
+
+fn fuzz(root: &Path, target: Option<&str>, seconds: u64) -> Result<()> {
+    let targets = fuzz_targets(root)?;
+    let Some(target) = target else {
+        println!("fuzz targets (cargo xtask fuzz TARGET|all [SECONDS]):");
+        for (name, about) in &targets {
+            println!("  {name:<16} {about}");
+        }
+        return Ok(());
+    };
+    let chosen: Vec<&str> = match target {
+        "all" => targets.iter().map(|(n, _)| n.as_str()).collect(),
+        one if targets.iter().any(|(n, _)| n == one) => vec![one],
+        other => bail!("no fuzz target {other:?}; `cargo xtask fuzz` lists them"),
+    };
+    install_cargo_fuzz()?;
+    let mut reports = Vec::new();
+    for name in chosen {
+        say(&format!("fuzzing {name} for {seconds} s"));
+        reports.push((name, fuzz_one(root, name, seconds)?));
+    }
+    say("fuzzing done:");
+    for (name, r) in &reports {
+        eprintln!(
+            "  {name:<16} {} in {} s: {} executions ({}/s), {}, corpus {} inputs",
+            if r.ok { "ok" } else { "FAILED" },
+            r.seconds,
+            r.executions.as_deref().unwrap_or("?"),
+            r.per_second.as_deref().unwrap_or("?"),
+            r.coverage.as_deref().unwrap_or("no coverage line"),
+            r.corpus,
+        );
+    }
+    let failed: Vec<&str> = reports
+        .iter()
+        .filter(|(_, r)| !r.ok)
+        .map(|(n, _)| *n)
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} failed; the input that did it is in {FUZZ_DIR}/artifacts/<target>/",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Installs the pinned cargo-fuzz when `cargo fuzz` is missing or another version.
+fn install_cargo_fuzz() -> Result<()> {
+    let out = Command::new("cargo").args(["fuzz", "--version"]).output();
+    match out {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION) => {
+            say(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}: present"));
+            Ok(())
+        }
+        _ => {
+            say(&format!(
+                "cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about 2 minutes)"
+            ));
+            run(Command::new("cargo").args([
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+                "--force",
+            ]))
+        }
+    }
+}
+
+/// Runs one target for `seconds`, echoing libFuzzer's output and keeping its last numbers.
+fn fuzz_one(root: &Path, name: &str, seconds: u64) -> Result<FuzzReport> {
+    use std::io::{BufRead, BufReader};
+    let corpus = root.join(FUZZ_DIR).join("corpus").join(name);
+    std::fs::create_dir_all(&corpus)?;
+    let started = std::time::Instant::now();
+    let mut child = cargo(root)
+        // The outer (stable) cargo's environment must not leak into the nightly build.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["+nightly", "fuzz", "run", "--fuzz-dir", FUZZ_DIR])
+        // Safe Rust needs no AddressSanitizer, and without it a shared two-core machine runs
+        // several times the executions; debug assertions (overflow checks) stay on.
+        .args(["--sanitizer", "none", "--debug-assertions", name])
+        .arg(&corpus)
+        .args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            // An input that takes this long is a finding: parsing must be bounded work.
+            "-timeout=10",
+            "-print_final_stats=1",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo +nightly fuzz run")?;
+    let mut report = FuzzReport::default();
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines() {
+            let line = line?;
+            eprintln!("{line}");
+            let stat = |key: &str| {
+                line.strip_prefix(key)
+                    .map(|v| v.trim_start_matches(':').trim().to_owned())
+            };
+            if let Some(v) = stat("stat::number_of_executed_units") {
+                report.executions = Some(v);
+            } else if let Some(v) = stat("stat::average_exec_per_sec") {
+                report.per_second = Some(v);
+            } else if let Some(at) = line.find("cov: ") {
+                // `#N ... cov: C ft: F corp: ...`: keep coverage and features.
+                let tail = &line[at..];
+                let end = tail.find(" corp:").unwrap_or(tail.len());
+                report.coverage = Some(tail[..end].to_owned());
+            }
+        }
+    }
+    report.ok = child.wait()?.success();
+    report.seconds = started.elapsed().as_secs();
+    report.corpus = std::fs::read_dir(&corpus)?.count();
+    Ok(report)
 }
 
 /// Where a running box keeps its pid, log, kubeconfig and `ready` file.

@@ -132,8 +132,7 @@ impl Resolver {
     }
 
     async fn query(&self, host: &str, kind: RecordType) -> Result<Answer, DnsError> {
-        let fqdn = format!("{}.", host.trim_end_matches('.'));
-        let name = Name::from_ascii(&fqdn).map_err(|_| DnsError::BadName(host.to_owned()))?;
+        let name = query_name(host)?;
         let mut msg = Message::query();
         msg.metadata.recursion_desired = true;
         msg.add_query(Query::query(name.clone(), kind));
@@ -146,29 +145,7 @@ impl Resolver {
             debug!(%host, ?kind, "DNS answer truncated; retrying over TCP");
             reply = self.exchange_tcp(&wire, &name, kind, id, deadline).await?;
         }
-        match reply.metadata.response_code {
-            ResponseCode::NoError => {}
-            ResponseCode::NXDomain => {
-                return Ok(Answer {
-                    addrs: vec![],
-                    ttl: MIN_TTL,
-                });
-            }
-            code => {
-                return Err(DnsError::Rcode {
-                    server: self.server,
-                    host: host.to_owned(),
-                    code,
-                });
-            }
-        }
-        let (addrs, ttl) = addresses_of(&reply, &name, kind);
-        let ttl = if addrs.is_empty() {
-            MIN_TTL
-        } else {
-            Duration::from_secs(u64::from(ttl))
-        };
-        Ok(Answer { addrs, ttl })
+        answer_of(&reply, self.server, host, &name, kind)
     }
 
     fn io_error(&self, source: io::Error) -> DnsError {
@@ -219,9 +196,8 @@ impl Resolver {
                 }
                 Err(_) => return Err(self.timeout_error()),
             };
-            match Message::from_vec(&buf[..n]) {
-                Ok(reply) if answers(&reply, name, kind, id) => return Ok(reply),
-                _ => continue,
+            if let Some(reply) = reply_to(&buf[..n], name, kind, id) {
+                return Ok(reply);
             }
         }
     }
@@ -262,6 +238,73 @@ impl Resolver {
             Err(e) => Err(DnsError::Proto(e.to_string())),
         }
     }
+}
+
+/// The name queried for `host` (made fully qualified).
+fn query_name(host: &str) -> Result<Name, DnsError> {
+    let fqdn = format!("{}.", host.trim_end_matches('.'));
+    Name::from_ascii(&fqdn).map_err(|_| DnsError::BadName(host.to_owned()))
+}
+
+/// `bytes` decoded, if they are a reply to the query `id` for `name` `kind`.
+fn reply_to(bytes: &[u8], name: &Name, kind: RecordType, id: u16) -> Option<Message> {
+    Message::from_vec(bytes)
+        .ok()
+        .filter(|reply| answers(reply, name, kind, id))
+}
+
+/// What a reply from `server` to the query for `host` (`name`) `kind` answers.
+fn answer_of(
+    reply: &Message,
+    server: SocketAddr,
+    host: &str,
+    name: &Name,
+    kind: RecordType,
+) -> Result<Answer, DnsError> {
+    match reply.metadata.response_code {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain => {
+            return Ok(Answer {
+                addrs: vec![],
+                ttl: MIN_TTL,
+            });
+        }
+        code => {
+            return Err(DnsError::Rcode {
+                server,
+                host: host.to_owned(),
+                code,
+            });
+        }
+    }
+    let (addrs, ttl) = addresses_of(reply, name, kind);
+    let ttl = if addrs.is_empty() {
+        MIN_TTL
+    } else {
+        Duration::from_secs(u64::from(ttl))
+    };
+    Ok(Answer { addrs, ttl })
+}
+
+/// What the resolver makes of `bytes` arriving from `server` over UDP for its query `id` for
+/// the A (or, with `v6`, AAAA) records of `host`: `None` when they are no reply to that query
+/// (ignored, as a stray datagram is). The truncation bit is not followed here (the resolver
+/// asks again over TCP). The seam the fuzz targets use.
+#[doc(hidden)]
+pub fn read_udp_reply(
+    server: SocketAddr,
+    bytes: &[u8],
+    host: &str,
+    v6: bool,
+    id: u16,
+) -> Option<Result<Answer, DnsError>> {
+    let kind = if v6 { RecordType::AAAA } else { RecordType::A };
+    let name = match query_name(host) {
+        Ok(name) => name,
+        Err(e) => return Some(Err(e)),
+    };
+    let reply = reply_to(bytes, &name, kind, id)?;
+    Some(answer_of(&reply, server, host, &name, kind))
 }
 
 /// Longest CNAME chain followed.

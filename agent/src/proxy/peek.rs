@@ -190,9 +190,11 @@ fn classify_tls(buf: &[u8]) -> Classified {
                 let n = list.u16()?;
                 let name = list.take(n)?;
                 if kind == 0 {
+                    // A host name is never empty (RFC 6066 `HostName<1..2^16-1>`), as an empty
+                    // `Host` is no host.
                     return Some(match std::str::from_utf8(name) {
-                        Ok(name) => Sniffed::Tls(name.to_owned()),
-                        Err(_) => Sniffed::TlsNoSni,
+                        Ok(name) if !name.is_empty() => Sniffed::Tls(name.to_owned()),
+                        _ => Sniffed::TlsNoSni,
                     });
                 }
             }
@@ -359,6 +361,49 @@ mod tests {
             bad[i] = 0xff;
             let _ = classify(&bad);
         }
+    }
+
+    /// A minimal ClientHello whose server_name extension lists `names` (name type 0).
+    fn hello_naming(names: &[&[u8]]) -> Vec<u8> {
+        let mut list = Vec::new();
+        for name in names {
+            list.push(0); // host_name
+            list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            list.extend_from_slice(name);
+        }
+        let mut ext = (list.len() as u16).to_be_bytes().to_vec();
+        ext.extend_from_slice(&list);
+        let mut exts = vec![0, 0]; // server_name
+        exts.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        exts.extend_from_slice(&ext);
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[0; 32]); // random
+        body.push(0); // session id
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one suite
+        body.extend_from_slice(&[1, 0]); // null compression
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(&exts);
+        let mut hs = vec![1];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        let mut record = vec![0x16, 3, 1];
+        record.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        record.extend_from_slice(&hs);
+        record
+    }
+
+    /// Found by the `peek` fuzz target: a ClientHello whose server_name is empty (RFC 6066
+    /// allows none: `HostName<1..2^16-1>`) gave the egress decision an empty SNI as a host.
+    #[test]
+    fn an_empty_sni_is_no_sni() {
+        assert_eq!(
+            classify(&hello_naming(&[b"web.example"])),
+            Classified::Done(Sniffed::Tls("web.example".into()))
+        );
+        assert_eq!(
+            classify(&hello_naming(&[b""])),
+            Classified::Done(Sniffed::TlsNoSni)
+        );
     }
 
     #[tokio::test]

@@ -90,16 +90,38 @@ fn fail(code: u32, msg: String) -> anyhow::Error {
     anyhow::Error::new(CniError(code)).context(msg)
 }
 
-/// Handles a command with its environment and stdin; `Ok(Some(json))` is printed.
-pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option<String>> {
+/// What one invocation asks for, decoded from its environment and stdin with no side effect
+/// (the fuzz targets call this with untrusted bytes; [`run`] carries it out).
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Invocation {
+    /// `VERSION`: print the versions this plugin supports.
+    Version,
+    /// `ADD`: report `sandbox` to the agent at `socket`, then pass `prev` on.
+    Add {
+        socket: PathBuf,
+        sandbox: Sandbox,
+        prev: Value,
+        /// The pod's namespace is excluded: pass `prev` on without asking the agent.
+        excluded: bool,
+        /// The kubeconfig to look the pod up with when the agent is away.
+        kubeconfig: Option<PathBuf>,
+    },
+    /// `DEL`: tell the agent at `socket` that the sandbox `uid` is gone.
+    Del { socket: PathBuf, uid: String },
+    /// `CHECK`, `STATUS`, `GC`: nothing to do.
+    Nothing,
+}
+
+/// Decodes a command's environment and stdin; the errors are those [`run`] reports.
+#[doc(hidden)]
+pub fn decode(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Invocation> {
     let command = env
         .get("CNI_COMMAND")
         .map(String::as_str)
         .unwrap_or_default();
     if command == "VERSION" {
-        return Ok(Some(
-            json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
-        ));
+        return Ok(Invocation::Version);
     }
     let conf: NetConf = serde_json::from_str(stdin)
         .map_err(|e| fail(CODE_DECODE, format!("network configuration: {e}")))?;
@@ -114,19 +136,21 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
         .clone()
         .unwrap_or_else(|| DEFAULT_SOCKET.into());
     let args = parse_cni_args(env.get("CNI_ARGS").map(String::as_str).unwrap_or_default());
+    let uid = || {
+        args.get("K8S_POD_UID")
+            .or_else(|| env.get("CNI_CONTAINERID"))
+            .cloned()
+            .unwrap_or_default()
+    };
     match command {
         "ADD" => {
-            let Some(prev) = conf.prev_result.clone() else {
+            let Some(prev) = conf.prev_result else {
                 return Err(fail(
                     CODE_INCOMPATIBLE,
                     "sluice is a chained plugin: no prevResult from the plugin before it".into(),
                 ));
             };
-            let uid = args
-                .get("K8S_POD_UID")
-                .or_else(|| env.get("CNI_CONTAINERID"))
-                .cloned()
-                .unwrap_or_default();
+            let uid = uid();
             let netns = env
                 .get("CNI_NETNS")
                 .cloned()
@@ -139,7 +163,37 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
                 cgroup: None,
                 ips: prev_result_ips(&prev)?,
             };
-            if conf.exclude_namespaces.contains(&sandbox.namespace) {
+            Ok(Invocation::Add {
+                socket,
+                excluded: conf.exclude_namespaces.contains(&sandbox.namespace),
+                sandbox,
+                prev,
+                kubeconfig: conf.kubeconfig,
+            })
+        }
+        "DEL" => Ok(Invocation::Del { socket, uid: uid() }),
+        "CHECK" | "STATUS" | "GC" => Ok(Invocation::Nothing),
+        other => Err(fail(
+            CODE_INVALID_ENV,
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"),
+        )),
+    }
+}
+
+/// Handles a command with its environment and stdin; `Ok(Some(json))` is printed.
+pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option<String>> {
+    match decode(env, stdin)? {
+        Invocation::Version => Ok(Some(
+            json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+        )),
+        Invocation::Add {
+            socket,
+            sandbox,
+            prev,
+            excluded,
+            kubeconfig,
+        } => {
+            if excluded {
                 return Ok(Some(prev.to_string()));
             }
             let (namespace, name) = (sandbox.namespace.clone(), sandbox.name.clone());
@@ -149,7 +203,7 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
                     // Without the agent a mesh pod would start uncaptured: refuse it (the
                     // kubelet retries), but let every other pod on the node start.
                     let why = format!("the agent is unreachable ({unreachable:#})");
-                    return match without_agent(&conf, &namespace, &name) {
+                    return match without_agent(kubeconfig.as_deref(), &namespace, &name) {
                         Ok(false) => Ok(Some(prev.to_string())),
                         Ok(true) => Err(fail(
                             CODE_AGENT,
@@ -177,12 +231,7 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
             // A chained plugin passes the previous result on unchanged.
             Ok(Some(prev.to_string()))
         }
-        "DEL" => {
-            let uid = args
-                .get("K8S_POD_UID")
-                .or_else(|| env.get("CNI_CONTAINERID"))
-                .cloned()
-                .unwrap_or_default();
+        Invocation::Del { socket, uid } => {
             // DEL must succeed when the agent is gone or the pod unknown (spec: idempotent).
             if let Ok(answer) = call(&socket, &Request::Del { uid })
                 && !answer.ok
@@ -191,11 +240,7 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
             }
             Ok(None)
         }
-        "CHECK" | "STATUS" | "GC" => Ok(None),
-        other => Err(fail(
-            CODE_INVALID_ENV,
-            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION"),
-        )),
+        Invocation::Nothing => Ok(None),
     }
 }
 
@@ -204,8 +249,12 @@ const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether pod `namespace/name` belongs to the mesh, asked of the API server (through the
 /// network configuration's `kubeconfig`) because the agent cannot answer.
-fn without_agent(conf: &NetConf, namespace: &str, name: &str) -> anyhow::Result<bool> {
-    let Some(kubeconfig) = conf.kubeconfig.as_deref() else {
+fn without_agent(
+    kubeconfig: Option<&std::path::Path>,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<bool> {
+    let Some(kubeconfig) = kubeconfig else {
         bail!("the network configuration names no kubeconfig to look the pod up with");
     };
     if namespace.is_empty() || name.is_empty() {

@@ -118,7 +118,7 @@ async fn answer(stream: UnixStream, manager: mpsc::Sender<Command>) -> std::io::
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
     reader.read_line(&mut line).await?;
-    let response = match serde_json::from_str::<Request>(&line) {
+    let response = match parse_request(&line) {
         Err(e) => Response::error(format!("bad request: {e}")),
         Ok(req) => {
             let (tx, rx) = oneshot::channel();
@@ -134,6 +134,11 @@ async fn answer(stream: UnixStream, manager: mpsc::Sender<Command>) -> std::io::
     out.push(b'\n');
     write.write_all(&out).await?;
     write.shutdown().await
+}
+
+/// Decodes one request line as the agent reads it from a client of the socket.
+pub fn parse_request(line: &str) -> Result<Request, serde_json::Error> {
+    serde_json::from_str(line)
 }
 
 /// Sends one request to the agent at `socket` and returns its answer (blocking; used by the

@@ -311,7 +311,10 @@ fn split_documents(text: &str) -> Option<Vec<&str>> {
             return None;
         }
         if bare.starts_with("---") {
-            if bare.trim_end() != "---" {
+            // Only YAML's white space (space, tab) may follow the marker here; `trim_end` would
+            // also take characters YAML does not count as space (a vertical tab), which make
+            // the line no separator to YAML.
+            if bare.trim_end_matches([' ', '\t']) != "---" {
                 return None;
             }
             docs.push(&text[start..at]);
@@ -436,6 +439,33 @@ mod tests {
         assert_eq!(f.agent.node_name, "n1");
         assert_eq!(f.agent.capture.excluded_ports, vec![22]);
         assert_eq!(f.resources.namespaces.len(), 1);
+    }
+
+    /// Found by the `config_build` fuzz target: a `---` followed by a character that Rust counts
+    /// as whitespace and YAML does not (a vertical tab) was a document separator to the cache
+    /// and not to YAML, so the watcher accepted a file that a whole parse refuses.
+    #[test]
+    fn the_document_cache_splits_only_where_yaml_does() {
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+        for text in [
+            "---\x0b".to_owned(),
+            format!("---\x0b\n{ns}"),
+            format!("{ns}---\u{85}\n{ns}"),
+            format!("{ns}--- \t\n{ns}"),
+        ] {
+            let path = Path::new("t.yaml");
+            let whole = parse(&text, path);
+            let cached = parse_cached(&text, path, &mut DocumentCache::default());
+            match (whole, cached) {
+                (Ok(w), Ok(c)) => assert_eq!(
+                    format!("{:?}", c.resources),
+                    format!("{:?}", w.resources),
+                    "{text:?}"
+                ),
+                (Err(_), Err(_)) => {}
+                (w, c) => panic!("{text:?}: whole {:?}, cached {:?}", w.is_ok(), c.is_ok()),
+            }
+        }
     }
 
     /// Kinds the seeds lack, with the fields the state reads.

@@ -244,6 +244,12 @@ pub fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
     bare.parse::<IpAddr>().ok()
 }
 
+/// The destination a `CONNECT` request names: its `:authority` as `ip:port` (IPv6 in
+/// brackets), or `None` for anything else (a host name, no port, no authority).
+pub fn parse_authority(uri: &Uri) -> Option<SocketAddr> {
+    uri.authority().and_then(|a| a.as_str().parse().ok())
+}
+
 /// Why a `CONNECT` request could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestBuildError {

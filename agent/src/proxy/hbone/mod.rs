@@ -25,7 +25,7 @@ mod stream;
 mod tests;
 
 pub use client::{ConnectError, DialError, EARLY_DATA_MAX};
-pub use headers::{Baggage, RequestMeta, TraceParent, parse_forwarded_for};
+pub use headers::{Baggage, RequestMeta, TraceParent, parse_authority, parse_forwarded_for};
 pub use pool::{Dial, HbonePool, PoolKey, TcpDial};
 pub use server::{
     ConnectHandler, ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus,

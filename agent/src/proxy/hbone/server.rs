@@ -23,7 +23,7 @@ use tracing::debug;
 
 use super::{
     Baggage, HboneStream, SpliceCounters, SpliceIo, SpliceReport, TraceParent,
-    headers::{TRACEPARENT, parse_forwarded_for},
+    headers::{TRACEPARENT, parse_authority, parse_forwarded_for},
     splice,
 };
 use crate::{config::H2Limits, state::workload::Identity};
@@ -502,7 +502,7 @@ impl<H: ConnectHandler> HboneServer<H> {
         if parts.method != Method::CONNECT {
             return reject(&mut respond, StatusCode::METHOD_NOT_ALLOWED, "not CONNECT");
         }
-        let authority = parts.uri.authority().and_then(|a| a.as_str().parse().ok());
+        let authority = parse_authority(&parts.uri);
         let Some(authority) = authority else {
             return reject(
                 &mut respond,
