@@ -23,8 +23,6 @@ use std::{
     fs::File,
     io::Write,
     net::IpAddr,
-    os::fd::AsRawFd,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -355,7 +353,7 @@ impl Cluster {
 
     /// A command run inside node `i`'s network namespace.
     fn in_node(&self, i: usize, program: &Path) -> Command {
-        in_netns(&self.world.node_netns(i), program)
+        crate::netns::command(&self.world.node_netns(i), program)
     }
 
     /// Creates (server-side applies) the objects of a YAML stream.
@@ -615,24 +613,6 @@ fn require_box_tools() {
             .is_ok_and(|s| s.success());
         assert!(found, "{tool} is missing: run `cargo xtask setup`");
     }
-}
-
-/// A command run inside the named network namespace (through setns, not `ip netns exec`, so
-/// the process keeps the host's mount namespace as a CNI plugin under a runtime does).
-fn in_netns(netns: &str, program: &Path) -> Command {
-    let ns = File::open(Path::new("/run/netns").join(netns))
-        .unwrap_or_else(|e| panic!("netns {netns}: {e}"));
-    let mut cmd = Command::new(program);
-    // SAFETY: only setns on a descriptor opened before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
 }
 
 /// The token of ServiceAccount `namespace/name`, from the Secret the token controller makes.
@@ -1038,7 +1018,7 @@ fn exec_plugin(
     let kind = conf["type"].as_str().unwrap_or_default();
     let bin_dir = &layout.bin_dirs[node - 1];
     let pod = &sandbox.pod;
-    let mut cmd = in_netns(&layout.node_netns[node - 1], &bin_dir.join(kind));
+    let mut cmd = crate::netns::command(&layout.node_netns[node - 1], bin_dir.join(kind));
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("CNI_COMMAND", command)

@@ -13,6 +13,7 @@ pub mod interop;
 pub mod kube_mesh;
 pub mod kube_server;
 pub mod metrics;
+pub mod netns;
 pub mod scale;
 pub mod wire;
 pub mod world;

@@ -629,15 +629,8 @@ impl World {
     /// returns the status line and body.
     pub fn node_http_get(&self, i: usize, port: u16, path: &str) -> (String, String) {
         use std::io::{Read, Write};
-        let ns = File::open(Path::new("/run/netns").join(self.node_netns(i))).expect("node netns");
         let path = path.to_owned();
-        std::thread::spawn(move || {
-            // SAFETY: setns on this short-lived thread only.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
+        crate::netns::on_thread(&self.node_netns(i), move || {
             let mut s =
                 std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to agent");
             s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -660,8 +653,6 @@ impl World {
             };
             (head.lines().next().unwrap_or_default().to_owned(), body)
         })
-        .join()
-        .expect("http thread")
     }
 
     /// Writes node `i`'s agent config and returns its path.

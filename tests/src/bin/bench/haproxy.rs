@@ -10,9 +10,7 @@ use std::{
     fs::File,
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    os::fd::AsRawFd,
-    os::unix::process::CommandExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
@@ -22,7 +20,10 @@ use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
-use sluice_tests::world::{World, link_id};
+use sluice_tests::{
+    netns,
+    world::{World, link_id},
+};
 
 /// Node 1's plain listeners (on 10.0.1.1, the address every pod of node 1 routes to).
 const ECHO_PORT: u16 = 28080;
@@ -63,38 +64,6 @@ fn issue(issuer: &Issuer<'_, KeyPair>, spiffe: &str, dns: &str) -> (String, Stri
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, issuer).expect("sign leaf");
     (cert.pem(), key.serialize_pem())
-}
-
-/// A command that runs in network namespace `netns` (and stays in the bench's own cgroup).
-fn in_netns(netns: &str, program: &str) -> Command {
-    let ns = File::open(Path::new("/run/netns").join(netns)).expect("open node netns");
-    let mut cmd = Command::new(program);
-    // SAFETY: only setns, async-signal-safe, on a descriptor opened before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
-/// Runs `f` on a short-lived thread inside network namespace `netns`.
-fn on_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = File::open(Path::new("/run/netns").join(netns)).expect("open node netns");
-    std::thread::spawn(move || {
-        // SAFETY: setns on this short-lived thread only.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread")
 }
 
 /// Fails the bench (never skips) when Debian's haproxy is not installed.
@@ -194,7 +163,7 @@ impl HaproxyPeer {
         for (i, cfg) in [(2, n2), (1, n1)] {
             let path = peer.dir.path().join(format!("node{i}.cfg"));
             std::fs::write(&path, cfg).expect("write haproxy.cfg");
-            let check = in_netns(&w.node_netns(i), "haproxy")
+            let check = netns::command(&w.node_netns(i), "haproxy")
                 .args(["-c", "-q", "-f"])
                 .arg(&path)
                 .output()
@@ -205,7 +174,7 @@ impl HaproxyPeer {
                 String::from_utf8_lossy(&check.stderr)
             );
             let log = File::create(peer.log(i)).expect("haproxy log");
-            let child = in_netns(&w.node_netns(i), "haproxy")
+            let child = netns::command(&w.node_netns(i), "haproxy")
                 // -db: foreground, one process (its threads per nbthread).
                 .args(["-db", "-f"])
                 .arg(&path)
@@ -235,7 +204,7 @@ impl HaproxyPeer {
                         );
                     }
                 }
-                let up = on_netns(&w.node_netns(i), move || {
+                let up = netns::on_thread(&w.node_netns(i), move || {
                     TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
                 });
                 if up {
@@ -306,7 +275,7 @@ impl HaproxyPeer {
             ("no client certificate", None),
             ("a certificate from another root", Some(foreign)),
         ];
-        let results = on_netns(&w.node_netns(1), move || {
+        let results = netns::on_thread(&w.node_netns(1), move || {
             tries
                 .into_iter()
                 .map(|(what, client)| (what, greeting(&root, client.as_deref(), addr, &name)))
