@@ -28,7 +28,12 @@ pub fn command(netns: &str, program: impl AsRef<OsStr>) -> Command {
 
 /// Runs `f` on a short-lived thread inside `netns` (its sockets are made there).
 pub fn on_thread<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = open(netns);
+    on_thread_at(&Path::new("/run/netns").join(netns), f)
+}
+
+/// As [`on_thread`], for the namespace file at `path` (a pod's `netns_path()`).
+pub fn on_thread_at<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = File::open(path).unwrap_or_else(|e| panic!("netns {}: {e}", path.display()));
     std::thread::spawn(move || {
         // SAFETY: setns on this short-lived thread only.
         assert_eq!(

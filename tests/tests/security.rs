@@ -2,7 +2,6 @@
 //! shows that nothing reached the target, that the agent is alive with bounded file descriptors
 //! and memory (printed), and that legitimate traffic still flows.
 use std::{
-    fs::File,
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
     os::fd::AsRawFd,
@@ -23,19 +22,7 @@ fn to(w: &World, pod: &str, port: u16) -> SocketAddr {
 
 /// Runs `f` on a thread inside the network namespace at `netns` (sockets made there stay there).
 fn in_netns<T: Send + 'static>(netns: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = File::open(&netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
-    std::thread::spawn(move || {
-        // SAFETY: setns on this short-lived thread only; its sockets are made after it.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns: {}",
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread")
+    sluice_tests::netns::on_thread_at(&netns, f)
 }
 
 /// The agent's open file descriptors and resident memory (KiB), printed.

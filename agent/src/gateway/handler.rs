@@ -31,7 +31,7 @@ use crate::{
     policy,
     proxy::balance::Balancer,
     state::{
-        Identity, Membership, StateHandle, Workload, WorkloadUid,
+        Identity, Membership, MeshState, StateHandle, Workload, WorkloadUid,
         http_filters::{HeaderModifier, HttpFilter, PathModifier},
         ingress::HttpBackend,
         load_balance::{self, Hop, ServiceRoute},
@@ -228,7 +228,7 @@ pub async fn handle(
             conn: base_labels(&shared),
             response_code: 0,
         },
-        request_bytes: request_bytes.clone(),
+        request_bytes,
         response_bytes: 0,
         line: AccessLine {
             client: client.to_string(),
@@ -244,7 +244,9 @@ pub async fn handle(
             ..AccessLine::default()
         },
     };
-    let denied = authorize(&shared, &conn, client);
+    // One snapshot of the mesh for the whole request (policy, then the endpoint choice).
+    let state = shared.state.current();
+    let denied = authorize(&state, &shared, &conn, client);
     let (status_or_response, flags) = match denied {
         Some(policy) => (
             Err((
@@ -253,7 +255,7 @@ pub async fn handle(
             )),
             "RBAC",
         ),
-        None => route_and_forward(&shared, conn, req, &host, &request_bytes, &mut report).await,
+        None => route_and_forward(&shared, &state, conn, client, req, &host, &mut report).await,
     };
     let mut response = match status_or_response {
         Ok(r) => r,
@@ -280,8 +282,12 @@ pub async fn handle(
 
 /// The AuthorizationPolicies that select the gateway, with the client address as the remote
 /// address (`remoteIpBlocks`); `Some(policy)` when one denies the request.
-fn authorize(shared: &Shared, conn: &ConnInfo, client: IpAddr) -> Option<String> {
-    let state = shared.state.current();
+fn authorize(
+    state: &MeshState,
+    shared: &Shared,
+    conn: &ConnInfo,
+    client: IpAddr,
+) -> Option<String> {
     let decision = state.policy.authorize(&policy::ConnectionInfo {
         source_identity: None,
         source_ip: conn.peer.ip(),
@@ -316,12 +322,15 @@ fn base_labels(shared: &Shared) -> ConnectionLabels {
 
 type Answer = (Result<Response<GwBody>, (StatusCode, String)>, &'static str);
 
+/// Routes one request that policy admitted, with the mesh `state` and `client` address the
+/// request was judged by.
 async fn route_and_forward(
     shared: &Arc<Shared>,
+    state: &MeshState,
     conn: ConnInfo,
+    client: IpAddr,
     req: Request<Incoming>,
     host: &str,
-    request_bytes: &Arc<AtomicU64>,
     report: &mut Report,
 ) -> Answer {
     let table = shared
@@ -431,14 +440,11 @@ async fn route_and_forward(
     if let Some(why) = &backend.invalid {
         return (Err((StatusCode::INTERNAL_SERVER_ERROR, why.clone())), "NR");
     }
-    let client_ip =
-        forwarding::client_address(&parts.headers, conn.peer.ip(), shared.num_trusted_proxies);
-    let state = shared.state.current();
     let route = load_balance::route_named(
-        &state,
+        state,
         &backend.service,
         backend.port,
-        Some(client_ip),
+        Some(client),
         &*shared.balance,
     );
     let (service, attempts) = match route {
@@ -480,7 +486,7 @@ async fn route_and_forward(
     let mut body = Some(
         Metered {
             inner: body,
-            count: request_bytes.clone(),
+            count: report.request_bytes.clone(),
             report: None,
         }
         .boxed(),

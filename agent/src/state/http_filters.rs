@@ -170,8 +170,17 @@ fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, FieldError>
             })
             .collect()
     };
-    let remove = match v.get("remove") {
-        None => Vec::new(),
+    Ok(HeaderModifier {
+        set: pairs("set")?,
+        add: pairs("add")?,
+        remove: remove_list(v, field)?,
+    })
+}
+
+/// A header modifier's `remove` list (Gateway API's and Istio's alike), lower-cased.
+pub(super) fn remove_list(v: &Value, field: &str) -> Result<Vec<String>, FieldError> {
+    match v.get("remove") {
+        None => Ok(Vec::new()),
         Some(r) => r
             .as_array()
             .and_then(|a| {
@@ -184,13 +193,8 @@ fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, FieldError>
                     format!("{field}.remove"),
                     "must be a list of header names".to_owned(),
                 )
-            })?,
-    };
-    Ok(HeaderModifier {
-        set: pairs("set")?,
-        add: pairs("add")?,
-        remove,
-    })
+            }),
+    }
 }
 
 fn path_modifier(v: &Value, field: &str) -> Result<Option<PathModifier>, FieldError> {

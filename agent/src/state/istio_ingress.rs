@@ -483,25 +483,9 @@ fn header_ops(v: &Value, field: &str) -> Result<HeaderModifier, FieldError> {
             Some(_) => Err((format!("{field}.{key}"), "must be a map".into())),
         }
     };
-    let remove = match v.get("remove") {
-        None => Vec::new(),
-        Some(r) => r
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .map(|n| n.as_str().map(str::to_ascii_lowercase))
-                    .collect()
-            })
-            .ok_or_else(|| {
-                (
-                    format!("{field}.remove"),
-                    "must be a list of header names".to_owned(),
-                )
-            })?,
-    };
     Ok(HeaderModifier {
         set: pairs("set")?,
         add: pairs("add")?,
-        remove,
+        remove: http_filters::remove_list(v, field)?,
     })
 }
