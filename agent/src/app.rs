@@ -139,6 +139,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             agent.hbone.server.max_unauthenticated.get(),
             metrics.clone(),
         )),
+        window_budget: Arc::new(crate::proxy::limits::WindowBudget::new(
+            agent.hbone.server.window_budget,
+            metrics.clone(),
+        )),
         unknown_hold: agent.proxy.unknown_workload_hold(),
     };
     if let Some(gw) = &agent.egress.gateway {

@@ -161,3 +161,146 @@ impl ServerCertVerifier for TrustAnyServer {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// An authenticated peer that feeds applications which never read: what [`flood`] left open.
+pub struct Flood {
+    /// Bytes the peer's streams managed to write before each one stalled (flow control).
+    pub written: u64,
+    /// Streams the server answered.
+    pub streams: usize,
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    /// Closes every connection and waits for the peer's thread.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// From inside `netns`, opens `connections` HBONE connections to `hbone` presenting `cert`,
+/// `streams` CONNECT streams to `authority` on each, and writes 64 KiB chunks on every stream
+/// until a write has waited `stall` (the server stopped granting window). Returns once every
+/// stream has stalled, with the connections held open until [`Flood::stop`] or drop.
+pub fn flood(
+    netns: &Path,
+    cert: WorkloadCert,
+    hbone: SocketAddr,
+    authority: SocketAddr,
+    connections: usize,
+    streams: usize,
+    stall: Duration,
+) -> Result<Flood, String> {
+    use tokio::io::AsyncWriteExt;
+    let ns = File::open(netns).map_err(|e| format!("open {}: {e}", netns.display()))?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(u64, usize), String>>();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: setns on this thread only; its sockets are made after it.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let _ = done_tx.send(Err(format!("setns: {}", std::io::Error::last_os_error())));
+            return;
+        }
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = done_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let source = cert.identity().clone();
+            let tls = Arc::new(trusting_client_config(cert.certified_key().clone()));
+            let key = PoolKey {
+                source,
+                destination: hbone,
+                destination_identity: Identity::new("any", "any", "any"),
+            };
+            let meta = RequestMeta::new(SocketAddr::new(hbone.ip(), 0), Baggage::default());
+            // One pool per connection, so that each one is its own HTTP/2 connection.
+            let mut pools = Vec::new();
+            let mut held = Vec::new();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..connections {
+                let pool = HbonePool::new(PoolLimits::default(), H2Limits::default());
+                for _ in 0..streams {
+                    let stream = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        pool.connect(&key, tls.clone(), authority, &meta),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            let _ = done_tx.send(Err(format!("CONNECT: {e}")));
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = done_tx.send(Err("CONNECT timed out".to_owned()));
+                            return;
+                        }
+                    };
+                    let (recv, mut send) = stream.into_split();
+                    held.push(recv);
+                    tasks.spawn(async move {
+                        let chunk = vec![0x5a_u8; 64 * 1024];
+                        let mut written = 0u64;
+                        // Bounded: at most 64 MiB per stream, far beyond any window.
+                        for _ in 0..1024 {
+                            match tokio::time::timeout(stall, send.write_all(&chunk)).await {
+                                Ok(Ok(())) => written += chunk.len() as u64,
+                                _ => break,
+                            }
+                        }
+                        (written, send)
+                    });
+                }
+                pools.push(pool);
+            }
+            let mut written = 0;
+            let mut sends = Vec::new();
+            while let Some(joined) = tasks.join_next().await {
+                if let Ok((n, send)) = joined {
+                    written += n;
+                    sends.push(send);
+                }
+            }
+            let _ = done_tx.send(Ok((written, sends.len())));
+            // Hold everything until told to stop (or the test is gone).
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = stopped.recv_timeout(Duration::from_secs(120));
+            })
+            .await;
+            drop((sends, held, pools));
+        });
+    });
+    match done_rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Ok((written, streams))) => Ok(Flood {
+            written,
+            streams,
+            stop,
+            thread: Some(thread),
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err("the flood did not stall within 120 s".to_owned()),
+    }
+}

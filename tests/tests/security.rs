@@ -177,6 +177,146 @@ fn security_hbone_port_held_open_without_authenticating_is_closed() {
     assert_eq!(peer.ip(), w.pod("c").ipv4);
 }
 
+/// An application in `pod` that accepts connections on `port` and never reads from them (its
+/// receive buffer kept small), for at most two minutes.
+fn never_reading_app(w: &World, pod: &str, port: u16) {
+    let listener = in_netns(w.pod(pod).netns_path(), move || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind the stalled app");
+        let small: libc::c_int = 4096;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        unsafe {
+            libc::setsockopt(
+                l.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const small).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        l.set_nonblocking(true).expect("nonblocking");
+        l
+    });
+    std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(120);
+        let mut held = Vec::new();
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+}
+
+/// Item 10, windows: authenticated peers open HBONE streams to an application that never reads
+/// and write until flow control stops them. What the agent buffers for them is bounded by the
+/// node-wide window budget (plus HTTP/2's initial 64 KiB per connection), not by peers ×
+/// connection window; the smaller windows are counted and logged, and a pooled connection made
+/// before keeps carrying traffic.
+#[test]
+fn security_authenticated_peers_feeding_a_stalled_app_stay_within_the_window_budget() {
+    use sluice_tests::hbone_client::{certificate, flood};
+    let mut w = World::build(
+        2,
+        &[
+            PodSpec::new("a", "mesh", 1),
+            PodSpec::new("b", "mesh", 2),
+            PodSpec::new("outside", "plain", 1),
+        ],
+    );
+    w.namespace("mesh", &[AMBIENT]);
+    w.namespace("plain", &[]);
+    // A 16 MiB budget; each connection asks for the default 16 MiB window.
+    let limits = "  hbone:\n    windowBudgetBytes: 16777216\n";
+    w.start_agent(1, limits);
+    w.start_agent(2, limits);
+    for pod in ["a", "b"] {
+        w.enroll(pod);
+    }
+    let server = w.serve("b", "0.0.0.0:8080");
+    let b_app = to(&w, "b", 8080).to_string();
+    w.connect("a", &b_app, 1000);
+    server.drain();
+    never_reading_app(&w, "b", 9090);
+    let base = agent_health(&w, 2, "before the attack");
+
+    // The attack: 8 connections × 4 streams from a peer with a valid mesh certificate.
+    let mesh = sluice::identity::BuiltinCa::load(
+        &w.root_cert(),
+        &w.dir.path().join("root-key.pem"),
+        "cluster.local",
+    )
+    .expect("the world's mesh root");
+    let now = std::time::SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let cert = certificate(
+        &mesh,
+        "spiffe://cluster.local/ns/plain/sa/outside",
+        now - hour,
+        now + hour,
+    );
+    let attack = flood(
+        &w.pod("outside").netns_path(),
+        cert,
+        to(&w, "b", 15008),
+        to(&w, "b", 9090),
+        8,
+        4,
+        Duration::from_secs(2),
+    )
+    .expect("the authenticated peer's streams");
+    println!(
+        "{} streams stalled after writing {} MiB in all",
+        attack.streams,
+        attack.written >> 20
+    );
+    let (fds, rss) = agent_health(&w, 2, "while 32 streams are stalled");
+    let grown_mib = rss.saturating_sub(base.1) / 1024;
+    // Without a budget the agent buffers up to 8 × 16 MiB here.
+    assert!(
+        grown_mib <= 40,
+        "the agent's RSS grew by {grown_mib} MiB for 8 stalled connections under a 16 MiB window budget"
+    );
+    assert!(fds <= base.0 + 8 + 32 + 16, "{fds} fds, {} before", base.0);
+
+    let (_, text) = w.node_http_get(2, 15020, "/metrics");
+    let granted = metrics::sample(&text, "sluice_hbone_window_budget_granted_bytes", &[]);
+    assert!(
+        granted <= 16.0 * 1024.0 * 1024.0,
+        "{granted} bytes of window granted over a 16 MiB budget"
+    );
+    let reduced = metrics::sample(&text, "sluice_hbone_window_budget_reduced_total", &[]);
+    assert!(
+        reduced >= 8.0,
+        "{reduced} connections counted as given a reduced window, not the peer's 8:\n{text}"
+    );
+    let logged = w.agents[&2].log_lines().iter().any(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("window budget"))
+    });
+    assert!(
+        logged,
+        "no log line for the budget:\n{}",
+        w.agents[&2].tail()
+    );
+
+    // The pooled connection made before the attack still carries traffic.
+    w.connect("a", &b_app, 1000);
+    let (peer, _) = server.accepted();
+    assert_eq!(peer.ip(), w.pod("a").ipv4);
+
+    attack.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, text) = w.node_http_get(2, 15020, "/metrics");
+    let granted_after = metrics::sample(&text, "sluice_hbone_window_budget_granted_bytes", &[]);
+    assert!(
+        granted_after < granted,
+        "closing the peer's connections gave back no window ({granted_after} after, {granted} during)"
+    );
+    assert_bounded(&w, 2, base, 16, "after the attack");
+}
+
 /// Item 2: a pod connects to the agent's own listeners (its 127.0.0.1/::1 15001 and 15006, and
 /// its own address on 15001, 15006 and 15008). The agent refuses them without dialling itself.
 #[test]

@@ -161,6 +161,8 @@ pub struct Metrics {
     capture_failures: Counter,
     pods_held_closed: Gauge,
     transparent_sources_full: Counter,
+    window_budget_granted: Gauge,
+    window_budget_reduced: Counter,
     http: super::http::HttpRequests,
 }
 
@@ -187,6 +189,8 @@ impl Metrics {
         let capture_failures = Counter::default();
         let pods_held_closed = Gauge::default();
         let transparent_sources_full = Counter::default();
+        let window_budget_granted = Gauge::default();
+        let window_budget_reduced = Counter::default();
         // Always 1; the labels say which build runs (dashboards join on it, as on
         // istio_build / cilium_version).
         let build_info = Family::<OneLabel, Gauge>::default();
@@ -252,6 +256,16 @@ impl Metrics {
             transparent_sources_full.clone(),
         );
         registry.register(
+            "sluice_hbone_window_budget_granted_bytes",
+            "HTTP/2 receive window granted to the HBONE connections this node serves beyond each one's initial 65535 bytes (at most spec.hbone.windowBudgetBytes).",
+            window_budget_granted.clone(),
+        );
+        registry.register(
+            "sluice_hbone_window_budget_reduced",
+            "Served HBONE connections given a smaller receive window than configured because the node's window budget ran low.",
+            window_budget_reduced.clone(),
+        );
+        registry.register(
             "sluice_build_info",
             "Always 1, labelled with the running build's version.",
             build_info,
@@ -272,6 +286,8 @@ impl Metrics {
             capture_failures,
             pods_held_closed,
             transparent_sources_full,
+            window_budget_granted,
+            window_budget_reduced,
             http,
         }
     }
@@ -294,6 +310,16 @@ impl Metrics {
     /// Counts a connection refused because `sluice_tproxy` was full.
     pub fn transparent_sources_full(&self) {
         self.transparent_sources_full.inc();
+    }
+
+    /// Sets the HTTP/2 receive window granted to served HBONE connections (bytes).
+    pub fn set_window_budget_granted(&self, bytes: usize) {
+        self.window_budget_granted.set(saturating_i64(bytes));
+    }
+
+    /// Counts a served HBONE connection given less than its window by the window budget.
+    pub fn window_budget_short(&self) {
+        self.window_budget_reduced.inc();
     }
 
     /// Counts an HBONE connection closed at accept over the unauthenticated cap.

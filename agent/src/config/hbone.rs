@@ -13,6 +13,11 @@ use super::ConfigError;
 pub const FRAME_SIZE_RANGE: (u32, u32) = (16 * 1024, 16 * 1024 * 1024 - 1);
 /// Largest flow-control window HTTP/2 allows (RFC 9113 §6.9.1).
 pub const MAX_WINDOW: u32 = i32::MAX as u32;
+/// Every HTTP/2 connection starts with this connection window (RFC 9113 §6.9.2); it cannot be
+/// made smaller, so the window budget pays only for what a connection is granted above it.
+pub const MIN_CONNECTION_WINDOW: u32 = 65_535;
+/// Largest `windowBudgetBytes`: what a semaphore can count (1 PiB, far beyond any node).
+pub const MAX_WINDOW_BUDGET: u64 = 1 << 50;
 
 /// Every HBONE limit: the client pool's and HTTP/2's. Read from `spec.hbone` (its field names
 /// are those of the private `HboneSpec`) and checked while the config file is read, so a value
@@ -44,6 +49,11 @@ pub struct ServerLimits {
     /// Connections accepted whose TLS handshake has not finished, on the whole node, at most;
     /// beyond, new connections are closed at once.
     pub max_unauthenticated: NonZeroUsize,
+    /// HTTP/2 receive window, in bytes, that all served HBONE connections on the node may be
+    /// granted together beyond each one's initial [`MIN_CONNECTION_WINDOW`]: what
+    /// authenticated peers can make the agent buffer for applications that do not read. When
+    /// it runs low, new connections get smaller windows.
+    pub window_budget: usize,
 }
 
 impl Default for ServerLimits {
@@ -53,6 +63,7 @@ impl Default for ServerLimits {
             first_request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
             max_unauthenticated: const { NonZeroUsize::new(1024).unwrap() },
+            window_budget: 128 * 1024 * 1024,
         }
     }
 }
@@ -189,6 +200,9 @@ struct HboneSpec {
     server_idle_timeout_seconds: NonZeroU64,
     /// Accepted HBONE connections not yet authenticated, node-wide, at most.
     max_unauthenticated_connections: NonZeroUsize,
+    /// HTTP/2 receive window all served HBONE connections share beyond their initial 65535
+    /// bytes, node-wide (bytes).
+    window_budget_bytes: u64,
 }
 
 impl Default for HboneSpec {
@@ -221,6 +235,7 @@ impl From<HboneLimits> for HboneSpec {
             first_request_timeout_seconds: seconds(server.first_request_timeout),
             server_idle_timeout_seconds: seconds(server.idle_timeout),
             max_unauthenticated_connections: server.max_unauthenticated,
+            window_budget_bytes: server.window_budget as u64,
         }
     }
 }
@@ -253,6 +268,16 @@ impl TryFrom<HboneSpec> for HboneLimits {
                 });
             }
         }
+        let budget_range = (0, MAX_WINDOW_BUDGET);
+        let window_budget = usize::try_from(s.window_budget_bytes)
+            .ok()
+            .filter(|_| (budget_range.0..=budget_range.1).contains(&s.window_budget_bytes))
+            .ok_or(ConfigError::HboneRange {
+                field: "windowBudgetBytes",
+                value: s.window_budget_bytes,
+                min: budget_range.0,
+                max: budget_range.1,
+            })?;
         Ok(Self {
             pool: PoolLimits {
                 max_streams_per_conn: s.max_streams_per_connection,
@@ -280,6 +305,7 @@ impl TryFrom<HboneSpec> for HboneLimits {
                 first_request_timeout: Duration::from_secs(s.first_request_timeout_seconds.get()),
                 idle_timeout: Duration::from_secs(s.server_idle_timeout_seconds.get()),
                 max_unauthenticated: s.max_unauthenticated_connections,
+                window_budget,
             },
         })
     }

@@ -14,7 +14,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use hbone::{
-    FRAME_SIZE_RANGE, H2Limits, HboneLimits, Keepalive, MAX_WINDOW, PoolLimits, ServerLimits,
+    FRAME_SIZE_RANGE, H2Limits, HboneLimits, Keepalive, MAX_WINDOW, MIN_CONNECTION_WINDOW,
+    PoolLimits, ServerLimits,
 };
 pub use identity::{CertTtl, IdentityConfig};
 pub use ingress::{CertificateFiles, IngressConfig};
@@ -494,7 +495,7 @@ mod tests {
             "nodeName: n\nhbone: {maxStreamsPerConnection: 8, maxConnectionsPerPeer: 2, \
              idleTimeoutSeconds: 30, connectTimeoutSeconds: 2, maxConnectionAgeSeconds: 600, \
              maxConcurrentStreams: 50, streamWindowBytes: 1048576, maxFrameBytes: 32768, \
-             keepaliveIntervalSeconds: 0}",
+             keepaliveIntervalSeconds: 0, windowBudgetBytes: 33554432}",
         )
         .unwrap();
         assert_eq!(c.validate(), Ok(()));
@@ -509,6 +510,7 @@ mod tests {
         assert_eq!(h2.stream_window, 1 << 20);
         assert_eq!(h2.max_frame_size, 32 * 1024);
         assert_eq!(h2.keepalive, None);
+        assert_eq!(c.hbone.server.window_budget, 32 << 20);
         // What was read is what the config dump writes back.
         let written = serde_yaml::to_string(&c.hbone).unwrap();
         assert_eq!(
@@ -530,6 +532,10 @@ mod tests {
             (
                 "hbone: {connectionWindowBytes: 4294967295}",
                 "connectionWindowBytes",
+            ),
+            (
+                "hbone: {windowBudgetBytes: 1125899906842625}",
+                "windowBudgetBytes",
             ),
         ] {
             let err =

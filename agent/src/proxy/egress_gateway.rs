@@ -69,7 +69,8 @@ pub async fn serve(listener: TcpListener, inputs: ProxyInputs) {
                 async move { accept(req, &inputs) }
             }
         })
-        .with_timeouts(super::hbone_inbound::serve_timeouts(&inputs)),
+        .with_timeouts(super::hbone_inbound::serve_timeouts(&inputs))
+        .with_window_budget(inputs.window_budget.clone()),
     );
     loop {
         let (tcp, peer) = match listener.accept().await {

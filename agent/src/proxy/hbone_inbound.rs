@@ -37,7 +37,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInp
                 async move { authorize_and_connect(req, &pod, &inputs).await }
             }
         })
-        .with_timeouts(serve_timeouts(&inputs)),
+        .with_timeouts(serve_timeouts(&inputs))
+        .with_window_budget(inputs.window_budget.clone()),
     );
     loop {
         let (tcp, peer) = match listener.accept().await {

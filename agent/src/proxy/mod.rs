@@ -60,6 +60,8 @@ pub struct ProxyInputs {
     pub caps: Arc<limits::ConnectionCaps>,
     /// The cap on HBONE connections not yet authenticated (`spec.hbone`).
     pub unauthenticated: Arc<limits::UnauthenticatedGate>,
+    /// The HTTP/2 receive window all served HBONE connections share (`spec.hbone`).
+    pub window_budget: Arc<limits::WindowBudget>,
     /// How long a connection of a pod unknown to MeshState waits for it before it is refused
     /// (`spec.proxy.unknownWorkloadHoldMs`).
     pub unknown_hold: std::time::Duration,

@@ -26,7 +26,7 @@ use super::{
     headers::{TRACEPARENT, parse_authority, parse_forwarded_for},
     splice,
 };
-use crate::{config::H2Limits, state::workload::Identity};
+use crate::{config::H2Limits, proxy::limits::WindowBudget, state::workload::Identity};
 
 /// Facts about one accepted HBONE connection, established by the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -333,6 +333,7 @@ pub struct HboneServer<H> {
     handler: Arc<H>,
     stats: Arc<ServerStats>,
     timeouts: ServeTimeouts,
+    window_budget: Option<Arc<WindowBudget>>,
 }
 
 impl<H> Clone for HboneServer<H> {
@@ -342,6 +343,7 @@ impl<H> Clone for HboneServer<H> {
             handler: self.handler.clone(),
             stats: self.stats.clone(),
             timeouts: self.timeouts,
+            window_budget: self.window_budget.clone(),
         }
     }
 }
@@ -354,7 +356,15 @@ impl<H: ConnectHandler> HboneServer<H> {
             handler: Arc::new(handler),
             stats: Arc::default(),
             timeouts: ServeTimeouts::default(),
+            window_budget: None,
         }
+    }
+
+    /// The same server, taking each connection's receive window from `budget` (shared by
+    /// every server of the node) instead of granting every connection its full window.
+    pub fn with_window_budget(mut self, budget: Arc<WindowBudget>) -> Self {
+        self.window_budget = Some(budget);
+        self
     }
 
     /// The same server, bounding each connection's wait for its first request and its idle
@@ -384,14 +394,29 @@ impl<H: ConnectHandler> HboneServer<H> {
         let _connection = GaugeGuard::new(&self.stats.connections);
         let peer = info.peer_addr;
         let cfg = &self.h2;
+        // Held for the connection's life: what the peer may make us buffer.
+        let grant = self
+            .window_budget
+            .as_ref()
+            .map(|budget| budget.grant(cfg.effective_connection_window(), peer));
+        let connection_window = grant
+            .as_ref()
+            .map_or(cfg.effective_connection_window(), |g| g.window());
+        // With a reduced connection window, a stream gets half of it, so one stream that stops
+        // reading still leaves room for the others.
+        let stream_window = if connection_window < cfg.stream_window {
+            connection_window / 2
+        } else {
+            cfg.stream_window
+        };
         // The preface and the first request share one deadline.
         let first_deadline = self
             .timeouts
             .first_request
             .map(|after| (tokio::time::Instant::now() + after, after));
         let handshake = h2::server::Builder::new()
-            .initial_window_size(cfg.stream_window)
-            .initial_connection_window_size(cfg.effective_connection_window())
+            .initial_window_size(stream_window)
+            .initial_connection_window_size(connection_window)
             .max_frame_size(cfg.max_frame_size)
             .max_concurrent_streams(cfg.max_concurrent_streams)
             .max_header_list_size(cfg.max_header_list_size)

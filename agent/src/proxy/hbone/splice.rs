@@ -4,7 +4,8 @@
 //!   other side's socket, in both directions, while the other direction keeps flowing.
 //! - Failures propagate as aborts: a TCP reset or write error resets the stream with
 //!   `CONNECT_ERROR` (RFC 9113 §8.5); a stream reset or connection failure closes the TCP socket
-//!   with RST.
+//!   with RST, noticed even while the socket has nothing to send and the other direction waits
+//!   on a socket that does not drain.
 //! - Back-pressure: data read from the stream is given back to HTTP/2 flow control only after
 //!   it was written to the socket, and socket reads wait for HTTP/2 send capacity, so memory
 //!   per splice is bounded by the stream window plus the send buffer.
@@ -175,10 +176,23 @@ async fn tcp_to_hbone<R: AsyncRead + Unpin>(
             // Reclaims the buffer when h2 has released every chunk cut from it.
             buf.reserve(read_size);
         }
-        let n = read
-            .read_buf(&mut (&mut buf).limit(read_size))
-            .await
-            .map_err(Failure::Tcp)?;
+        // While the socket is quiet, watch the stream too: if the peer resets it or its
+        // connection fails, the splice ends now, even when the other direction is stalled
+        // writing to an application that does not read.
+        let n = {
+            let mut room = (&mut buf).limit(read_size);
+            let mut reading = pin!(read.read_buf(&mut room));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = reading.as_mut().poll(cx) {
+                    return Poll::Ready(r.map_err(Failure::Tcp));
+                }
+                match send.reset_reason(cx) {
+                    Some(e) => Poll::Ready(Err(Failure::Hbone(e))),
+                    None => Poll::Pending,
+                }
+            })
+            .await?
+        };
         if n == 0 {
             return send.finish().map_err(Failure::Hbone);
         }

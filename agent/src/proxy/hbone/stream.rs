@@ -92,8 +92,9 @@ impl HboneSendHalf {
         }
     }
 
-    /// The reason the peer reset the stream with, when it did.
-    fn reset_reason(&mut self, cx: &mut Context<'_>) -> Option<h2::Error> {
+    /// The reason the peer reset the stream with (or its connection's failure), when it did;
+    /// otherwise registers `cx` to be woken when that happens.
+    pub(crate) fn reset_reason(&mut self, cx: &mut Context<'_>) -> Option<h2::Error> {
         match self.stream.poll_reset(cx) {
             Poll::Ready(Ok(reason)) => Some(reason.into()),
             Poll::Ready(Err(e)) => Some(e),
