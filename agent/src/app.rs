@@ -137,6 +137,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         )),
         unauthenticated: Arc::new(crate::proxy::limits::UnauthenticatedGate::new(
             agent.hbone.server.max_unauthenticated.get(),
+            agent.hbone.server.max_unauthenticated_per_source.get(),
             metrics.clone(),
         )),
         window_budget: Arc::new(crate::proxy::limits::WindowBudget::new(

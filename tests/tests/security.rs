@@ -77,12 +77,13 @@ fn closed_by_peer(s: &TcpStream) -> bool {
 /// The first bytes of a TLS ClientHello whose record promises more than is ever sent.
 const PARTIAL_CLIENT_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03];
 
-/// Short server-side HBONE limits for the tests (the defaults are 10 s and 1024).
-const HBONE_LIMITS: &str = "  hbone:\n    handshakeTimeoutSeconds: 2\n    firstRequestTimeoutSeconds: 2\n    maxUnauthenticatedConnections: 64\n";
+/// Short server-side HBONE limits for the tests (the defaults are 10 s, 1024 and 128).
+const HBONE_LIMITS: &str = "  hbone:\n    handshakeTimeoutSeconds: 4\n    firstRequestTimeoutSeconds: 2\n    maxUnauthenticatedConnections: 64\n    maxUnauthenticatedPerSource: 32\n";
 
 /// Item 10: a hostile client opens many TCP connections to a pod's 15008 and never finishes a
 /// TLS handshake (sends nothing, or half a ClientHello). They are closed after the handshake
-/// timeout, beyond the cap they are closed at once, and mutual-TLS traffic goes on.
+/// timeout, beyond its source's cap they are closed at once, and mutual-TLS traffic goes on:
+/// pooled connections, and new handshakes from other sources while the attack holds.
 #[test]
 fn security_hbone_port_held_open_without_authenticating_is_closed() {
     let mut w = World::build(
@@ -138,9 +139,16 @@ fn security_hbone_port_held_open_without_authenticating_is_closed() {
         "while 300 unauthenticated connections wait",
     );
     w.connect("a", &b_app, 1000);
+    // A new handshake from another source gets through: one source cannot fill the node's cap.
+    w.connect("c", &b_app, 1000);
+    assert!(
+        attack_started.elapsed() < Duration::from_secs(4),
+        "c's handshake came {:?} after the attack began, when the hostile connections may have timed out already",
+        attack_started.elapsed()
+    );
 
-    // After the handshake timeout (2 s) every hostile connection has been closed.
-    std::thread::sleep(Duration::from_secs(4).saturating_sub(attack_started.elapsed()));
+    // After the handshake timeout (4 s) every hostile connection has been closed.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(attack_started.elapsed()));
     let open = hostile.iter().filter(|s| !closed_by_peer(s)).count();
     assert_eq!(
         open,
@@ -155,8 +163,15 @@ fn security_hbone_port_held_open_without_authenticating_is_closed() {
 
     // The cap was hit: metric and log line.
     let (_, text) = w.node_http_get(2, 15020, "/metrics");
-    let refused = metrics::sample(&text, "sluice_hbone_unauthenticated_refused_total", &[]);
-    assert!(refused > 0.0, "no refusal counted over the cap:\n{text}");
+    let refused = metrics::sample(
+        &text,
+        "sluice_hbone_unauthenticated_refused_total",
+        &[("scope", "source")],
+    );
+    assert!(
+        refused > 0.0,
+        "no refusal counted over the source's cap:\n{text}"
+    );
     let timeouts = metrics::sample(&text, "sluice_hbone_handshake_timeouts_total", &[]);
     assert!(timeouts > 0.0, "no handshake timeout counted:\n{text}");
     let logged = w.agents[&2].log_lines().iter().any(|l| {

@@ -154,7 +154,7 @@ pub struct Metrics {
     certificates: Arc<CertificateExpiry>,
     captured_pods: Gauge,
     egress_refusals: Family<ReasonLabel, Counter>,
-    hbone_unauthenticated_refused: Counter,
+    hbone_unauthenticated_refused: Family<OneLabel, Counter>,
     hbone_handshake_timeouts: Family<OneLabel, Counter>,
     connection_caps: Family<OneLabel, Counter>,
     own_listener_refusals: Counter,
@@ -182,7 +182,7 @@ impl Metrics {
         let certificates = Arc::new(CertificateExpiry::default());
         let captured_pods = Gauge::default();
         let egress_refusals = Family::<ReasonLabel, Counter>::default();
-        let hbone_unauthenticated_refused = Counter::default();
+        let hbone_unauthenticated_refused = Family::<OneLabel, Counter>::default();
         let hbone_handshake_timeouts = Family::<OneLabel, Counter>::default();
         let connection_caps = Family::<OneLabel, Counter>::default();
         let own_listener_refusals = Counter::default();
@@ -222,7 +222,7 @@ impl Metrics {
         );
         registry.register(
             "sluice_hbone_unauthenticated_refused",
-            "HBONE connections closed at accept because too many others had not yet authenticated.",
+            "HBONE connections closed at accept because too many others had not yet authenticated, by the cap that was full (scope=node, source).",
             hbone_unauthenticated_refused.clone(),
         );
         registry.register(
@@ -322,9 +322,15 @@ impl Metrics {
         self.window_budget_reduced.inc();
     }
 
-    /// Counts an HBONE connection closed at accept over the unauthenticated cap.
-    pub fn hbone_unauthenticated_refused(&self) {
-        self.hbone_unauthenticated_refused.inc();
+    /// Counts an HBONE connection closed at accept over the unauthenticated cap of `scope`
+    /// (`node`, `source`).
+    pub fn hbone_unauthenticated_refused(&self, scope: &'static str) {
+        self.hbone_unauthenticated_refused
+            .get_or_create(&OneLabel {
+                name: "scope",
+                value: scope.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts an HBONE connection closed for being slow at `stage` (`tls`, `first_request`).

@@ -49,6 +49,8 @@ pub struct ServerLimits {
     /// Connections accepted whose TLS handshake has not finished, on the whole node, at most;
     /// beyond, new connections are closed at once.
     pub max_unauthenticated: NonZeroUsize,
+    /// Of those, from one source address at most.
+    pub max_unauthenticated_per_source: NonZeroUsize,
     /// HTTP/2 receive window, in bytes, that all served HBONE connections on the node may be
     /// granted together beyond each one's initial [`MIN_CONNECTION_WINDOW`]: what
     /// authenticated peers can make the agent buffer for applications that do not read. When
@@ -63,6 +65,7 @@ impl Default for ServerLimits {
             first_request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
             max_unauthenticated: const { NonZeroUsize::new(1024).unwrap() },
+            max_unauthenticated_per_source: const { NonZeroUsize::new(128).unwrap() },
             window_budget: 128 * 1024 * 1024,
         }
     }
@@ -200,6 +203,8 @@ struct HboneSpec {
     server_idle_timeout_seconds: NonZeroU64,
     /// Accepted HBONE connections not yet authenticated, node-wide, at most.
     max_unauthenticated_connections: NonZeroUsize,
+    /// Of those, from one source address at most.
+    max_unauthenticated_per_source: NonZeroUsize,
     /// HTTP/2 receive window all served HBONE connections share beyond their initial 65535
     /// bytes, node-wide (bytes).
     window_budget_bytes: u64,
@@ -235,6 +240,7 @@ impl From<HboneLimits> for HboneSpec {
             first_request_timeout_seconds: seconds(server.first_request_timeout),
             server_idle_timeout_seconds: seconds(server.idle_timeout),
             max_unauthenticated_connections: server.max_unauthenticated,
+            max_unauthenticated_per_source: server.max_unauthenticated_per_source,
             window_budget_bytes: server.window_budget as u64,
         }
     }
@@ -305,6 +311,7 @@ impl TryFrom<HboneSpec> for HboneLimits {
                 first_request_timeout: Duration::from_secs(s.first_request_timeout_seconds.get()),
                 idle_timeout: Duration::from_secs(s.server_idle_timeout_seconds.get()),
                 max_unauthenticated: s.max_unauthenticated_connections,
+                max_unauthenticated_per_source: s.max_unauthenticated_per_source,
                 window_budget,
             },
         })

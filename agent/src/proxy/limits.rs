@@ -4,9 +4,10 @@
 //! HBONE connections may fill ([`WindowBudget`]). Each refusal is counted in a metric and
 //! logged (at most once per [`LOG_EVERY`] per cap, so an attack cannot flood the log).
 use std::{
-    net::SocketAddr,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -162,44 +163,110 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// The node-wide cap on HBONE connections accepted but not yet authenticated (their TLS
-/// handshake unfinished), shared by every pod's 15008 listener and the egress gateway's.
+/// The caps on HBONE connections accepted but not yet authenticated (their TLS handshake
+/// unfinished): one for the whole node, shared by every pod's 15008 listener and the egress
+/// gateway's, and one per source address, so that a single source cannot keep the node's cap
+/// full and delay everyone else's handshakes.
 #[derive(Debug)]
 pub struct UnauthenticatedGate {
     permits: Arc<Semaphore>,
     limit: usize,
+    per_source: usize,
+    sources: Mutex<HashMap<IpAddr, usize>>,
     metrics: Arc<Metrics>,
     log: LogThrottle,
 }
 
 /// A place under [`UnauthenticatedGate`], held until the peer has authenticated.
-pub type Unauthenticated = OwnedSemaphorePermit;
+#[derive(Debug)]
+pub struct Unauthenticated {
+    _node: OwnedSemaphorePermit,
+    source: IpAddr,
+    gate: Arc<UnauthenticatedGate>,
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.gate.release_source(self.source);
+    }
+}
+
+/// Which unauthenticated cap refused a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GateScope {
+    Node,
+    Source,
+}
+
+impl GateScope {
+    fn label(self) -> &'static str {
+        match self {
+            GateScope::Node => "node",
+            GateScope::Source => "source",
+        }
+    }
+}
 
 impl UnauthenticatedGate {
-    /// At most `limit` unauthenticated connections at once.
-    pub fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
+    /// At most `limit` unauthenticated connections at once, and `per_source` from one address.
+    pub fn new(limit: usize, per_source: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(limit)),
             limit,
+            per_source,
+            sources: Mutex::new(HashMap::new()),
             metrics,
             log: LogThrottle::new(),
         }
     }
 
-    /// A place for the connection just accepted from `peer`, or `None` when the cap is full
-    /// (counted and logged): the caller closes the connection at once.
-    pub fn admit(&self, peer: SocketAddr) -> Option<Unauthenticated> {
+    /// A place for the connection just accepted from `peer`, or `None` when its source's or
+    /// the node's cap is full (counted and logged): the caller closes the connection at once.
+    pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Unauthenticated> {
+        let source = peer.ip();
+        {
+            let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+            let held = sources.entry(source).or_insert(0);
+            if *held >= self.per_source {
+                drop(sources);
+                return self.refuse(GateScope::Source, peer);
+            }
+            *held += 1;
+        }
         match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
+            Ok(node) => Some(Unauthenticated {
+                _node: node,
+                source,
+                gate: self.clone(),
+            }),
             Err(_) => {
-                self.metrics.hbone_unauthenticated_refused();
-                if self.log.allow() {
-                    warn!(limit = self.limit, %peer,
-                        "too many unauthenticated HBONE connections; closing new ones until handshakes finish or time out (logged once per 10 s)");
-                }
-                None
+                self.release_source(source);
+                self.refuse(GateScope::Node, peer)
             }
         }
+    }
+
+    fn release_source(&self, source: IpAddr) {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = sources.get_mut(&source) {
+            *held -= 1;
+            if *held == 0 {
+                sources.remove(&source);
+            }
+        }
+    }
+
+    fn refuse(&self, scope: GateScope, peer: SocketAddr) -> Option<Unauthenticated> {
+        self.metrics.hbone_unauthenticated_refused(scope.label());
+        if self.log.allow() {
+            let limit = match scope {
+                GateScope::Node => self.limit,
+                GateScope::Source => self.per_source,
+            };
+            warn!(scope = scope.label(), limit, %peer,
+                "too many unauthenticated HBONE connections; closing new ones until handshakes finish or time out (logged once per 10 s)");
+        }
+        None
     }
 }
 
@@ -318,20 +385,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_gate_refuses_over_its_limit_and_frees_places() {
+    async fn the_gate_refuses_over_its_limits_and_frees_places() {
         let metrics = Arc::new(Metrics::new());
-        let gate = UnauthenticatedGate::new(2, metrics.clone());
-        let peer: SocketAddr = "192.0.2.1:1".parse().expect("address");
-        let a = gate.admit(peer).expect("first");
-        let _b = gate.admit(peer).expect("second");
-        assert!(gate.admit(peer).is_none());
+        let gate = Arc::new(UnauthenticatedGate::new(3, 2, metrics.clone()));
+        let one: SocketAddr = "192.0.2.1:1".parse().expect("address");
+        let other: SocketAddr = "192.0.2.2:1".parse().expect("address");
+        let a = gate.admit(one).expect("first");
+        let b = gate.admit(one).expect("second");
+        // The source's cap: a third from the same address is refused, another source is not.
+        assert!(gate.admit(one).is_none());
+        let c = gate.admit(other).expect("another source");
+        // The node's cap: full now, whoever asks.
+        assert!(gate.admit(other).is_none());
         drop(a);
-        assert!(gate.admit(peer).is_some());
+        assert!(gate.admit(one).is_some());
         let text = metrics.encode().expect("encode");
-        assert!(
-            text.contains("sluice_hbone_unauthenticated_refused_total 1"),
-            "{text}"
-        );
+        for line in [
+            "sluice_hbone_unauthenticated_refused_total{scope=\"source\"} 1",
+            "sluice_hbone_unauthenticated_refused_total{scope=\"node\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        // Every place given back: no source is left counted.
+        drop((b, c));
+        assert!(gate.sources.lock().expect("lock").is_empty());
     }
 
     #[test]
