@@ -21,8 +21,9 @@ struct Cli {
         env = "SLUICE_LOG_FORMAT"
     )]
     log_format: LogFormat,
-    /// Runtime threads for `run`: 1 runs everything on one thread (no cross-thread wake-ups),
-    /// more uses a work-stealing pool; 0 means one per CPU.
+    /// Runtime threads. For `run`: 1 runs everything on one thread (no cross-thread
+    /// wake-ups), more uses a work-stealing pool. For `gateway`: the number of workers, each a
+    /// single-threaded runtime with its own upstream pools. 0 means one per CPU.
     #[arg(
         long,
         default_value_t = 0,
@@ -188,9 +189,11 @@ fn main() -> Result<()> {
         Cmd::Gateway { config } => {
             sluice::memory::limit_arenas();
             init_logging(cli.log_format);
-            let rt = runtime(cli.worker_threads)?;
+            // Accept loops, sources and admin on one thread; connections on the workers.
+            let rt = runtime(1)?;
             rt.block_on(sluice::gateway::run(sluice::gateway::GatewayArgs {
                 config,
+                workers: cli.worker_threads,
             }))
         }
         Cmd::Enroll { socket, op } => {

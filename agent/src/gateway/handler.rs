@@ -43,7 +43,8 @@ pub type GwBody = BoxBody<Bytes, hyper::Error>;
 
 /// What every request handler shares.
 pub struct Shared {
-    pub table: RwLock<Arc<RouteTable>>,
+    /// The routing table, one for every worker.
+    pub table: Arc<RwLock<Arc<RouteTable>>>,
     pub state: StateHandle,
     pub client: Client<MeshConnector, GwBody>,
     pub connector: MeshConnector,

@@ -24,8 +24,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     certificates::CertificateSource,
-    handler::{self, ConnInfo, Shared},
+    handler::{self, ConnInfo},
     routes::RouteTable,
+    workers::Workers,
 };
 use crate::state::ingress::ListenerProtocol;
 
@@ -84,7 +85,7 @@ impl Listeners {
         table: &RouteTable,
         bind: Option<IpAddr>,
         certificates: &CertificateSource,
-        shared: &Arc<Shared>,
+        workers: &Arc<Workers>,
     ) -> BTreeSet<u16> {
         let wanted: BTreeMap<u16, ListenerProtocol> =
             table.ports.iter().map(|(p, r)| (*p, r.protocol)).collect();
@@ -138,7 +139,7 @@ impl Listeners {
                 }
             };
             info!(%addr, protocol = ?protocol, "gateway listener bound");
-            let task = tokio::spawn(accept(listener, *port, tls.clone(), shared.clone()));
+            let task = tokio::spawn(accept(listener, *port, tls.clone(), workers.clone()));
             self.bound.insert(
                 *port,
                 Bound {
@@ -190,7 +191,8 @@ async fn server_config(
     Ok((fingerprint.finish(), Arc::new(config)))
 }
 
-async fn accept(listener: TcpListener, port: u16, tls: Option<SharedTls>, shared: Arc<Shared>) {
+/// Accepts connections on `listener` and hands each to a worker, until aborted.
+async fn accept(listener: TcpListener, port: u16, tls: Option<SharedTls>, workers: Arc<Workers>) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -208,12 +210,11 @@ async fn accept(listener: TcpListener, port: u16, tls: Option<SharedTls>, shared
                 continue;
             }
         };
-        let shared = shared.clone();
         // The acceptor of this moment: a rotation applies from the next connection on.
         let tls = tls
             .as_ref()
             .map(|t| t.read().unwrap_or_else(|e| e.into_inner()).1.clone());
-        tokio::spawn(async move {
+        workers.spawn(move |shared| async move {
             let scheme = if tls.is_some() { "https" } else { "http" };
             let conn = ConnInfo {
                 peer,

@@ -11,6 +11,7 @@ pub mod handler;
 pub mod listeners;
 pub mod routes;
 pub mod upstream;
+pub mod workers;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -36,6 +37,8 @@ const CERTIFICATE_RECHECK: std::time::Duration = std::time::Duration::from_secs(
 #[derive(Debug, Default)]
 pub struct GatewayArgs {
     pub config: PathBuf,
+    /// Worker threads, each with its own runtime and upstream pools; 0 means one per CPU.
+    pub workers: usize,
 }
 
 /// Runs the gateway until SIGINT/SIGTERM.
@@ -86,8 +89,6 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         crate::admin::server::serve_metrics(agent.metrics_addr, metrics.clone()).await?;
     let _ready_server =
         crate::admin::server::serve_readiness(agent.readiness_addr, ready.clone()).await?;
-    let pool = HbonePool::new(agent.hbone.pool.clone(), agent.hbone.h2.clone())
-        .with_stats(metrics.hbone_pool_stats());
     let source_ip = ingress.bind_address.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let baggage = Baggage {
         namespace: Some(ingress.namespace.clone()),
@@ -96,31 +97,48 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         service: Some(ingress.service_account.clone()),
         ..Baggage::default()
     };
-    let connector = upstream::MeshConnector::new(
-        state.clone(),
-        identity.clone(),
-        me.clone(),
-        pool,
-        SocketAddr::new(source_ip, 0),
-        baggage,
+    let table = Arc::new(RwLock::new(Arc::default()));
+    let balance = Arc::default();
+    let policy_target = handler::policy_target(&ingress, &agent.node_name);
+    let count = match args.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Each worker its own pools: a request never waits on another thread's connection.
+    let workers = Arc::new(
+        workers::Workers::start(count, || {
+            let pool = HbonePool::new(agent.hbone.pool.clone(), agent.hbone.h2.clone())
+                .with_stats(metrics.hbone_pool_stats());
+            let connector = upstream::MeshConnector::new(
+                state.clone(),
+                identity.clone(),
+                me.clone(),
+                pool,
+                SocketAddr::new(source_ip, 0),
+                baggage.clone(),
+            );
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_idle_timeout(std::time::Duration::from_secs(60))
+                    .pool_max_idle_per_host(256)
+                    .build(connector.clone());
+            Arc::new(handler::Shared {
+                table: table.clone(),
+                state: state.clone(),
+                client,
+                connector,
+                balance: Arc::clone(&balance),
+                metrics: metrics.clone(),
+                num_trusted_proxies: ingress.num_trusted_proxies,
+                me: me.clone(),
+                workload: ingress.service_account.clone(),
+                namespace: ingress.namespace.clone(),
+                policy_target: policy_target.clone(),
+            })
+        })
+        .context("starting the gateway's workers")?,
     );
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(connector.clone());
-    let shared = Arc::new(handler::Shared {
-        table: RwLock::new(Arc::default()),
-        state: state.clone(),
-        client,
-        connector,
-        balance: Arc::default(),
-        metrics,
-        num_trusted_proxies: ingress.num_trusted_proxies,
-        me: me.clone(),
-        workload: ingress.service_account.clone(),
-        namespace: ingress.namespace.clone(),
-        policy_target: handler::policy_target(&ingress, &agent.node_name),
-    });
+    info!(workers = workers.len(), "gateway workers started");
 
     let kube = if agent.kube.enabled {
         Some(
@@ -142,17 +160,17 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     let mut changed = true;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let (table, skipped) = routes::RouteTable::build(&snapshot, &ingress);
+        let (next_table, skipped) = routes::RouteTable::build(&snapshot, &ingress);
         for s in skipped {
             warn!(error = %s, "left out of the gateway's routes");
         }
         let bound = listeners
-            .reconcile(&table, ingress.bind_address, &certificates, &shared)
+            .reconcile(&next_table, ingress.bind_address, &certificates, &workers)
             .await;
-        let routes: usize = table.ports.values().flat_map(|p| &p.listeners).count();
+        let served: usize = next_table.ports.values().flat_map(|p| &p.listeners).count();
         // Ready (and so `Programmed` in the Gateway's status) only while every port a served
         // listener needs is bound.
-        let unbound: Vec<u16> = table
+        let unbound: Vec<u16> = next_table
             .ports
             .keys()
             .copied()
@@ -160,9 +178,9 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             .collect();
         _held = (!unbound.is_empty())
             .then(|| ready.block(format!("listener ports {unbound:?} are not bound")));
-        *shared.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        *table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next_table);
         if changed {
-            info!(ports = ?bound, ?unbound, listeners = routes, "gateway routes applied");
+            info!(ports = ?bound, ?unbound, listeners = served, "gateway routes applied");
         }
         ready.set_ready();
         tokio::select! {
