@@ -3,7 +3,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     config::AgentConfig,
@@ -82,22 +82,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(block_while_forbidden(kube.source.rebuilt(), ready.clone()));
     }
     let certs: Arc<std::sync::Mutex<Vec<crate::identity::CertInfo>>> = Arc::default();
-    let _metrics_server =
+    let metrics_server =
         crate::admin::server::serve_metrics(agent.metrics_addr, metrics.clone()).await?;
-    let _ready_server =
+    let ready_server =
         crate::admin::server::serve_readiness(agent.readiness_addr, ready.clone()).await?;
     let dump: crate::admin::server::ConfigDump = {
         let state = state.clone();
         let certs = certs.clone();
         let tls = agent.tls.clone();
+        let upgrade = agent.upgrade.clone();
         Arc::new(move |w: &mut crate::admin::server::DumpWriter<'_>| {
             let certs = certs.lock().map(|c| c.clone()).unwrap_or_default();
             state.current().visit_sections(&mut MeshStateDump(w))?;
             w.section(None, "certificates", &certs)?;
-            w.section(None, "tls", &tls)
+            w.section(None, "tls", &tls)?;
+            w.section(None, "upgrade", &upgrade)
         })
     };
-    let _admin_server = crate::admin::server::serve_admin(agent.admin_addr, dump).await?;
+    let admin_server = crate::admin::server::serve_admin(agent.admin_addr, dump).await?;
     {
         let identity = identity.clone();
         let metrics = metrics.clone();
@@ -117,6 +119,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let egress = start_egress(&agent, &state, metrics.clone());
     let nofile = raise_nofile_limit();
     let per_node = node_connection_cap(agent.proxy.max_connections_per_node.get(), nofile);
+    let (drain_trigger, drain_watcher) = crate::proxy::drain::channel();
     let proxy = ProxyInputs {
         identity,
         state: state.clone(),
@@ -145,46 +148,165 @@ pub async fn run(args: RunArgs) -> Result<()> {
             metrics.clone(),
         )),
         unknown_hold: agent.proxy.unknown_workload_hold(),
+        drain: drain_watcher,
     };
+    let caps = proxy.caps.clone();
+    // Upgrades: the listeners of an agent still running on this node are served from here on.
+    let handover_path = agent.upgrade.socket(&agent.state_dir);
+    let handover = take_over(&handover_path).await;
+    let taken = handover.as_ref().map(|h| h.taken.clone());
+    let listeners = crate::handover::Listeners::default();
+    let mut writers = Vec::new();
     if let Some(gw) = &agent.egress.gateway {
-        let listener = tokio::net::TcpListener::bind(gw.listen)
-            .await
-            .with_context(|| format!("egress gateway listener {}", gw.listen))?;
+        let key = crate::handover::egress_gateway_key(gw.listen);
+        let listener = match taken.as_ref().and_then(|t| t.take(&key)) {
+            Some(fd) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)?
+            }
+            None => tokio::net::TcpListener::bind(gw.listen)
+                .await
+                .with_context(|| format!("egress gateway listener {}", gw.listen))?,
+        };
+        listeners.register(key, &listener)?;
         info!(listen = %gw.listen, "egress gateway role");
-        tokio::spawn(crate::proxy::egress_gateway::serve(listener, proxy.clone()));
+        writers.push(tokio::spawn(crate::proxy::egress_gateway::serve(
+            listener,
+            proxy.clone(),
+        )));
     }
     let mut manager = PodManager::new(capture, home.clone(), &agent.state_dir, proxy)
-        .with_context(|| format!("state directory {}", agent.state_dir.display()))?;
+        .with_context(|| format!("state directory {}", agent.state_dir.display()))?
+        .with_handover(listeners.clone(), taken);
     manager.restore();
+    if handover.is_some() {
+        // Capture the known pods now, on the listeners handed over, before the previous agent
+        // is told to stop accepting.
+        manager.reconcile(&state.current()).await;
+        let pods = manager.finish_adoption();
+        info!(pods, "pods captured on handed-over listeners");
+    }
+    let (adopted_tx, mut adopted) = tokio::sync::watch::channel(false);
+    let handover_socket = crate::handover::bind(&handover_path)?;
+    crate::handover::spawn_server(handover_socket, listeners.clone(), adopted_tx)?;
+    if let Some(h) = handover
+        && let Err(e) = h.adopted()
+    {
+        // It drains when its successor closes the socket too; it keeps serving otherwise.
+        warn!(error = %e, "telling the previous agent that its listeners are adopted");
+    }
 
     let (tx, rx) = mpsc::channel(64);
     if agent.kube.enabled && agent.kube.discover_sandboxes {
         // On a cluster node: find the sandboxes of this node's mesh pods without the CNI plugin.
         let settings = crate::pods::discover::DiscoverSettings::new(&agent.node_name);
-        tokio::spawn(crate::pods::discover::run(
+        writers.push(tokio::spawn(crate::pods::discover::run(
             settings,
             home,
             state.clone(),
             tx.clone(),
-        ));
+        )));
     }
     let listener = enroll::bind(&agent.enrollment_socket)
         .with_context(|| format!("enrollment socket {}", agent.enrollment_socket.display()))?;
-    tokio::spawn(enroll::serve(listener, tx));
+    writers.push(tokio::spawn(enroll::serve(listener, tx)));
     let manager_task = tokio::spawn(manager.run(rx, state.clone()));
     ready.set_ready();
     info!(socket = %agent.enrollment_socket.display(), "ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut manager_task = manager_task;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("interrupted"),
         _ = term.recv() => info!("terminated"),
-        r = manager_task => { r.context("pod manager stopped")?; }
+        r = &mut manager_task => { r.context("pod manager stopped")?; }
+        _ = adopted.wait_for(|a| *a) => {
+            // A successor serves the listeners now: stop accepting and writing capture state,
+            // and let the connections in flight finish.
+            manager_task.abort();
+            for w in &writers {
+                w.abort();
+            }
+            listeners.clear();
+            for server in [&metrics_server, &ready_server, &admin_server] {
+                server.abort();
+            }
+            drain_trigger.start();
+            drain(&drain_trigger, &caps, agent.upgrade.drain_deadline(), &mut term).await;
+        }
     }
     // Pinned programs, links and maps stay: capture keeps working across a restart, and
     // connections already established continue. `sluice cleanup` removes everything.
     drop(source);
     Ok(())
+}
+
+/// How long a starting agent keeps asking a draining one for its listeners (until that one's
+/// successor has bound the handover socket).
+const TAKE_OVER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes the listeners of the agent serving the handover socket at `path`; `None` when there
+/// is none, or when taking them fails (the pods' listeners are then bound anew, and a pod whose
+/// ports are held is held closed until they are free).
+async fn take_over(path: &std::path::Path) -> Option<crate::handover::Handover> {
+    let p = path.to_owned();
+    let taken =
+        tokio::task::spawn_blocking(move || crate::handover::take_over(&p, TAKE_OVER_PATIENCE))
+            .await;
+    match taken {
+        Ok(Ok(Some(h))) => {
+            info!(listeners = h.received, socket = %path.display(), "took over the running agent's listeners");
+            Some(h)
+        }
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            warn!(error = %e, "taking over from the running agent failed; binding listeners anew");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "taking over from the running agent failed; binding listeners anew");
+            None
+        }
+    }
+}
+
+/// Waits until no connection is in flight and no HBONE connection is served, or `deadline`
+/// passes (SIGINT cuts it short; SIGTERM, which the old pod of a rollout gets, does not).
+async fn drain(
+    trigger: &crate::proxy::drain::DrainTrigger,
+    caps: &crate::proxy::limits::ConnectionCaps,
+    deadline: std::time::Duration,
+    term: &mut tokio::signal::unix::Signal,
+) {
+    let started = std::time::Instant::now();
+    info!(
+        connections = caps.current(),
+        hbone_connections = trigger.served(),
+        deadline_s = deadline.as_secs(),
+        "draining"
+    );
+    let until = tokio::time::Instant::now() + deadline;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = term.recv() => info!("terminated while draining; draining goes on until done or the deadline"),
+            _ = tokio::signal::ctrl_c() => {
+                warn!(connections = caps.current(), "interrupted while draining; connections in flight are cut");
+                return;
+            }
+            _ = tokio::time::sleep_until(until) => {
+                warn!(connections = caps.current(), hbone_connections = trigger.served(),
+                    "drain deadline passed; connections still in flight are cut");
+                return;
+            }
+        }
+        if caps.current() == 0 && trigger.served() == 0 {
+            info!(after_ms = started.elapsed().as_millis() as u64, "drained");
+            return;
+        }
+    }
 }
 
 /// Holds readiness back, naming the kinds, while RBAC forbids listing a security kind: an agent

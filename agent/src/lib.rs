@@ -18,6 +18,7 @@
 //! | [`sources`] | kube watchers, the local file, the status writer | state, resources, config |
 //! | [`state`] | MeshState and its pure normalisation | resources, config |
 //! | [`resources`] | typed Kubernetes resources, in their own API groups | — |
+//! | [`handover`] | upgrades: listening sockets passed to a successor agent (`SCM_RIGHTS`) | — |
 //! | [`netns`] | network namespaces: entering one, making sockets inside it | — |
 //! | [`memory`] | the allocator's tunables: two arenas, freed pages returned after a rebuild | — |
 //! | [`config`] | the `AgentConfig` file, read and checked once | — |
@@ -26,6 +27,7 @@ pub mod app;
 pub mod config;
 pub mod egress;
 pub mod gateway;
+pub mod handover;
 pub mod identity;
 pub mod memory;
 pub mod netns;

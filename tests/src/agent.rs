@@ -256,6 +256,23 @@ impl Agent {
         let _ = child.wait();
     }
 
+    /// Waits up to `timeout` for the agent to exit on its own (after handing over and
+    /// draining); its exit status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: the agent gets no chance to clean up (a crash).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -30,6 +30,44 @@ pub fn deploy_dir() -> PathBuf {
         .join("deploy")
 }
 
+/// The DaemonSet's rollout as the tests' 1.20 API server can take it: DaemonSet `maxSurge`
+/// came in 1.21 (alpha; GA in 1.25), and 1.20 refuses the field (kubectl's validation and
+/// server-side apply alike). README's strategy for clusters without surge instead:
+/// `{maxUnavailable: 1}`.
+pub const ROLLOUT_WITH_SURGE: &str = "maxSurge: 1\n      maxUnavailable: 0";
+/// See [`ROLLOUT_WITH_SURGE`].
+pub const ROLLOUT_WITHOUT_SURGE: &str = "maxUnavailable: 1";
+
+/// `deploy/` copied into a temporary directory with the DaemonSet's rollout as a 1.20 API server
+/// takes it (see [`ROLLOUT_WITH_SURGE`]); panics unless that is the only change.
+pub fn deploy_dir_for_1_20() -> tempfile::TempDir {
+    fn copy(src: &Path, dst: &Path, replaced: &mut usize) {
+        for e in std::fs::read_dir(src)
+            .expect("read deploy/")
+            .filter_map(Result::ok)
+        {
+            let to = dst.join(e.file_name());
+            if e.path().is_dir() {
+                std::fs::create_dir_all(&to).expect("mkdir");
+                copy(&e.path(), &to, replaced);
+            } else {
+                let text = std::fs::read_to_string(e.path()).expect("read");
+                *replaced += text.matches(ROLLOUT_WITH_SURGE).count();
+                let text = text.replace(ROLLOUT_WITH_SURGE, ROLLOUT_WITHOUT_SURGE);
+                std::fs::write(&to, text).expect("write");
+            }
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut replaced = 0;
+    copy(&deploy_dir(), dir.path(), &mut replaced);
+    assert_eq!(
+        replaced, 1,
+        "deploy/ should roll its DaemonSet with {ROLLOUT_WITH_SURGE:?}"
+    );
+    dir
+}
+
 /// Splits a YAML stream into JSON documents (empty documents skipped).
 pub fn documents(yaml: &str) -> Vec<serde_json::Value> {
     serde_yaml::Deserializer::from_str(yaml)

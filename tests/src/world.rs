@@ -702,6 +702,30 @@ impl World {
         &self.agents[&i]
     }
 
+    /// Starts a second agent on node `i` next to the running one (as a DaemonSet rollout
+    /// with `maxSurge` does) and waits until it is ready; returns the previous agent, which
+    /// has handed its listeners over by then and drains.
+    pub fn upgrade_agent(&mut self, i: usize) -> Agent {
+        let extra = self.agent_extra.get(&i).cloned().unwrap_or_default();
+        let config = self.agent_config(i, &extra);
+        let cgroup = self
+            .agents_under_pod_cgroups
+            .then(|| self.node_cgroup(i).join("sluice-agent"));
+        let old = self
+            .agents
+            .remove(&i)
+            .unwrap_or_else(|| panic!("no agent running on node {i}"));
+        let new = Agent::start_in(
+            &self.node_netns(i),
+            &config,
+            &self.dir.path().join(format!("node{i}")),
+            cgroup.as_deref(),
+            &[],
+        );
+        self.agents.insert(i, new);
+        old
+    }
+
     /// Rewrites every running agent's config file from the world as it is now (the agents'
     /// file sources pick the change up within their watch interval).
     pub fn rewrite_configs(&self) {

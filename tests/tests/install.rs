@@ -3,7 +3,7 @@ use std::process::Command;
 
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
 use kube::Api;
-use sluice_tests::{kube_mesh::deploy_dir, kube_server::KubeServer};
+use sluice_tests::{kube_mesh::deploy_dir_for_1_20, kube_server::KubeServer};
 
 /// One `kubectl apply -f deploy/` on a fresh cluster creates every object: kubectl applies a
 /// directory's files in name order, so the namespace must sort first (it did not, and the
@@ -11,11 +11,13 @@ use sluice_tests::{kube_mesh::deploy_dir, kube_server::KubeServer};
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_apply_of_deploy_creates_everything_in_one_go() {
     let server = tokio::task::block_in_place(KubeServer::start);
+    // The DaemonSet rolls without surge here: the 1.20 API server predates DaemonSet maxSurge.
+    let deploy = deploy_dir_for_1_20();
     let out = Command::new("kubectl")
         .env("KUBECONFIG", server.kubeconfig_path())
         .arg("apply")
         .arg("-f")
-        .arg(deploy_dir())
+        .arg(deploy.path())
         .output()
         .expect("kubectl (package kubernetes-client; `cargo xtask setup` installs it)");
     assert!(

@@ -925,7 +925,9 @@ async fn kube_seed_documents_apply_unchanged_and_show_up_in_mesh_state() {
 async fn kube_deploy_manifests_apply_and_their_rbac_suffices() {
     let server = KubeServer::start();
     let client = server.client().await;
-    let deploy = sluice_tests::kube_mesh::deploy_dir();
+    // The DaemonSet rolls without surge here: the 1.20 API server predates DaemonSet maxSurge.
+    let deploy_copy = sluice_tests::kube_mesh::deploy_dir_for_1_20();
+    let deploy = deploy_copy.path().to_path_buf();
     install_crds(&client).await;
     // Everything in deploy/ by server-side apply; the DaemonSet as a dry run.
     let mut files: Vec<_> = std::fs::read_dir(&deploy)

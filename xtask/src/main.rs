@@ -31,8 +31,8 @@ enum Cmd {
     },
     /// Build a two-node, three-pod world, send traffic through it and explain what happened.
     Demo,
-    /// Measure Sluice against direct paths: `capture`, `mesh`, `egress`, `scale`, `ingress`, or all when
-    /// omitted.
+    /// Measure Sluice against direct paths: `capture`, `mesh`, `egress`, `scale`, `ingress`,
+    /// `upgrade`, or all when omitted.
     Bench {
         /// Which benchmark.
         which: Option<String>,

@@ -433,6 +433,21 @@ fn not_found() -> Response<Body> {
     respond(StatusCode::NOT_FOUND, TEXT, "not found\n")
 }
 
+/// A listener on `addr` with `SO_REUSEPORT`, so that during an upgrade the next agent binds the
+/// same admin port while this one still runs.
+fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Binds `addr`, then answers every request on a spawned task with `route(path)`.
 async fn serve<F>(endpoint: &'static str, addr: SocketAddr, route: F) -> Result<Server, ServeError>
 where
@@ -455,7 +470,7 @@ where
         addr,
         source,
     };
-    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let listener = bind_shared(addr).map_err(bind_error)?;
     let local_addr = listener.local_addr().map_err(bind_error)?;
     tracing::info!(%local_addr, endpoint, "listening");
     let route = Arc::new(route);
@@ -729,10 +744,30 @@ mod tests {
 
     #[tokio::test]
     async fn a_taken_port_is_an_error_naming_the_address() {
-        let first = serve_readiness(loopback(), Ready::new()).await.unwrap();
-        let taken = first.local_addr();
+        // Another program's listener (without SO_REUSEPORT) holds the port.
+        let other = std::net::TcpListener::bind(loopback()).unwrap();
+        let taken = other.local_addr().unwrap();
         let err = serve_readiness(taken, Ready::new()).await.unwrap_err();
         assert!(err.to_string().contains(&taken.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_successor_agent_shares_the_admin_port_during_an_upgrade() {
+        let ready = Ready::new();
+        ready.set_ready();
+        let first = serve_readiness(loopback(), ready).await.unwrap();
+        let second = serve_readiness(first.local_addr(), Ready::new())
+            .await
+            .expect("the next agent binds the same port");
+        first.abort();
+        tokio::task::yield_now().await;
+        for _ in 0..8 {
+            let (status, _, _) = request(second.local_addr(), "GET", READY_PATH).await;
+            assert_eq!(
+                status, 503,
+                "the successor answers alone once the first is gone"
+            );
+        }
     }
 
     #[tokio::test]

@@ -8,7 +8,12 @@ mod kube;
 mod proxy;
 mod tls;
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -139,6 +144,46 @@ pub struct AgentConfig {
     /// What a `sluice gateway` instance serves (read by that command only).
     #[serde(default)]
     pub ingress: IngressConfig,
+    /// Handing the listeners over to a successor, and draining after it.
+    #[serde(default)]
+    pub upgrade: UpgradeConfig,
+}
+
+/// How an agent hands over to its successor on the same node (`spec.upgrade`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpgradeConfig {
+    /// Unix socket where this agent hands its listeners to a successor, and where a starting
+    /// agent asks its predecessor for them; `<stateDir>/handover.sock` when unset.
+    #[serde(default)]
+    pub handover_socket: Option<PathBuf>,
+    /// After handing over, how long connections in flight may go on before the agent exits
+    /// anyway (seconds).
+    #[serde(default = "defaults::drain_deadline_seconds")]
+    pub drain_deadline_seconds: u64,
+}
+
+/// Bounds of `spec.upgrade.drainDeadlineSeconds`.
+pub const DRAIN_DEADLINE_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+impl UpgradeConfig {
+    /// The handover socket, under `state_dir` unless set.
+    pub fn socket(&self, state_dir: &Path) -> PathBuf {
+        self.handover_socket
+            .clone()
+            .unwrap_or_else(|| state_dir.join("handover.sock"))
+    }
+
+    /// The drain deadline.
+    pub fn drain_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.drain_deadline_seconds)
+    }
 }
 
 /// Names a ConfigMap.
@@ -255,6 +300,9 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
+    pub fn drain_deadline_seconds() -> u64 {
+        30
+    }
 
     pub fn trust_domain() -> String {
         "cluster.local".into()
@@ -322,6 +370,8 @@ pub enum ConfigError {
         cidr: IpNet,
         network: IpNet,
     },
+    #[error("spec.upgrade.drainDeadlineSeconds: {0} is outside 1 ..= 3600")]
+    DrainDeadline(u64),
     #[error("spec.hbone.{field}: {value} is outside {min} ..= {max}")]
     HboneRange {
         field: &'static str,
@@ -394,6 +444,11 @@ impl AgentConfig {
                 });
             }
         }
+        if !DRAIN_DEADLINE_RANGE.contains(&self.upgrade.drain_deadline_seconds) {
+            return Err(ConfigError::DrainDeadline(
+                self.upgrade.drain_deadline_seconds,
+            ));
+        }
         for (index, cidr) in self.capture.excluded_cidrs.iter().enumerate() {
             if cidr.trunc() != *cidr {
                 return Err(ConfigError::HostBits {
@@ -441,6 +496,31 @@ mod tests {
         assert_eq!(c.ebpf_log_level, EbpfLogLevel::Warn);
         assert!(c.capture.node_traffic_bypasses_policy);
         assert_eq!(c.validate(), Err(ConfigError::NoNodeName));
+    }
+
+    #[test]
+    fn the_upgrade_drain_deadline_defaults_to_30_s_and_is_bounded() {
+        let c: AgentConfig = serde_yaml::from_str("nodeName: n\nstateDir: /run/x").unwrap();
+        assert_eq!(
+            c.upgrade.drain_deadline(),
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(
+            c.upgrade.socket(&c.state_dir),
+            PathBuf::from("/run/x/handover.sock")
+        );
+        for (seconds, ok) in [(0, false), (1, true), (3600, true), (3601, false)] {
+            let c: AgentConfig = serde_yaml::from_str(&format!(
+                "nodeName: n\nupgrade: {{drainDeadlineSeconds: {seconds}}}"
+            ))
+            .unwrap();
+            let want = if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::DrainDeadline(seconds))
+            };
+            assert_eq!(c.validate(), want, "{seconds}");
+        }
     }
 
     #[test]

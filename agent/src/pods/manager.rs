@@ -17,10 +17,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
+    handover::{Listeners, Taken},
     netns::{HomeNetns, Netns, NetnsError},
     proxy::{
         ProxyInputs,
-        pod::{PodContext, PodProxy},
+        pod::{ListenerHandover, PodContext, PodProxy},
     },
     redirect::{
         ebpf::{Capture, CaptureMaps, EbpfError},
@@ -87,6 +88,10 @@ pub struct PodManager {
     known: BTreeMap<String, Known>,
     captured: BTreeMap<String, Captured>,
     closed: BTreeMap<String, HeldClosed>,
+    /// Where pods' listeners are registered for a successor agent.
+    handover: Listeners,
+    /// Listeners handed over by the previous agent, until the first reconcile has taken them.
+    taken: Option<Taken>,
 }
 
 fn valid_uid(uid: &str) -> bool {
@@ -115,7 +120,30 @@ impl PodManager {
             known: BTreeMap::new(),
             captured: BTreeMap::new(),
             closed: BTreeMap::new(),
+            handover: Listeners::default(),
+            taken: None,
         })
+    }
+
+    /// Registers pods' listeners in `listeners` (for a successor), and serves those in
+    /// `taken` (from the previous agent) instead of binding new ones.
+    pub fn with_handover(mut self, listeners: Listeners, taken: Option<Taken>) -> Self {
+        self.handover = listeners;
+        self.taken = taken;
+        self
+    }
+
+    /// Closes the handed-over listeners no pod took (pods gone or out of the mesh since);
+    /// returns how many pods are captured.
+    pub fn finish_adoption(&mut self) -> usize {
+        if let Some(taken) = self.taken.take() {
+            let rest = taken.remaining();
+            if !rest.is_empty() {
+                info!(listeners = ?rest, "closing handed-over listeners no pod took");
+            }
+            taken.close_rest();
+        }
+        self.captured.len()
     }
 
     /// Reloads the sandboxes recorded by an earlier run. Records whose namespace is gone are
@@ -349,7 +377,13 @@ impl PodManager {
             sb.ips.clone(),
             &self.proxy,
         ));
-        let proxy = PodProxy::start(ctx, self.proxy.clone()).map_err(|e| e.to_string())?;
+        let handover = ListenerHandover {
+            taken: self.taken.as_ref(),
+            listeners: &self.handover,
+        };
+        let proxy =
+            PodProxy::start(ctx, self.proxy.clone(), handover).map_err(|e| e.to_string())?;
+        let adopted = proxy.adopted();
         let cookie = netns.cookie();
         let steps = || -> Result<(), EbpfError> {
             for ip in &sb.ips {
@@ -366,7 +400,7 @@ impl PodManager {
             // The caller holds the pod closed: never purged into leaving capture.
             return Err(e.to_string());
         }
-        info!(pod = %uid, namespace = %sb.namespace, name = %sb.name, netns = %sb.netns.display(), netns_cookie = cookie, ips = ?sb.ips, "pod captured");
+        info!(pod = %uid, namespace = %sb.namespace, name = %sb.name, netns = %sb.netns.display(), netns_cookie = cookie, ips = ?sb.ips, adopted_listeners = adopted, "pod captured");
         self.captured.insert(
             uid,
             Captured {

@@ -128,8 +128,9 @@ pub(crate) async fn serve_as<H: super::hbone::ConnectHandler>(
         peer_addr: peer,
         local_addr: local,
     };
+    let _served = inputs.drain.serve();
     match server
-        .serve_connection(stream, info, std::future::pending())
+        .serve_connection(stream, info, inputs.drain.clone().started())
         .await
     {
         Err(e @ ServeError::FirstRequestTimeout { .. }) => {

@@ -2,6 +2,7 @@
 pub mod balance;
 pub mod context;
 pub mod copy;
+pub mod drain;
 pub mod egress;
 pub mod egress_gateway;
 pub mod hbone;
@@ -65,4 +66,6 @@ pub struct ProxyInputs {
     /// How long a connection of a pod unknown to MeshState waits for it before it is refused
     /// (`spec.proxy.unknownWorkloadHoldMs`).
     pub unknown_hold: std::time::Duration,
+    /// Whether the agent drains after a handover (served HBONE connections get GOAWAY).
+    pub drain: drain::DrainWatcher,
 }

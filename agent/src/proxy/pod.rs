@@ -13,7 +13,10 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 pub use super::context::PodContext;
 use super::{ProxyInputs, hbone_inbound, inbound, outbound};
-use crate::netns::{HomeNetns, Netns};
+use crate::{
+    handover::{Listeners, Taken, pod_key},
+    netns::{HomeNetns, Netns, netns_cookie_of},
+};
 
 /// The running listeners of one pod; dropping it closes them (connections in flight go on).
 #[derive(Debug)]
@@ -22,14 +25,54 @@ pub struct PodProxy {
     /// Inbound listener per family, registered in `sluice_in_socks` by the caller.
     inbound_v4: Option<RawFd>,
     inbound_v6: Option<RawFd>,
+    /// Where its listeners are registered for a successor, under `pod/<uid>/`.
+    handover: Listeners,
+    uid: String,
+    /// How many listeners came from the previous agent.
+    adopted: usize,
 }
 
 impl Drop for PodProxy {
     fn drop(&mut self) {
+        self.handover.remove_prefix(&pod_key_prefix(&self.uid));
         for t in &self.tasks {
             t.abort();
         }
     }
+}
+
+/// Where a pod's listeners come from and go to across upgrades.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerHandover<'a> {
+    /// Listeners received from the previous agent, taken before binding new ones.
+    pub taken: Option<&'a Taken>,
+    /// Where served listeners are registered for the next agent.
+    pub listeners: &'a Listeners,
+}
+
+fn pod_key_prefix(uid: &str) -> String {
+    format!("pod/{uid}/")
+}
+
+/// The listener the previous agent served on `addr` in this pod, if it handed one over that
+/// really is that (same namespace, same address).
+fn adopt(
+    taken: Option<&Taken>,
+    pod: &PodContext,
+    addr: SocketAddr,
+) -> Option<std::net::TcpListener> {
+    let fd = taken?.take(&pod_key(&pod.uid, addr))?;
+    let same_netns =
+        netns_cookie_of(std::os::fd::AsFd::as_fd(&fd)).ok() == Some(pod.netns.cookie());
+    let socket = Socket::from(fd);
+    let same_addr = socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(addr);
+    if !(same_netns && same_addr) {
+        tracing::warn!(pod = %pod.uid, %addr, "a handed-over listener is not this pod's; binding anew");
+        return None;
+    }
+    socket.set_nonblocking(true).ok()?;
+    socket.listen(LISTEN_BACKLOG).ok()?;
+    Some(socket.into())
 }
 
 /// Errors opening a pod's listeners.
@@ -63,13 +106,50 @@ fn listen_in(netns: &Netns, home: &HomeNetns, addr: SocketAddr) -> io::Result<Tc
 }
 
 impl PodProxy {
+    /// The pod's listener on `addr`: the one handed over if there is one, else a new one; it
+    /// is registered for the next agent either way.
+    fn listener(
+        &mut self,
+        pod: &PodContext,
+        inputs: &ProxyInputs,
+        handover: ListenerHandover<'_>,
+        addr: SocketAddr,
+    ) -> io::Result<TcpListener> {
+        let listener = match adopt(handover.taken, pod, addr) {
+            Some(l) => {
+                self.adopted += 1;
+                TcpListener::from_std(l)?
+            }
+            None => listen_in(&pod.netns, &inputs.home, addr)?,
+        };
+        if let Err(e) = self.handover.register(pod_key(&pod.uid, addr), &listener) {
+            tracing::warn!(pod = %pod.uid, %addr, error = %e, "registering a listener for handover");
+        }
+        Ok(listener)
+    }
+
+    /// How many of its listeners were handed over by the previous agent.
+    pub fn adopted(&self) -> usize {
+        self.adopted
+    }
+}
+
+impl PodProxy {
     /// Opens the outbound (`127.0.0.1`/`::1` port 15001) and inbound (15006) listeners inside
     /// the pod and starts serving them. IPv6 listeners are skipped when the pod has no IPv6.
-    pub fn start(pod: Arc<PodContext>, inputs: ProxyInputs) -> Result<Self, ListenError> {
+    /// Listeners handed over by the previous agent are served rather than bound anew.
+    pub fn start(
+        pod: Arc<PodContext>,
+        inputs: ProxyInputs,
+        handover: ListenerHandover<'_>,
+    ) -> Result<Self, ListenError> {
         let mut me = Self {
             tasks: Vec::new(),
             inbound_v4: None,
             inbound_v6: None,
+            handover: handover.listeners.clone(),
+            uid: pod.uid.clone(),
+            adopted: 0,
         };
         let families: [(IpAddr, bool); 2] = [
             (Ipv4Addr::LOCALHOST.into(), true),
@@ -83,15 +163,16 @@ impl PodProxy {
                 addr,
                 source,
             };
-            let outbound = match listen_in(&pod.netns, &inputs.home, out_addr) {
+            let outbound = match me.listener(&pod, &inputs, handover, out_addr) {
                 Ok(l) => l,
                 // A pod without IPv6 (or with it disabled) has no ::1.
                 Err(e) if !v4 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => continue,
                 Err(e) if !v4 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
                 Err(e) => return Err(err(out_addr, e)),
             };
-            let inbound =
-                listen_in(&pod.netns, &inputs.home, in_addr).map_err(|e| err(in_addr, e))?;
+            let inbound = me
+                .listener(&pod, &inputs, handover, in_addr)
+                .map_err(|e| err(in_addr, e))?;
             if v4 {
                 me.inbound_v4 = Some(inbound.as_raw_fd());
             } else {
@@ -111,8 +192,9 @@ impl PodProxy {
         // HBONE on each pod address, so the address dialled is known for every request.
         for ip in &pod.ips {
             let addr = SocketAddr::new(*ip, HBONE_PORT);
-            let listener =
-                listen_in(&pod.netns, &inputs.home, addr).map_err(|source| ListenError {
+            let listener = me
+                .listener(&pod, &inputs, handover, addr)
+                .map_err(|source| ListenError {
                     pod: pod.uid.clone(),
                     addr,
                     source,

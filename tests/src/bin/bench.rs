@@ -1,4 +1,4 @@
-//! `cargo xtask bench [capture|mesh|egress|scale|ingress]`: Sluice measured side by side with the direct path in one
+//! `cargo xtask bench [capture|mesh|egress|scale|ingress|upgrade]`: Sluice measured side by side with the direct path in one
 //! run, on this machine, inside namespaces it creates and removes.
 //!
 //! Every figure is printed in a table and every ratio also as `ratio <name> <value>` (Sluice's
@@ -56,6 +56,7 @@ fn main() {
         "egress" => egress(),
         "scale" => scale(),
         "ingress" => ingress::run(),
+        "upgrade" => upgrade(),
         "scale-state" => {
             scale_in_process(&sluice_tests::scale::Size::CLUSTER);
         }
@@ -66,15 +67,37 @@ fn main() {
             egress();
             scale();
             ingress::run();
+            upgrade();
         }
         other => {
             eprintln!(
-                "unknown benchmark {other:?}: capture | mesh | egress | scale | ingress | all \
+                "unknown benchmark {other:?}: capture | mesh | egress | scale | ingress | upgrade | all \
                  (and scale-state, scale-memory: the in-process parts of scale)"
             );
             std::process::exit(2);
         }
     }
+}
+
+/// Node 1's agent upgraded (a second process takes its listeners over, the first drains) in the
+/// middle of the upgrade tests' load: 20 long transfers and 100 short connections a second,
+/// every byte checked. Prints the failed connections and the connect-latency p99 while the new
+/// agent takes over (to two seconds after it is ready) against steady state before.
+fn upgrade() {
+    use sluice_tests::upgrade_world::{Load, SECONDS, flows, serve, summarize, unix_ms, world};
+    let mut w = world("");
+    let _servers = serve(&mut w);
+    let load = Load::start(&w, &flows(&w), SECONDS);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let t0 = unix_ms();
+    let mut old = w.upgrade_agent(1);
+    let t1 = unix_ms();
+    let reports = load.finish();
+    let summary = summarize("upgrade under load", &reports, (t0, t1));
+    let drained = old.wait_exit(std::time::Duration::from_secs(40));
+    println!("old agent exited: {drained:?}");
+    println!("upgrade_failed_connections {}", summary.failed);
+    println!("ratio upgrade_p99_vs_steady {:.2}", summary.ratio());
 }
 
 /// Connect + first byte, three ways to the same server: direct (a pod outside the mesh),

@@ -23,6 +23,8 @@
 //!   all open at once (each has read the server's line), then each sends BYTES bytes and checks
 //!   the echo; prints `{"connections":N,"ok":K,"errors":[..],"open_us":[..]}` (the first few
 //!   errors; per connection that opened, µs from the start of all until its greeting was read).
+//! * `load ADDR SECONDS LONG RATE`: long transfers and a stream of short connections to a
+//!   `serve`, every byte checked; prints a `LoadReport` (see `sluice_tests::load`).
 //! * `http-keepalive ADDR HOST...`: one connection, one `GET /` per HOST in turn; prints
 //!   `{"statuses":[..],"error":..}`.
 //! * `http-get ADDR HOST [PATH]`, `tls-get ADDR SNI CA_FILE [PATH]`, `dns SERVER NAME
@@ -49,6 +51,10 @@ fn main() {
         Some("bulk") => bulk(&args[2..]),
         Some("rr") => rr(&args[2..]),
         Some("fanout") => fanout(&args[2..]),
+        Some("load") => sluice_tests::load::run(&args[2..]).and_then(|r| {
+            println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            Ok(())
+        }),
         Some("http-get") => print(client::http_get(&args[2..])),
         Some("http-keepalive") => http_keepalive(&args[2..]),
         Some("tls-get") => print(client::tls_get(&args[2..])),
@@ -58,7 +64,7 @@ fn main() {
         _ => Err(
             "usage: sluice-testpod serve ADDR | connect ADDR BYTES | hold ADDR SECONDS | \
                  latency ADDR COUNT [request] | sink ADDR | bulk ADDR SECONDS STREAMS | rr ADDR SIZE COUNT | \
-                 fanout ADDR CONNECTIONS BYTES | \
+                 fanout ADDR CONNECTIONS BYTES | load ADDR SECONDS LONG RATE | \
                  http-get ADDR HOST [PATH] | http-keepalive ADDR HOST... | tls-get ADDR SNI CA_FILE [PATH] | \
                  dns SERVER NAME [udp|tcp] | internet DIR DNS_ADDR"
                 .into(),

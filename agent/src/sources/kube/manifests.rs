@@ -336,6 +336,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
         .unwrap_or_else(|| "default".into());
     let mut mesh_config_name = None;
     let mut enrollment_socket: Option<PathBuf> = None;
+    let mut drain_deadline: Option<u64> = None;
     let config_maps: Vec<ConfigMap> = docs
         .iter()
         .filter(|d| d.kind() == ("v1", "ConfigMap"))
@@ -356,6 +357,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
                     ));
                 }
                 enrollment_socket = Some(local.agent.enrollment_socket.clone());
+                drain_deadline = Some(local.agent.upgrade.drain_deadline_seconds);
                 let settings = AgentConfig::mesh_settings(&local.agent);
                 mesh_config_name = Some(
                     settings
@@ -376,6 +378,12 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
         ));
     }
     done.push("the AgentConfig in the ConfigMap is valid".into());
+    if let Some(drain) = drain_deadline {
+        upgrade_fits(ds, pod_spec, drain, &mut problems);
+        done.push(format!(
+            "the DaemonSet rolls with a surge pod and a grace period above the {drain} s drain"
+        ));
+    }
 
     // CNI configuration: JSON, and the `sluice` plugin talks to the socket the agent serves.
     let mut json_files = Vec::new();
@@ -542,6 +550,48 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
     }
 }
 
+/// Seconds an agent needs after its drain deadline to exit.
+const EXIT_MARGIN_SECONDS: i64 = 5;
+
+/// The DaemonSet starts the new agent next to the old one (`maxSurge`, `maxUnavailable: 0`), so
+/// that they can hand over, and gives the old one time to drain (`terminationGracePeriodSeconds`
+/// at least the drain deadline plus a margin).
+fn upgrade_fits(
+    ds: &DaemonSet,
+    pod_spec: Option<&k8s_openapi::api::core::v1::PodSpec>,
+    drain: u64,
+    problems: &mut Vec<String>,
+) {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let rolling = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref());
+    let zero = |v: Option<&IntOrString>| {
+        matches!(v, Some(IntOrString::Int(0)))
+            || matches!(v, Some(IntOrString::String(s)) if s == "0%")
+    };
+    let surge = rolling.and_then(|r| r.max_surge.as_ref());
+    if surge.is_none() || zero(surge) || !zero(rolling.and_then(|r| r.max_unavailable.as_ref())) {
+        problems.push(
+            "DaemonSet: updateStrategy.rollingUpdate should be {maxSurge: 1, maxUnavailable: 0}, \
+             so that the new agent takes over from the old one"
+                .into(),
+        );
+    }
+    let grace = pod_spec
+        .and_then(|p| p.termination_grace_period_seconds)
+        .unwrap_or(30);
+    let need = i64::try_from(drain).unwrap_or(i64::MAX) + EXIT_MARGIN_SECONDS;
+    if grace < need {
+        problems.push(format!(
+            "DaemonSet: terminationGracePeriodSeconds {grace} is below the drain deadline \
+             (spec.upgrade.drainDeadlineSeconds {drain}) plus {EXIT_MARGIN_SECONDS} s"
+        ));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -687,6 +737,26 @@ mod tests {
         );
         assert!(
             p.iter().any(|l| l.contains("enrollmentSocket /tmp/x.sock")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_rollout_without_surge_or_a_short_grace_period_is_named() {
+        let dir = edited_deploy(|name, text| match name {
+            "04-daemonset.yaml" => text
+                .replace("maxSurge: 1\n      maxUnavailable: 0", "maxUnavailable: 1")
+                .replace(
+                    "terminationGracePeriodSeconds: 40",
+                    "terminationGracePeriodSeconds: 30",
+                ),
+            _ => text,
+        });
+        let p = problems(dir.path());
+        assert!(p.iter().any(|l| l.contains("maxSurge: 1")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|l| l.contains("terminationGracePeriodSeconds 30 is below")),
             "{p:?}"
         );
     }
