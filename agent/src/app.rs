@@ -143,7 +143,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             agent.hbone.server.max_unauthenticated_per_source.get(),
             metrics.clone(),
         )),
-        window_budget: Arc::new(crate::proxy::limits::WindowBudget::new(
+        window_budget: Arc::new(crate::proxy::window_budget::WindowBudget::new(
             agent.hbone.server.window_budget,
             metrics.clone(),
         )),

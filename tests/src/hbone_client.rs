@@ -2,9 +2,7 @@
 //! a certificate from another root, another trust domain, or one that has expired. It trusts
 //! any server, so that the *server's* checks are what the test observes.
 use std::{
-    fs::File,
     net::SocketAddr,
-    os::fd::AsRawFd,
     path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -48,50 +46,37 @@ pub fn probe(
     hbone: SocketAddr,
     authority: SocketAddr,
 ) -> Result<String, String> {
-    let ns = File::open(netns).map_err(|e| format!("open {}: {e}", netns.display()))?;
-    std::thread::spawn(move || {
-        // SAFETY: setns on this short-lived thread only; its sockets are made after it.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let source = cert.identity().clone();
-            let tls = Arc::new(trusting_client_config(cert.certified_key().clone()));
-            let pool = HbonePool::new(PoolLimits::default(), H2Limits::default());
-            let key = PoolKey {
-                source,
-                destination: hbone,
-                // Not checked by this client.
-                destination_identity: Identity::new("any", "any", "any"),
-            };
-            let meta = RequestMeta::new(SocketAddr::new(hbone.ip(), 0), Baggage::default());
-            let attempt = async {
-                let stream = pool
-                    .connect(&key, tls, authority, &meta)
-                    .await
-                    .map_err(|e| format!("CONNECT: {e}"))?;
-                let (recv, _send) = stream.into_split();
-                let mut line = String::new();
-                tokio::io::BufReader::new(recv)
-                    .read_line(&mut line)
-                    .await
-                    .map_err(|e| format!("reading from the application: {e}"))?;
-                if line.is_empty() {
-                    return Err("the stream ended before the application spoke".to_owned());
-                }
-                Ok(line)
-            };
-            tokio::time::timeout(Duration::from_secs(10), attempt)
+    crate::netns::block_on_at(netns, move || async move {
+        let source = cert.identity().clone();
+        let tls = Arc::new(trusting_client_config(cert.certified_key().clone()));
+        let pool = HbonePool::new(PoolLimits::default(), H2Limits::default());
+        let key = PoolKey {
+            source,
+            destination: hbone,
+            // Not checked by this client.
+            destination_identity: Identity::new("any", "any", "any"),
+        };
+        let meta = RequestMeta::new(SocketAddr::new(hbone.ip(), 0), Baggage::default());
+        let attempt = async {
+            let stream = pool
+                .connect(&key, tls, authority, &meta)
                 .await
-                .map_err(|_| "timed out".to_owned())?
-        })
-    })
-    .join()
-    .map_err(|_| "probe thread panicked".to_owned())?
+                .map_err(|e| format!("CONNECT: {e}"))?;
+            let (recv, _send) = stream.into_split();
+            let mut line = String::new();
+            tokio::io::BufReader::new(recv)
+                .read_line(&mut line)
+                .await
+                .map_err(|e| format!("reading from the application: {e}"))?;
+            if line.is_empty() {
+                return Err("the stream ended before the application spoke".to_owned());
+            }
+            Ok(line)
+        };
+        tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+    })?
 }
 
 /// TLS 1.3, ALPN `h2`, presenting `key`, trusting every server.
@@ -169,7 +154,7 @@ pub struct Flood {
     /// Streams the server answered.
     pub streams: usize,
     stop: std::sync::mpsc::Sender<()>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Option<()>>>,
 }
 
 impl Flood {
@@ -205,91 +190,73 @@ pub fn flood(
     stall: Duration,
 ) -> Result<Flood, String> {
     use tokio::io::AsyncWriteExt;
-    let ns = File::open(netns).map_err(|e| format!("open {}: {e}", netns.display()))?;
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(u64, usize), String>>();
-    let thread = std::thread::spawn(move || {
-        // SAFETY: setns on this thread only; its sockets are made after it.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            let _ = done_tx.send(Err(format!("setns: {}", std::io::Error::last_os_error())));
-            return;
-        }
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = done_tx.send(Err(e.to_string()));
-                return;
-            }
+    let thread = crate::netns::runtime_thread_at(netns, move || async move {
+        let source = cert.identity().clone();
+        let tls = Arc::new(trusting_client_config(cert.certified_key().clone()));
+        let key = PoolKey {
+            source,
+            destination: hbone,
+            destination_identity: Identity::new("any", "any", "any"),
         };
-        rt.block_on(async move {
-            let source = cert.identity().clone();
-            let tls = Arc::new(trusting_client_config(cert.certified_key().clone()));
-            let key = PoolKey {
-                source,
-                destination: hbone,
-                destination_identity: Identity::new("any", "any", "any"),
-            };
-            let meta = RequestMeta::new(SocketAddr::new(hbone.ip(), 0), Baggage::default());
-            // One pool per connection, so that each one is its own HTTP/2 connection.
-            let mut pools = Vec::new();
-            let mut held = Vec::new();
-            let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..connections {
-                let pool = HbonePool::new(PoolLimits::default(), H2Limits::default());
-                for _ in 0..streams {
-                    let stream = match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        pool.connect(&key, tls.clone(), authority, &meta),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            let _ = done_tx.send(Err(format!("CONNECT: {e}")));
-                            return;
+        let meta = RequestMeta::new(SocketAddr::new(hbone.ip(), 0), Baggage::default());
+        // One pool per connection, so that each one is its own HTTP/2 connection.
+        let mut pools = Vec::new();
+        let mut held = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..connections {
+            let pool = HbonePool::new(PoolLimits::default(), H2Limits::default());
+            for _ in 0..streams {
+                let stream = match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    pool.connect(&key, tls.clone(), authority, &meta),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        let _ = done_tx.send(Err(format!("CONNECT: {e}")));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = done_tx.send(Err("CONNECT timed out".to_owned()));
+                        return;
+                    }
+                };
+                let (recv, mut send) = stream.into_split();
+                held.push(recv);
+                tasks.spawn(async move {
+                    let chunk = vec![0x5a_u8; 64 * 1024];
+                    let mut written = 0u64;
+                    // Bounded: at most 64 MiB per stream, far beyond any window.
+                    for _ in 0..1024 {
+                        match tokio::time::timeout(stall, send.write_all(&chunk)).await {
+                            Ok(Ok(())) => written += chunk.len() as u64,
+                            _ => break,
                         }
-                        Err(_) => {
-                            let _ = done_tx.send(Err("CONNECT timed out".to_owned()));
-                            return;
-                        }
-                    };
-                    let (recv, mut send) = stream.into_split();
-                    held.push(recv);
-                    tasks.spawn(async move {
-                        let chunk = vec![0x5a_u8; 64 * 1024];
-                        let mut written = 0u64;
-                        // Bounded: at most 64 MiB per stream, far beyond any window.
-                        for _ in 0..1024 {
-                            match tokio::time::timeout(stall, send.write_all(&chunk)).await {
-                                Ok(Ok(())) => written += chunk.len() as u64,
-                                _ => break,
-                            }
-                        }
-                        (written, send)
-                    });
-                }
-                pools.push(pool);
+                    }
+                    (written, send)
+                });
             }
-            let mut written = 0;
-            let mut sends = Vec::new();
-            while let Some(joined) = tasks.join_next().await {
-                if let Ok((n, send)) = joined {
-                    written += n;
-                    sends.push(send);
-                }
+            pools.push(pool);
+        }
+        let mut written = 0;
+        let mut sends = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((n, send)) = joined {
+                written += n;
+                sends.push(send);
             }
-            let _ = done_tx.send(Ok((written, sends.len())));
-            // Hold everything until told to stop (or the test is gone).
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = stopped.recv_timeout(Duration::from_secs(120));
-            })
-            .await;
-            drop((sends, held, pools));
-        });
-    });
+        }
+        let _ = done_tx.send(Ok((written, sends.len())));
+        // Hold everything until told to stop (or the test is gone).
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = stopped.recv_timeout(Duration::from_secs(120));
+        })
+        .await;
+        drop((sends, held, pools));
+    })?;
     match done_rx.recv_timeout(Duration::from_secs(120)) {
         Ok(Ok((written, streams))) => Ok(Flood {
             written,

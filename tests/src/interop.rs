@@ -10,9 +10,7 @@
 //!
 //! Both print a line for every failed handshake, as a peer's log would.
 use std::{
-    fs::File,
     net::SocketAddr,
-    os::fd::AsRawFd,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -73,58 +71,41 @@ pub enum ServerEvent {
 pub struct PeerServer {
     events: Arc<Mutex<Vec<ServerEvent>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Option<()>>>,
 }
 
 impl PeerServer {
     /// Listens on `listen` inside the network namespace at `netns`, presenting `cert` (and
     /// requiring a client certificate from its roots), with the key exchange groups `groups`.
     pub fn start(netns: &Path, listen: SocketAddr, cert: WorkloadCert, groups: Groups) -> Self {
-        let ns = File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
         let config = Arc::new(server_config(&cert, groups));
         let events: Arc<Mutex<Vec<ServerEvent>>> = Arc::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let recorded = events.clone();
-        let thread = std::thread::spawn(move || {
-            // SAFETY: setns on this thread only; every socket it makes is made after it.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let _ = ready_tx.send(Err(format!("setns: {}", std::io::Error::last_os_error())));
-                return;
-            }
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
+        let thread = crate::netns::runtime_thread_at(netns, move || async move {
+            let listener = match TcpListener::bind(listen).await {
+                Ok(l) => l,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
+                    let _ = ready_tx.send(Err(format!("bind {listen}: {e}")));
                     return;
                 }
             };
-            rt.block_on(async move {
-                let listener = match TcpListener::bind(listen).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("bind {listen}: {e}")));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                let serve = async {
-                    loop {
-                        let Ok((tcp, peer)) = listener.accept().await else {
-                            continue;
-                        };
-                        tokio::spawn(serve_one(tcp, peer, config.clone(), recorded.clone()));
-                    }
-                };
-                tokio::select! {
-                    _ = serve => {}
-                    _ = stopped => {}
+            let _ = ready_tx.send(Ok(()));
+            let serve = async {
+                loop {
+                    let Ok((tcp, peer)) = listener.accept().await else {
+                        continue;
+                    };
+                    tokio::spawn(serve_one(tcp, peer, config.clone(), recorded.clone()));
                 }
-            });
-        });
+            };
+            tokio::select! {
+                _ = serve => {}
+                _ = stopped => {}
+            }
+        })
+        .unwrap_or_else(|e| panic!("harness HBONE server on {listen}: {e}"));
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => panic!("harness HBONE server on {listen}: {e}"),
@@ -274,26 +255,13 @@ pub fn connect(
     authority: SocketAddr,
     headers: &[(&'static str, String)],
 ) -> Result<ClientReport, String> {
-    let ns = File::open(netns).map_err(|e| format!("open {}: {e}", netns.display()))?;
     let headers = headers.to_vec();
-    std::thread::spawn(move || {
-        // SAFETY: setns on this short-lived thread only; its sockets are made after it.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let attempt = client_exchange(cert, groups, hbone, authority, headers);
-            tokio::time::timeout(Duration::from_secs(10), attempt)
-                .await
-                .map_err(|_| "timed out".to_owned())?
-        })
-    })
-    .join()
-    .map_err(|_| "client thread panicked".to_owned())?
+    crate::netns::block_on_at(netns, move || async move {
+        let attempt = client_exchange(cert, groups, hbone, authority, headers);
+        tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+    })?
 }
 
 async fn client_exchange(

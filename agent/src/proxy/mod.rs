@@ -18,7 +18,9 @@ pub mod peek;
 pub mod pod;
 pub mod socket;
 pub mod telemetry;
+pub mod throttle;
 pub mod unknown;
+pub mod window_budget;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -62,7 +64,7 @@ pub struct ProxyInputs {
     /// The cap on HBONE connections not yet authenticated (`spec.hbone`).
     pub unauthenticated: Arc<limits::UnauthenticatedGate>,
     /// The HTTP/2 receive window all served HBONE connections share (`spec.hbone`).
-    pub window_budget: Arc<limits::WindowBudget>,
+    pub window_budget: Arc<window_budget::WindowBudget>,
     /// How long a connection of a pod unknown to MeshState waits for it before it is refused
     /// (`spec.proxy.unknownWorkloadHoldMs`).
     pub unknown_hold: std::time::Duration,

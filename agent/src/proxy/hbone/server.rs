@@ -26,7 +26,7 @@ use super::{
     headers::{TRACEPARENT, parse_authority, parse_forwarded_for},
     splice,
 };
-use crate::{config::H2Limits, proxy::limits::WindowBudget, state::workload::Identity};
+use crate::{config::H2Limits, proxy::window_budget::WindowBudget, state::workload::Identity};
 
 /// Facts about one accepted HBONE connection, established by the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
