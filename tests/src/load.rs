@@ -42,7 +42,9 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn pattern(i: u64) -> u8 {
+/// The byte at offset `i` of every checked transfer (a period of 251 never lines up with
+/// buffer sizes, so a dropped or repeated chunk shows).
+pub fn pattern(i: u64) -> u8 {
     (i % 251) as u8
 }
 
@@ -66,7 +68,7 @@ fn greeted(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>, Duratio
 }
 
 /// Reads the echo to its end, checking the pattern; how many bytes came back.
-fn check_echo(reader: &mut BufReader<TcpStream>) -> Result<u64, String> {
+pub fn check_echo(reader: &mut BufReader<TcpStream>) -> Result<u64, String> {
     let mut got = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

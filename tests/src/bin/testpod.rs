@@ -38,7 +38,10 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use sluice_tests::internet::client;
+use sluice_tests::{
+    internet::client,
+    load::{check_echo, pattern},
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -183,10 +186,6 @@ fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
     Ok(socket.into())
 }
 
-fn pattern(i: u64) -> u8 {
-    (i % 251) as u8
-}
-
 fn connect(args: &[String]) -> Result<(), String> {
     let addr: SocketAddr = arg(args, 0, "ADDR")?;
     let bytes: u64 = arg(args, 1, "BYTES")?;
@@ -220,25 +219,6 @@ fn connect(args: &[String]) -> Result<(), String> {
         json!({"local": local.to_string(), "peer": peer.to_string(), "server": server, "echoed": echoed})
     );
     Ok(())
-}
-
-fn check_echo(reader: &mut BufReader<TcpStream>) -> Result<u64, String> {
-    let mut got = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| format!("receive after {got} bytes: {e}"))?;
-        if n == 0 {
-            return Ok(got);
-        }
-        for (i, b) in buf[..n].iter().enumerate() {
-            if *b != pattern(got + i as u64) {
-                return Err(format!("byte {} differs", got + i as u64));
-            }
-        }
-        got += n as u64;
-    }
 }
 
 fn hold(args: &[String]) -> Result<(), String> {
