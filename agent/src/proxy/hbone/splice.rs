@@ -186,9 +186,12 @@ async fn tcp_to_hbone<R: AsyncRead + Unpin>(
                 if let Poll::Ready(r) = reading.as_mut().poll(cx) {
                     return Poll::Ready(r.map_err(Failure::Tcp));
                 }
+                // A reset with NO_ERROR is a peer that is done sending, not a failure.
                 match send.reset_reason(cx) {
-                    Some(e) => Poll::Ready(Err(Failure::Hbone(e))),
-                    None => Poll::Pending,
+                    Some(e) if e.reason() != Some(Reason::NO_ERROR) => {
+                        Poll::Ready(Err(Failure::Hbone(e)))
+                    }
+                    _ => Poll::Pending,
                 }
             })
             .await?
