@@ -131,7 +131,7 @@ impl Listeners {
                 _ => None,
             };
             let addr = SocketAddr::new(bind.unwrap_or(IpAddr::from([0, 0, 0, 0])), *port);
-            let listener = match TcpListener::bind(addr).await {
+            let listener = match crate::proxy::socket::listen_tcp(addr) {
                 Ok(l) => l,
                 Err(e) => {
                     warn!(%addr, error = %e, "gateway listener not bound");

@@ -16,6 +16,7 @@ use super::{ProxyInputs, hbone_inbound, inbound, outbound};
 use crate::{
     handover::{Listeners, Taken, pod_key},
     netns::{HomeNetns, Netns, netns_cookie_of},
+    proxy::socket::LISTEN_BACKLOG,
 };
 
 /// The running listeners of one pod; dropping it closes them (connections in flight go on).
@@ -84,9 +85,6 @@ pub struct ListenError {
     pub source: io::Error,
 }
 
-/// Accept queue of a pod's listeners.
-const LISTEN_BACKLOG: i32 = 4096;
-
 fn listen_in(netns: &Netns, home: &HomeNetns, addr: SocketAddr) -> io::Result<TcpListener> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
@@ -99,8 +97,7 @@ fn listen_in(netns: &Netns, home: &HomeNetns, addr: SocketAddr) -> io::Result<Tc
         socket.set_only_v6(true)?;
     }
     socket.bind(&addr.into())?;
-    // Bursts of connects from one pod queue here while the proxy accepts; the kernel caps
-    // this at net.core.somaxconn.
+    // Bursts of connects from one pod queue here while the proxy accepts.
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
 }

@@ -29,6 +29,13 @@ use crate::state::workload::Identity;
 
 pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
+/// A listener on a free loopback port with the accept queue of Sluice's own listeners. With
+/// tokio's `bind` (128), a burst of a thousand connects overflowed it and the kernel reset
+/// connections it could not queue (`ListenOverflows`, `SyncookiesFailed` in `nstat`).
+pub fn listen_local() -> TcpListener {
+    crate::proxy::socket::listen_tcp((LOCALHOST, 0).into()).expect("listen")
+}
+
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
 pub fn client_identity() -> Identity {
@@ -105,7 +112,7 @@ pub struct ServerHarness<H> {
 
 impl<H: ConnectHandler> ServerHarness<H> {
     pub async fn start(pki: &TestPki, h2: H2Limits, handler: H) -> Self {
-        let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+        let listener = listen_local();
         let addr = listener.local_addr().expect("local addr");
         let acceptor = TlsAcceptor::from(pki.server_config(&server_identity()).await);
         let server = HboneServer::new(h2, handler);
@@ -218,7 +225,7 @@ pub async fn outbound(
     SocketAddr,
     mpsc::UnboundedReceiver<Result<SpliceReport, ConnectError>>,
 ) {
-    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let listener = listen_local();
     let addr = listener.local_addr().expect("local addr");
     let (reports_tx, reports) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -257,7 +264,7 @@ where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let listener = listen_local();
     let addr = listener.local_addr().expect("local addr");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
