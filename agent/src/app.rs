@@ -65,6 +65,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         })?;
     let ca = crate::identity::BuiltinCa::from_config(&agent.identity, &agent.trust_domain)
         .context("loading the mesh CA")?;
+    let mesh_root = ca.root().clone();
     let identity = Arc::new(crate::identity::SecretManager::with_key_exchange(
         Arc::new(ca),
         agent.identity.workload_cert_ttl.get(),
@@ -121,7 +122,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let per_node = node_connection_cap(agent.proxy.max_connections_per_node.get(), nofile);
     let (drain_trigger, drain_watcher) = crate::proxy::drain::channel();
     let proxy = ProxyInputs {
-        identity,
+        identity: identity.clone(),
         state: state.clone(),
         capture: capture.maps(),
         home: home.clone(),
@@ -153,7 +154,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let caps = proxy.caps.clone();
     // Upgrades: the listeners of an agent still running on this node are served from here on.
     let handover_path = agent.upgrade.socket(&agent.state_dir);
-    let handover = take_over(&handover_path).await;
+    let mut handover = take_over(&handover_path).await;
+    if let Some(h) = handover.as_mut() {
+        let carried = std::mem::take(&mut h.certs);
+        let offered = carried.len();
+        let report = identity.adopt(carried, Some(&mesh_root)).await;
+        info!(
+            offered,
+            adopted = report.adopted,
+            "workload certificates carried over from the previous agent"
+        );
+        for (identity, reason) in &report.left_out {
+            warn!(%identity, %reason, "carried certificate not used; it is issued anew on first need");
+        }
+    }
     let taken = handover.as_ref().map(|h| h.taken.clone());
     let listeners = crate::handover::Listeners::default();
     let mut writers = Vec::new();
@@ -165,8 +179,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 l.set_nonblocking(true)?;
                 tokio::net::TcpListener::from_std(l)?
             }
-            None => tokio::net::TcpListener::bind(gw.listen)
-                .await
+            None => crate::proxy::socket::listen_tcp(gw.listen)
                 .with_context(|| format!("egress gateway listener {}", gw.listen))?,
         };
         listeners.register(key, &listener)?;
@@ -189,7 +202,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let (adopted_tx, mut adopted) = tokio::sync::watch::channel(false);
     let handover_socket = crate::handover::bind(&handover_path)?;
-    crate::handover::spawn_server(handover_socket, listeners.clone(), adopted_tx)?;
+    let carrier = identity.clone();
+    crate::handover::spawn_server(
+        handover_socket,
+        listeners.clone(),
+        Box::new(move || carrier.carry_blocking()),
+        adopted_tx,
+    )?;
     if let Some(h) = handover
         && let Err(e) = h.adopted()
     {

@@ -59,6 +59,27 @@ fn assert_took_over(agent: &Agent) {
     );
 }
 
+/// The agent serves the certificates its predecessor carried over, and asked the CA for none
+/// (no re-issue storm on every upgrade).
+fn assert_certificates_carried(agent: &Agent) {
+    let lines = agent.log_lines();
+    let carried = lines
+        .iter()
+        .find(|l| l["message"] == "workload certificates carried over from the previous agent")
+        .unwrap_or_else(|| panic!("the new agent took no certificates over:\n{}", agent.tail()));
+    let (offered, adopted) = (carried["offered"].as_u64(), carried["adopted"].as_u64());
+    assert!(offered.is_some_and(|n| n >= 2), "{carried}");
+    assert_eq!(adopted, offered, "{carried}");
+    let issued: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "issued workload certificate")
+        .collect();
+    assert!(
+        issued.is_empty(),
+        "the new agent asked the CA again: {issued:?}"
+    );
+}
+
 fn assert_all_verified(reports: &[(&str, LoadReport)], seconds: u64) {
     for (name, r) in reports {
         assert_eq!(r.long_ok, LONG as u64, "{name}: long transfers");
@@ -78,6 +99,7 @@ fn upgrade_under_load_loses_no_connection() {
     let reports = load.finish();
     let failed = summarize("upgrade under load", &reports, (t0, t1)).failed;
     assert_took_over(&w.agents[&1]);
+    assert_certificates_carried(&w.agents[&1]);
     assert_drained(old);
     assert_eq!(failed, 0, "connections failed across the upgrade");
     assert_all_verified(&reports, SECONDS);

@@ -18,8 +18,12 @@ pub use serve::{bind, spawn_server};
 pub use take::{Handover, take_over};
 pub use wire::Message;
 
-/// The wire protocol's version; a successor refuses other versions (and starts fresh).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The wire protocol's version. 2 carries certificates before the listeners; a successor
+/// also takes over from an agent speaking 1 (listeners only), and refuses other versions (and
+/// starts fresh).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Versions a successor takes over from.
+const ACCEPTED_VERSIONS: [u32; 2] = [1, 2];
 
 /// Why a handover failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,9 @@ use tracing::{info, warn};
 
 use super::{
     HandoverError, Listeners, PROTOCOL_VERSION,
-    wire::{self, MAX_FDS, Message},
+    wire::{self, CERTS_PER_MESSAGE, MAX_FDS, Message},
 };
+use crate::identity::CarriedCert;
 
 /// How long a successor may take between receiving the listeners and adopting them.
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -41,11 +42,16 @@ pub fn bind(path: &Path) -> Result<OwnedFd, HandoverError> {
     Ok(sock)
 }
 
+/// What the running agent hands over besides its listeners: its workload certificates, read
+/// when a successor asks.
+pub type CarryCerts = Box<dyn Fn() -> Vec<CarriedCert> + Send>;
+
 /// Serves successors on a thread of its own. The first one to adopt the listeners sets
 /// `adopted` to true; later ones are refused (the listeners are theirs by then).
 pub fn spawn_server(
     listener: OwnedFd,
     listeners: Listeners,
+    certs: CarryCerts,
     adopted: tokio::sync::watch::Sender<bool>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
@@ -62,7 +68,7 @@ pub fn spawn_server(
                         continue;
                     }
                 };
-                match hand_over(&conn, &listeners, &adopted) {
+                match hand_over(&conn, &listeners, &certs, &adopted) {
                     Ok(true) => {
                         info!(
                             "successor adopted the listeners; this agent stops accepting and drains"
@@ -79,10 +85,11 @@ pub fn spawn_server(
         .map(drop)
 }
 
-/// Sends every listener to one successor; whether it adopted them.
+/// Sends every certificate and listener to one successor; whether it adopted them.
 fn hand_over(
     conn: &OwnedFd,
     listeners: &Listeners,
+    certs: &CarryCerts,
     adopted: &tokio::sync::watch::Sender<bool>,
 ) -> Result<bool, HandoverError> {
     let sock = conn.as_fd();
@@ -90,6 +97,17 @@ fn hand_over(
         let reason = "this agent has handed over already and is draining".to_owned();
         wire::send(sock, &Message::Refused { reason }, &[])?;
         return Ok(false);
+    }
+    let carried = certs();
+    info!(
+        certificates = carried.len(),
+        "a successor asked to take over; handing over the workload certificates"
+    );
+    for chunk in carried.chunks(CERTS_PER_MESSAGE) {
+        let msg = Message::Certificates {
+            certs: chunk.to_vec(),
+        };
+        wire::send(sock, &msg, &[])?;
     }
     let all = listeners.snapshot().map_err(|source| HandoverError::Io {
         what: "duplicating listeners",

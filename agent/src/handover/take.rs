@@ -11,9 +11,10 @@ use nix::{errno::Errno, sys::socket::UnixAddr};
 use tracing::{info, warn};
 
 use super::{
-    HandoverError, PROTOCOL_VERSION, Taken,
+    ACCEPTED_VERSIONS, HandoverError, Taken,
     wire::{self, Message},
 };
+use crate::identity::CarriedCert;
 
 /// How long one message from the running agent may take.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +27,8 @@ pub struct Handover {
     pub taken: Taken,
     /// How many were received.
     pub received: usize,
+    /// The running agent's workload certificates (none from an agent speaking protocol 1).
+    pub certs: Vec<CarriedCert>,
 }
 
 impl Handover {
@@ -70,11 +73,13 @@ fn try_once(path: &Path) -> Result<Option<Handover>, HandoverError> {
     }
     wire::set_receive_timeout(sock.as_fd(), RECEIVE_TIMEOUT)?;
     let mut fds = BTreeMap::new();
+    let mut certs = Vec::new();
     loop {
         let (msg, received) = wire::recv(sock.as_fd())?;
         match msg {
             Message::Refused { reason } => return Err(HandoverError::Refused(reason)),
-            Message::Listeners { version, .. } if version != PROTOCOL_VERSION => {
+            Message::Certificates { certs: more } => certs.extend(more),
+            Message::Listeners { version, .. } if !ACCEPTED_VERSIONS.contains(&version) => {
                 return Err(HandoverError::Version { theirs: version });
             }
             Message::Listeners { keys, last, .. } => {
@@ -103,13 +108,61 @@ fn try_once(path: &Path) -> Result<Option<Handover>, HandoverError> {
         conn: sock,
         taken: Taken::new(fds),
         received,
+        certs,
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handover::{Listeners, bind, spawn_server};
+    use crate::handover::{
+        Listeners, PROTOCOL_VERSION, bind, spawn_server, wire::CERTS_PER_MESSAGE,
+    };
+    use crate::identity::{BuiltinCa, CustomCert};
+    use crate::state::Identity;
+
+    fn carried_certs(n: usize) -> Vec<CarriedCert> {
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let now = std::time::SystemTime::now();
+        (0..n)
+            .map(|i| {
+                let cert = ca
+                    .issue_custom(&CustomCert {
+                        identity: Identity::new("cluster.local", "shop", &format!("sa-{i}")),
+                        not_before: now,
+                        not_after: now + Duration::from_secs(3600),
+                    })
+                    .unwrap();
+                CarriedCert::from_cert(&cert)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_successor_takes_over_from_an_agent_speaking_protocol_1() {
+        assert_ne!(PROTOCOL_VERSION, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("handover.sock");
+        let server = crate::handover::bind(&path).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let old = std::thread::spawn(move || {
+            let conn = nix::sys::socket::accept(server.as_raw_fd()).unwrap();
+            // SAFETY: accept returned a new descriptor that nothing else owns.
+            let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn) };
+            let msg = Message::Listeners {
+                version: 1,
+                keys: vec!["k".into()],
+                last: true,
+            };
+            wire::send(conn.as_fd(), &msg, &[tcp.as_raw_fd()]).unwrap();
+            wire::recv(conn.as_fd()).unwrap().0
+        });
+        let handover = take_over(&path, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(handover.received, 1);
+        assert!(handover.certs.is_empty());
+        handover.adopted().unwrap();
+        assert_eq!(old.join().unwrap(), Message::Adopted);
+    }
 
     #[test]
     fn a_successor_takes_the_listeners_and_later_ones_are_refused() {
@@ -121,9 +174,19 @@ mod tests {
         let key = crate::handover::pod_key("u1", tcp.local_addr().unwrap());
         listeners.register(key.clone(), &tcp).unwrap();
         let (tx, mut rx) = tokio::sync::watch::channel(false);
-        spawn_server(bind(&path).unwrap(), listeners, tx).unwrap();
+        // More certificates than one message carries.
+        let certs = carried_certs(CERTS_PER_MESSAGE + 5);
+        let sent = certs.clone();
+        spawn_server(
+            bind(&path).unwrap(),
+            listeners,
+            Box::new(move || sent.clone()),
+            tx,
+        )
+        .unwrap();
         let handover = take_over(&path, Duration::ZERO).unwrap().unwrap();
         assert_eq!(handover.received, 1);
+        assert_eq!(handover.certs, certs);
         let fd = handover.taken.take(&key).unwrap();
         let again = std::net::TcpListener::from(fd);
         assert_eq!(again.local_addr().unwrap(), tcp.local_addr().unwrap());

@@ -10,16 +10,22 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 use serde::{Deserialize, Serialize};
 
 use super::HandoverError;
+use crate::identity::CarriedCert;
 
 /// Descriptors per message (the kernel takes at most 253).
 pub const MAX_FDS: usize = 200;
 /// Largest message body.
 const MAX_MESSAGE: usize = 256 * 1024;
+/// Certificates per message (a few KiB each as JSON).
+pub const CERTS_PER_MESSAGE: usize = 32;
 
 /// One message of the handover.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase", deny_unknown_fields)]
 pub enum Message {
+    /// Running agent → successor, before the listeners (protocol 2): workload certificates
+    /// with their keys, so the successor does not ask the CA for every identity again.
+    Certificates { certs: Vec<CarriedCert> },
     /// Running agent → successor: the descriptors of this message, `keys[i]` naming the i-th;
     /// `last` on the final one.
     Listeners {

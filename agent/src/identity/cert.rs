@@ -178,6 +178,9 @@ impl CertInfo {
 pub struct WorkloadCert {
     identity: Identity,
     certified_key: Arc<CertifiedKey>,
+    /// The chain and the key (PKCS#8 DER) as issued, to carry them to a successor agent.
+    chain: CertChain,
+    key_pkcs8: Arc<[u8]>,
     leaf: CertificateDer<'static>,
     roots: Arc<RootCertStore>,
     client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
@@ -217,7 +220,8 @@ impl WorkloadCert {
             roots: chain.roots().len(),
         };
         let provider = crypto_provider();
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let key_pkcs8: Arc<[u8]> = key.serialize_der().into();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec()));
         let certified_key =
             CertifiedKey::from_der(chain.presented(), key_der, &provider).map_err(|source| {
                 IdentityError::Key {
@@ -238,6 +242,8 @@ impl WorkloadCert {
             identity,
             certified_key: Arc::new(certified_key),
             leaf: chain.leaf().clone(),
+            chain,
+            key_pkcs8,
             roots,
             client_verifier,
             info,
@@ -268,6 +274,28 @@ impl WorkloadCert {
     /// The mesh roots peers are checked against.
     pub fn roots(&self) -> &Arc<RootCertStore> {
         &self.roots
+    }
+
+    /// The chain as issued: leaf, intermediates and roots.
+    pub fn chain(&self) -> &CertChain {
+        &self.chain
+    }
+
+    /// The private key, PKCS#8 DER (only to carry it to a successor agent).
+    pub(crate) fn key_pkcs8(&self) -> &[u8] {
+        &self.key_pkcs8
+    }
+
+    /// When the certificate was received from the CA.
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
+    }
+
+    /// The same certificate, received at `at` (a successor agent continues the renewal plan
+    /// of the agent that received it).
+    pub(crate) fn received(mut self, at: SystemTime) -> Self {
+        self.received_at = at;
+        self
     }
 
     /// Chain and validity checks of a client certificate against [`Self::roots`].

@@ -13,7 +13,7 @@ use tokio::{
 };
 
 use super::{
-    CaSource, CertHandle, CertInfo, IdentityError, SignRequest, WorkloadCert,
+    CaSource, CarriedCert, CertHandle, CertInfo, IdentityError, SignRequest, WorkloadCert,
     cert::{certificate_request, generate_key},
     tls,
 };
@@ -201,6 +201,11 @@ impl SecretManager {
             not_after = %cert.info().not_after,
             "issued workload certificate"
         );
+        self.serve(identity, cert)
+    }
+
+    /// Makes `cert` the live certificate of `identity` and starts renewing it.
+    fn serve(&self, identity: &Identity, cert: WorkloadCert) -> Result<Issued, IdentityError> {
         let (sender, receiver) = watch::channel(Arc::new(cert));
         let sender = Arc::new(sender);
         let handle = CertHandle::from_receiver(receiver);
@@ -227,7 +232,83 @@ impl SecretManager {
             _renewer: AbortOnDrop(renewer),
         })
     }
+
+    /// Every certificate held, with its key, for a successor agent (see [`Self::adopt`]).
+    /// Blocks on the manager's lock: call it off the runtime (the handover thread does).
+    pub fn carry_blocking(&self) -> Vec<CarriedCert> {
+        let slots: Vec<Arc<Slot>> = self.inner.slots.blocking_lock().values().cloned().collect();
+        slots
+            .iter()
+            .filter_map(|slot| slot.issued.get())
+            .map(|issued| CarriedCert::from_cert(&issued.shared.handle.current()))
+            .collect()
+    }
+
+    /// Serves certificates a previous agent carried over, instead of issuing new ones, and
+    /// renews them on the plan they had. A certificate is left out (and its identity issued
+    /// anew on first need) when it does not unpack, expires within a minute, is not signed
+    /// under `trust_anchor` when one is given, or its identity is already held here.
+    pub async fn adopt(
+        &self,
+        carried: Vec<CarriedCert>,
+        trust_anchor: Option<&rustls_pki_types::CertificateDer<'_>>,
+    ) -> Adopted {
+        let mut report = Adopted::default();
+        for one in carried {
+            let name = one.identity.clone();
+            match self.adopt_one(one, trust_anchor).await {
+                Ok(()) => report.adopted += 1,
+                Err(reason) => report.left_out.push((name, reason)),
+            }
+        }
+        report
+    }
+
+    async fn adopt_one(
+        &self,
+        carried: CarriedCert,
+        trust_anchor: Option<&rustls_pki_types::CertificateDer<'_>>,
+    ) -> Result<(), String> {
+        let cert = carried.into_cert().map_err(|e| e.to_string())?;
+        if cert.info().seconds_to_expiry(SystemTime::now()) < ADOPT_MIN_LIFETIME_SECS {
+            return Err("expires within a minute".into());
+        }
+        if let Some(anchor) = trust_anchor
+            && !cert
+                .chain()
+                .roots()
+                .iter()
+                .any(|r| r.as_ref() == anchor.as_ref())
+        {
+            return Err("not under this agent's mesh root".into());
+        }
+        let identity = cert.identity().clone();
+        let slot = self
+            .inner
+            .slots
+            .lock()
+            .await
+            .entry(identity.clone())
+            .or_default()
+            .clone();
+        let issued = self.serve(&identity, cert).map_err(|e| e.to_string())?;
+        slot.issued
+            .set(issued)
+            .map_err(|_| "already held".to_owned())
+    }
 }
+
+/// What [`SecretManager::adopt`] did.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    /// Certificates now served.
+    pub adopted: usize,
+    /// Identities left out, with why.
+    pub left_out: Vec<(String, String)>,
+}
+
+/// A carried certificate closer to expiry than this is issued anew instead.
+const ADOPT_MIN_LIFETIME_SECS: i64 = 60;
 
 /// A fresh key, a request for it, the CA's signature.
 async fn issue(

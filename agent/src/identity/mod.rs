@@ -9,8 +9,11 @@
 //!   and renews it at half-life in the background.
 //! - [`tls`]: rustls server and client configurations exactly as a ztunnel peer speaks HBONE
 //!   (TLS 1.3, AES-GCM, ALPN `h2`, mutual auth, SPIFFE checks, no SNI), and [`peer_identity`].
+//! - [`carried`]: certificates a running agent hands to its successor during an upgrade
+//!   ([`CarriedCert`]).
 //! - [`provider`]: the rustls crypto provider all of them use.
 pub mod ca;
+pub mod carried;
 pub mod cert;
 pub mod manager;
 pub mod provider;
@@ -18,8 +21,9 @@ pub mod tls;
 
 pub use crate::config::{CertTtl, IdentityConfig, KeyExchange};
 pub use ca::{BuiltinCa, CaError, CaSource, CustomCert, SignRequest};
+pub use carried::CarriedCert;
 pub use cert::{CertChain, CertHandle, CertInfo, MissingRoot, WorkloadCert};
-pub use manager::SecretManager;
+pub use manager::{Adopted, SecretManager};
 pub use provider::{crypto_provider, crypto_provider_for, kx_group_names, kx_groups};
 pub use tls::{
     HBONE_ALPN, client_config, client_config_with, handshake_hint, peer_identity, server_config,
