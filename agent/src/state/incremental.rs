@@ -89,6 +89,21 @@ impl Incremental {
         }
     }
 
+    /// The kinds (by [`WatchedKind::INDEX`](kinds::WatchedKind::INDEX)) a build with `prints`
+    /// and `settings` reads: a source may leave the others' lists empty.
+    pub fn kinds_read(&self, prints: &KindPrints, settings: &MeshSettings) -> [bool; kinds::COUNT] {
+        let again = self.rebuilds(prints, settings);
+        let policy = PolicyPart::kinds();
+        // The rest part reads every kind but the policies' (and is built whenever the core is).
+        std::array::from_fn(|i| {
+            if policy.contains(&i) {
+                again.policy
+            } else {
+                again.rest
+            }
+        })
+    }
+
     /// As [`build`](super::build) of `resources`, whose kinds have the fingerprints `prints`.
     pub fn build(
         &mut self,

@@ -94,6 +94,16 @@ impl LastGood {
         }
     }
 
+    /// The kinds [`LastGood::build_changed`] with `prints` reads (the others' lists may be left
+    /// empty): those of the parts of the state it builds again.
+    pub fn kinds_read(
+        &self,
+        prints: &KindPrints,
+        settings: &MeshSettings,
+    ) -> [bool; kinds::COUNT] {
+        self.builder.kinds_read(prints, settings)
+    }
+
     /// Takes the resources of `set` but those `rejections` name as the accepted versions,
     /// serializing again only the kinds whose fingerprint changed (and, of the others, those
     /// rejected last time and accepted now).
