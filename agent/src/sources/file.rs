@@ -56,11 +56,12 @@ struct AgentConfigDocument {
     spec: Option<serde_yaml::Value>,
 }
 
-/// How often the config file's size and modification time are checked for changes.
-pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-/// Every this many checks the file is read and hashed even if its size and modification time
-/// stayed (a rewrite can keep both).
-const FULL_CHECK_EVERY: u32 = 5;
+/// How often the config file's size and modification time are checked for changes (a `stat`:
+/// cheap; a change waits for the next check, so this bounds what a change's propagation adds).
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+/// Every this many checks (half a second) the file is read and hashed even if its size and
+/// modification time stayed (a rewrite can keep both).
+const FULL_CHECK_EVERY: u32 = 25;
 
 /// Republishes the file's resources whenever the file changes (its agent settings stay as they
 /// were at start: changing those needs a restart). A file that no longer parses is reported and
@@ -668,15 +669,30 @@ spec: {hosts: [example.com], ports: [{number: 443, name: tls, protocol: TLS}], r
         let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
         let files = [
             vec![ns.to_owned(), pod(1), pa("STRICT"), KINDS.to_owned()],
-            vec![ns.to_owned(), pod(1), pod(2), pa("STRICT"), KINDS.to_owned()],
+            vec![
+                ns.to_owned(),
+                pod(1),
+                pod(2),
+                pa("STRICT"),
+                KINDS.to_owned(),
+            ],
             vec![ns.to_owned(), pod(1), pod(2), pa("STRCT"), KINDS.to_owned()],
             vec![ns.to_owned(), pod(2), pa("STRCT"), KINDS.to_owned()],
             vec![ns.to_owned(), pod(2), pa("DISABLE"), KINDS.to_owned()],
-            vec![ns.to_owned(), pod(2), pod(3), pa("DISABLE"), KINDS.to_owned()],
+            vec![
+                ns.to_owned(),
+                pod(2),
+                pod(3),
+                pa("DISABLE"),
+                KINDS.to_owned(),
+            ],
             vec![ns.to_owned(), pod(3), KINDS.to_owned()],
         ];
-        let (mut cache, mut incremental, mut whole) =
-            (DocumentCache::default(), LastGood::default(), LastGood::default());
+        let (mut cache, mut incremental, mut whole) = (
+            DocumentCache::default(),
+            LastGood::default(),
+            LastGood::default(),
+        );
         let mut skipped = 0;
         for (i, docs) in files.iter().enumerate() {
             let text = format!("---\n{}", docs.join("---\n"));

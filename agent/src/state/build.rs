@@ -120,8 +120,7 @@ pub(super) struct Rest {
 impl Rest {
     pub(super) fn build(resources: &ResourceSet, settings: &MeshSettings, core: &Core) -> Self {
         let mut rejected = Rejections::default();
-        let egress =
-            super::egress::build(resources, settings, &core.workloads, &mut rejected);
+        let egress = super::egress::build(resources, settings, &core.workloads, &mut rejected);
         let entry_created = resources
             .service_entries
             .iter()
@@ -191,8 +190,7 @@ impl PolicyPart {
 
     pub(super) fn build(resources: &ResourceSet, settings: &MeshSettings) -> Self {
         let mut rejected = Rejections::default();
-        let policy =
-            super::policy::normalise(resources, &settings.root_namespace, &mut rejected);
+        let policy = super::policy::normalise(resources, &settings.root_namespace, &mut rejected);
         Self {
             policy: Arc::new(policy),
             rejections: rejected.0,

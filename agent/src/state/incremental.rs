@@ -383,10 +383,15 @@ mod tests {
             let whole = whole_lg.build(set.clone(), &settings);
             let inc_lg = incremental_lg.build_changed(set, &p, &settings);
             assert_eq!(inc_lg.state, whole.state, "step {step}: {what} (LastGood)");
-            assert_eq!(inc_lg.rejections, whole.rejections, "step {step}: {what} (LastGood)");
+            assert_eq!(
+                inc_lg.rejections, whole.rejections,
+                "step {step}: {what} (LastGood)"
+            );
             assert_eq!(
                 incremental_lg.accepted_text(),
-                whole_lg.accepted_text(), "step {step}: {what}");
+                whole_lg.accepted_text(),
+                "step {step}: {what}"
+            );
             fell_back += whole
                 .rejections
                 .iter()
@@ -401,14 +406,23 @@ mod tests {
                     shared_policy += 1;
                 }
                 if what.contains("Policy") || what.contains("PeerAuthentication") {
-                    assert!(Arc::ptr_eq(&prev.workloads, &inc.state.workloads), "step {step}");
-                    assert!(Arc::ptr_eq(&prev.services, &inc.state.services), "step {step}");
+                    assert!(
+                        Arc::ptr_eq(&prev.workloads, &inc.state.workloads),
+                        "step {step}"
+                    );
+                    assert!(
+                        Arc::ptr_eq(&prev.services, &inc.state.services),
+                        "step {step}"
+                    );
                 }
             }
             previous = Some(inc.state);
         }
         assert_eq!(kinds_seen.len(), 11, "every kind of change: {kinds_seen:?}");
-        assert!(fell_back > 0, "some change fell back to a last valid version");
+        assert!(
+            fell_back > 0,
+            "some change fell back to a last valid version"
+        );
         assert!(shared_policy > 5, "{shared_policy}");
     }
 

@@ -96,11 +96,7 @@ impl LastGood {
 
     /// The kinds [`LastGood::build_changed`] with `prints` reads (the others' lists may be left
     /// empty): those of the parts of the state it builds again.
-    pub fn kinds_read(
-        &self,
-        prints: &KindPrints,
-        settings: &MeshSettings,
-    ) -> [bool; kinds::COUNT] {
+    pub fn kinds_read(&self, prints: &KindPrints, settings: &MeshSettings) -> [bool; kinds::COUNT] {
         self.builder.kinds_read(prints, settings)
     }
 

@@ -1245,12 +1245,12 @@ fn scale_in_process(size: &sluice_tests::scale::Size) -> InProcess {
 }
 
 /// The file source's rebuild cycle in process (parse through the document cache, build with
-/// LastGood, publish, drop the old state, trim), each change on a fresh thread as the agent's
+/// LastGood's incremental builder, publish, drop the old state, trim), each change on a fresh thread as the agent's
 /// blocking pool would run it, with the agent's malloc settings; prints RSS after each trim.
 /// `SLUICE_MMAP_THRESHOLD=<bytes>` also fixes glibc's mmap threshold, to compare.
 fn scale_memory() {
     use sluice::{
-        sources::file::{DocumentCache, parse_cached},
+        sources::file::{DocumentCache, parse_cached_kinds},
         state::{LastGood, MeshSettings},
     };
     use sluice_tests::scale::{Size, cluster, pod};
@@ -1279,18 +1279,33 @@ fn scale_memory() {
         let text = format!("{yaml}{extra}");
         let (mut cache, mut last_good, previous) = carried.take().expect("carried");
         let t = std::time::Instant::now();
-        let (cache, last_good, state) = std::thread::spawn(move || {
-            let file = parse_cached(&text, std::path::Path::new("scale.yaml"), &mut cache)
+        let (cache, last_good, state, build_ms) = std::thread::spawn(move || {
+            // As the file watcher does: only the kinds of the parts that change are read.
+            let settings = MeshSettings::default();
+            let file =
+                parse_cached_kinds(&text, std::path::Path::new("scale.yaml"), &mut cache, |p| {
+                    last_good.kinds_read(p, &settings)
+                })
                 .expect("parses");
-            let built = last_good.build(file.resources, &MeshSettings::default());
+            let parsed = std::time::Instant::now();
+            let built = last_good.build_changed(file.resources, &file.prints, &settings);
+            let build_ms = parsed.elapsed().as_millis();
             drop(previous);
-            (cache, last_good, Some(std::sync::Arc::new(built.state)))
+            (
+                cache,
+                last_good,
+                Some(std::sync::Arc::new(built.state)),
+                build_ms,
+            )
         })
         .join()
         .expect("rebuild thread");
         let ms = t.elapsed().as_millis();
         sluice::memory::release_freed();
-        println!("change {c}: {ms} ms, RSS after trim {:.1} MiB", rss());
+        println!(
+            "change {c}: {ms} ms (build {build_ms} ms), RSS after trim {:.1} MiB",
+            rss()
+        );
         carried = Some((cache, last_good, state));
     }
     let (cache, last_good, state) = carried.take().expect("carried");
