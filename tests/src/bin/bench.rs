@@ -1120,12 +1120,13 @@ fn scale() {
     println!(
         "(RSS of node 1's agent, which holds every resource; per change {:?} MiB; {} of 20,000 \
          decisions allowed; conns/s = 1 / median connect + first byte, 900 each; changes \
-         add one pod, file source stat'ed every 100 ms; {:.0} s in all)",
+         add one pod, file source stat'ed every {} ms; {:.0} s in all)",
         rss_changes
             .iter()
             .map(|r| (r * 10.0).round() / 10.0)
             .collect::<Vec<_>>(),
         allowed,
+        sluice::sources::file::WATCH_INTERVAL.as_millis(),
         started.elapsed().as_secs_f64()
     );
     println!("scale_build_ms {build_ms:.0}");
