@@ -132,17 +132,13 @@ impl Watch {
                         .ok()
                         .map(|m| (m.len(), m.modified().ok()))
                 };
-                let mut last_stat = stat(&path);
-                let mut checks = 0u32;
+                let mut checks = Checks::new(stat(&path));
                 loop {
                     tokio::time::sleep(WATCH_INTERVAL).await;
                     // A stat is cheap; reading and hashing a cluster's file is not.
-                    checks += 1;
-                    let now_stat = stat(&path);
-                    if now_stat == last_stat && checks < FULL_CHECK_EVERY {
+                    if !checks.read_now(stat(&path)) {
                         continue;
                     }
-                    (last_stat, checks) = (now_stat, 0);
                     let Ok(bytes) = std::fs::read(&path) else {
                         continue;
                     };
@@ -190,6 +186,43 @@ impl Watch {
             task: Some(task),
             _publisher: Some(publisher),
         }
+    }
+}
+
+/// When the watcher reads the file: once its size and modification time, after changing, have
+/// stayed the same for one check (a writer rewriting the file in place may not be done: a
+/// truncated cluster file parses, and would be published), and every [`FULL_CHECK_EVERY`]
+/// checks in any case.
+#[derive(Debug)]
+struct Checks<S> {
+    last: S,
+    settling: bool,
+    count: u32,
+}
+
+impl<S: PartialEq> Checks<S> {
+    fn new(stat: S) -> Self {
+        Self {
+            last: stat,
+            settling: false,
+            count: 0,
+        }
+    }
+
+    /// Whether to read the file now, given its `stat`.
+    fn read_now(&mut self, stat: S) -> bool {
+        self.count += 1;
+        if stat != self.last {
+            self.last = stat;
+            self.settling = true;
+            return false;
+        }
+        if self.settling || self.count >= FULL_CHECK_EVERY {
+            self.settling = false;
+            self.count = 0;
+            return true;
+        }
+        false
     }
 }
 
@@ -710,6 +743,24 @@ spec: {hosts: [example.com], ports: [{number: 443, name: tls, protocol: TLS}], r
         }
         // Pod changes left the policies (KINDS holds an AuthorizationPolicy) unread.
         assert_eq!(skipped, 2, "files 1 and 5 change pods alone");
+    }
+
+    /// The agent benchmark caught the watcher reading a file its writer had truncated and not
+    /// yet refilled (and publishing the nearly empty state): a changed file is read only once
+    /// its size and modification time have stayed for one check.
+    #[test]
+    fn a_changed_file_is_read_once_it_has_settled() {
+        let mut checks = Checks::new((100, 1));
+        assert!(!checks.read_now((100, 1)), "unchanged");
+        assert!(!checks.read_now((0, 2)), "truncated: being written");
+        assert!(!checks.read_now((900, 3)), "still growing");
+        assert!(checks.read_now((900, 3)), "settled");
+        assert!(!checks.read_now((900, 3)), "read already");
+        // Unchanged, it is still read now and then (a rewrite can keep size and time).
+        let reads = (0..FULL_CHECK_EVERY * 2)
+            .filter(|_| checks.read_now((900, 3)))
+            .count();
+        assert_eq!(reads, 2);
     }
 
     #[test]

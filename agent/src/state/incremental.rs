@@ -242,7 +242,11 @@ mod tests {
         }
 
         fn pod(&mut self, i: usize, app: usize) {
-            let ns = if i % 2 == 0 { "shop" } else { "legacy" };
+            let ns = if i.is_multiple_of(2) {
+                "shop"
+            } else {
+                "legacy"
+            };
             self.docs.insert(
                 format!("pod/{i}"),
                 format!(
