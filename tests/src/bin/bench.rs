@@ -1001,6 +1001,9 @@ fn scale() {
     // The agents: first with nothing but the two pods the rate is measured between.
     let pods = [PodSpec::new("m1", "mesh", 1), PodSpec::new("m2", "mesh", 2)];
     let mut w = World::build(2, &pods);
+    // Each change replaces the file whole: a 17.6 MB file rewritten in place can be read
+    // half-written when the writer is descheduled (`SLUICE_SCALE_IN_PLACE=1` measures that).
+    w.atomic_config_writes = std::env::var_os("SLUICE_SCALE_IN_PLACE").is_none();
     w.namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]);
     w.start_agent(1, "");
     w.start_agent(2, "");
