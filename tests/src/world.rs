@@ -272,6 +272,9 @@ pub struct World {
     pub extra_resources: String,
     /// YAML documents written after the pods (for tests where the order of the file matters).
     pub late_resources: String,
+    /// Rewrite agent configs whole: into a temporary file renamed over the config, as
+    /// configuration tools do (else in place, as an editor saving may).
+    pub atomic_config_writes: bool,
     /// Pods left out of the agents' config (MeshState does not know them).
     pub hidden_pods: std::collections::BTreeSet<String>,
     /// More lines for the agents' `identity:` section (indented two spaces).
@@ -307,6 +310,7 @@ impl World {
             namespaces: BTreeMap::new(),
             extra_resources: String::new(),
             late_resources: String::new(),
+            atomic_config_writes: false,
             hidden_pods: Default::default(),
             identity_extra: String::new(),
             cgroup_root,
@@ -660,7 +664,12 @@ impl World {
         let dir = self.dir.path().join(format!("node{i}"));
         std::fs::create_dir_all(&dir).expect("node dir");
         let path = dir.join("config.yaml");
-        let mut f = File::create(&path).expect("config");
+        let written = if self.atomic_config_writes {
+            dir.join("config.yaml.tmp")
+        } else {
+            path.clone()
+        };
+        let mut f = File::create(&written).expect("config");
         write!(
             f,
             "apiVersion: sluice.dev/v1alpha1\nkind: AgentConfig\nspec:\n  nodeName: node{i}\n  cgroupRoot: {}\n  bpfPinPath: {}\n  stateDir: {}\n  enrollmentSocket: {}\n  ebpfLogLevel: debug\n  identity:\n    rootCertFile: {}\n    rootKeyFile: {}\n{}\n{extra_spec}\n{}",
@@ -678,6 +687,9 @@ impl World {
             self.resources_yaml(),
         )
         .expect("write config");
+        if written != path {
+            std::fs::rename(&written, &path).expect("rename config");
+        }
         path
     }
 

@@ -259,7 +259,7 @@ status: {egressIpPrefix: 203.0.113.16/28}
             ..MeshSettings::default()
         };
         let mut state = build(&set, &settings).state;
-        state.nodes.insert(
+        std::sync::Arc::make_mut(&mut state.nodes).insert(
             "gw-0".into(),
             Node {
                 name: "gw-0".into(),

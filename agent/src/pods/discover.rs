@@ -474,7 +474,7 @@ mod tests {
             rt.block_on(async move {
                 use crate::state::{Membership, Node, Workload, WorkloadUid};
                 let mut mesh = MeshState::default();
-                mesh.nodes.insert(
+                std::sync::Arc::make_mut(&mut mesh.nodes).insert(
                     "n1".into(),
                     Node {
                         name: "n1".into(),
@@ -495,7 +495,7 @@ mod tests {
                     ports: Default::default(),
                     ready: true,
                 };
-                mesh.workloads.insert(w.uid.clone(), w.clone());
+                std::sync::Arc::make_mut(&mut mesh.workloads).insert(w.uid.clone(), w.clone());
                 let (publisher, state) = crate::state::channel();
                 publisher.publish(mesh.clone());
                 let (tx, mut rx) = mpsc::channel(4);
@@ -528,7 +528,7 @@ mod tests {
                 });
 
                 w.membership = Membership::Outside;
-                mesh.workloads.insert(w.uid.clone(), w);
+                std::sync::Arc::make_mut(&mut mesh.workloads).insert(w.uid.clone(), w);
                 publisher.publish(mesh);
                 let (req, reply) = next(&mut rx).await;
                 assert_eq!(req, Request::Del { uid: "u1".into() });

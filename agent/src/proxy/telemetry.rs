@@ -464,7 +464,7 @@ mod tests {
             ..MeshState::default()
         };
         let w = pod(&[]);
-        state.workloads.insert(w.uid.clone(), w.clone());
+        std::sync::Arc::make_mut(&mut state.workloads).insert(w.uid.clone(), w.clone());
         let own = baggage(&w, None);
         let web = Identity::new("td", "shop", "web");
         let other = Identity::new("td", "shop", "db");

@@ -14,7 +14,7 @@ use crate::{
         AGENT_CONFIG_KIND, DocumentError, ResourceSet,
         kinds::{self, KindVisitor, WatchedKind},
     },
-    state::{LastGood, StatePublisher},
+    state::{KindPrints, LastGood, StatePublisher},
 };
 
 /// What a config file holds.
@@ -22,6 +22,9 @@ use crate::{
 pub struct LocalFile {
     pub agent: AgentConfig,
     pub resources: ResourceSet,
+    /// Each kind's fingerprint (a hash of its documents' text), when read through a
+    /// [`DocumentCache`]; unknown after a whole parse.
+    pub prints: KindPrints,
 }
 
 /// Why the file could not be read.
@@ -53,11 +56,12 @@ struct AgentConfigDocument {
     spec: Option<serde_yaml::Value>,
 }
 
-/// How often the config file's size and modification time are checked for changes.
-pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-/// Every this many checks the file is read and hashed even if its size and modification time
-/// stayed (a rewrite can keep both).
-const FULL_CHECK_EVERY: u32 = 5;
+/// How often the config file's size and modification time are checked for changes (a `stat`:
+/// cheap; a change waits for the next check, so this bounds what a change's propagation adds).
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+/// Every this many checks (half a second) the file is read and hashed even if its size and
+/// modification time stayed (a rewrite can keep both).
+const FULL_CHECK_EVERY: u32 = 25;
 
 /// Republishes the file's resources whenever the file changes (its agent settings stay as they
 /// were at start: changing those needs a restart). A file that no longer parses is reported and
@@ -95,39 +99,46 @@ impl Watch {
             let publisher = publisher.clone();
             async move {
                 // A fingerprint, not the bytes: a cluster's file is megabytes. The documents'
-                // cache is filled from the same read, off the runtime's threads.
+                // cache is filled from the same read, off the runtime's threads, and the state
+                // built again through it, so that the next change rebuilds only what it touches
+                // (the state published at start came from a whole parse; an equal state is not
+                // published again).
                 let warm = tokio::task::spawn_blocking({
-                    let path = path.clone();
+                    let (path, agent, publisher) = (path.clone(), agent.clone(), publisher.clone());
+                    let mut kept = std::mem::take(&mut last_good);
                     move || {
                         let mut cache = DocumentCache::default();
-                        let bytes = std::fs::read(&path).ok()?;
-                        let _ = parse_cached(&String::from_utf8_lossy(&bytes), &path, &mut cache);
-                        Some((fingerprint(&bytes), cache))
+                        let bytes = std::fs::read(&path).ok();
+                        let print = bytes.as_deref().map(fingerprint);
+                        if let Some(bytes) = bytes
+                            && let Ok(file) =
+                                parse_cached(&String::from_utf8_lossy(&bytes), &path, &mut cache)
+                        {
+                            publish(file.resources, &file.prints, &agent, &publisher, &mut kept);
+                        }
+                        (print, cache, kept)
                     }
                 })
-                .await
-                .ok()
-                .flatten();
+                .await;
                 let (mut last, mut cache) = match warm {
-                    Some((f, cache)) => (Some(f), cache),
-                    None => (None, DocumentCache::default()),
+                    Ok((f, cache, kept)) => {
+                        last_good = kept;
+                        (f, cache)
+                    }
+                    Err(_) => (None, DocumentCache::default()),
                 };
                 let stat = |path: &Path| {
                     std::fs::metadata(path)
                         .ok()
                         .map(|m| (m.len(), m.modified().ok()))
                 };
-                let mut last_stat = stat(&path);
-                let mut checks = 0u32;
+                let mut checks = Checks::new(stat(&path));
                 loop {
                     tokio::time::sleep(WATCH_INTERVAL).await;
                     // A stat is cheap; reading and hashing a cluster's file is not.
-                    checks += 1;
-                    let now_stat = stat(&path);
-                    if now_stat == last_stat && checks < FULL_CHECK_EVERY {
+                    if !checks.read_now(stat(&path)) {
                         continue;
                     }
-                    (last_stat, checks) = (now_stat, 0);
                     let Ok(bytes) = std::fs::read(&path) else {
                         continue;
                     };
@@ -143,10 +154,13 @@ impl Watch {
                     let mut docs = std::mem::take(&mut cache);
                     let rebuilt = tokio::task::spawn_blocking(move || {
                         let text = String::from_utf8_lossy(&bytes);
-                        match parse_cached(&text, &path, &mut docs) {
+                        let settings = agent.mesh_settings();
+                        // Only the kinds of the parts of the state that change are read.
+                        let wanted = |prints: &KindPrints| kept.kinds_read(prints, &settings);
+                        match parse_cached_kinds(&text, &path, &mut docs, wanted) {
                             Ok(file) => {
                                 tracing::info!(path = %path.display(), "config file changed; republishing its resources");
-                                publish(file.resources, &agent, &publisher, &mut kept);
+                                publish(file.resources, &file.prints, &agent, &publisher, &mut kept);
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "config file changed but does not parse; keeping the last state")
@@ -172,6 +186,43 @@ impl Watch {
             task: Some(task),
             _publisher: Some(publisher),
         }
+    }
+}
+
+/// When the watcher reads the file: once its size and modification time, after changing, have
+/// stayed the same for one check (a writer rewriting the file in place may not be done: a
+/// truncated cluster file parses, and would be published), and every [`FULL_CHECK_EVERY`]
+/// checks in any case.
+#[derive(Debug)]
+struct Checks<S> {
+    last: S,
+    settling: bool,
+    count: u32,
+}
+
+impl<S: PartialEq> Checks<S> {
+    fn new(stat: S) -> Self {
+        Self {
+            last: stat,
+            settling: false,
+            count: 0,
+        }
+    }
+
+    /// Whether to read the file now, given its `stat`.
+    fn read_now(&mut self, stat: S) -> bool {
+        self.count += 1;
+        if stat != self.last {
+            self.last = stat;
+            self.settling = true;
+            return false;
+        }
+        if self.settling || self.count >= FULL_CHECK_EVERY {
+            self.settling = false;
+            self.count = 0;
+            return true;
+        }
+        false
     }
 }
 
@@ -262,15 +313,30 @@ pub fn parse_cached(
     path: &Path,
     cache: &mut DocumentCache,
 ) -> Result<LocalFile, FileError> {
+    parse_cached_kinds(text, path, cache, |_| [true; kinds::COUNT])
+}
+
+/// As [`parse_cached`], reading into the result only the kinds (by
+/// [`WatchedKind::INDEX`]) for which `wanted` says so; the others' lists stay empty, and their
+/// fingerprints tell whether they changed.
+pub fn parse_cached_kinds(
+    text: &str,
+    path: &Path,
+    cache: &mut DocumentCache,
+    wanted: impl Fn(&KindPrints) -> [bool; kinds::COUNT],
+) -> Result<LocalFile, FileError> {
     let Some(documents) = split_documents(text) else {
         return parse(text, path);
     };
-    let mut file = LocalFile::default();
     let mut next = HashMap::with_capacity(cache.docs.len());
+    let mut order = Vec::with_capacity(documents.len());
     let mut agent_seen = false;
+    // Each kind's fingerprint: a hash of its documents' hashes, in order.
+    let mut hashers: Vec<std::collections::hash_map::DefaultHasher> =
+        (0..kinds::COUNT).map(|_| Default::default()).collect();
     for doc in documents {
+        use std::hash::{Hash, Hasher};
         let key = {
-            use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             doc.hash(&mut h);
             h.finish()
@@ -286,13 +352,33 @@ pub fn parse_cached(
             Parsed::Nothing => {}
             Parsed::AgentConfig if agent_seen => return parse(text, path),
             Parsed::AgentConfig => agent_seen = true,
-            Parsed::Resource { kind, json } => {
-                if !push_json(&mut file.resources, *kind, json) {
+            Parsed::Resource { kind, .. } => {
+                let Some(h) = hashers.get_mut(*kind) else {
                     return parse(text, path);
-                }
+                };
+                key.hash(h);
+                order.push(parsed.clone());
             }
         }
         next.insert(key, parsed);
+    }
+    let mut prints = KindPrints::unknown();
+    for (i, h) in hashers.iter().enumerate() {
+        use std::hash::Hasher;
+        prints.0[i] = Some(h.finish());
+    }
+    let wanted = wanted(&prints);
+    let mut file = LocalFile {
+        prints,
+        ..LocalFile::default()
+    };
+    for parsed in &order {
+        if let Parsed::Resource { kind, json } = parsed
+            && wanted.get(*kind).copied().unwrap_or(true)
+            && !push_json(&mut file.resources, *kind, json)
+        {
+            return parse(text, path);
+        }
     }
     cache.docs = next;
     // The agent settings are read at start only (see `Watch`), so the cache does not keep them.
@@ -409,14 +495,16 @@ fn push_json(set: &mut ResourceSet, kind: usize, json: &[u8]) -> bool {
 }
 
 /// Builds and publishes the file's resources (falling back to the last valid version of a
-/// resource an edit made invalid), logging what was rejected.
+/// resource an edit made invalid), logging what was rejected. `prints` are the kinds'
+/// fingerprints ([`LocalFile::prints`]): the parts of the state they show unchanged are reused.
 pub(crate) fn publish(
     resources: ResourceSet,
+    prints: &KindPrints,
     agent: &AgentConfig,
     publisher: &StatePublisher,
     last_good: &mut LastGood,
 ) {
-    let built = last_good.build(resources, &agent.mesh_settings());
+    let built = last_good.build_changed(resources, prints, &agent.mesh_settings());
     for r in &built.rejections {
         tracing::warn!(rejection = %r, "resource rejected");
     }
@@ -592,6 +680,87 @@ spec: {hosts: [example.com], ports: [{number: 443, name: tls, protocol: TLS}], r
         let err = parse_cached(&broken, Path::new("t.yaml"), &mut cache).unwrap_err();
         let whole = parse(&broken, Path::new("t.yaml")).unwrap_err();
         assert_eq!(err.to_string(), whole.to_string());
+    }
+
+    /// The watcher's path (the cache, only the kinds the changed parts read, the incremental
+    /// build) publishes what a whole parse and build would, through every kind of rewrite.
+    #[test]
+    fn rewrites_through_the_cache_build_what_a_whole_parse_builds() {
+        let settings = crate::state::MeshSettings::default();
+        let pa = |mode: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+                 metadata: {{name: default, namespace: shop}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
+            )
+        };
+        let pod = |i: usize| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: shop, uid: p{i}}}\n\
+                 spec: {{containers: []}}\nstatus: {{podIP: 10.0.9.{i}}}\n"
+            )
+        };
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
+        let files = [
+            vec![ns.to_owned(), pod(1), pa("STRICT"), KINDS.to_owned()],
+            vec![
+                ns.to_owned(),
+                pod(1),
+                pod(2),
+                pa("STRICT"),
+                KINDS.to_owned(),
+            ],
+            vec![ns.to_owned(), pod(1), pod(2), pa("STRCT"), KINDS.to_owned()],
+            vec![ns.to_owned(), pod(2), pa("STRCT"), KINDS.to_owned()],
+            vec![ns.to_owned(), pod(2), pa("DISABLE"), KINDS.to_owned()],
+            vec![
+                ns.to_owned(),
+                pod(2),
+                pod(3),
+                pa("DISABLE"),
+                KINDS.to_owned(),
+            ],
+            vec![ns.to_owned(), pod(3), KINDS.to_owned()],
+        ];
+        let (mut cache, mut incremental, mut whole) = (
+            DocumentCache::default(),
+            LastGood::default(),
+            LastGood::default(),
+        );
+        let mut skipped = 0;
+        for (i, docs) in files.iter().enumerate() {
+            let text = format!("---\n{}", docs.join("---\n"));
+            let path = Path::new("t.yaml");
+            let settings_ = &settings;
+            let file = parse_cached_kinds(&text, path, &mut cache, |p| {
+                incremental.kinds_read(p, settings_)
+            })
+            .unwrap();
+            skipped += usize::from(file.resources.authorization_policies.is_empty());
+            let got = incremental.build_changed(file.resources, &file.prints, &settings);
+            let want = whole.build(parse(&text, path).unwrap().resources, &settings);
+            assert_eq!(got.state, want.state, "file {i}");
+            assert_eq!(got.rejections, want.rejections, "file {i}");
+        }
+        // Pod changes left the policies (KINDS holds an AuthorizationPolicy) unread.
+        assert_eq!(skipped, 2, "files 1 and 5 change pods alone");
+    }
+
+    /// The agent benchmark caught the watcher reading a file its writer had truncated and not
+    /// yet refilled (and publishing the nearly empty state): a changed file is read only once
+    /// its size and modification time have stayed for one check.
+    #[test]
+    fn a_changed_file_is_read_once_it_has_settled() {
+        let mut checks = Checks::new((100, 1));
+        assert!(!checks.read_now((100, 1)), "unchanged");
+        assert!(!checks.read_now((0, 2)), "truncated: being written");
+        assert!(!checks.read_now((900, 3)), "still growing");
+        assert!(checks.read_now((900, 3)), "settled");
+        assert!(!checks.read_now((900, 3)), "read already");
+        // Unchanged, it is still read now and then (a rewrite can keep size and time).
+        let reads = (0..FULL_CHECK_EVERY * 2)
+            .filter(|_| checks.read_now((900, 3)))
+            .count();
+        assert_eq!(reads, 2);
     }
 
     #[test]

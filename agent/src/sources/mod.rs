@@ -32,7 +32,13 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     if !agent.kube.enabled {
         let mut last_good = state::LastGood::default();
-        file::publish(resources, agent, &publisher, &mut last_good);
+        file::publish(
+            resources,
+            &state::KindPrints::unknown(),
+            agent,
+            &publisher,
+            &mut last_good,
+        );
         return Ok(Running::File(file::Watch::start(
             config_path.map(Into::into),
             agent.clone(),

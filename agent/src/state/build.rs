@@ -1,5 +1,5 @@
 //! Pure conversion of a [`ResourceSet`] into [`MeshState`].
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node as K8sNode, Pod};
 
@@ -10,7 +10,10 @@ use super::{
     workload::{Membership, Namespace, Node, Workload, WorkloadUid},
 };
 use crate::resources::{
-    NamespacedName, ResourceSet, endpoint_slice::Slice, kinds::WatchedKind,
+    NamespacedName, ResourceSet,
+    endpoint_slice::Slice,
+    istio_security::{AuthorizationPolicy, PeerAuthentication},
+    kinds::WatchedKind,
     static_egress::STATIC_GATEWAY_ANNOTATION,
 };
 
@@ -31,89 +34,202 @@ pub struct BuildOutput {
 use super::rejections::Rejections;
 
 /// Builds the mesh model from everything the sources have seen.
+///
+/// The model is built in three parts that [`Incremental`](super::incremental::Incremental)
+/// can reuse one by one: [`Core`] (namespaces, nodes, workloads), [`Rest`] (egress, Services,
+/// ingress; it reads the core) and [`PolicyPart`].
 pub fn build(resources: &ResourceSet, settings: &MeshSettings) -> BuildOutput {
-    let mut out = BuildOutput::default();
-    let mut rejected = Rejections::default();
-    out.state.trust_domain = settings.trust_domain.clone();
-    out.state.root_namespace = settings.root_namespace.clone();
+    let core = Core::build(resources);
+    let rest = Rest::build(resources, settings, &core);
+    let policy = PolicyPart::build(resources, settings);
+    assemble(settings, &core, &rest, &policy)
+}
 
-    for ns in &resources.namespaces {
-        let ns = namespace(ns);
-        out.state.namespaces.insert(ns.name.clone(), ns);
+/// Namespaces, nodes and workloads: what Namespaces, Nodes and Pods give.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Core {
+    namespaces: Arc<BTreeMap<String, Namespace>>,
+    nodes: Arc<BTreeMap<String, Node>>,
+    workloads: Arc<BTreeMap<WorkloadUid, Workload>>,
+    by_ip: Arc<BTreeMap<IpAddr, WorkloadUid>>,
+    rejections: Vec<Rejection>,
+}
+
+impl Core {
+    /// The kinds this part reads.
+    pub(super) fn kinds() -> [usize; 3] {
+        [K8sNamespace::INDEX, K8sNode::INDEX, Pod::INDEX]
     }
-    for node in &resources.nodes {
-        if let Some(node) = self::node(node, &mut rejected) {
-            out.state.nodes.insert(node.name.clone(), node);
+
+    pub(super) fn build(resources: &ResourceSet) -> Self {
+        let mut rejected = Rejections::default();
+        let namespaces: BTreeMap<String, Namespace> = resources
+            .namespaces
+            .iter()
+            .map(|ns| {
+                let ns = namespace(ns);
+                (ns.name.clone(), ns)
+            })
+            .collect();
+        let mut nodes = BTreeMap::new();
+        for node in &resources.nodes {
+            if let Some(node) = self::node(node, &mut rejected) {
+                nodes.insert(node.name.clone(), node);
+            }
+        }
+        let candidates: Vec<(Workload, bool)> = resources
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                let w = workload(pod, &namespaces, &mut rejected)?;
+                Some((w, phase(pod) == Some("Running")))
+            })
+            .collect();
+        let mut workloads = BTreeMap::new();
+        let mut by_ip = BTreeMap::new();
+        for w in claim_addresses(candidates) {
+            for ip in &w.ips {
+                by_ip.insert(*ip, w.uid.clone());
+            }
+            workloads.insert(w.uid.clone(), w);
+        }
+        Self {
+            namespaces: Arc::new(namespaces),
+            nodes: Arc::new(nodes),
+            workloads: Arc::new(workloads),
+            by_ip: Arc::new(by_ip),
+            rejections: rejected.0,
         }
     }
-    let candidates: Vec<(Workload, bool)> = resources
-        .pods
-        .iter()
-        .filter_map(|pod| {
-            let w = workload(pod, &out.state.namespaces, &mut rejected)?;
-            Some((w, phase(pod) == Some("Running")))
-        })
-        .collect();
-    for w in claim_addresses(candidates) {
-        for ip in &w.ips {
-            out.state.by_ip.insert(*ip, w.uid.clone());
+}
+
+/// Egress, Services and ingress: every kind but the policies', and the [`Core`].
+#[derive(Clone, Debug, Default)]
+pub(super) struct Rest {
+    egress: Arc<super::egress::Egress>,
+    services: Arc<BTreeMap<String, super::Service>>,
+    services_by_vip: Arc<BTreeMap<IpAddr, String>>,
+    service_conflicts: Arc<Vec<super::service::VipConflict>>,
+    ingress: Arc<super::ingress::Ingress>,
+    /// Rejections of egress and Services (reported before the policies').
+    early: Vec<Rejection>,
+    /// Rejections of ingress (reported after the policies').
+    late: Vec<Rejection>,
+}
+
+impl Rest {
+    pub(super) fn build(resources: &ResourceSet, settings: &MeshSettings, core: &Core) -> Self {
+        let mut rejected = Rejections::default();
+        let egress = super::egress::build(resources, settings, &core.workloads, &mut rejected);
+        let entry_created = resources
+            .service_entries
+            .iter()
+            .filter_map(|se| {
+                let created = se.metadata.creation_timestamp.as_ref()?;
+                Some((
+                    format!(
+                        "{}/{}",
+                        se.metadata.namespace.as_deref().unwrap_or("default"),
+                        se.metadata.name.as_deref()?
+                    ),
+                    created.0.to_string(),
+                ))
+            })
+            .collect();
+        let services = super::service::build(
+            &super::service::Inputs {
+                services: &resources.services,
+                slices: &slices(resources),
+                workloads: &core.workloads,
+                by_ip: &core.by_ip,
+                registry: &egress.registry,
+                entry_created: &entry_created,
+            },
+            &mut rejected,
+        );
+        let early = std::mem::take(&mut rejected.0);
+        let mut ingress = super::ingress::build(
+            resources,
+            &core.namespaces,
+            &services.services,
+            &mut rejected,
+        );
+        super::ingress::find_instances(&mut ingress, &core.workloads, &services.services);
+        // Istio's ingress form, into the same model.
+        ingress.istio_gateways = super::istio_ingress::gateways(&resources.istio_gateways);
+        ingress.istio_routes = super::istio_ingress::routes(
+            &resources.virtual_services,
+            &mut ingress.istio_gateways,
+            &services.services,
+            &mut rejected,
+        );
+        Self {
+            egress: Arc::new(egress),
+            services: Arc::new(services.services),
+            services_by_vip: Arc::new(services.by_vip),
+            service_conflicts: Arc::new(services.conflicts),
+            ingress: Arc::new(ingress),
+            early,
+            late: rejected.0,
         }
-        out.state.workloads.insert(w.uid.clone(), w);
     }
-    out.state.egress =
-        super::egress::build(resources, settings, &out.state.workloads, &mut rejected);
-    let entry_created = resources
-        .service_entries
-        .iter()
-        .filter_map(|se| {
-            let created = se.metadata.creation_timestamp.as_ref()?;
-            Some((
-                format!(
-                    "{}/{}",
-                    se.metadata.namespace.as_deref().unwrap_or("default"),
-                    se.metadata.name.as_deref()?
-                ),
-                created.0.to_string(),
-            ))
-        })
-        .collect();
-    let services = super::service::build(
-        &super::service::Inputs {
-            services: &resources.services,
-            slices: &slices(resources),
-            workloads: &out.state.workloads,
-            by_ip: &out.state.by_ip,
-            registry: &out.state.egress.registry,
-            entry_created: &entry_created,
-        },
-        &mut rejected,
-    );
-    out.state.services = services.services;
-    out.state.services_by_vip = services.by_vip;
-    out.state.service_conflicts = services.conflicts;
-    out.state.policy = super::policy::normalise(resources, &settings.root_namespace, &mut rejected);
-    out.state.ingress = super::ingress::build(
-        resources,
-        &out.state.namespaces,
-        &out.state.services,
-        &mut rejected,
-    );
-    super::ingress::find_instances(
-        &mut out.state.ingress,
-        &out.state.workloads,
-        &out.state.services,
-    );
-    // Istio's ingress form, into the same model.
-    let ingress = &mut out.state.ingress;
-    ingress.istio_gateways = super::istio_ingress::gateways(&resources.istio_gateways);
-    ingress.istio_routes = super::istio_ingress::routes(
-        &resources.virtual_services,
-        &mut ingress.istio_gateways,
-        &out.state.services,
-        &mut rejected,
-    );
-    out.rejections = rejected.0;
-    out
+}
+
+/// PeerAuthentications and AuthorizationPolicies, which read nothing else.
+#[derive(Clone, Debug, Default)]
+pub(super) struct PolicyPart {
+    policy: Arc<super::policy::Policies>,
+    rejections: Vec<Rejection>,
+}
+
+impl PolicyPart {
+    /// The kinds this part reads (and only this part).
+    pub(super) fn kinds() -> [usize; 2] {
+        [PeerAuthentication::INDEX, AuthorizationPolicy::INDEX]
+    }
+
+    pub(super) fn build(resources: &ResourceSet, settings: &MeshSettings) -> Self {
+        let mut rejected = Rejections::default();
+        let policy = super::policy::normalise(resources, &settings.root_namespace, &mut rejected);
+        Self {
+            policy: Arc::new(policy),
+            rejections: rejected.0,
+        }
+    }
+}
+
+/// The state and rejections of the three parts, in the order a whole build reports them.
+pub(super) fn assemble(
+    settings: &MeshSettings,
+    core: &Core,
+    rest: &Rest,
+    policy: &PolicyPart,
+) -> BuildOutput {
+    let state = MeshState {
+        trust_domain: settings.trust_domain.clone(),
+        root_namespace: settings.root_namespace.clone(),
+        namespaces: core.namespaces.clone(),
+        workloads: core.workloads.clone(),
+        services: rest.services.clone(),
+        services_by_vip: rest.services_by_vip.clone(),
+        service_conflicts: rest.service_conflicts.clone(),
+        nodes: core.nodes.clone(),
+        policy: policy.policy.clone(),
+        egress: rest.egress.clone(),
+        ingress: rest.ingress.clone(),
+        by_ip: core.by_ip.clone(),
+    };
+    let rejections = [
+        &core.rejections,
+        &rest.early,
+        &policy.rejections,
+        &rest.late,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect();
+    BuildOutput { state, rejections }
 }
 
 /// Every EndpointSlice of either version, normalised; a slice listed in both versions counts

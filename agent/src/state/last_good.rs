@@ -6,13 +6,14 @@
 //! plaintext, a broken StaticGatewayConfiguration would unpin its prefix). [`LastGood`]
 //! remembers the accepted version of every resource and builds from it instead, while the
 //! rejection of the new version is still reported (log line and status condition).
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use kube::Resource;
 
 use super::{
     MeshSettings,
-    build::{BuildOutput, build},
+    build::BuildOutput,
+    incremental::{Incremental, KindPrints},
     rejections::Rejection,
 };
 use crate::resources::{
@@ -30,9 +31,16 @@ type Key = (usize, Option<String>, String);
 ///
 /// Kept as compact JSON, not as typed objects: a fallback is rare, and a cluster's worth of
 /// typed resources is several times the size of its JSON (the built MeshState is what serves).
+/// Builds go through an [`Incremental`] builder, and only the kinds whose fingerprint changed
+/// are serialized again.
 #[derive(Debug, Default)]
 pub struct LastGood {
     accepted: HashMap<Key, Box<[u8]>>,
+    /// The fingerprints of the kinds `accepted` was last taken from.
+    prints: KindPrints,
+    /// The resources left out of `accepted` by the last build's rejections.
+    rejected: HashSet<Key>,
+    builder: Incremental,
 }
 
 impl LastGood {
@@ -40,35 +48,88 @@ impl LastGood {
     /// resource that is rejected now but was accepted before. Every rejection of the current
     /// versions is returned; those that fell back say so ([`KEPT_NOTE`]).
     pub fn build(&mut self, resources: ResourceSet, settings: &MeshSettings) -> BuildOutput {
-        let first = build(&resources, settings);
+        self.build_changed(resources, &KindPrints::unknown(), settings)
+    }
+
+    /// As [`LastGood::build`], for `resources` whose kinds have the fingerprints `prints`:
+    /// the parts of the state and the accepted versions of unchanged kinds are reused.
+    pub fn build_changed(
+        &mut self,
+        resources: ResourceSet,
+        prints: &KindPrints,
+        settings: &MeshSettings,
+    ) -> BuildOutput {
+        let first = self.builder.build(&resources, prints, settings);
         if first.rejections.is_empty() {
-            self.accepted = accepted(&resources, &[]);
+            self.accept(&resources, prints, &[]);
             return first;
         }
         let mut patched = resources;
+        let mut patched_prints = *prints;
         let mut rejections = first.rejections;
         let mut kept = 0;
         for r in &mut rejections {
             if self.restore(&mut patched, r) {
                 r.message.push_str(KEPT_NOTE);
                 kept += 1;
+                if let Some(index) = kind_index(&r.kind) {
+                    patched_prints.forget(index);
+                }
             }
         }
         if kept == 0 {
             // Nothing to fall back to: the first build is the answer.
-            self.accepted = accepted(&patched, &rejections);
+            self.accept(&patched, prints, &rejections);
             return BuildOutput {
                 state: first.state,
                 rejections,
             };
         }
-        let second = build(&patched, settings);
+        let second = self.builder.build(&patched, &patched_prints, settings);
         // An old version can be invalid now (e.g. against a resource added since): then it goes.
-        self.accepted = accepted(&patched, &second.rejections);
+        self.accept(&patched, &patched_prints, &second.rejections);
         BuildOutput {
             state: second.state,
             rejections,
         }
+    }
+
+    /// The kinds [`LastGood::build_changed`] with `prints` reads (the others' lists may be left
+    /// empty): those of the parts of the state it builds again.
+    pub fn kinds_read(&self, prints: &KindPrints, settings: &MeshSettings) -> [bool; kinds::COUNT] {
+        self.builder.kinds_read(prints, settings)
+    }
+
+    /// Takes the resources of `set` but those `rejections` name as the accepted versions,
+    /// serializing again only the kinds whose fingerprint changed (and, of the others, those
+    /// rejected last time and accepted now).
+    fn accept(&mut self, set: &ResourceSet, prints: &KindPrints, rejections: &[Rejection]) {
+        let changed: Vec<bool> = (0..kinds::COUNT)
+            .map(|i| !prints.same(&self.prints, i))
+            .collect();
+        self.accepted.retain(|(kind, _, _), _| !changed[*kind]);
+        let rejected: HashSet<Key> = rejections
+            .iter()
+            .filter_map(|r| Some((kind_index(&r.kind)?, r.namespace.clone(), r.name.clone())))
+            .collect();
+        // Unchanged kinds: what was left out last time and is not now comes back.
+        let returning: HashSet<&Key> = self
+            .rejected
+            .iter()
+            .filter(|k| !changed[k.0] && !rejected.contains(*k))
+            .collect();
+        let mut collect = Collect {
+            set,
+            changed: &changed,
+            returning: &returning,
+            out: &mut self.accepted,
+        };
+        kinds::for_each_kind(&mut collect);
+        for key in &rejected {
+            self.accepted.remove(key);
+        }
+        self.rejected = rejected;
+        self.prints = *prints;
     }
 
     /// Replaces, in `set`, the resource `r` names with its accepted version; whether it did.
@@ -122,47 +183,52 @@ impl LastGood {
     pub fn is_empty(&self) -> bool {
         self.accepted.is_empty()
     }
+
+    /// The accepted versions, as text by kind, namespace and name (for tests).
+    #[cfg(test)]
+    pub(super) fn accepted_text(&self) -> std::collections::BTreeMap<String, String> {
+        self.accepted
+            .iter()
+            .map(|(k, v)| (format!("{k:?}"), String::from_utf8_lossy(v).into_owned()))
+            .collect()
+    }
 }
 
-/// The resources of `set` but those `rejections` name, as JSON by kind, namespace and name.
-fn accepted(set: &ResourceSet, rejections: &[Rejection]) -> HashMap<Key, Box<[u8]>> {
-    struct Collect<'a> {
-        set: &'a ResourceSet,
-        out: HashMap<Key, Box<[u8]>>,
-    }
-    impl KindVisitor for Collect<'_> {
-        fn visit<K: WatchedKind>(&mut self) {
-            for o in K::list(self.set) {
-                let meta = o.meta();
-                match serde_json::to_vec(o) {
-                    Ok(json) => {
-                        let key = (
-                            K::INDEX,
-                            meta.namespace.clone(),
-                            meta.name.clone().unwrap_or_default(),
-                        );
-                        self.out.insert(key, json.into_boxed_slice());
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, kind = %K::qualified(), name = ?meta.name, "cannot keep the valid version");
-                    }
+/// Adds to `out` the JSON of every resource of `set` of a changed kind, and of those
+/// `returning`, by kind, namespace and name.
+struct Collect<'a> {
+    set: &'a ResourceSet,
+    changed: &'a [bool],
+    returning: &'a HashSet<&'a Key>,
+    out: &'a mut HashMap<Key, Box<[u8]>>,
+}
+
+impl KindVisitor for Collect<'_> {
+    fn visit<K: WatchedKind>(&mut self) {
+        let all = self.changed[K::INDEX];
+        if !all && !self.returning.iter().any(|k| k.0 == K::INDEX) {
+            return;
+        }
+        for o in K::list(self.set) {
+            let meta = o.meta();
+            let key = (
+                K::INDEX,
+                meta.namespace.clone(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            if !all && !self.returning.contains(&key) {
+                continue;
+            }
+            match serde_json::to_vec(o) {
+                Ok(json) => {
+                    self.out.insert(key, json.into_boxed_slice());
+                }
+                Err(error) => {
+                    tracing::error!(%error, kind = %K::qualified(), name = ?meta.name, "cannot keep the valid version");
                 }
             }
         }
     }
-    let mut collect = Collect {
-        set,
-        out: HashMap::new(),
-    };
-    kinds::for_each_kind(&mut collect);
-    for r in rejections {
-        if let Some(index) = kind_index(&r.kind) {
-            collect
-                .out
-                .remove(&(index, r.namespace.clone(), r.name.clone()));
-        }
-    }
-    collect.out
 }
 
 /// [`WatchedKind::INDEX`] of the kind a [`Rejection::kind`] names (any watched kind).

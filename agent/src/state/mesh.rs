@@ -1,7 +1,7 @@
 //! The mesh model itself: what every consumer reads.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use super::{
     egress, ingress, policy,
@@ -10,26 +10,42 @@ use super::{
 };
 
 /// Everything the data path knows about the mesh at one moment.
+///
+/// Each part sits behind an `Arc`, so that a rebuild after a change shares the parts the change
+/// did not touch with the previous snapshot ([`Incremental`](super::incremental::Incremental)).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct MeshState {
     pub trust_domain: String,
     pub root_namespace: String,
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub workloads: BTreeMap<WorkloadUid, Workload>,
+    #[serde(serialize_with = "shared")]
+    pub namespaces: Arc<BTreeMap<String, Namespace>>,
+    #[serde(serialize_with = "shared")]
+    pub workloads: Arc<BTreeMap<WorkloadUid, Workload>>,
     /// Services (and in-mesh ServiceEntries) by `namespace/name`.
-    pub services: BTreeMap<String, Service>,
+    #[serde(serialize_with = "shared")]
+    pub services: Arc<BTreeMap<String, Service>>,
     /// VIP → `namespace/name` in `services`.
     #[serde(skip)]
-    pub services_by_vip: BTreeMap<IpAddr, String>,
+    pub services_by_vip: Arc<BTreeMap<IpAddr, String>>,
     /// VIPs two Services claimed; the older keeps each.
-    pub service_conflicts: Vec<service::VipConflict>,
-    pub nodes: BTreeMap<String, Node>,
-    pub policy: policy::Policies,
-    pub egress: egress::Egress,
-    pub ingress: ingress::Ingress,
+    #[serde(serialize_with = "shared")]
+    pub service_conflicts: Arc<Vec<service::VipConflict>>,
+    #[serde(serialize_with = "shared")]
+    pub nodes: Arc<BTreeMap<String, Node>>,
+    #[serde(serialize_with = "shared")]
+    pub policy: Arc<policy::Policies>,
+    #[serde(serialize_with = "shared")]
+    pub egress: Arc<egress::Egress>,
+    #[serde(serialize_with = "shared")]
+    pub ingress: Arc<ingress::Ingress>,
     /// Address → workload, for every workload IP.
     #[serde(skip)]
-    pub by_ip: BTreeMap<IpAddr, WorkloadUid>,
+    pub by_ip: Arc<BTreeMap<IpAddr, WorkloadUid>>,
+}
+
+/// Serializes a shared part as the part itself.
+fn shared<T: Serialize, S: Serializer>(part: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    (**part).serialize(s)
 }
 
 /// Receives the serialized fields of a [`MeshState`] one at a time (`/config_dump` writes and
@@ -48,14 +64,14 @@ impl MeshState {
     pub fn visit_sections<V: SectionVisitor>(&self, v: &mut V) -> Result<(), V::Error> {
         v.section("trust_domain", &self.trust_domain)?;
         v.section("root_namespace", &self.root_namespace)?;
-        v.section("namespaces", &self.namespaces)?;
-        v.section("workloads", &self.workloads)?;
-        v.section("services", &self.services)?;
-        v.section("service_conflicts", &self.service_conflicts)?;
-        v.section("nodes", &self.nodes)?;
-        v.section("policy", &self.policy)?;
-        v.section("egress", &self.egress)?;
-        v.section("ingress", &self.ingress)
+        v.section("namespaces", &*self.namespaces)?;
+        v.section("workloads", &*self.workloads)?;
+        v.section("services", &*self.services)?;
+        v.section("service_conflicts", &*self.service_conflicts)?;
+        v.section("nodes", &*self.nodes)?;
+        v.section("policy", &*self.policy)?;
+        v.section("egress", &*self.egress)?;
+        v.section("ingress", &*self.ingress)
     }
 
     /// The workload that owns `ip`, if any.

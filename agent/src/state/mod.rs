@@ -7,6 +7,7 @@
 pub mod build;
 pub mod egress;
 pub mod http_filters;
+pub mod incremental;
 pub mod ingress;
 pub mod istio_ingress;
 pub mod last_good;
@@ -26,6 +27,7 @@ use tokio::sync::watch;
 /// Settings that shape how resources become state; part of the agent's configuration.
 pub use crate::config::MeshSettings;
 pub use build::{BuildOutput, build};
+pub use incremental::{Incremental, KindPrints};
 pub use last_good::LastGood;
 pub use mesh::MeshState;
 pub use rejections::{Rejection, Rejections};

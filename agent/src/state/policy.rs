@@ -41,7 +41,7 @@ use crate::resources::{
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Policies {
     /// PeerAuthentications, oldest first (when several apply at one level, the oldest wins).
-    pub peer_authentications: Vec<PeerAuthn>,
+    pub peer_authentications: PeerAuthentications,
     /// AuthorizationPolicies with an `ALLOW` or `DENY` action, attached to workloads.
     pub authorizations: Authorizations,
     /// Valid policies the node proxy does not enforce, and why.
@@ -52,9 +52,34 @@ pub struct Policies {
 /// reaches and by one label of their selector, so that a connection's decision reads only the
 /// policies that can select its destination (a cluster has thousands; a namespace tens, of which
 /// a workload's labels pick a few).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Authorizations {
-    list: Vec<Authorization>,
+pub type Authorizations = ScopedList<Authorization>;
+
+/// PeerAuthentications, oldest first, indexed as [`Authorizations`] are: the mTLS mode of a
+/// connection reads only those that can select its destination.
+pub type PeerAuthentications = ScopedList<PeerAuthn>;
+
+/// A policy that has a [`PolicyScope`].
+pub trait Scoped {
+    fn scope(&self) -> &PolicyScope;
+}
+
+impl Scoped for Authorization {
+    fn scope(&self) -> &PolicyScope {
+        &self.scope
+    }
+}
+
+impl Scoped for PeerAuthn {
+    fn scope(&self) -> &PolicyScope {
+        &self.scope
+    }
+}
+
+/// Policies in their order, indexed by the namespace their scope reaches and by one label of
+/// their selector ([`ScopedList::selecting`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScopedList<T> {
+    list: Vec<T>,
     /// Namespace → the policies scoped to it.
     by_namespace: HashMap<String, ScopeIndex>,
     /// The policies that reach every namespace (mesh-wide, or a selector in the root
@@ -62,7 +87,17 @@ pub struct Authorizations {
     everywhere: ScopeIndex,
 }
 
-/// Positions in [`Authorizations::list`] of the policies of one reach, ascending in each list.
+impl<T> Default for ScopedList<T> {
+    fn default() -> Self {
+        Self {
+            list: Vec::new(),
+            by_namespace: HashMap::new(),
+            everywhere: ScopeIndex::default(),
+        }
+    }
+}
+
+/// Positions in [`ScopedList::list`] of the policies of one reach, ascending in each list.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct ScopeIndex {
     /// Policies without labels to match: they select every workload they reach.
@@ -100,9 +135,9 @@ impl ScopeIndex {
     }
 }
 
-impl Authorizations {
+impl<T: Scoped> ScopedList<T> {
     /// Every policy, in order.
-    pub fn iter(&self) -> std::slice::Iter<'_, Authorization> {
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
         self.list.iter()
     }
 
@@ -115,11 +150,8 @@ impl Authorizations {
     }
 
     /// The policies whose scope selects `workload`, in order: the same as
-    /// `iter().filter(|p| p.scope.selects(workload))`, without reading the others.
-    pub fn selecting<'a>(
-        &'a self,
-        workload: &'a Workload,
-    ) -> impl Iterator<Item = &'a Authorization> {
+    /// `iter().filter(|p| p.scope().selects(workload))`, without reading the others.
+    pub fn selecting<'a>(&'a self, workload: &'a Workload) -> impl Iterator<Item = &'a T> {
         let mut positions = Vec::new();
         self.everywhere.candidates(&workload.labels, &mut positions);
         if let Some(local) = self.by_namespace.get(&workload.namespace) {
@@ -130,15 +162,15 @@ impl Authorizations {
         positions
             .into_iter()
             .map(|i| &self.list[i])
-            .filter(move |p| p.scope.selects(workload))
+            .filter(move |p| p.scope().selects(workload))
     }
 }
 
-impl FromIterator<Authorization> for Authorizations {
-    fn from_iter<I: IntoIterator<Item = Authorization>>(iter: I) -> Self {
-        let mut out = Authorizations::default();
+impl<T: Scoped> FromIterator<T> for ScopedList<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        let mut out = ScopedList::default();
         for (i, a) in iter.into_iter().enumerate() {
-            match &a.scope {
+            match a.scope() {
                 PolicyScope::Mesh => out.everywhere.add(i, None),
                 PolicyScope::Workloads {
                     namespace: None,
@@ -164,22 +196,22 @@ impl FromIterator<Authorization> for Authorizations {
     }
 }
 
-impl std::ops::Index<usize> for Authorizations {
-    type Output = Authorization;
-    fn index(&self, i: usize) -> &Authorization {
+impl<T> std::ops::Index<usize> for ScopedList<T> {
+    type Output = T;
+    fn index(&self, i: usize) -> &T {
         &self.list[i]
     }
 }
 
-impl<'a> IntoIterator for &'a Authorizations {
-    type Item = &'a Authorization;
-    type IntoIter = std::slice::Iter<'a, Authorization>;
+impl<'a, T> IntoIterator for &'a ScopedList<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
     fn into_iter(self) -> Self::IntoIter {
         self.list.iter()
     }
 }
 
-impl Serialize for Authorizations {
+impl<T: Serialize> Serialize for ScopedList<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.list.serialize(s)
     }
@@ -469,13 +501,15 @@ pub fn normalise(resources: &ResourceSet, root_namespace: &str, out: &mut Reject
 
     let mut pas: Vec<&PeerAuthentication> = resources.peer_authentications.iter().collect();
     pas.sort_by_key(|pa| age_key(&pa.metadata));
+    let mut peer_authentications = Vec::new();
     for pa in pas {
         match peer_authentication(pa, root_namespace, out) {
-            Some(Normalised::Kept(p)) => policies.peer_authentications.push(p),
+            Some(Normalised::Kept(p)) => peer_authentications.push(p),
             Some(Normalised::Ignored(i)) => policies.ignored.push(i),
             None => {}
         }
     }
+    policies.peer_authentications = peer_authentications.into_iter().collect();
 
     let mut authorizations = Vec::new();
     for ap in &resources.authorization_policies {

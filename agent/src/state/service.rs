@@ -18,7 +18,7 @@
 //! to [`MAX_ATTEMPTS`](super::load_balance::MAX_ATTEMPTS) of them in the order to try: the client's sticky endpoint first, then by
 //! power of two choices on in-flight connections.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::IpAddr,
     time::Duration,
@@ -180,8 +180,9 @@ pub struct Inputs<'a> {
 pub fn build(inputs: &Inputs<'_>, out: &mut Rejections) -> ServiceIndex {
     // (creation time, key): the order in which services claim VIPs.
     let mut claims: Vec<(String, String, Service)> = Vec::new();
+    let index = Index::new(inputs);
     for svc in inputs.services {
-        if let Some(s) = kubernetes(svc, inputs, out) {
+        if let Some(s) = kubernetes(svc, inputs, &index, out) {
             let created = svc
                 .metadata
                 .creation_timestamp
@@ -192,7 +193,7 @@ pub fn build(inputs: &Inputs<'_>, out: &mut Rejections) -> ServiceIndex {
         }
     }
     for se in inputs.registry {
-        if let Some(s) = service_entry(se, inputs) {
+        if let Some(s) = service_entry(se, inputs, &index) {
             let k = key(&s.namespace, &s.name);
             let created = inputs.entry_created.get(&k).cloned().unwrap_or_default();
             claims.push((created, k, s));
@@ -243,7 +244,40 @@ fn key(namespace: &str, name: &str) -> String {
 }
 
 /// A Kubernetes Service; `None` (and a rejection) when a field is invalid.
-fn kubernetes(svc: &K8sService, inputs: &Inputs<'_>, out: &mut Rejections) -> Option<Service> {
+/// The workloads and EndpointSlices of [`Inputs`] by namespace (and Service), so that each
+/// Service reads its own namespace's rather than the cluster's (2,000 Services × 10,000 pods
+/// otherwise); each list keeps the order of its input.
+struct Index<'a> {
+    workloads: HashMap<&'a str, Vec<&'a Workload>>,
+    /// (namespace, Service name) → its slices.
+    slices: HashMap<(&'a str, &'a str), Vec<&'a Slice>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(inputs: &Inputs<'a>) -> Self {
+        let mut workloads: HashMap<&str, Vec<&Workload>> = HashMap::new();
+        for w in inputs.workloads.values() {
+            workloads.entry(w.namespace.as_str()).or_default().push(w);
+        }
+        let mut slices: HashMap<(&str, &str), Vec<&Slice>> = HashMap::new();
+        for s in inputs.slices {
+            if let Some(service) = s.service.as_deref() {
+                slices
+                    .entry((s.namespace.as_str(), service))
+                    .or_default()
+                    .push(s);
+            }
+        }
+        Self { workloads, slices }
+    }
+}
+
+fn kubernetes(
+    svc: &K8sService,
+    inputs: &Inputs<'_>,
+    index: &Index<'_>,
+    out: &mut Rejections,
+) -> Option<Service> {
     let name = svc.metadata.name.clone().unwrap_or_default();
     let namespace = svc
         .metadata
@@ -315,17 +349,16 @@ fn kubernetes(svc: &K8sService, inputs: &Inputs<'_>, out: &mut Rejections) -> Op
         });
     }
     let selector = spec.selector.clone().unwrap_or_default();
-    let own: Vec<&Slice> = inputs
+    let own: &[&Slice] = index
         .slices
-        .iter()
-        .filter(|s| s.namespace == namespace && s.service.as_deref() == Some(name.as_str()))
-        .collect();
+        .get(&(namespace.as_str(), name.as_str()))
+        .map_or(&[], Vec::as_slice);
     let endpoints = if !own.is_empty() {
-        from_slices(&own, inputs)
+        from_slices(own, inputs)
     } else if selector.is_empty() {
         Vec::new()
     } else {
-        selected(&namespace, &selector, inputs.workloads)
+        selected(&namespace, &selector, index)
     };
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         let secs = spec
@@ -358,11 +391,15 @@ fn kubernetes(svc: &K8sService, inputs: &Inputs<'_>, out: &mut Rejections) -> Op
 fn selected(
     namespace: &str,
     selector: &BTreeMap<String, String>,
-    workloads: &BTreeMap<WorkloadUid, Workload>,
+    index: &Index<'_>,
 ) -> Vec<Endpoint> {
-    workloads
-        .values()
-        .filter(|w| w.namespace == namespace && !w.ips.is_empty())
+    index
+        .workloads
+        .get(namespace)
+        .into_iter()
+        .flatten()
+        .copied()
+        .filter(|w| !w.ips.is_empty())
         .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         .map(pod_endpoint)
         .collect()
@@ -461,7 +498,7 @@ fn log_unresolved(svc: &Service, workloads: &BTreeMap<WorkloadUid, Workload>) {
 
 /// An in-mesh ServiceEntry: single-IP addresses with a workload selector, or `MESH_INTERNAL`
 /// with static endpoints (a `MESH_EXTERNAL` entry stays with the egress decision).
-fn service_entry(se: &ExternalService, inputs: &Inputs<'_>) -> Option<Service> {
+fn service_entry(se: &ExternalService, inputs: &Inputs<'_>, index: &Index<'_>) -> Option<Service> {
     if se.workload_selector.is_none() && se.location != Location::MeshInternal {
         return None;
     }
@@ -485,10 +522,7 @@ fn service_entry(se: &ExternalService, inputs: &Inputs<'_>) -> Option<Service> {
         })
         .collect();
     let (selector, endpoints) = match &se.workload_selector {
-        Some(sel) => (
-            sel.clone(),
-            selected(&se.key.namespace, sel, inputs.workloads),
-        ),
+        Some(sel) => (sel.clone(), selected(&se.key.namespace, sel, index)),
         None if se.resolution == Resolution::Static && !se.endpoints.is_empty() => {
             let endpoints = se
                 .endpoints

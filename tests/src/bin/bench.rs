@@ -1001,6 +1001,9 @@ fn scale() {
     // The agents: first with nothing but the two pods the rate is measured between.
     let pods = [PodSpec::new("m1", "mesh", 1), PodSpec::new("m2", "mesh", 2)];
     let mut w = World::build(2, &pods);
+    // Each change replaces the file whole: a 17.6 MB file rewritten in place can be read
+    // half-written when the writer is descheduled (`SLUICE_SCALE_IN_PLACE=1` measures that).
+    w.atomic_config_writes = std::env::var_os("SLUICE_SCALE_IN_PLACE").is_none();
     w.namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]);
     w.start_agent(1, "");
     w.start_agent(2, "");
@@ -1120,12 +1123,13 @@ fn scale() {
     println!(
         "(RSS of node 1's agent, which holds every resource; per change {:?} MiB; {} of 20,000 \
          decisions allowed; conns/s = 1 / median connect + first byte, 900 each; changes \
-         add one pod, file source stat'ed every 100 ms; {:.0} s in all)",
+         add one pod, file source stat'ed every {} ms; {:.0} s in all)",
         rss_changes
             .iter()
             .map(|r| (r * 10.0).round() / 10.0)
             .collect::<Vec<_>>(),
         allowed,
+        sluice::sources::file::WATCH_INTERVAL.as_millis(),
         started.elapsed().as_secs_f64()
     );
     println!("scale_build_ms {build_ms:.0}");
@@ -1245,12 +1249,12 @@ fn scale_in_process(size: &sluice_tests::scale::Size) -> InProcess {
 }
 
 /// The file source's rebuild cycle in process (parse through the document cache, build with
-/// LastGood, publish, drop the old state, trim), each change on a fresh thread as the agent's
+/// LastGood's incremental builder, publish, drop the old state, trim), each change on a fresh thread as the agent's
 /// blocking pool would run it, with the agent's malloc settings; prints RSS after each trim.
 /// `SLUICE_MMAP_THRESHOLD=<bytes>` also fixes glibc's mmap threshold, to compare.
 fn scale_memory() {
     use sluice::{
-        sources::file::{DocumentCache, parse_cached},
+        sources::file::{DocumentCache, parse_cached_kinds},
         state::{LastGood, MeshSettings},
     };
     use sluice_tests::scale::{Size, cluster, pod};
@@ -1279,18 +1283,33 @@ fn scale_memory() {
         let text = format!("{yaml}{extra}");
         let (mut cache, mut last_good, previous) = carried.take().expect("carried");
         let t = std::time::Instant::now();
-        let (cache, last_good, state) = std::thread::spawn(move || {
-            let file = parse_cached(&text, std::path::Path::new("scale.yaml"), &mut cache)
+        let (cache, last_good, state, build_ms) = std::thread::spawn(move || {
+            // As the file watcher does: only the kinds of the parts that change are read.
+            let settings = MeshSettings::default();
+            let file =
+                parse_cached_kinds(&text, std::path::Path::new("scale.yaml"), &mut cache, |p| {
+                    last_good.kinds_read(p, &settings)
+                })
                 .expect("parses");
-            let built = last_good.build(file.resources, &MeshSettings::default());
+            let parsed = std::time::Instant::now();
+            let built = last_good.build_changed(file.resources, &file.prints, &settings);
+            let build_ms = parsed.elapsed().as_millis();
             drop(previous);
-            (cache, last_good, Some(std::sync::Arc::new(built.state)))
+            (
+                cache,
+                last_good,
+                Some(std::sync::Arc::new(built.state)),
+                build_ms,
+            )
         })
         .join()
         .expect("rebuild thread");
         let ms = t.elapsed().as_millis();
         sluice::memory::release_freed();
-        println!("change {c}: {ms} ms, RSS after trim {:.1} MiB", rss());
+        println!(
+            "change {c}: {ms} ms (build {build_ms} ms), RSS after trim {:.1} MiB",
+            rss()
+        );
         carried = Some((cache, last_good, state));
     }
     let (cache, last_good, state) = carried.take().expect("carried");

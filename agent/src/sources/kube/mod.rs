@@ -275,6 +275,10 @@ async fn rebuild_loop(
     rebuilt: tokio_watch::Sender<Arc<Rebuilt>>,
 ) {
     let mut progress = [KindState::Waiting; kinds::COUNT];
+    // Store changes seen per kind: a kind whose count stayed has the same list as at the last
+    // build (its signal arrives after its store changed), so the parts of the state that read
+    // only such kinds are reused.
+    let mut changes = [0u64; kinds::COUNT];
     let mut log = RejectionLog::default();
     let mut generation = 0u64;
     let mut last_good = state::LastGood::default();
@@ -310,18 +314,24 @@ async fn rebuild_loop(
         // Whether anything but an absent kind's failing retry arrived in this batch.
         let mut meaningful = false;
         let mut apply = |s: Signal| match s {
-            Signal::Changed(_) => meaningful = true,
+            Signal::Changed(i) => {
+                meaningful = true;
+                bump(&mut changes, i);
+            }
             Signal::Listed(i) => {
+                bump(&mut changes, i);
                 meaningful = true;
                 progress[i] = KindState::Listed;
             }
             Signal::Absent(i) => {
+                bump(&mut changes, i);
                 if progress[i] == KindState::Waiting {
                     meaningful = true;
                     progress[i] = KindState::Absent;
                 }
             }
             Signal::Forbidden(i) => {
+                bump(&mut changes, i);
                 if progress[i] != KindState::Forbidden {
                     meaningful = true;
                     progress[i] = KindState::Forbidden;
@@ -354,9 +364,10 @@ async fn rebuild_loop(
         merge(&mut set, &options.extra);
         // Building a cluster's state takes long enough to stall proxying: off the runtime.
         let settings = options.settings.clone();
+        let prints = state::KindPrints(changes.map(Some));
         let mut kept = std::mem::take(&mut last_good);
         let (out, kept) = match tokio::task::spawn_blocking(move || {
-            let out = kept.build(set, &settings);
+            let out = kept.build_changed(set, &prints, &settings);
             (out, kept)
         })
         .await
@@ -408,6 +419,13 @@ async fn rebuild_loop(
             absent,
             forbidden,
         }));
+    }
+}
+
+/// Counts one more change of kind `i`.
+fn bump(changes: &mut [u64; kinds::COUNT], i: usize) {
+    if let Some(c) = changes.get_mut(i) {
+        *c = c.wrapping_add(1);
     }
 }
 

@@ -916,7 +916,7 @@ fn host_hints_are_wanted_only_where_they_matter() {
 #[test]
 fn the_model_serialises_for_config_dump() {
     let state = seed();
-    let json = serde_json::to_value(&state.egress).expect("serialises");
+    let json = serde_json::to_value(&*state.egress).expect("serialises");
     assert_eq!(
         json["static_gateways"]["bindings"]["gw-uid"],
         "aks-istio-egress/asm-egress-test-sgc"

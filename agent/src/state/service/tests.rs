@@ -403,7 +403,7 @@ spec: {clusterIP: 10.96.77.7, selector: {app: b}, ports: [{port: 80, targetPort:
     );
     assert!(s.services["mesh/young"].vips.is_empty());
     assert_eq!(
-        s.service_conflicts,
+        *s.service_conflicts,
         [VipConflict {
             vip: "10.96.77.7".parse().unwrap(),
             kept_by: "mesh/old".into(),
@@ -529,8 +529,8 @@ fn with_slices(extra: &str, slices: &str) -> MeshState {
         },
         &mut Rejections::default(),
     );
-    base.services = index.services;
-    base.services_by_vip = index.by_vip;
+    base.services = index.services.into();
+    base.services_by_vip = index.by_vip.into();
     base
 }
 
