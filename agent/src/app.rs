@@ -63,10 +63,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.bpf_pin_path.display()
             )
         })?;
-    let ca = crate::identity::BuiltinCa::from_config(&agent.identity, &agent.trust_domain)
-        .context("loading the mesh CA")?;
+    let ca = crate::identity::ca_from_config(&agent.identity, &agent.trust_domain)
+        .context("setting up the mesh CA")?;
     let identity = Arc::new(crate::identity::SecretManager::with_key_exchange(
-        Arc::new(ca),
+        ca,
         agent.identity.workload_cert_ttl.get(),
         agent.tls.key_exchange,
     ));

@@ -60,6 +60,43 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the mesh CA service: Istio's certificate API (gRPC over TLS), signing a workload
+    /// certificate only for a pod on the calling agent's node. Holds the root key; nodes never do.
+    Ca {
+        #[arg(long, default_value = "0.0.0.0:15012", env = "SLUICE_CA_LISTEN")]
+        listen: std::net::SocketAddr,
+        /// The mesh root certificate (PEM).
+        #[arg(long, default_value = "/etc/sluice/ca/root-cert.pem")]
+        root_cert_file: PathBuf,
+        /// The mesh root's private key (PEM, PKCS#8).
+        #[arg(long, default_value = "/etc/sluice/ca/root-key.pem")]
+        root_key_file: PathBuf,
+        #[arg(long, default_value = "cluster.local", env = "SLUICE_TRUST_DOMAIN")]
+        trust_domain: String,
+        /// DNS names (or IPs) of the serving certificate; agents check the one they dial.
+        #[arg(
+            long = "serving-name",
+            value_delimiter = ',',
+            default_value = "sluice-ca.sluice-system.svc,sluice-ca.sluice-system.svc.cluster.local"
+        )]
+        serving_names: Vec<String>,
+        /// The audience callers' tokens must be issued for.
+        #[arg(long, default_value = "istio-ca")]
+        token_audience: String,
+        /// ServiceAccounts (namespace/name) allowed to ask for identities of pods on their node.
+        #[arg(
+            long = "agent-service-account",
+            value_delimiter = ',',
+            default_value = "sluice-system/sluice"
+        )]
+        agent_service_accounts: Vec<String>,
+        /// Longest workload certificate lifetime granted.
+        #[arg(long, default_value = "24h")]
+        max_ttl: sluice::config::CertTtl,
+        /// Kubeconfig (default: in-cluster, or KUBECONFIG).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Chained CNI plugin (reads CNI_* variables and stdin, as the CNI spec says).
     Cni,
     /// Talk to a running agent's enrollment API.
@@ -185,6 +222,32 @@ fn main() -> Result<()> {
             init_logging(cli.log_format);
             let rt = runtime(cli.worker_threads)?;
             rt.block_on(sluice::app::run(sluice::app::RunArgs { config, node }))
+        }
+        Cmd::Ca {
+            listen,
+            root_cert_file,
+            root_key_file,
+            trust_domain,
+            serving_names,
+            token_audience,
+            agent_service_accounts,
+            max_ttl,
+            kubeconfig,
+        } => {
+            init_logging(cli.log_format);
+            let rt = runtime(cli.worker_threads)?;
+            rt.block_on(sluice::ca_service::run(sluice::ca_service::CaServiceArgs {
+                listen,
+                root_cert_file,
+                root_key_file,
+                trust_domain,
+                serving_names,
+                token_audience,
+                agent_service_accounts,
+                max_ttl,
+                kubeconfig,
+            }))?;
+            Ok(())
         }
         Cmd::Gateway { config } => {
             sluice::memory::limit_arenas();
