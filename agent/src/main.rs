@@ -136,8 +136,8 @@ enum Cmd {
         )]
         ca_file: PathBuf,
     },
-    /// Make a mesh root and print it as the Secret the DaemonSet mounts
-    /// (`sluice root-secret | kubectl apply -f -`).
+    /// Make a mesh root and print it as the Secret the CA Deployment mounts, and its certificate
+    /// alone as the ConfigMap agents verify the CA with (`sluice root-secret | kubectl apply -f -`).
     RootSecret {
         /// Trust domain of the root (the AgentConfig's `trustDomain`).
         #[arg(long, default_value = "cluster.local")]
@@ -205,8 +205,10 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// The Secret holding the mesh root, as `deploy/04-daemonset.yaml` mounts it.
+/// The Secret holding the mesh root and its key, as `deploy/05-ca.yaml` mounts it.
 const ROOT_SECRET: &str = "sluice-root-ca";
+/// The ConfigMap with the root certificate alone, as `deploy/04-daemonset.yaml` mounts it.
+const ROOT_CONFIG_MAP: &str = "sluice-ca-root-cert";
 
 fn main() -> Result<()> {
     // A container runtime runs `/opt/cni/bin/sluice` with no arguments and the command in
@@ -351,7 +353,17 @@ fn main() -> Result<()> {
                 "type": "Opaque",
                 "stringData": {"root-cert.pem": cert, "root-key.pem": key},
             });
+            // The root certificate alone, for the agents: a Secret a DaemonSet mounted could be
+            // read by every node (the node authorizer lets a kubelet read its pods' Secrets).
+            let root_config_map = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": ROOT_CONFIG_MAP, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/name": "sluice"}},
+                "data": {"root-cert.pem": ca.root_pem()},
+            });
             print!("{}", serde_yaml::to_string(&secret)?);
+            print!("---\n{}", serde_yaml::to_string(&root_config_map)?);
             Ok(())
         }
         Cmd::Cleanup { pin_path } => {

@@ -147,15 +147,15 @@ fn deny(denial: &Denial) -> http::Response<GrpcBody> {
     refusal(denial.code(), &denial.to_string())
 }
 
-/// A trailers-only answer: the status in the headers, no body.
+/// A refusal: no message, the status in the trailers (sent as a trailers frame, so that gRPC
+/// clients that read the status only at the end of the stream find it).
 fn refusal(code: GrpcCode, message: &str) -> http::Response<GrpcBody> {
-    let mut resp = response(vec![]);
-    let headers = resp.headers_mut();
-    headers.insert("grpc-status", http::HeaderValue::from(code as u32));
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(code as u32));
     if let Ok(v) = http::HeaderValue::from_str(&percent_encode(message)) {
-        headers.insert("grpc-message", v);
+        trailers.insert("grpc-message", v);
     }
-    resp
+    response(vec![Ok(Frame::trailers(trailers))])
 }
 
 fn response(frames: Vec<Result<Frame<Bytes>, Infallible>>) -> http::Response<GrpcBody> {

@@ -163,7 +163,7 @@ impl RemoteCa {
             .map_err(|e| CaError::Unavailable(format!("reading the answer: {e}")))?;
         let trailers = collected.trailers().cloned().unwrap_or_default();
         let bytes = collected.to_bytes();
-        // A refusal comes as trailers only (in the headers); a success in the trailers.
+        // The status comes in the trailers, or in the headers of a trailers-only answer.
         let status = grpc_status(&trailers).or_else(|| grpc_status(&parts.headers));
         match status {
             Some((GrpcCode::Ok, _)) => {}
