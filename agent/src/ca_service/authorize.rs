@@ -262,7 +262,7 @@ pub fn requested_identity(
     request: &CertificateRequest,
     trust_domain: &str,
 ) -> Result<(Identity, CertificateSigningRequestDer<'static>), Denial> {
-    let bad = |m: String| Denial::BadCsr(m);
+    let bad = Denial::BadCsr;
     let der = CertificateSigningRequestDer::from_pem_slice(request.csr.as_bytes())
         .map_err(|e| bad(format!("not a PEM CERTIFICATE REQUEST: {e}")))?;
     let params = CertificateSigningRequestParams::from_der(&der)

@@ -499,10 +499,14 @@ mod tests {
         c.identity.ca_address = Some("https://sluice-ca.sluice-system.svc:15012".into());
         assert_eq!(
             c.validate(),
+            Err(ConfigError::Identity(IdentityConfigError::NoCaRoot))
+        );
+        c.identity.ca_root_file = Some("/etc/sluice/ca/root-cert.pem".into());
+        assert_eq!(
+            c.validate(),
             Err(ConfigError::Identity(IdentityConfigError::KeyWithRemoteCa))
         );
         c.identity.root_key_file = None;
-        c.identity.ca_root_file = Some("/etc/sluice/ca-root/root-cert.pem".into());
         assert_eq!(c.validate(), Ok(()));
     }
 
