@@ -111,9 +111,7 @@ impl Drop for CaService {
 fn write_impersonating_kubeconfig(from: &Path, to: &Path, namespace: &str, name: &str) {
     let text = std::fs::read_to_string(from).expect("admin kubeconfig");
     let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
-    let users = config["users"]
-        .as_sequence_mut()
-        .expect("kubeconfig users");
+    let users = config["users"].as_sequence_mut().expect("kubeconfig users");
     for user in users {
         let u = &mut user["user"];
         u["as"] = format!("system:serviceaccount:{namespace}:{name}").into();

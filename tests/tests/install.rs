@@ -65,7 +65,11 @@ async fn kubectl_apply_of_deploy_creates_everything_in_one_go() {
         .iter()
         .filter_map(|v| v.secret.as_ref().and_then(|s| s.secret_name.clone()))
         .collect();
-    assert_eq!(secrets, Vec::<String>::new(), "the DaemonSet mounts no Secret");
+    assert_eq!(
+        secrets,
+        Vec::<String>::new(),
+        "the DaemonSet mounts no Secret"
+    );
     let config_maps: Vec<String> = volumes
         .iter()
         .filter_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
@@ -96,7 +100,11 @@ async fn kubectl_apply_of_deploy_creates_everything_in_one_go() {
         .into_iter()
         .filter_map(|v| v.secret.and_then(|s| s.secret_name))
         .collect();
-    assert_eq!(ca_secrets, ["sluice-root-ca"], "only the CA mounts the root");
+    assert_eq!(
+        ca_secrets,
+        ["sluice-root-ca"],
+        "only the CA mounts the root"
+    );
     Api::<ConfigMap>::namespaced(client, "sluice-system")
         .get("sluice-config")
         .await
@@ -120,7 +128,11 @@ async fn install_ca_signs_only_for_pods_on_the_callers_node() {
         kube_mesh::apply_yaml(&client, &text).await;
     }
     for ns in ["shop", "other"] {
-        apply(&client, serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await;
+        apply(
+            &client,
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        )
+        .await;
     }
     for (ns, sa) in [("shop", "web"), ("shop", "api"), ("other", "web")] {
         apply(&client, serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns}})).await;
@@ -149,8 +161,22 @@ async fn install_ca_signs_only_for_pods_on_the_callers_node() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = tokio::task::block_in_place(|| CaService::start(&server, dir.path(), TD));
-    let token_a = pod_token(&client, "sluice-system", "sluice", ("agent-a", &uids["agent-a"]), AUDIENCE).await;
-    let token_b = pod_token(&client, "sluice-system", "sluice", ("agent-b", &uids["agent-b"]), AUDIENCE).await;
+    let token_a = pod_token(
+        &client,
+        "sluice-system",
+        "sluice",
+        ("agent-a", &uids["agent-a"]),
+        AUDIENCE,
+    )
+    .await;
+    let token_b = pod_token(
+        &client,
+        "sluice-system",
+        "sluice",
+        ("agent-b", &uids["agent-b"]),
+        AUDIENCE,
+    )
+    .await;
     let agent_a = Arc::new(remote_ca(&ca, dir.path(), "token-a", &token_a));
     let agent_b = Arc::new(remote_ca(&ca, dir.path(), "token-b", &token_b));
     let web = Identity::new(TD, "shop", "web");
@@ -170,43 +196,80 @@ async fn install_ca_signs_only_for_pods_on_the_callers_node() {
     leaf.verify_signature(Some(x509(&roots[0]).public_key()))
         .expect("the leaf is signed by the mesh root");
     let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
-    assert!(lifetime <= 3600 + 300, "the requested lifetime is kept: {lifetime} s");
+    assert!(
+        lifetime <= 3600 + 300,
+        "the requested lifetime is kept: {lifetime} s"
+    );
     // Granted: agent B for its own node's pod (the control for the refusal below).
-    sign(&agent_b, &api).await.expect("agent B for shop/api on node B");
+    sign(&agent_b, &api)
+        .await
+        .expect("agent B for shop/api on node B");
 
     // Refused: a pod on another node.
-    let err = sign(&agent_a, &api).await.expect_err("agent A for shop/api on node B");
+    let err = sign(&agent_a, &api)
+        .await
+        .expect_err("agent A for shop/api on node B");
     assert_refused(&err, GrpcCode::PermissionDenied, "node-a");
     // Refused: the same ServiceAccount name in another namespace (its pod is on node B).
-    let err = sign(&agent_a, &other_web).await.expect_err("agent A for other/web");
+    let err = sign(&agent_a, &other_web)
+        .await
+        .expect_err("agent A for other/web");
     assert_refused(&err, GrpcCode::PermissionDenied, "other/sa/web");
 
     // Refused: a forged token (agent A's, re-written to claim agent B's pod; the signature no
     // longer matches), a made-up one, and a real one for another audience.
-    let forged = forge(&token_a, &[("agent-a", "agent-b"), (&uids["agent-a"], &uids["agent-b"])]);
+    let forged = forge(
+        &token_a,
+        &[("agent-a", "agent-b"), (&uids["agent-a"], &uids["agent-b"])],
+    );
     let forger = remote_ca(&ca, dir.path(), "token-forged", &forged);
     let err = sign(&forger, &api).await.expect_err("a forged token");
     assert_refused(&err, GrpcCode::Unauthenticated, "");
-    let err = agent_a.call("not-a-token", &request_for(&web)).await.expect_err("a made-up token");
+    let err = agent_a
+        .call("not-a-token", &request_for(&web))
+        .await
+        .expect_err("a made-up token");
     assert_refused(&err, GrpcCode::Unauthenticated, "");
-    let wrong_audience = pod_token(&client, "sluice-system", "sluice", ("agent-a", &uids["agent-a"]), "https://kubernetes.default.svc").await;
-    let err = agent_a.call(&wrong_audience, &request_for(&web)).await.expect_err("another audience");
+    let wrong_audience = pod_token(
+        &client,
+        "sluice-system",
+        "sluice",
+        ("agent-a", &uids["agent-a"]),
+        "https://kubernetes.default.svc",
+    )
+    .await;
+    let err = agent_a
+        .call(&wrong_audience, &request_for(&web))
+        .await
+        .expect_err("another audience");
     assert_refused(&err, GrpcCode::Unauthenticated, "");
     // The client checks the audience itself before sending.
     let local = remote_ca(&ca, dir.path(), "token-wrong-aud", &wrong_audience);
-    assert!(matches!(sign(&local, &web).await, Err(CaError::Token { .. })));
+    assert!(matches!(
+        sign(&local, &web).await,
+        Err(CaError::Token { .. })
+    ));
 
     // Refused: a workload's token asking for another identity on its node (only the node
     // agent's ServiceAccount may); granted: its own identity, as Istio grants.
     let token_web = pod_token(&client, "shop", "web", ("web-a", &uids["web-a"]), AUDIENCE).await;
     let workload = remote_ca(&ca, dir.path(), "token-web", &token_web);
-    let err = sign(&workload, &other_web).await.expect_err("a workload for another identity");
+    let err = sign(&workload, &other_web)
+        .await
+        .expect_err("a workload for another identity");
     assert_refused(&err, GrpcCode::PermissionDenied, "own identity");
-    sign(&workload, &web).await.expect("a workload for its own identity");
+    sign(&workload, &web)
+        .await
+        .expect("a workload for its own identity");
     // Refused: a CSR that disagrees with the ImpersonatedIdentity it is sent with.
     let mut mismatched = request_for(&api);
-    mismatched.metadata.insert(IMPERSONATED_IDENTITY.into(), web.to_string());
-    let err = agent_a.call(&token_a, &mismatched).await.expect_err("a mismatched CSR");
+    mismatched
+        .metadata
+        .insert(IMPERSONATED_IDENTITY.into(), web.to_string());
+    let err = agent_a
+        .call(&token_a, &mismatched)
+        .await
+        .expect_err("a mismatched CSR");
     assert_refused(&err, GrpcCode::InvalidArgument, "ImpersonatedIdentity");
 
     // Issuing latency: 50 sequential requests by agent A (TokenReview, pod read, pod list and
@@ -286,7 +349,10 @@ fn assert_refused(err: &CaError, want: GrpcCode, mentions: &str) {
     match err {
         CaError::Refused { code, message } => {
             assert_eq!(*code, want, "refused with {code:?}: {message}");
-            assert!(message.contains(mentions), "{message:?} should mention {mentions:?}");
+            assert!(
+                message.contains(mentions),
+                "{message:?} should mention {mentions:?}"
+            );
         }
         other => panic!("expected a refusal ({want:?}), got: {other}"),
     }
@@ -298,7 +364,8 @@ fn forge(token: &str, replace: &[(&str, &str)]) -> String {
     let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let parts: Vec<&str> = token.split('.').collect();
     assert_eq!(parts.len(), 3, "a JWT");
-    let mut claims = String::from_utf8(enc.decode(parts[1]).expect("base64 claims")).expect("UTF-8");
+    let mut claims =
+        String::from_utf8(enc.decode(parts[1]).expect("base64 claims")).expect("UTF-8");
     for (from, to) in replace {
         assert!(claims.contains(from), "{from} in {claims}");
         claims = claims.replace(from, to);

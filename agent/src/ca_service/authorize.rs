@@ -356,7 +356,10 @@ mod tests {
         let web = Identity::new(TD, "shop", "web");
         let other = Identity::new("evil.td", "shop", "web");
         let err = requested_identity(&request_for(&other), TD).unwrap_err();
-        assert!(err.to_string().contains("outside the trust domain"), "{err}");
+        assert!(
+            err.to_string().contains("outside the trust domain"),
+            "{err}"
+        );
         assert_eq!(err.code(), GrpcCode::InvalidArgument);
 
         let mut req = request_for(&web);

@@ -83,7 +83,11 @@ pub async fn run(args: CaServiceArgs) -> Result<(), CaServiceError> {
     if args.serving_names.is_empty() {
         return Err(CaServiceError::NoServingName);
     }
-    let ca = BuiltinCa::load(&args.root_cert_file, &args.root_key_file, &args.trust_domain)?;
+    let ca = BuiltinCa::load(
+        &args.root_cert_file,
+        &args.root_key_file,
+        &args.trust_domain,
+    )?;
     let (chain, key) = ca.issue_serving(&args.serving_names, SERVING_CERT_LIFETIME)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)

@@ -76,7 +76,11 @@ pub async fn serve(
 }
 
 impl Signer {
-    async fn handle(&self, req: http::Request<Incoming>, peer: SocketAddr) -> http::Response<GrpcBody> {
+    async fn handle(
+        &self,
+        req: http::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> http::Response<GrpcBody> {
         if req.uri().path() != CREATE_CERTIFICATE_PATH {
             return refusal(GrpcCode::Unimplemented, "unknown method");
         }
@@ -88,7 +92,10 @@ impl Signer {
             .unwrap_or_default()
             .trim()
             .to_owned();
-        let body = match Limited::new(req.into_body(), MAX_MESSAGE + 5).collect().await {
+        let body = match Limited::new(req.into_body(), MAX_MESSAGE + 5)
+            .collect()
+            .await
+        {
             Ok(body) => body.to_bytes(),
             Err(e) => return refusal(GrpcCode::ResourceExhausted, &format!("request body: {e}")),
         };

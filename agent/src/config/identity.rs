@@ -80,9 +80,13 @@ fn default_cluster_id() -> String {
 /// Why the `identity` section is not usable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityConfigError {
-    #[error("spec.identity.caRootFile: required with spec.identity.caAddress (the root that verifies the CA's TLS certificate)")]
+    #[error(
+        "spec.identity.caRootFile: required with spec.identity.caAddress (the root that verifies the CA's TLS certificate)"
+    )]
     NoCaRoot,
-    #[error("spec.identity.rootKeyFile: must not be set with spec.identity.caAddress: the root key stays with the CA, never on nodes")]
+    #[error(
+        "spec.identity.rootKeyFile: must not be set with spec.identity.caAddress: the root key stays with the CA, never on nodes"
+    )]
     KeyWithRemoteCa,
     #[error("spec.identity.caAddress: {address:?} is not https://host:port or host:port")]
     BadCaAddress { address: String },
@@ -260,7 +264,11 @@ mod tests {
 
     #[test]
     fn a_remote_ca_needs_its_root_and_no_key_on_the_node() {
-        let parse = |y: &str| serde_yaml::from_str::<IdentityConfig>(y).unwrap().validate();
+        let parse = |y: &str| {
+            serde_yaml::from_str::<IdentityConfig>(y)
+                .unwrap()
+                .validate()
+        };
         assert_eq!(parse("{}"), Ok(()));
         assert_eq!(
             parse("caAddress: https://istiod.istio-system.svc:15012"),
@@ -270,7 +278,14 @@ mod tests {
             parse("{caAddress: 'sluice-ca:15012', caRootFile: /r.pem, rootKeyFile: /k.pem}"),
             Err(IdentityConfigError::KeyWithRemoteCa)
         );
-        for bad in ["istiod", "https://istiod", "http://x:1", "x:0", ":15012", "x:99999"] {
+        for bad in [
+            "istiod",
+            "https://istiod",
+            "http://x:1",
+            "x:0",
+            ":15012",
+            "x:99999",
+        ] {
             let y = format!("{{caAddress: '{bad}', caRootFile: /r.pem}}");
             assert!(
                 matches!(parse(&y), Err(IdentityConfigError::BadCaAddress { .. })),

@@ -140,15 +140,14 @@ impl RemoteCa {
         } else {
             format!("{}:{}", self.host, self.port)
         };
-        let http_request = http::Request::post(format!(
-            "https://{authority}{CREATE_CERTIFICATE_PATH}"
-        ))
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .header(CLUSTER_ID_HEADER, &self.cluster_id)
-        .body(Full::new(Bytes::from(frame(&request.encode()))))
-        .map_err(|e| CaError::Protocol(format!("building the request: {e}")))?;
+        let http_request =
+            http::Request::post(format!("https://{authority}{CREATE_CERTIFICATE_PATH}"))
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers")
+                .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(CLUSTER_ID_HEADER, &self.cluster_id)
+                .body(Full::new(Bytes::from(frame(&request.encode()))))
+                .map_err(|e| CaError::Protocol(format!("building the request: {e}")))?;
         let response = sender
             .send_request(http_request)
             .await
@@ -236,7 +235,9 @@ impl RemoteCa {
         let identity = request.identity;
         let (token, claims) = self.read_token()?;
         let mut metadata = BTreeMap::new();
-        if claims.service_account.as_ref() != Some(&(identity.namespace.clone(), identity.service_account.clone())) {
+        if claims.service_account.as_ref()
+            != Some(&(identity.namespace.clone(), identity.service_account.clone()))
+        {
             metadata.insert(IMPERSONATED_IDENTITY.to_owned(), identity.to_string());
         }
         let csr = pem::encode_config(
@@ -419,7 +420,10 @@ mod tests {
     fn grpc_messages_survive_percent_encoding() {
         let text = "pod shop/web-1 is on node-b, not node-a: 100% refused ✓";
         let encoded = percent_encode(text);
-        assert!(encoded.is_ascii() && encoded.contains("100%25 refused"), "{encoded}");
+        assert!(
+            encoded.is_ascii() && encoded.contains("100%25 refused"),
+            "{encoded}"
+        );
         assert_eq!(percent_decode(&encoded), text);
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }

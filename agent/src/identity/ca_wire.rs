@@ -21,7 +21,8 @@
 use std::collections::BTreeMap;
 
 /// The gRPC method path.
-pub const CREATE_CERTIFICATE_PATH: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+pub const CREATE_CERTIFICATE_PATH: &str =
+    "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 /// The metadata key with which a node proxy asks for another identity than its own (Istio's
 /// node authorizer reads it).
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
