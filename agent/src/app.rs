@@ -63,11 +63,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.bpf_pin_path.display()
             )
         })?;
-    let ca = crate::identity::BuiltinCa::from_config(&agent.identity, &agent.trust_domain)
-        .context("loading the mesh CA")?;
-    let mesh_root = ca.root().clone();
+    let ca = crate::identity::ca_from_config(&agent.identity, &agent.trust_domain)
+        .context("setting up the mesh CA")?;
     let identity = Arc::new(crate::identity::SecretManager::with_key_exchange(
-        Arc::new(ca),
+        ca,
         agent.identity.workload_cert_ttl.get(),
         agent.tls.key_exchange,
     ));
@@ -158,7 +157,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(h) = handover.as_mut() {
         let carried = std::mem::take(&mut h.certs);
         let offered = carried.len();
-        let report = identity.adopt(carried, Some(&mesh_root)).await;
+        let report = identity.adopt(carried).await;
         info!(
             offered,
             adopted = report.adopted,

@@ -7,6 +7,7 @@
 //! | room | what it holds | imports |
 //! |------|---------------|---------|
 //! | [`app`] | `sluice run`: wires sources → state → consumers | every room |
+//! | [`ca_service`] | `sluice ca`: signs workload certificates for node agents, over Istio's certificate API | identity, sources, state, config |
 //! | [`gateway`] | `sluice gateway`: the ingress data plane (Gateway API listeners, HTTPRoutes, HBONE to backends) | proxy, identity, admin, sources, state, config |
 //! | [`pods`] | pod lifecycle: enrollment and discovery → capture + per-pod proxy listeners | redirect, proxy, netns, state |
 //! | [`proxy`] | outbound, inbound, HBONE, egress gateway, copy | policy, identity, egress, admin, netns, state, resources, config |
@@ -24,6 +25,7 @@
 //! | [`config`] | the `AgentConfig` file, read and checked once | — |
 pub mod admin;
 pub mod app;
+pub mod ca_service;
 pub mod config;
 pub mod egress;
 pub mod gateway;

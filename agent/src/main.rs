@@ -60,6 +60,43 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the mesh CA service: Istio's certificate API (gRPC over TLS), signing a workload
+    /// certificate only for a pod on the calling agent's node. Holds the root key; nodes never do.
+    Ca {
+        #[arg(long, default_value = "0.0.0.0:15012", env = "SLUICE_CA_LISTEN")]
+        listen: std::net::SocketAddr,
+        /// The mesh root certificate (PEM).
+        #[arg(long, default_value = "/etc/sluice/ca/root-cert.pem")]
+        root_cert_file: PathBuf,
+        /// The mesh root's private key (PEM, PKCS#8).
+        #[arg(long, default_value = "/etc/sluice/ca/root-key.pem")]
+        root_key_file: PathBuf,
+        #[arg(long, default_value = "cluster.local", env = "SLUICE_TRUST_DOMAIN")]
+        trust_domain: String,
+        /// DNS names (or IPs) of the serving certificate; agents check the one they dial.
+        #[arg(
+            long = "serving-name",
+            value_delimiter = ',',
+            default_value = "sluice-ca.sluice-system.svc,sluice-ca.sluice-system.svc.cluster.local"
+        )]
+        serving_names: Vec<String>,
+        /// The audience callers' tokens must be issued for.
+        #[arg(long, default_value = "istio-ca")]
+        token_audience: String,
+        /// ServiceAccounts (namespace/name) allowed to ask for identities of pods on their node.
+        #[arg(
+            long = "agent-service-account",
+            value_delimiter = ',',
+            default_value = "sluice-system/sluice"
+        )]
+        agent_service_accounts: Vec<String>,
+        /// Longest workload certificate lifetime granted.
+        #[arg(long, default_value = "24h")]
+        max_ttl: sluice::config::CertTtl,
+        /// Kubeconfig (default: in-cluster, or KUBECONFIG).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Chained CNI plugin (reads CNI_* variables and stdin, as the CNI spec says).
     Cni,
     /// Talk to a running agent's enrollment API.
@@ -99,8 +136,8 @@ enum Cmd {
         )]
         ca_file: PathBuf,
     },
-    /// Make a mesh root and print it as the Secret the DaemonSet mounts
-    /// (`sluice root-secret | kubectl apply -f -`).
+    /// Make a mesh root and print it as the Secret the CA Deployment mounts, and its certificate
+    /// alone as the ConfigMap agents verify the CA with (`sluice root-secret | kubectl apply -f -`).
     RootSecret {
         /// Trust domain of the root (the AgentConfig's `trustDomain`).
         #[arg(long, default_value = "cluster.local")]
@@ -168,8 +205,10 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// The Secret holding the mesh root, as `deploy/04-daemonset.yaml` mounts it.
+/// The Secret holding the mesh root and its key, as `deploy/05-ca.yaml` mounts it.
 const ROOT_SECRET: &str = "sluice-root-ca";
+/// The ConfigMap with the root certificate alone, as `deploy/04-daemonset.yaml` mounts it.
+const ROOT_CONFIG_MAP: &str = "sluice-ca-root-cert";
 
 fn main() -> Result<()> {
     // A container runtime runs `/opt/cni/bin/sluice` with no arguments and the command in
@@ -185,6 +224,32 @@ fn main() -> Result<()> {
             init_logging(cli.log_format);
             let rt = runtime(cli.worker_threads)?;
             rt.block_on(sluice::app::run(sluice::app::RunArgs { config, node }))
+        }
+        Cmd::Ca {
+            listen,
+            root_cert_file,
+            root_key_file,
+            trust_domain,
+            serving_names,
+            token_audience,
+            agent_service_accounts,
+            max_ttl,
+            kubeconfig,
+        } => {
+            init_logging(cli.log_format);
+            let rt = runtime(cli.worker_threads)?;
+            rt.block_on(sluice::ca_service::run(sluice::ca_service::CaServiceArgs {
+                listen,
+                root_cert_file,
+                root_key_file,
+                trust_domain,
+                serving_names,
+                token_audience,
+                agent_service_accounts,
+                max_ttl,
+                kubeconfig,
+            }))?;
+            Ok(())
         }
         Cmd::Gateway { config } => {
             sluice::memory::limit_arenas();
@@ -288,7 +353,17 @@ fn main() -> Result<()> {
                 "type": "Opaque",
                 "stringData": {"root-cert.pem": cert, "root-key.pem": key},
             });
+            // The root certificate alone, for the agents: a Secret a DaemonSet mounted could be
+            // read by every node (the node authorizer lets a kubelet read its pods' Secrets).
+            let root_config_map = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": ROOT_CONFIG_MAP, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/name": "sluice"}},
+                "data": {"root-cert.pem": ca.root_pem()},
+            });
             print!("{}", serde_yaml::to_string(&secret)?);
+            print!("---\n{}", serde_yaml::to_string(&root_config_map)?);
             Ok(())
         }
         Cmd::Cleanup { pin_path } => {

@@ -14,8 +14,10 @@
 //!   a test starts processes in them ([`Cluster::serve`], [`Cluster::connect`]).
 //! - **Agents**: one per node in kube mode, from `deploy/`'s ConfigMap and the DaemonSet's
 //!   environment, with the ServiceAccount token the install's RBAC grants and the mesh root
-//!   from the `sluice-root-ca` Secret made by `sluice root-secret`. Only host paths differ per
-//!   node (every node of the box shares one kernel and file system): see [`NODE_MOUNTS`].
+//!   from the `sluice-root-ca` Secret made by `sluice root-secret`. Host paths differ per node
+//!   (every node of the box shares one kernel and file system): see [`NODE_MOUNTS`]; and the
+//!   agents sign with the built-in CA rather than ask the CA service (see
+//!   `builtin_ca_instead_of_the_ca_service`).
 //!
 //! Everything is removed when the box drops, also after a panic.
 use std::{
@@ -283,7 +285,8 @@ impl Cluster {
             .as_str()
             .expect("data.config.yaml");
         let path = self.node_dir(i).join("config.yaml");
-        std::fs::write(&path, self.node_paths(i, config)).expect("agent config");
+        let config = builtin_ca_instead_of_the_ca_service(config);
+        std::fs::write(&path, self.node_paths(i, &config)).expect("agent config");
         // In a pod the agent uses its mounted ServiceAccount token; here the same token, through
         // the kubeconfig install-cni wrote from it.
         let kubeconfig = self.cni_conf_dir(i).join("sluice-kubeconfig");
@@ -616,6 +619,24 @@ fn require_box_tools() {
 }
 
 /// The token of ServiceAccount `namespace/name`, from the Secret the token controller makes.
+/// The box's one departure from `deploy/`: its agents sign with the built-in CA from the root
+/// files (the Secret's, written into each node's `ca` directory) instead of asking the CA
+/// service, since the box runs no agent pods to bind CA tokens to. The CA service itself is
+/// tested against the real API server in `tests/install.rs`.
+fn builtin_ca_instead_of_the_ca_service(config: &str) -> String {
+    const CA_SERVICE: &str = "caAddress: https://sluice-ca.sluice-system.svc:15012\n    \
+                              caRootFile: /etc/sluice/ca/root-cert.pem";
+    assert!(
+        config.contains(CA_SERVICE),
+        "deploy/03-configmap.yaml no longer has {CA_SERVICE:?}; update the cluster box"
+    );
+    config.replace(
+        CA_SERVICE,
+        "rootCertFile: /etc/sluice/ca/root-cert.pem\n    \
+         rootKeyFile: /etc/sluice/ca/root-key.pem",
+    )
+}
+
 async fn service_account_token(client: &Client, namespace: &str, name: &str) -> String {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);

@@ -3,6 +3,7 @@
 //! kube-apiserver (`kube_server`).
 pub mod agent;
 pub mod bpf;
+pub mod ca_service;
 pub mod cluster;
 pub mod egress_world;
 pub mod hbone_client;

@@ -1,9 +1,32 @@
-//! Installing Sluice the way README says: `kubectl apply -f deploy/` against a real API server.
-use std::process::Command;
+//! Installing Sluice the way README says: `kubectl apply -f deploy/` against a real API server,
+//! and the CA service the install runs (`sluice ca`), against the same real API server.
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
-use kube::Api;
-use sluice_tests::{kube_mesh::deploy_dir_for_1_20, kube_server::KubeServer};
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment},
+    core::v1::ConfigMap,
+};
+use kube::{Api, Client};
+use sluice::{
+    identity::{
+        CaError, RemoteCa, SecretManager, SignRequest,
+        ca_client::read_roots,
+        ca_wire::{CertificateRequest, GrpcCode, IMPERSONATED_IDENTITY},
+        certificate_request, generate_key,
+    },
+    state::Identity,
+};
+use sluice_tests::{
+    ca_service::{CaService, pod_token},
+    kube_mesh::{self, deploy_dir, deploy_dir_for_1_20},
+    kube_server::KubeServer,
+};
 
 /// One `kubectl apply -f deploy/` on a fresh cluster creates every object: kubectl applies a
 /// directory's files in name order, so the namespace must sort first (it did not, and the
@@ -31,21 +54,329 @@ async fn kubectl_apply_of_deploy_creates_everything_in_one_go() {
         .get("sluice")
         .await
         .expect("the DaemonSet");
-    let mounts: Vec<String> = ds
+    let pod = ds
         .spec
         .and_then(|s| s.template.spec)
+        .expect("the DaemonSet's pod spec");
+    let volumes = pod.volumes.unwrap_or_default();
+    // The root key stays off the nodes: the DaemonSet mounts no Secret at all (a kubelet may
+    // read every Secret its pods mount), only the root certificate and a projected token.
+    let secrets: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| v.secret.as_ref().and_then(|s| s.secret_name.clone()))
+        .collect();
+    assert_eq!(
+        secrets,
+        Vec::<String>::new(),
+        "the DaemonSet mounts no Secret"
+    );
+    let config_maps: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
+        .collect();
+    assert!(
+        config_maps.contains(&"sluice-ca-root-cert".to_owned()),
+        "the DaemonSet mounts the root certificate: {config_maps:?}"
+    );
+    let audiences: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|s| s.service_account_token.as_ref())
+        .filter_map(|t| t.audience.clone())
+        .collect();
+    assert_eq!(audiences, ["istio-ca"], "a projected token for the CA");
+    let ca = Api::<Deployment>::namespaced(client.clone(), "sluice-system")
+        .get("sluice-ca")
+        .await
+        .expect("the CA Deployment");
+    let ca_spec = ca.spec.expect("the CA Deployment's spec");
+    assert_eq!(ca_spec.replicas, Some(2));
+    let ca_secrets: Vec<String> = ca_spec
+        .template
+        .spec
         .and_then(|s| s.volumes)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|v| v.secret.and_then(|s| s.secret_name))
         .collect();
     assert_eq!(
-        mounts,
+        ca_secrets,
         ["sluice-root-ca"],
-        "the DaemonSet mounts the shared root"
+        "only the CA mounts the root"
     );
     Api::<ConfigMap>::namespaced(client, "sluice-system")
         .get("sluice-config")
         .await
         .expect("the agent's ConfigMap");
+}
+
+const TD: &str = "cluster.local";
+const AUDIENCE: &str = "istio-ca";
+
+/// Item 1 of issue 17: the CA service signs an identity only for the node agent of a node where
+/// a pod of that identity is scheduled. Against the real API server: TokenReview of tokens the
+/// API server issued (TokenRequest bound to pods, as the kubelet projects them), pods read and
+/// listed with the RBAC of `deploy/05-ca.yaml`. Prints the issuing latency.
+#[tokio::test(flavor = "multi_thread")]
+async fn install_ca_signs_only_for_pods_on_the_callers_node() {
+    let server = tokio::task::block_in_place(KubeServer::start);
+    let client = server.client().await;
+    for file in ["00-namespace.yaml", "01-serviceaccount.yaml", "05-ca.yaml"] {
+        let path = deploy_dir().join(file);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        kube_mesh::apply_yaml(&client, &text).await;
+    }
+    for ns in ["shop", "other"] {
+        apply(
+            &client,
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        )
+        .await;
+    }
+    for (ns, sa) in [("shop", "web"), ("shop", "api"), ("other", "web")] {
+        apply(&client, serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns}})).await;
+    }
+    // Node A runs agent-a and shop/web; node B runs agent-b, shop/api and other/web.
+    let mut uids = BTreeMap::new();
+    for (ns, name, sa, node) in [
+        ("sluice-system", "agent-a", "sluice", "node-a"),
+        ("sluice-system", "agent-b", "sluice", "node-b"),
+        ("shop", "web-a", "web", "node-a"),
+        ("shop", "api-b", "api", "node-b"),
+        ("other", "web-b", "web", "node-b"),
+    ] {
+        let pod = apply(
+            &client,
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"serviceAccountName": sa, "nodeName": node,
+                         "containers": [{"name": "c", "image": "example.invalid/none"}]},
+            }),
+        )
+        .await;
+        uids.insert(name, pod.metadata.uid.expect("pod uid"));
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = tokio::task::block_in_place(|| CaService::start(&server, dir.path(), TD));
+    let token_a = pod_token(
+        &client,
+        "sluice-system",
+        "sluice",
+        ("agent-a", &uids["agent-a"]),
+        AUDIENCE,
+    )
+    .await;
+    let token_b = pod_token(
+        &client,
+        "sluice-system",
+        "sluice",
+        ("agent-b", &uids["agent-b"]),
+        AUDIENCE,
+    )
+    .await;
+    let agent_a = Arc::new(remote_ca(&ca, dir.path(), "token-a", &token_a));
+    let agent_b = Arc::new(remote_ca(&ca, dir.path(), "token-b", &token_b));
+    let web = Identity::new(TD, "shop", "web");
+    let api = Identity::new(TD, "shop", "api");
+    let other_web = Identity::new(TD, "other", "web");
+
+    // Granted: agent A, for the pod on its node, through the agent's own SecretManager.
+    let manager = SecretManager::new(agent_a.clone(), Duration::from_secs(3600));
+    let cert = manager
+        .fetch(&web)
+        .await
+        .unwrap_or_else(|e| panic!("agent A for {web}: {e}\n{}", ca.tail()))
+        .current();
+    assert_eq!(cert.identity(), &web);
+    let roots = read_roots(&ca.root_cert).expect("root");
+    let leaf = x509(cert.leaf());
+    leaf.verify_signature(Some(x509(&roots[0]).public_key()))
+        .expect("the leaf is signed by the mesh root");
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert!(
+        lifetime <= 3600 + 300,
+        "the requested lifetime is kept: {lifetime} s"
+    );
+    // Granted: agent B for its own node's pod (the control for the refusal below).
+    sign(&agent_b, &api)
+        .await
+        .expect("agent B for shop/api on node B");
+
+    // Refused: a pod on another node.
+    let err = sign(&agent_a, &api)
+        .await
+        .expect_err("agent A for shop/api on node B");
+    assert_refused(&err, GrpcCode::PermissionDenied, "node-a");
+    // Refused: the same ServiceAccount name in another namespace (its pod is on node B).
+    let err = sign(&agent_a, &other_web)
+        .await
+        .expect_err("agent A for other/web");
+    assert_refused(&err, GrpcCode::PermissionDenied, "other/sa/web");
+
+    // Refused: a forged token (agent A's, re-written to claim agent B's pod; the signature no
+    // longer matches), a made-up one, and a real one for another audience.
+    let forged = forge(
+        &token_a,
+        &[("agent-a", "agent-b"), (&uids["agent-a"], &uids["agent-b"])],
+    );
+    let forger = remote_ca(&ca, dir.path(), "token-forged", &forged);
+    let err = sign(&forger, &api).await.expect_err("a forged token");
+    assert_refused(&err, GrpcCode::Unauthenticated, "");
+    let err = agent_a
+        .call("not-a-token", &request_for(&web))
+        .await
+        .expect_err("a made-up token");
+    assert_refused(&err, GrpcCode::Unauthenticated, "");
+    let wrong_audience = pod_token(
+        &client,
+        "sluice-system",
+        "sluice",
+        ("agent-a", &uids["agent-a"]),
+        "https://kubernetes.default.svc",
+    )
+    .await;
+    let err = agent_a
+        .call(&wrong_audience, &request_for(&web))
+        .await
+        .expect_err("another audience");
+    assert_refused(&err, GrpcCode::Unauthenticated, "");
+    // The client checks the audience itself before sending.
+    let local = remote_ca(&ca, dir.path(), "token-wrong-aud", &wrong_audience);
+    assert!(matches!(
+        sign(&local, &web).await,
+        Err(CaError::Token { .. })
+    ));
+
+    // Refused: a workload's token asking for another identity on its node (only the node
+    // agent's ServiceAccount may); granted: its own identity, as Istio grants.
+    let token_web = pod_token(&client, "shop", "web", ("web-a", &uids["web-a"]), AUDIENCE).await;
+    let workload = remote_ca(&ca, dir.path(), "token-web", &token_web);
+    let err = sign(&workload, &other_web)
+        .await
+        .expect_err("a workload for another identity");
+    assert_refused(&err, GrpcCode::PermissionDenied, "own identity");
+    sign(&workload, &web)
+        .await
+        .expect("a workload for its own identity");
+    // Refused: a CSR that disagrees with the ImpersonatedIdentity it is sent with.
+    let mut mismatched = request_for(&api);
+    mismatched
+        .metadata
+        .insert(IMPERSONATED_IDENTITY.into(), web.to_string());
+    let err = agent_a
+        .call(&token_a, &mismatched)
+        .await
+        .expect_err("a mismatched CSR");
+    assert_refused(&err, GrpcCode::InvalidArgument, "ImpersonatedIdentity");
+
+    // Issuing latency: 50 sequential requests by agent A (TokenReview, pod read, pod list and
+    // signing each; one HTTP/2 connection).
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let start = Instant::now();
+        sign(&agent_a, &web).await.expect("agent A for shop/web");
+        times.push(start.elapsed());
+    }
+    times.sort();
+    println!(
+        "CA issuing latency over {} requests: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        times.len(),
+        ms(times[times.len() / 2]),
+        ms(times[times.len() * 99 / 100]),
+        ms(times[times.len() - 1]),
+    );
+
+    // Refused: the token of a pod that is gone.
+    kube_mesh::delete(&client, &serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent-b", "namespace": "sluice-system"}})).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sign(&agent_b, &api).await {
+            Err(CaError::Refused { code, .. }) if code != GrpcCode::Unavailable => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the token of a deleted pod still works: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn apply(client: &Client, doc: serde_json::Value) -> kube::api::DynamicObject {
+    kube_mesh::apply(client, &doc).await
+}
+
+fn remote_ca(ca: &CaService, dir: &Path, file: &str, token: &str) -> RemoteCa {
+    let path = dir.join(file);
+    std::fs::write(&path, token).expect("writing a token");
+    RemoteCa::new(
+        "localhost".into(),
+        ca.port,
+        read_roots(&ca.root_cert).expect("the mesh root"),
+        path,
+        AUDIENCE.into(),
+        "Kubernetes".into(),
+    )
+    .expect("a CA client")
+}
+
+/// What the agent sends for `identity` (fresh key, CSR, one hour).
+async fn sign(ca: &RemoteCa, identity: &Identity) -> Result<sluice::identity::CertChain, CaError> {
+    use sluice::identity::CaSource;
+    let key = generate_key(identity).expect("key");
+    let csr = certificate_request(identity, &key).expect("csr");
+    ca.sign(SignRequest {
+        identity,
+        csr,
+        ttl: Duration::from_secs(3600),
+    })
+    .await
+}
+
+fn request_for(identity: &Identity) -> CertificateRequest {
+    let key = generate_key(identity).expect("key");
+    let der = certificate_request(identity, &key).expect("csr");
+    CertificateRequest {
+        csr: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der.to_vec())),
+        validity_duration: 3600,
+        metadata: BTreeMap::from([(IMPERSONATED_IDENTITY.to_owned(), identity.to_string())]),
+    }
+}
+
+fn assert_refused(err: &CaError, want: GrpcCode, mentions: &str) {
+    match err {
+        CaError::Refused { code, message } => {
+            assert_eq!(*code, want, "refused with {code:?}: {message}");
+            assert!(
+                message.contains(mentions),
+                "{message:?} should mention {mentions:?}"
+            );
+        }
+        other => panic!("expected a refusal ({want:?}), got: {other}"),
+    }
+}
+
+/// `token` with its claims rewritten (each `from` → `to`), header and signature kept.
+fn forge(token: &str, replace: &[(&str, &str)]) -> String {
+    use base64::Engine;
+    let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "a JWT");
+    let mut claims =
+        String::from_utf8(enc.decode(parts[1]).expect("base64 claims")).expect("UTF-8");
+    for (from, to) in replace {
+        assert!(claims.contains(from), "{from} in {claims}");
+        claims = claims.replace(from, to);
+    }
+    format!("{}.{}.{}", parts[0], enc.encode(claims), parts[2])
+}
+
+fn x509(der: &[u8]) -> x509_parser::certificate::X509Certificate<'_> {
+    x509_parser::parse_x509_certificate(der).expect("X.509").1
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }

@@ -3,18 +3,23 @@ use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-/// Where the built-in CA's root comes from and how long workload certificates live.
+/// Where workload certificates come from and how long they live.
+///
+/// In a cluster, a CA service signs them (`sluice ca`, or Istio's istiod): the agent sends a
+/// certificate request with its projected ServiceAccount token and never holds the root key.
 ///
 /// ```yaml
 /// identity:
-///   rootCertFile: /etc/sluice/ca/root-cert.pem   # both files, or neither
-///   rootKeyFile: /etc/sluice/ca/root-key.pem
+///   caAddress: https://sluice-ca.sluice-system.svc:15012   # or istiod.istio-system.svc:15012
+///   caRootFile: /etc/sluice/ca-root/root-cert.pem          # verifies the CA's TLS
+///   tokenFile: /var/run/secrets/tokens/istio-token         # projected, audience istio-ca
 ///   workloadCertTtl: 24h
 /// ```
 ///
-/// Without files the agent makes a throw-away root for a single-node local run; agents on
-/// several nodes must share one root, so give them the same files.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// Without `caAddress` the agent signs itself with the built-in CA (file mode and the demo):
+/// `rootCertFile` and `rootKeyFile` (both, or neither for a throw-away root for a single-node
+/// local run).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentityConfig {
     /// PEM file with the mesh root certificate.
@@ -26,6 +31,112 @@ pub struct IdentityConfig {
     /// Lifetime of workload certificates; they are renewed at half of it.
     #[serde(default)]
     pub workload_cert_ttl: CertTtl,
+    /// The CA service, `https://host:port` (or `host:port`); unset: the built-in CA.
+    #[serde(default)]
+    pub ca_address: Option<String>,
+    /// PEM root(s) that verify the CA service's TLS certificate (for istiod: `root-cert.pem` of
+    /// the `istio-ca-root-cert` ConfigMap). Required with `caAddress`.
+    #[serde(default)]
+    pub ca_root_file: Option<PathBuf>,
+    /// The agent's projected ServiceAccount token, read again for every request (the kubelet
+    /// rotates it).
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+    /// The audience the token must carry: the CA reviews tokens for it (`istio-ca`, as Istio).
+    #[serde(default = "default_token_audience")]
+    pub token_audience: String,
+    /// Sent as the `ClusterID` gRPC metadata, as Istio's clients do.
+    #[serde(default = "default_cluster_id")]
+    pub ca_cluster_id: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            root_cert_file: None,
+            root_key_file: None,
+            workload_cert_ttl: CertTtl::DEFAULT,
+            ca_address: None,
+            ca_root_file: None,
+            token_file: default_token_file(),
+            token_audience: default_token_audience(),
+            ca_cluster_id: default_cluster_id(),
+        }
+    }
+}
+
+fn default_token_file() -> PathBuf {
+    "/var/run/secrets/tokens/istio-token".into()
+}
+
+fn default_token_audience() -> String {
+    "istio-ca".into()
+}
+
+fn default_cluster_id() -> String {
+    "Kubernetes".into()
+}
+
+/// Why the `identity` section is not usable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityConfigError {
+    #[error(
+        "spec.identity.caRootFile: required with spec.identity.caAddress (the root that verifies the CA's TLS certificate)"
+    )]
+    NoCaRoot,
+    #[error(
+        "spec.identity.rootKeyFile: must not be set with spec.identity.caAddress: the root key stays with the CA, never on nodes"
+    )]
+    KeyWithRemoteCa,
+    #[error("spec.identity.caAddress: {address:?} is not https://host:port or host:port")]
+    BadCaAddress { address: String },
+    #[error("spec.identity.tokenAudience: must not be empty")]
+    EmptyAudience,
+}
+
+impl IdentityConfig {
+    /// Checks the fields that go together; see [`IdentityConfigError`].
+    pub fn validate(&self) -> Result<(), IdentityConfigError> {
+        let Some(address) = &self.ca_address else {
+            return Ok(());
+        };
+        if ca_host_port(address).is_none() {
+            return Err(IdentityConfigError::BadCaAddress {
+                address: address.clone(),
+            });
+        }
+        if self.ca_root_file.is_none() {
+            return Err(IdentityConfigError::NoCaRoot);
+        }
+        if self.root_key_file.is_some() {
+            return Err(IdentityConfigError::KeyWithRemoteCa);
+        }
+        if self.token_audience.is_empty() {
+            return Err(IdentityConfigError::EmptyAudience);
+        }
+        Ok(())
+    }
+
+    /// Whether certificates come from a CA service rather than the built-in CA.
+    pub fn remote_ca(&self) -> bool {
+        self.ca_address.is_some()
+    }
+}
+
+/// The host and port of a CA address (`https://host:port` or `host:port`; IPv6 in brackets).
+pub fn ca_host_port(address: &str) -> Option<(String, u16)> {
+    let rest = address.strip_prefix("https://").unwrap_or(address);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().ok()?;
+    if host.is_empty() || port == 0 || host.contains('/') || rest.contains("://") {
+        return None;
+    }
+    Some((host.to_owned(), port))
 }
 
 /// A certificate lifetime written as a number with a unit: `24h`, `90m`, `600s`.
@@ -147,5 +258,54 @@ mod tests {
         assert_eq!(c.workload_cert_ttl.get(), Duration::from_secs(7200));
         let err = serde_yaml::from_str::<IdentityConfig>("rootCert: x").unwrap_err();
         assert!(err.to_string().contains("rootCert"), "{err}");
+        assert_eq!(c.token_audience, "istio-ca");
+        assert_eq!(c.ca_cluster_id, "Kubernetes");
+    }
+
+    #[test]
+    fn a_remote_ca_needs_its_root_and_no_key_on_the_node() {
+        let parse = |y: &str| {
+            serde_yaml::from_str::<IdentityConfig>(y)
+                .unwrap()
+                .validate()
+        };
+        assert_eq!(parse("{}"), Ok(()));
+        assert_eq!(
+            parse("caAddress: https://istiod.istio-system.svc:15012"),
+            Err(IdentityConfigError::NoCaRoot)
+        );
+        assert_eq!(
+            parse("{caAddress: 'sluice-ca:15012', caRootFile: /r.pem, rootKeyFile: /k.pem}"),
+            Err(IdentityConfigError::KeyWithRemoteCa)
+        );
+        for bad in [
+            "istiod",
+            "https://istiod",
+            "http://x:1",
+            "x:0",
+            ":15012",
+            "x:99999",
+        ] {
+            let y = format!("{{caAddress: '{bad}', caRootFile: /r.pem}}");
+            assert!(
+                matches!(parse(&y), Err(IdentityConfigError::BadCaAddress { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse("{caAddress: 'https://[::1]:15012/', caRootFile: /r.pem}"),
+            Ok(())
+        );
+        let msg = IdentityConfigError::NoCaRoot.to_string();
+        assert!(msg.starts_with("spec.identity.caRootFile"), "{msg}");
+    }
+
+    #[test]
+    fn ca_addresses_split_into_host_and_port() {
+        assert_eq!(
+            ca_host_port("https://istiod.istio-system.svc:15012"),
+            Some(("istiod.istio-system.svc".into(), 15012))
+        );
+        assert_eq!(ca_host_port("[::1]:1"), Some(("::1".into(), 1)));
     }
 }

@@ -22,7 +22,7 @@ pub use hbone::{
     FRAME_SIZE_RANGE, H2Limits, HboneLimits, Keepalive, MAX_WINDOW, MIN_CONNECTION_WINDOW,
     PoolLimits, ServerLimits,
 };
-pub use identity::{CertTtl, IdentityConfig};
+pub use identity::{CertTtl, IdentityConfig, IdentityConfigError, ca_host_port};
 pub use ingress::{CertificateFiles, IngressConfig};
 pub use kube::KubeConfig;
 pub use proxy::{DEFAULT_MAX_CONNECTIONS_PER_NODE, DEFAULT_MAX_CONNECTIONS_PER_POD, ProxyConfig};
@@ -346,10 +346,13 @@ pub enum ConfigError {
     #[error("spec.nodeName: missing (set it in the file, with --node, or with NODE_NAME)")]
     NoNodeName,
     #[error(
-        "spec.identity.rootCertFile: required when spec.kube.enabled: agents on different nodes \
-         must share the mesh root (mount the sluice-root-ca Secret, see deploy/04-daemonset.yaml)"
+        "spec.identity.caAddress: required when spec.kube.enabled: agents on different nodes \
+         must share the mesh root, so a CA service signs (`sluice ca`, deploy/05-ca.yaml, or \
+         istiod); or, without a CA service, spec.identity.rootCertFile and rootKeyFile"
     )]
     KubeWithoutRoot,
+    #[error(transparent)]
+    Identity(#[from] IdentityConfigError),
     #[error("spec.capture.{field}: port 0 is not a port")]
     ZeroPort { field: &'static str },
     #[error("spec.egress.staticGatewayPrefixes: {key:?} is not namespace/name")]
@@ -414,9 +417,13 @@ impl AgentConfig {
             return Err(ConfigError::NoNodeName);
         }
         // A throw-away root per node would make every cross-node connection fail its handshake.
-        if self.kube.enabled && self.identity.root_cert_file.is_none() {
+        if self.kube.enabled
+            && self.identity.root_cert_file.is_none()
+            && self.identity.ca_address.is_none()
+        {
             return Err(ConfigError::KubeWithoutRoot);
         }
+        self.identity.validate()?;
         for (field, ports) in [
             ("excludedPorts", &self.capture.excluded_ports),
             (
@@ -486,6 +493,20 @@ mod tests {
         assert_eq!(c.validate(), Err(ConfigError::KubeWithoutRoot));
         c.identity.root_cert_file = Some("/etc/sluice/ca/root-cert.pem".into());
         c.identity.root_key_file = Some("/etc/sluice/ca/root-key.pem".into());
+        assert_eq!(c.validate(), Ok(()));
+        // Or a CA service, whose root alone is on the node.
+        c.identity.root_cert_file = None;
+        c.identity.ca_address = Some("https://sluice-ca.sluice-system.svc:15012".into());
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Identity(IdentityConfigError::NoCaRoot))
+        );
+        c.identity.ca_root_file = Some("/etc/sluice/ca/root-cert.pem".into());
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Identity(IdentityConfigError::KeyWithRemoteCa))
+        );
+        c.identity.root_key_file = None;
         assert_eq!(c.validate(), Ok(()));
     }
 

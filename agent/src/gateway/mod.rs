@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{Metrics, server::Ready},
-    identity::{BuiltinCa, SecretManager},
+    identity::SecretManager,
     proxy::hbone::{Baggage, HbonePool},
     sources, state,
     state::Identity,
@@ -71,10 +71,10 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     let (publisher, mut state) = state::channel();
     let _source = sources::start(&agent, local.resources, publisher, Some(&args.config)).await?;
 
-    let ca = BuiltinCa::from_config(&agent.identity, &agent.trust_domain)
-        .context("loading the mesh CA")?;
+    let ca = crate::identity::ca_from_config(&agent.identity, &agent.trust_domain)
+        .context("setting up the mesh CA")?;
     let identity = Arc::new(SecretManager::with_key_exchange(
-        Arc::new(ca),
+        ca,
         agent.identity.workload_cert_ttl.get(),
         agent.tls.key_exchange,
     ));

@@ -47,6 +47,12 @@ pub struct SignRequest<'a> {
 pub trait CaSource: fmt::Debug + Send + Sync {
     /// Signs `request`'s key for its identity.
     fn sign<'a>(&'a self, request: SignRequest<'a>) -> BoxFuture<'a, Result<CertChain, CaError>>;
+
+    /// The mesh roots this CA signs under, when it knows them: a certificate carried over from
+    /// a previous agent is served only if its chain holds one of them. Empty: not checked.
+    fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
+        Vec::new()
+    }
 }
 
 /// Why a CA could not be set up or could not sign.
@@ -89,6 +95,20 @@ pub enum CaError {
     NoRoot,
     #[error("CA unavailable: {0}")]
     Unavailable(String),
+    #[error("spec.identity.{field}: {message}")]
+    Config {
+        field: &'static str,
+        message: String,
+    },
+    #[error("ServiceAccount token {path}: {message}")]
+    Token { path: PathBuf, message: String },
+    #[error("the CA refused ({code:?}): {message}")]
+    Refused {
+        code: super::ca_wire::GrpcCode,
+        message: String,
+    },
+    #[error("the CA's answer: {0}")]
+    Protocol(String),
 }
 
 impl From<MissingRoot> for CaError {
@@ -329,11 +349,44 @@ impl BuiltinCa {
         let chain = self.sign_key(&spec.identity, &key, spec.not_before, spec.not_after)?;
         WorkloadCert::new(spec.identity.clone(), chain, &key)
     }
+
+    /// A TLS server certificate for `names` (DNS names or IP addresses) signed by this root,
+    /// with its fresh key (PKCS#8 DER): how the CA service proves itself to agents that trust
+    /// the mesh root, as istiod does on port 15012.
+    pub fn issue_serving(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?;
+        let mut params = CertificateParams::new(names.to_vec()).map_err(CaError::Generate)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, self.trust_domain.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = OffsetDateTime::from(now - CLOCK_SKEW_ALLOWANCE);
+        params.not_after = OffsetDateTime::from(now + lifetime);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Generate)?;
+        Ok((
+            vec![cert.der().clone(), self.root.clone()],
+            key.serialize_der(),
+        ))
+    }
 }
 
 impl CaSource for BuiltinCa {
     fn sign<'a>(&'a self, request: SignRequest<'a>) -> BoxFuture<'a, Result<CertChain, CaError>> {
         Box::pin(async move { self.sign_now(&request) })
+    }
+
+    fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.root().clone()]
     }
 }
 

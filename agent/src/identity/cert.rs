@@ -83,7 +83,7 @@ impl CertChain {
 pub struct MissingRoot;
 
 /// A fresh ECDSA P-256 key for `identity`.
-pub(crate) fn generate_key(identity: &Identity) -> Result<KeyPair, IdentityError> {
+pub fn generate_key(identity: &Identity) -> Result<KeyPair, IdentityError> {
     KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| IdentityError::KeyGen {
         identity: identity.clone(),
         source,
@@ -91,7 +91,7 @@ pub(crate) fn generate_key(identity: &Identity) -> Result<KeyPair, IdentityError
 }
 
 /// A PKCS#10 request for `identity` (URI SAN only, no subject) signed with `key`.
-pub(crate) fn certificate_request(
+pub fn certificate_request(
     identity: &Identity,
     key: &KeyPair,
 ) -> Result<CertificateSigningRequestDer<'static>, IdentityError> {

@@ -246,17 +246,15 @@ impl SecretManager {
 
     /// Serves certificates a previous agent carried over, instead of issuing new ones, and
     /// renews them on the plan they had. A certificate is left out (and its identity issued
-    /// anew on first need) when it does not unpack, expires within a minute, is not signed
-    /// under `trust_anchor` when one is given, or its identity is already held here.
-    pub async fn adopt(
-        &self,
-        carried: Vec<CarriedCert>,
-        trust_anchor: Option<&rustls_pki_types::CertificateDer<'_>>,
-    ) -> Adopted {
+    /// anew on first need) when it does not unpack, expires within a minute, is not under one
+    /// of the CA's [trust anchors](CaSource::trust_anchors) when it names any, or its identity
+    /// is already held here.
+    pub async fn adopt(&self, carried: Vec<CarriedCert>) -> Adopted {
+        let anchors = self.inner.ca.trust_anchors();
         let mut report = Adopted::default();
         for one in carried {
             let name = one.identity.clone();
-            match self.adopt_one(one, trust_anchor).await {
+            match self.adopt_one(one, &anchors).await {
                 Ok(()) => report.adopted += 1,
                 Err(reason) => report.left_out.push((name, reason)),
             }
@@ -267,19 +265,13 @@ impl SecretManager {
     async fn adopt_one(
         &self,
         carried: CarriedCert,
-        trust_anchor: Option<&rustls_pki_types::CertificateDer<'_>>,
+        anchors: &[rustls_pki_types::CertificateDer<'static>],
     ) -> Result<(), String> {
         let cert = carried.into_cert().map_err(|e| e.to_string())?;
         if cert.info().seconds_to_expiry(SystemTime::now()) < ADOPT_MIN_LIFETIME_SECS {
             return Err("expires within a minute".into());
         }
-        if let Some(anchor) = trust_anchor
-            && !cert
-                .chain()
-                .roots()
-                .iter()
-                .any(|r| r.as_ref() == anchor.as_ref())
-        {
+        if !anchors.is_empty() && !cert.chain().roots().iter().any(|r| anchors.contains(r)) {
             return Err("not under this agent's mesh root".into());
         }
         let identity = cert.identity().clone();
@@ -404,6 +396,10 @@ mod tests {
     }
 
     impl CaSource for Counting {
+        fn trust_anchors(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+            self.ca.trust_anchors()
+        }
+
         fn sign<'a>(
             &'a self,
             request: SignRequest<'a>,
@@ -595,5 +591,51 @@ mod tests {
         assert_eq!(peer_identity(s2.get_ref().1), Some(web));
         exchange(&mut c2, &mut s2).await;
         assert_eq!(m.certificates().await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn carried_certificates_are_served_without_asking_the_ca() {
+        let old_ca = Counting::new();
+        let old = SecretManager::new(old_ca.clone(), Duration::from_secs(3600));
+        let (cart, pay) = (id("cart"), id("pay"));
+        let served = old.fetch(&cart).await.unwrap().current();
+        old.fetch(&pay).await.unwrap();
+        let carried = tokio::task::spawn_blocking(move || old.carry_blocking())
+            .await
+            .unwrap();
+        assert_eq!(carried.len(), 2);
+        // The successor's CA signs under the same root.
+        let new_ca = Arc::new(Counting {
+            ca: old_ca.ca.clone(),
+            signed: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+        });
+        let new = SecretManager::new(new_ca.clone(), Duration::from_secs(3600));
+        let report = new.adopt(carried.clone()).await;
+        assert_eq!(
+            (report.adopted, report.left_out.len()),
+            (2, 0),
+            "{report:?}"
+        );
+        let now_served = new.fetch(&cart).await.unwrap().current();
+        assert_eq!(now_served.info().serial, served.info().serial);
+        // Renewed on the old agent's plan (received-at travels in whole seconds).
+        let drift = served
+            .refresh_at()
+            .duration_since(now_served.refresh_at())
+            .unwrap_or_else(|e| e.duration());
+        assert!(drift < Duration::from_secs(1), "{drift:?}");
+        assert_eq!(new_ca.signed.load(Ordering::SeqCst), 0, "the CA was asked");
+        // A successor under another root leaves them out and issues anew.
+        let other = SecretManager::new(Counting::new(), Duration::from_secs(3600));
+        let report = other.adopt(carried).await;
+        assert_eq!(report.adopted, 0);
+        assert!(
+            report
+                .left_out
+                .iter()
+                .all(|(_, why)| why.contains("mesh root")),
+            "{report:?}"
+        );
     }
 }

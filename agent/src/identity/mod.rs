@@ -12,7 +12,11 @@
 //! - [`carried`]: certificates a running agent hands to its successor during an upgrade
 //!   ([`CarriedCert`]).
 //! - [`provider`]: the rustls crypto provider all of them use.
+//! - [`ca_client`]: [`RemoteCa`], the client of a CA service (`sluice ca` or istiod) speaking
+//!   Istio's certificate API, whose messages [`ca_wire`] encodes.
 pub mod ca;
+pub mod ca_client;
+pub mod ca_wire;
 pub mod carried;
 pub mod cert;
 pub mod manager;
@@ -21,8 +25,11 @@ pub mod tls;
 
 pub use crate::config::{CertTtl, IdentityConfig, KeyExchange};
 pub use ca::{BuiltinCa, CaError, CaSource, CustomCert, SignRequest};
+pub use ca_client::RemoteCa;
 pub use carried::CarriedCert;
-pub use cert::{CertChain, CertHandle, CertInfo, MissingRoot, WorkloadCert};
+pub use cert::{
+    CertChain, CertHandle, CertInfo, MissingRoot, WorkloadCert, certificate_request, generate_key,
+};
 pub use manager::{Adopted, SecretManager};
 pub use provider::{crypto_provider, crypto_provider_for, kx_group_names, kx_groups};
 pub use tls::{
@@ -30,7 +37,29 @@ pub use tls::{
     server_config_with,
 };
 
+use std::sync::Arc;
+
 use crate::state::Identity;
+
+/// The CA the configuration asks for: the CA service at `identity.caAddress` (no root key on
+/// this node), or else the built-in CA with its root files (file mode and the demo).
+pub fn ca_from_config(
+    config: &IdentityConfig,
+    trust_domain: &str,
+) -> Result<Arc<dyn CaSource>, CaError> {
+    if config.remote_ca() {
+        let ca = RemoteCa::from_config(config)?;
+        tracing::info!(
+            target: "sluice::identity",
+            address = config.ca_address.as_deref().unwrap_or_default(),
+            token_file = %config.token_file.display(),
+            "workload certificates from the CA service"
+        );
+        Ok(Arc::new(ca))
+    } else {
+        Ok(Arc::new(BuiltinCa::from_config(config, trust_domain)?))
+    }
+}
 
 /// Why a workload certificate could not be made or used.
 #[derive(Debug, thiserror::Error)]
