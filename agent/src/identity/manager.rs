@@ -176,15 +176,19 @@ impl SecretManager {
         infos
     }
 
-    async fn issued(&self, identity: &Identity) -> Result<Shared, IdentityError> {
-        let slot = self
-            .inner
+    /// `identity`'s slot, made empty if it has none.
+    async fn slot(&self, identity: &Identity) -> Arc<Slot> {
+        self.inner
             .slots
             .lock()
             .await
             .entry(identity.clone())
             .or_default()
-            .clone();
+            .clone()
+    }
+
+    async fn issued(&self, identity: &Identity) -> Result<Shared, IdentityError> {
+        let slot = self.slot(identity).await;
         // The map lock is not held while the CA works.
         let issued = slot
             .issued
@@ -275,14 +279,7 @@ impl SecretManager {
             return Err("not under this agent's mesh root".into());
         }
         let identity = cert.identity().clone();
-        let slot = self
-            .inner
-            .slots
-            .lock()
-            .await
-            .entry(identity.clone())
-            .or_default()
-            .clone();
+        let slot = self.slot(&identity).await;
         let issued = self.serve(&identity, cert).map_err(|e| e.to_string())?;
         slot.issued
             .set(issued)
@@ -605,8 +602,9 @@ mod tests {
             .unwrap();
         assert_eq!(carried.len(), 2);
         // The successor's CA signs under the same root.
+        let (root, key) = old_ca.ca.root_pem_pair();
         let new_ca = Arc::new(Counting {
-            ca: old_ca.ca.clone(),
+            ca: BuiltinCa::from_pem(&root, &key, TD, "the old agent's root").unwrap(),
             signed: AtomicUsize::new(0),
             down: AtomicBool::new(false),
         });

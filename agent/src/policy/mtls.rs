@@ -1,7 +1,7 @@
 //! PeerAuthentication: the mTLS mode a workload port requires.
 use crate::state::{
     Workload,
-    policy::{MtlsMode, Policies, PolicyScope},
+    policy::{MtlsMode, PeerAuthn, Policies, PolicyScope},
 };
 
 impl PolicyScope {
@@ -29,28 +29,39 @@ impl Policies {
     /// inherits from the next level; with nothing set, `PERMISSIVE`. When several policies
     /// apply at one level, the oldest wins.
     pub fn mtls_mode(&self, workload: &Workload, port: u16) -> MtlsMode {
-        let oldest = |level: fn(&PolicyScope) -> bool| {
-            self.peer_authentications
-                .selecting(workload)
-                .find(|pa| level(&pa.scope))
-        };
-        if let Some(pa) = oldest(|s| matches!(s, PolicyScope::Workloads { .. })) {
-            if let Some(Some(mode)) = pa.port_modes.get(&port) {
-                return *mode;
-            }
-            if let Some(mode) = pa.mode {
-                return mode;
-            }
+        resolve(
+            |level| {
+                self.peer_authentications
+                    .selecting(workload)
+                    .find(|pa| level(&pa.scope))
+            },
+            port,
+        )
+    }
+}
+
+/// Istio's resolution over the three levels, given `oldest`: the oldest policy of a level
+/// (the scope test) that selects the workload.
+fn resolve<'a>(
+    oldest: impl Fn(fn(&PolicyScope) -> bool) -> Option<&'a PeerAuthn>,
+    port: u16,
+) -> MtlsMode {
+    if let Some(pa) = oldest(|s| matches!(s, PolicyScope::Workloads { .. })) {
+        if let Some(Some(mode)) = pa.port_modes.get(&port) {
+            return *mode;
         }
-        if let Some(mode) =
-            oldest(|s| matches!(s, PolicyScope::Namespace { .. })).and_then(|pa| pa.mode)
-        {
+        if let Some(mode) = pa.mode {
             return mode;
         }
-        oldest(|s| matches!(s, PolicyScope::Mesh))
-            .and_then(|pa| pa.mode)
-            .unwrap_or(MtlsMode::Permissive)
     }
+    if let Some(mode) =
+        oldest(|s| matches!(s, PolicyScope::Namespace { .. })).and_then(|pa| pa.mode)
+    {
+        return mode;
+    }
+    oldest(|s| matches!(s, PolicyScope::Mesh))
+        .and_then(|pa| pa.mode)
+        .unwrap_or(MtlsMode::Permissive)
 }
 
 #[cfg(test)]
@@ -58,56 +69,20 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::state::{
-        Membership, WorkloadUid,
-        policy::{PeerAuthentications, PeerAuthn},
+    use crate::state::policy::{
+        PeerAuthentications,
+        tests::{labels, workload},
     };
 
     /// The mode as resolved before the index: every PeerAuthentication read at each level.
     fn linear(all: &[PeerAuthn], workload: &Workload, port: u16) -> MtlsMode {
-        let oldest = |level: fn(&PolicyScope) -> bool| {
-            all.iter()
-                .find(|pa| level(&pa.scope) && pa.scope.selects(workload))
-        };
-        if let Some(pa) = oldest(|s| matches!(s, PolicyScope::Workloads { .. })) {
-            if let Some(Some(mode)) = pa.port_modes.get(&port) {
-                return *mode;
-            }
-            if let Some(mode) = pa.mode {
-                return mode;
-            }
-        }
-        if let Some(mode) =
-            oldest(|s| matches!(s, PolicyScope::Namespace { .. })).and_then(|pa| pa.mode)
-        {
-            return mode;
-        }
-        oldest(|s| matches!(s, PolicyScope::Mesh))
-            .and_then(|pa| pa.mode)
-            .unwrap_or(MtlsMode::Permissive)
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn workload(namespace: &str, pairs: &[(&str, &str)]) -> Workload {
-        Workload {
-            uid: WorkloadUid("w".into()),
-            name: "w".into(),
-            namespace: namespace.into(),
-            service_account: "default".into(),
-            node: None,
-            ips: Vec::new(),
-            labels: labels(pairs),
-            annotations: BTreeMap::new(),
-            membership: Membership::Namespace,
-            ports: BTreeMap::new(),
-            ready: true,
-        }
+        resolve(
+            |level| {
+                all.iter()
+                    .find(|pa| level(&pa.scope) && pa.scope.selects(workload))
+            },
+            port,
+        )
     }
 
     /// The indexed lookup resolves every workload and port as reading every PeerAuthentication

@@ -983,7 +983,7 @@ fn condition(c: &Condition, at: &str) -> Result<Option<ConnMatch>, FieldError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::{Membership, WorkloadUid};
 
@@ -998,14 +998,15 @@ mod tests {
         }
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pub(crate) fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }
 
-    fn workload(namespace: &str, pairs: &[(&str, &str)]) -> Workload {
+    /// A workload of `namespace` with the labels `pairs`.
+    pub(crate) fn workload(namespace: &str, pairs: &[(&str, &str)]) -> Workload {
         Workload {
             uid: WorkloadUid("w".into()),
             name: "w".into(),
