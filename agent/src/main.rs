@@ -152,6 +152,11 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/sluice")]
         pin_path: PathBuf,
     },
+    /// Print a shell completion script (`source <(sluice completion bash)`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -366,12 +371,50 @@ fn main() -> Result<()> {
             print!("---\n{}", serde_yaml::to_string(&root_config_map)?);
             Ok(())
         }
+        Cmd::Completion { shell } => {
+            print_completion(shell, &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Cleanup { pin_path } => {
             if pin_path.exists() {
                 std::fs::remove_dir_all(&pin_path)?;
                 eprintln!("removed {}", pin_path.display());
             }
             Ok(())
+        }
+    }
+}
+
+/// Writes `shell`'s completion script for the whole command line to `out`.
+fn print_completion(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "sluice", out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_scripts_know_every_subcommand() {
+        use clap::CommandFactory;
+        let names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .collect();
+        assert!(names.len() >= 10, "{names:?}");
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            print_completion(shell, &mut out);
+            let script = String::from_utf8(out).expect("utf-8");
+            for name in &names {
+                assert!(script.contains(name.as_str()), "{shell}: no {name}");
+            }
+            assert!(script.contains("pin-path"), "{shell}: no cleanup flags");
         }
     }
 }
