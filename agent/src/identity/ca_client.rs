@@ -42,6 +42,9 @@ pub struct RemoteCa {
     token_file: PathBuf,
     audience: String,
     cluster_id: String,
+    /// The roots the CA's TLS certificate is checked against: the mesh roots too (istiod's
+    /// `istio-ca-root-cert`, `sluice ca`'s `sluice-ca-root-cert`).
+    roots: Vec<CertificateDer<'static>>,
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
 }
 
@@ -89,7 +92,7 @@ impl RemoteCa {
         cluster_id: String,
     ) -> Result<Self, CaError> {
         let mut store = rustls::RootCertStore::empty();
-        for root in roots {
+        for root in roots.iter().cloned() {
             store
                 .add(root)
                 .map_err(|e| CaError::Unavailable(format!("CA root certificate: {e}")))?;
@@ -114,6 +117,7 @@ impl RemoteCa {
             token_file,
             audience,
             cluster_id,
+            roots,
             conn: tokio::sync::Mutex::new(None),
         })
     }
@@ -273,6 +277,10 @@ impl CaSource for RemoteCa {
     fn sign<'a>(&'a self, request: SignRequest<'a>) -> BoxFuture<'a, Result<CertChain, CaError>> {
         Box::pin(self.sign_remote(request))
     }
+
+    fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
+        self.roots.clone()
+    }
 }
 
 /// The PEM certificates of `path`.
@@ -389,6 +397,22 @@ pub fn token_identity(token: &str, trust_domain: &str) -> Option<Identity> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mesh_roots_it_trusts_are_its_trust_anchors() {
+        let ca = crate::identity::BuiltinCa::generate("cluster.local").expect("root");
+        let remote = RemoteCa::new(
+            "sluice-ca.sluice-system.svc".into(),
+            15012,
+            vec![ca.root().clone()],
+            "/nonexistent/token".into(),
+            "istio-ca".into(),
+            "Kubernetes".into(),
+        )
+        .expect("client");
+        // Carried certificates are checked against these (SecretManager::adopt).
+        assert_eq!(remote.trust_anchors(), vec![ca.root().clone()]);
+    }
 
     fn jwt(payload: &str) -> String {
         use base64::Engine;
