@@ -21,6 +21,22 @@ fn to(w: &World, pod: &str, port: u16) -> SocketAddr {
 }
 
 /// Runs `f` on a thread inside the network namespace at `netns` (sockets made there stay there).
+/// Two nodes: pods `a` (node 1) and `b` (node 2) in the ambient namespace `mesh`, and
+/// `outside` (node 1) in `plain`, outside the mesh.
+fn mesh_and_outside() -> World {
+    let mut w = World::build(
+        2,
+        &[
+            PodSpec::new("a", "mesh", 1),
+            PodSpec::new("b", "mesh", 2),
+            PodSpec::new("outside", "plain", 1),
+        ],
+    );
+    w.namespace("mesh", &[AMBIENT]);
+    w.namespace("plain", &[]);
+    w
+}
+
 fn in_netns<T: Send + 'static>(netns: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
     sluice_tests::netns::on_thread_at(&netns, f)
 }
@@ -231,16 +247,7 @@ fn never_reading_app(w: &World, pod: &str, port: u16) {
 #[test]
 fn security_authenticated_peers_feeding_a_stalled_app_stay_within_the_window_budget() {
     use sluice_tests::hbone_client::{certificate, flood};
-    let mut w = World::build(
-        2,
-        &[
-            PodSpec::new("a", "mesh", 1),
-            PodSpec::new("b", "mesh", 2),
-            PodSpec::new("outside", "plain", 1),
-        ],
-    );
-    w.namespace("mesh", &[AMBIENT]);
-    w.namespace("plain", &[]);
+    let mut w = mesh_and_outside();
     // A 16 MiB budget; each connection asks for the default 16 MiB window.
     let limits = "  hbone:\n    windowBudgetBytes: 16777216\n";
     w.start_agent(1, limits);
@@ -455,17 +462,8 @@ fn security_pod_cannot_make_the_agent_loop_into_itself() {
 /// workload either.
 #[test]
 fn security_finished_pod_does_not_lend_its_policy_to_the_live_pod() {
-    let mut w = World::build(
-        2,
-        &[
-            PodSpec::new("a", "mesh", 1),
-            PodSpec::new("b", "mesh", 2),
-            PodSpec::new("outside", "plain", 1),
-        ],
-    );
-    w.namespace("mesh", &[AMBIENT]);
+    let mut w = mesh_and_outside();
     w.namespace("old", &[AMBIENT]);
-    w.namespace("plain", &[]);
     w.extra_resources = r#"
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -1034,16 +1032,7 @@ impl Drop for Killed {
 /// refuses traffic both ways (counted and logged), and is captured once the port is free.
 #[test]
 fn security_pod_holding_the_proxy_ports_stays_enrolled_and_closed() {
-    let mut w = World::build(
-        2,
-        &[
-            PodSpec::new("a", "mesh", 1),
-            PodSpec::new("b", "mesh", 2),
-            PodSpec::new("outside", "plain", 1),
-        ],
-    );
-    w.namespace("mesh", &[AMBIENT]);
-    w.namespace("plain", &[]);
+    let mut w = mesh_and_outside();
     w.extra_resources = format!("{STRICT_MESH}---{REGISTRY_ONLY}");
     w.start_agent(1, "");
     w.start_agent(2, "");
@@ -1127,16 +1116,7 @@ fn node_iptables(w: &World, node: usize, args: &str) {
 /// to policy. The node's own connections (probes) still pass.
 #[test]
 fn security_forwarded_traffic_from_a_node_address_is_held_to_policy() {
-    let mut w = World::build(
-        2,
-        &[
-            PodSpec::new("a", "mesh", 1),
-            PodSpec::new("b", "mesh", 2),
-            PodSpec::new("outside", "plain", 1),
-        ],
-    );
-    w.namespace("mesh", &[AMBIENT]);
-    w.namespace("plain", &[]);
+    let mut w = mesh_and_outside();
     w.extra_resources = STRICT_MESH.into();
     w.start_agent(1, "");
     w.start_agent(2, "");
@@ -1186,16 +1166,7 @@ fn security_forwarded_traffic_from_a_node_address_is_held_to_policy() {
 /// application around the proxy (b's namespace is STRICT); its registered address still works.
 #[test]
 fn security_unregistered_pod_addresses_do_not_reach_the_app() {
-    let mut w = World::build(
-        2,
-        &[
-            PodSpec::new("a", "mesh", 1),
-            PodSpec::new("b", "mesh", 2),
-            PodSpec::new("outside", "plain", 1),
-        ],
-    );
-    w.namespace("mesh", &[AMBIENT]);
-    w.namespace("plain", &[]);
+    let mut w = mesh_and_outside();
     w.extra_resources = STRICT_MESH.into();
     let b = w.pod("b").clone();
     let j = match b.ipv4 {
@@ -1316,16 +1287,7 @@ fn filler_source(i: u32) -> [u8; 24] {
 /// (metric and log line); once entries free up, traffic flows again.
 #[test]
 fn security_full_tproxy_map_is_reported_and_recovers() {
-    let mut w = World::build(
-        2,
-        &[
-            PodSpec::new("a", "mesh", 1),
-            PodSpec::new("b", "mesh", 2),
-            PodSpec::new("outside", "plain", 1),
-        ],
-    );
-    w.namespace("mesh", &[AMBIENT]);
-    w.namespace("plain", &[]);
+    let mut w = mesh_and_outside();
     w.start_agent(1, "");
     w.start_agent(2, "");
     for pod in ["a", "b", "outside"] {

@@ -181,7 +181,6 @@ pub struct WorkloadCert {
     /// The chain and the key (PKCS#8 DER) as issued, to carry them to a successor agent.
     chain: CertChain,
     key_pkcs8: Arc<[u8]>,
-    leaf: CertificateDer<'static>,
     roots: Arc<RootCertStore>,
     client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     info: CertInfo,
@@ -241,7 +240,6 @@ impl WorkloadCert {
         Ok(Self {
             identity,
             certified_key: Arc::new(certified_key),
-            leaf: chain.leaf().clone(),
             chain,
             key_pkcs8,
             roots,
@@ -268,7 +266,7 @@ impl WorkloadCert {
 
     /// The leaf certificate (DER).
     pub fn leaf(&self) -> &CertificateDer<'static> {
-        &self.leaf
+        self.chain.leaf()
     }
 
     /// The mesh roots peers are checked against.

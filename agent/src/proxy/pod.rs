@@ -16,7 +16,7 @@ use super::{ProxyInputs, hbone_inbound, inbound, outbound};
 use crate::{
     handover::{Listeners, Taken, pod_key},
     netns::{HomeNetns, Netns, netns_cookie_of},
-    proxy::socket::LISTEN_BACKLOG,
+    proxy::socket::{LISTEN_BACKLOG, listen_on},
 };
 
 /// The running listeners of one pod; dropping it closes them (connections in flight go on).
@@ -86,20 +86,9 @@ pub struct ListenError {
 }
 
 fn listen_in(netns: &Netns, home: &HomeNetns, addr: SocketAddr) -> io::Result<TcpListener> {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket: Socket = netns.tcp_socket(home, domain, PROXY_MARK)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&addr.into())?;
+    let socket = netns.tcp_socket(home, Domain::for_address(addr), PROXY_MARK)?;
     // Bursts of connects from one pod queue here while the proxy accepts.
-    socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    listen_on(socket, addr)
 }
 
 impl PodProxy {

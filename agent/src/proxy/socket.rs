@@ -18,7 +18,15 @@ pub fn reset_on_close(socket: &impl AsFd) {
 /// A TCP listener on `addr` (SO_REUSEADDR, IPv6 only for IPv6 addresses) with
 /// [`LISTEN_BACKLOG`]. Must be called inside a tokio runtime.
 pub fn listen_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    listen_on(
+        Socket::new(Domain::for_address(addr), Type::STREAM, None)?,
+        addr,
+    )
+}
+
+/// Makes `socket` (made for `addr`'s family, in whatever network namespace) a listener on
+/// `addr`, as [`listen_tcp`] does. Must be called inside a tokio runtime.
+pub fn listen_on(socket: Socket, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
