@@ -93,13 +93,34 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let upgrade = agent.upgrade.clone();
         Arc::new(move |w: &mut crate::admin::server::DumpWriter<'_>| {
             let certs = certs.lock().map(|c| c.clone()).unwrap_or_default();
-            state.current().visit_sections(&mut MeshStateDump(w))?;
+            let current = state.current();
+            if w.format() == crate::admin::server::DumpFormat::Ztunnel {
+                return crate::admin::ztunnel_dump::write(w, &current, &certs);
+            }
+            current.visit_sections(&mut MeshStateDump(w))?;
             w.section(None, "certificates", &certs)?;
             w.section(None, "tls", &tls)?;
             w.section(None, "upgrade", &upgrade)
         })
     };
-    let admin_server = crate::admin::server::serve_admin(agent.admin_addr, dump).await?;
+    let nofile = raise_nofile_limit();
+    let per_node = node_connection_cap(agent.proxy.max_connections_per_node.get(), nofile);
+    // Enrollment requests (CNI plugin, discovery, `/status`) to the pod manager.
+    let (tx, rx) = mpsc::channel(64);
+    let status = status_report(StatusInputs {
+        node: agent.node_name.clone(),
+        state: state.clone(),
+        ready: ready.clone(),
+        certs: certs.clone(),
+        pool: metrics.hbone_pool_stats(),
+        pods: tx.clone(),
+        limits: crate::admin::status::Limits {
+            max_connections_per_pod: agent.proxy.max_connections_per_pod.get(),
+            max_connections_per_node: per_node,
+            open_files: nofile,
+        },
+    });
+    let admin_server = crate::admin::server::serve_admin(agent.admin_addr, dump, status).await?;
     {
         let identity = identity.clone();
         let metrics = metrics.clone();
@@ -116,9 +137,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     // What the node proxy does not enforce of each policy, logged once per policy.
     tokio::spawn(crate::policy::PolicyNotices::default().run(state.clone()));
+    tokio::spawn(watch_mesh_config(state.clone(), metrics.clone()));
     let egress = start_egress(&agent, &state, metrics.clone());
-    let nofile = raise_nofile_limit();
-    let per_node = node_connection_cap(agent.proxy.max_connections_per_node.get(), nofile);
     let (drain_trigger, drain_watcher) = crate::proxy::drain::channel();
     let proxy = ProxyInputs {
         identity: identity.clone(),
@@ -215,7 +235,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         warn!(error = %e, "telling the previous agent that its listeners are adopted");
     }
 
-    let (tx, rx) = mpsc::channel(64);
     if agent.kube.enabled && agent.kube.discover_sandboxes {
         // On a cluster node: find the sandboxes of this node's mesh pods without the CNI plugin.
         let settings = crate::pods::discover::DiscoverSettings::new(&agent.node_name);
@@ -258,6 +277,118 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // connections already established continue. `sluice cleanup` removes everything.
     drop(source);
     Ok(())
+}
+
+/// What `/status` reads, each from the room that owns it.
+struct StatusInputs {
+    node: String,
+    state: crate::state::StateHandle,
+    ready: crate::admin::server::Ready,
+    certs: Arc<std::sync::Mutex<Vec<crate::identity::CertInfo>>>,
+    pool: Arc<crate::admin::PoolStats>,
+    /// The pod manager's request queue (asked for its sandboxes).
+    pods: mpsc::Sender<enroll::Command>,
+    limits: crate::admin::status::Limits,
+}
+
+/// How long `/status` waits for the pod manager's list of sandboxes.
+const STATUS_PODS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Answers `/status` from `inputs`.
+fn status_report(inputs: StatusInputs) -> crate::admin::server::StatusReport {
+    use crate::admin::status::{AgentStatus, CertStatus, ConfigStatus, PodStatus};
+    let inputs = Arc::new(inputs);
+    Arc::new(move || {
+        let inputs = inputs.clone();
+        Box::pin(async move {
+            let mut warnings = Vec::new();
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let listed = async {
+                inputs
+                    .pods
+                    .send((enroll::Request::List, reply))
+                    .await
+                    .ok()?;
+                tokio::time::timeout(STATUS_PODS_PATIENCE, answer)
+                    .await
+                    .ok()?
+                    .ok()
+            };
+            let pods = match listed.await {
+                Some(response) => response
+                    .sandboxes
+                    .into_iter()
+                    .map(|s| PodStatus {
+                        namespace: s.pod.namespace,
+                        name: s.pod.name,
+                        uid: s.pod.uid,
+                        ips: s.pod.ips,
+                        captured: s.captured,
+                    })
+                    .collect(),
+                None => {
+                    warnings.push(format!(
+                        "the pod manager did not list its pods within {STATUS_PODS_PATIENCE:?}"
+                    ));
+                    Vec::new()
+                }
+            };
+            let now = std::time::SystemTime::now();
+            let certificates = inputs
+                .certs
+                .lock()
+                .map(|c| c.iter().map(|c| CertStatus::new(c, now)).collect())
+                .unwrap_or_default();
+            let state = inputs.state.current();
+            warnings.extend(mesh_config_notices(&state).into_iter().map(|n| n.message));
+            AgentStatus {
+                node: inputs.node.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                ready: inputs.ready.is_ready(),
+                waiting_for: inputs.ready.pending(),
+                config: ConfigStatus::new(&state, inputs.state.report()),
+                pods,
+                certificates,
+                hbone_pool: inputs.pool.snapshot(),
+                limits: inputs.limits.clone(),
+                warnings,
+            }
+        })
+    })
+}
+
+/// Mesh config ConfigMaps an operator may expect in force that are not (see
+/// [`OutboundPolicy::notices`](crate::state::egress::OutboundPolicy::notices)).
+fn mesh_config_notices(
+    state: &crate::state::MeshState,
+) -> Vec<crate::state::egress::outbound_policy::MeshConfigNotice> {
+    state.egress.policy.notices(
+        state
+            .namespaces
+            .iter()
+            .map(|(name, ns)| (name.as_str(), &ns.labels)),
+    )
+}
+
+/// Logs each mesh config notice when it appears, and keeps `sluice_mesh_config_not_in_force`
+/// in step with the state.
+async fn watch_mesh_config(
+    mut state: crate::state::StateHandle,
+    metrics: Arc<crate::admin::metrics::Metrics>,
+) {
+    let mut said = std::collections::BTreeSet::new();
+    let mut current = Some(state.current());
+    while let Some(snapshot) = current {
+        let notices = mesh_config_notices(&snapshot);
+        metrics.set_mesh_config_not_in_force(notices.iter().map(|n| n.config_map.as_str()));
+        let now: std::collections::BTreeSet<String> =
+            notices.iter().map(|n| n.message.clone()).collect();
+        for message in now.difference(&said) {
+            warn!(notice = %message, "mesh config not in force");
+        }
+        said = now;
+        current = state.changed().await;
+    }
 }
 
 /// How long a starting agent keeps asking a draining one for its listeners (until that one's

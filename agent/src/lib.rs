@@ -13,7 +13,8 @@
 //! | [`proxy`] | outbound, inbound, HBONE, egress gateway, copy | policy, identity, egress, admin, netns, state, resources, config |
 //! | [`egress`] | source-prefix pinning (netlink), DNS for ServiceEntries | state, resources, config |
 //! | [`redirect`] | eBPF loading, pinning, maps, pod routing; the CNI plugin and its enrollment API | netns, config |
-//! | [`admin`] | metrics (and the statistics types other rooms fill), health, config dump | identity |
+//! | [`operator`] | `sluice status` and `sluice dump`: read a running agent's admin endpoint | admin, state |
+//! | [`admin`] | metrics (and the statistics types other rooms fill), health, status, config dump (Sluice's and ztunnel's shape) | identity, state |
 //! | [`identity`] | CA client, built-in CA, certificates and rotation, TLS configurations | state, config |
 //! | [`policy`] | PeerAuthentication and AuthorizationPolicy evaluation; notices of what is not enforced | state, resources (its tests: config) |
 //! | [`sources`] | kube watchers, the local file, the status writer | state, resources, config |
@@ -33,6 +34,7 @@ pub mod handover;
 pub mod identity;
 pub mod memory;
 pub mod netns;
+pub mod operator;
 pub mod pods;
 pub mod policy;
 pub mod proxy;

@@ -152,6 +152,28 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/sluice")]
         pin_path: PathBuf,
     },
+    /// This node's agent at a glance: captured pods, certificates, HBONE pool, config in force,
+    /// rejected resources, limits (read from the agent's admin endpoint).
+    Status {
+        /// The agent's admin endpoint (its `spec.adminAddr`).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: sluice::operator::Output,
+    },
+    /// What the agent knows, in the shape `istioctl ztunnel-config` shows (read from the admin
+    /// endpoint's `/config_dump?format=ztunnel`).
+    Dump {
+        #[arg(value_enum)]
+        kind: sluice::operator::DumpKind,
+        /// Only this namespace's entries.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: sluice::operator::Output,
+    },
     /// Print a shell completion script (`source <(sluice completion bash)`).
     Completion {
         #[arg(value_enum)]
@@ -373,6 +395,31 @@ fn main() -> Result<()> {
         }
         Cmd::Completion { shell } => {
             print_completion(shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Status { admin, output } => {
+            use sluice::operator::{Output, render, status};
+            let status = runtime(1)?.block_on(status(admin))?;
+            match output {
+                Output::Table => print!("{}", render::status_text(&status)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                Output::Yaml => print!("{}", serde_yaml::to_string(&status)?),
+            }
+            Ok(())
+        }
+        Cmd::Dump {
+            kind,
+            namespace,
+            admin,
+            output,
+        } => {
+            use sluice::operator::{Output, dump, render};
+            let items = runtime(1)?.block_on(dump(admin, kind, namespace.as_deref()))?;
+            match output {
+                Output::Table => print!("{}", render::dump_table(kind, &items)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&items)?),
+                Output::Yaml => print!("{}", serde_yaml::to_string(&items)?),
+            }
             Ok(())
         }
         Cmd::Cleanup { pin_path } => {

@@ -380,3 +380,212 @@ fn x509(der: &[u8]) -> x509_parser::certificate::X509Certificate<'_> {
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// `sluice status` and `sluice dump`, run as an operator would on the node, show a world the
+/// test built: which pods are captured, the certificate a connection needed, the config in force
+/// with the resource it rejected, the mesh config that is not in force, and the workloads,
+/// Services and policies in ztunnel's shape.
+#[test]
+fn install_status_and_dump_show_a_known_world() {
+    use sluice_tests::world::{PodSpec, World};
+    let mut w = World::build(
+        1,
+        &[
+            PodSpec::new("web", "shop", 1)
+                .label("app", "web")
+                .port("http", 8080),
+            PodSpec::new("db", "shop", 1).with_sa("db"),
+            PodSpec::new("outside", "plain", 1),
+        ],
+    );
+    w.namespace("shop", &[("istio.io/dataplane-mode", "ambient")]);
+    w.namespace("plain", &[]);
+    w.extra_resources = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.7.7, selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-shop, namespace: shop}
+spec: {action: ALLOW, rules: [{from: [{source: {namespaces: [shop]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: broken, namespace: shop}
+spec: {mtls: {mode: STRICTEST}}
+"#
+    .into();
+    w.start_agent(1, "");
+    for pod in ["web", "db", "outside"] {
+        w.enroll(pod);
+    }
+    let _web = w.serve("web", "0.0.0.0:8080");
+    let web_addr = std::net::SocketAddr::new(w.pod("web").ipv4, 8080).to_string();
+    assert!(w.connect("db", &web_addr, 1000).captured());
+
+    let node = w.node_netns(1);
+    let sluice = |args: &[&str]| -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node])
+            .arg(sluice_tests::agent::agent_bin())
+            .args(args)
+            .output()
+            .expect("run sluice");
+        assert!(
+            out.status.success(),
+            "sluice {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&sluice(args)).unwrap_or_else(|e| panic!("sluice {args:?}: {e}"))
+    };
+
+    // Certificates are listed as the agent refreshes its view (every 5 s).
+    let db_identity = "spiffe://cluster.local/ns/shop/sa/db";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let s = json(&["status", "-o", "json"]);
+        let has_cert = s["certificates"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["identity"] == db_identity));
+        if has_cert || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(status["node"], "node1", "{status:#}");
+    assert_eq!(status["ready"], true, "{status:#}");
+    let captured: BTreeMap<String, bool> = status["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap_or("?"),
+                    p["name"].as_str().unwrap_or("?")
+                ),
+                p["captured"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        captured,
+        BTreeMap::from([
+            ("plain/outside".to_owned(), false),
+            ("shop/db".to_owned(), true),
+            ("shop/web".to_owned(), true),
+        ])
+    );
+    let cert = status["certificates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["identity"] == db_identity))
+        .unwrap_or_else(|| panic!("no certificate for {db_identity}: {status:#}"));
+    let left = cert["expiresInSeconds"].as_i64().expect("seconds");
+    assert!(left > 3600 && left <= 24 * 3600, "{cert}");
+    let config = &status["config"];
+    assert!(
+        config["generation"].as_u64().is_some_and(|g| g >= 1),
+        "{config}"
+    );
+    assert_eq!(
+        (config["workloads"].as_u64(), config["services"].as_u64()),
+        (Some(3), Some(1)),
+        "{config}"
+    );
+    assert_eq!(config["authorizationPolicies"], 1, "{config}");
+    let rejections = config["rejections"].as_array().expect("rejections");
+    assert_eq!(rejections.len(), 1, "{config}");
+    assert_eq!(rejections[0]["name"], "broken");
+    assert_eq!(rejections[0]["field"], "spec.mtls.mode");
+    assert!(
+        status["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| {
+                w.as_str().is_some_and(|w| {
+                    w.contains("istio-system/istio") && w.contains("does not exist")
+                })
+            })),
+        "{status:#}"
+    );
+    assert!(
+        status["limits"]["openFiles"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    );
+    // The same as a table.
+    let table = sluice(&["status"]);
+    assert!(
+        table.contains("3 known on this node, 2 captured"),
+        "{table}"
+    );
+    assert!(
+        table.contains("PeerAuthentication.security.istio.io shop/broken: spec.mtls.mode"),
+        "{table}"
+    );
+    // And as a metric.
+    let (_, metrics) = w.node_http_get(1, 15020, "/metrics");
+    assert!(
+        metrics.contains(r#"sluice_mesh_config_not_in_force{configmap="istio-system/istio"} 1"#),
+        "{metrics}"
+    );
+
+    // `dump`, in ztunnel's shape.
+    let workloads = json(&["dump", "workloads", "-n", "shop", "-o", "json"]);
+    let mut names: Vec<(String, String, String)> = workloads
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap_or("?").to_owned(),
+                w["protocol"].as_str().unwrap_or("?").to_owned(),
+                w["workloadIps"][0].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            (
+                "db".to_owned(),
+                "HBONE".to_owned(),
+                w.pod("db").ipv4.to_string()
+            ),
+            (
+                "web".to_owned(),
+                "HBONE".to_owned(),
+                w.pod("web").ipv4.to_string()
+            ),
+        ]
+    );
+    let services = json(&["dump", "services", "-o", "json"]);
+    assert_eq!(
+        services[0]["vips"],
+        serde_json::json!(["/10.96.7.7"]),
+        "{services:#}"
+    );
+    let endpoint = &services[0]["endpoints"][&w.pod("web").uid];
+    assert_eq!(
+        endpoint["port"],
+        serde_json::json!({"80": 8080}),
+        "{services:#}"
+    );
+    let policies = sluice(&["dump", "policies"]);
+    let row = policies
+        .lines()
+        .find(|l| l.contains("allow-shop"))
+        .unwrap_or_else(|| panic!("{policies}"));
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["shop", "allow-shop", "Allow", "Namespace", "1"]
+    );
+    let certificates = sluice(&["dump", "certificates", "-o", "yaml"]);
+    assert!(certificates.contains(db_identity), "{certificates}");
+}

@@ -163,6 +163,7 @@ pub struct Metrics {
     transparent_sources_full: Counter,
     window_budget_granted: Gauge,
     window_budget_reduced: Counter,
+    mesh_config_not_in_force: Family<OneLabel, Gauge>,
     http: super::http::HttpRequests,
 }
 
@@ -265,6 +266,12 @@ impl Metrics {
             "Served HBONE connections given a smaller receive window than configured because the node's window budget ran low.",
             window_budget_reduced.clone(),
         );
+        let mesh_config_not_in_force = Family::<OneLabel, Gauge>::default();
+        registry.register(
+            "sluice_mesh_config_not_in_force",
+            "1 for each mesh config ConfigMap an operator may expect in force that is not: the one spec.meshConfig names when it does not exist, and the revisioned ones (istio.io/rev) Sluice does not read.",
+            mesh_config_not_in_force.clone(),
+        );
         registry.register(
             "sluice_build_info",
             "Always 1, labelled with the running build's version.",
@@ -288,7 +295,22 @@ impl Metrics {
             transparent_sources_full,
             window_budget_granted,
             window_budget_reduced,
+            mesh_config_not_in_force,
             http,
+        }
+    }
+
+    /// Replaces the series of `sluice_mesh_config_not_in_force` with one per ConfigMap
+    /// (`namespace/name`) in `config_maps`.
+    pub fn set_mesh_config_not_in_force<'a>(&self, config_maps: impl IntoIterator<Item = &'a str>) {
+        self.mesh_config_not_in_force.clear();
+        for cm in config_maps {
+            self.mesh_config_not_in_force
+                .get_or_create(&OneLabel {
+                    name: "configmap",
+                    value: cm.to_owned(),
+                })
+                .set(1);
         }
     }
 
@@ -614,6 +636,86 @@ mod tests {
             not_after: now + expires_in,
             roots: 1,
         }
+    }
+
+    #[test]
+    fn mesh_config_notices_replace_each_other() {
+        let m = Metrics::new();
+        m.set_mesh_config_not_in_force(["istio-system/istio", "aks-istio-system/x"]);
+        m.set_mesh_config_not_in_force(["aks-istio-system/x"]);
+        let text = m.encode().unwrap();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("sluice_mesh_config_not_in_force{"))
+            .collect();
+        assert_eq!(
+            series,
+            [r#"sluice_mesh_config_not_in_force{configmap="aks-istio-system/x"} 1"#]
+        );
+    }
+
+    /// The Grafana dashboard shipped in `deploy/grafana` charts only metrics the agent exports,
+    /// with labels they carry: a renamed metric fails here rather than as an empty panel.
+    #[test]
+    fn the_grafana_dashboard_reads_only_exported_metrics() {
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../deploy/grafana/sluice-dashboard.json"
+        ))
+        .expect("the dashboard is JSON");
+        // One series in each labelled family: an empty family writes no `# TYPE` line.
+        let m = Metrics::new();
+        m.set_certificates(&[cert("spiffe://cluster.local/ns/a/sa/b", Duration::hours(1))]);
+        m.policy_denied("authz_deny");
+        m.egress_refused("registry_only");
+        m.hbone_unauthenticated_refused("node");
+        m.hbone_handshake_timeout("tls");
+        m.connection_cap_hit("pod");
+        m.set_mesh_config_not_in_force(["istio-system/istio"]);
+        let labels = ConnectionLabels::default();
+        m.opened(&labels);
+        m.closed(&labels, 1, 1);
+        let text = m.encode().unwrap();
+        // Every family, as `# TYPE <name> <type>` names it, with the suffixes a series adds.
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let exported = |name: &str| {
+            families.iter().any(|f| {
+                name == *f
+                    || ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix) == Some(f))
+            })
+        };
+        let mut exprs = Vec::new();
+        fn collect<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        match (k.as_str(), v) {
+                            ("expr" | "query", serde_json::Value::String(e)) => out.push(e),
+                            _ => collect(v, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
+                _ => {}
+            }
+        }
+        collect(&dashboard, &mut exprs);
+        assert!(exprs.len() >= 10, "{exprs:?}");
+        let mut names = 0;
+        for expr in exprs {
+            for token in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if token.starts_with("sluice_") || token.starts_with("istio_") {
+                    names += 1;
+                    assert!(exported(token), "{token} (in {expr}) is not exported");
+                }
+            }
+        }
+        assert!(names >= 15, "{names}");
     }
 
     #[test]

@@ -8,7 +8,9 @@ mod labels;
 pub mod metrics;
 pub mod server;
 pub mod stats;
+pub mod status;
 pub mod tcp;
+pub mod ztunnel_dump;
 
 pub use metrics::Metrics;
 pub use server::{

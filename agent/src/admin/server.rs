@@ -29,6 +29,8 @@ pub const METRICS_PATH: &str = "/metrics";
 pub const READY_PATH: &str = "/healthz/ready";
 /// Path of the configuration dump.
 pub const CONFIG_DUMP_PATH: &str = "/config_dump";
+/// Path of the agent's status (`sluice status`).
+pub const STATUS_PATH: &str = "/status";
 
 /// Content type of the OpenMetrics text that [`Metrics::encode`] writes.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -151,13 +153,30 @@ impl Drop for BlockReady {
 /// [`DumpWriter`] (which applies the request's filters). It must never include private keys.
 pub type ConfigDump = Arc<dyn Fn(&mut DumpWriter<'_>) -> io::Result<()> + Send + Sync>;
 
+/// Answers `/status` on each request (it may ask other tasks, such as the pod manager).
+pub type StatusReport =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, super::status::AgentStatus> + Send + Sync>;
+
 /// What a `/config_dump` request asks for: `?kind=` a section (`workloads`, `services`,
-/// `policy`, `certificates`, …), `namespace=` and `name=` the entries of that namespace and name.
+/// `policy`, `certificates`, …), `namespace=` and `name=` the entries of that namespace and name,
+/// `format=` the document's shape.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DumpFilter {
     pub kind: Option<String>,
     pub namespace: Option<String>,
     pub name: Option<String>,
+    pub format: DumpFormat,
+}
+
+/// The shape of `/config_dump`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DumpFormat {
+    /// Sluice's own: `meshState` (MeshState as it is), `certificates`, `tls`, `upgrade`.
+    #[default]
+    Sluice,
+    /// ztunnel's: top-level `workloads`, `services`, `policies`, `certificates`, with its field
+    /// names (`?format=ztunnel`).
+    Ztunnel,
 }
 
 impl DumpFilter {
@@ -170,13 +189,21 @@ impl DumpFilter {
             .filter(|p| !p.is_empty())
         {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if key == "format" {
+                filter.format = match value {
+                    "sluice" => DumpFormat::Sluice,
+                    "ztunnel" => DumpFormat::Ztunnel,
+                    other => return Err(format!("format {other:?}: sluice or ztunnel")),
+                };
+                continue;
+            }
             let slot = match key {
                 "kind" => &mut filter.kind,
                 "namespace" => &mut filter.namespace,
                 "name" => &mut filter.name,
                 other => {
                     return Err(format!(
-                        "unknown parameter {other:?}: kind, namespace, name"
+                        "unknown parameter {other:?}: kind, namespace, name, format"
                     ));
                 }
             };
@@ -232,6 +259,11 @@ pub struct DumpWriter<'a> {
 }
 
 impl<'a> DumpWriter<'a> {
+    /// The shape the request asked for.
+    pub fn format(&self) -> DumpFormat {
+        self.filter.format
+    }
+
     pub fn new(out: &'a mut dyn io::Write, filter: &'a DumpFilter) -> Self {
         Self {
             out,
@@ -391,9 +423,28 @@ pub async fn serve_readiness(addr: SocketAddr, ready: Ready) -> Result<Server, S
 }
 
 /// Serves `/config_dump` on `addr` (meant for localhost) as JSON from `dump`, streamed, with
-/// the filters of [`DumpFilter`] (an unknown parameter gets 400).
-pub async fn serve_admin(addr: SocketAddr, dump: ConfigDump) -> Result<Server, ServeError> {
+/// the filters of [`DumpFilter`] (an unknown parameter gets 400), and `/status` from `status`.
+pub async fn serve_admin(
+    addr: SocketAddr,
+    dump: ConfigDump,
+    status: StatusReport,
+) -> Result<Server, ServeError> {
     serve_with_query("admin", addr, move |path, query| match path {
+        STATUS_PATH => {
+            use http_body_util::BodyExt;
+            let status = status();
+            let body = futures::stream::once(async move {
+                let mut json = serde_json::to_vec_pretty(&status.await)
+                    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+                json.push(b'\n');
+                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(json)))
+            });
+            let mut response = Response::new(http_body_util::StreamBody::new(body).boxed_unsync());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON));
+            response
+        }
         CONFIG_DUMP_PATH => match DumpFilter::parse(query) {
             Ok(filter) => {
                 let mut response = Response::new(stream_dump(dump.clone(), filter));
@@ -672,10 +723,68 @@ mod tests {
         })
     }
 
+    /// A status that counts how often it was asked.
+    fn sample_status() -> StatusReport {
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        Arc::new(move || {
+            let n = asked.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                super::super::status::AgentStatus {
+                    node: format!("node-{n}"),
+                    version: "test".into(),
+                    ready: false,
+                    waiting_for: vec!["first MeshState".into()],
+                    config: super::super::status::ConfigStatus::new(
+                        &crate::state::MeshState::default(),
+                        Default::default(),
+                    ),
+                    pods: vec![],
+                    certificates: vec![],
+                    hbone_pool: Default::default(),
+                    limits: super::super::status::Limits {
+                        max_connections_per_pod: 1,
+                        max_connections_per_node: 2,
+                        open_files: 3,
+                    },
+                    warnings: vec![],
+                }
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn admin_answers_status_from_the_closure_each_time() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = serve_admin(loopback(), sample_dump(calls), sample_status())
+            .await
+            .unwrap();
+        for n in 1..=2 {
+            let (status, head, body) = request(server.local_addr(), "GET", STATUS_PATH).await;
+            assert_eq!(status, 200);
+            assert!(head.contains("content-type: application/json"), "{head}");
+            let got: super::super::status::AgentStatus = serde_json::from_str(&body).unwrap();
+            assert_eq!(got.node, format!("node-{n}"));
+            assert_eq!(got.waiting_for, ["first MeshState"]);
+            assert_eq!(got.limits.open_files, 3);
+        }
+    }
+
+    #[test]
+    fn dump_format_is_parsed_and_checked() {
+        assert_eq!(DumpFilter::parse(None).unwrap().format, DumpFormat::Sluice);
+        let z = DumpFilter::parse(Some("format=ztunnel&kind=workloads")).unwrap();
+        assert_eq!(z.format, DumpFormat::Ztunnel);
+        assert_eq!(z.kind.as_deref(), Some("workloads"));
+        let e = DumpFilter::parse(Some("format=envoy")).unwrap_err();
+        assert!(e.contains("envoy") && e.contains("ztunnel"), "{e}");
+    }
+
     #[tokio::test]
     async fn admin_streams_the_dump_from_the_closure() {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let server = serve_admin(loopback(), sample_dump(calls)).await.unwrap();
+        let server = serve_admin(loopback(), sample_dump(calls), sample_status())
+            .await
+            .unwrap();
 
         let (status, head, body) = request(server.local_addr(), "GET", CONFIG_DUMP_PATH).await;
         assert_eq!(status, 200);
@@ -697,7 +806,9 @@ mod tests {
     #[tokio::test]
     async fn admin_dump_filters_by_kind_namespace_and_name() {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let server = serve_admin(loopback(), sample_dump(calls)).await.unwrap();
+        let server = serve_admin(loopback(), sample_dump(calls), sample_status())
+            .await
+            .unwrap();
         let addr = server.local_addr();
         let get = |query: &'static str| async move {
             let path = format!("{CONFIG_DUMP_PATH}?{query}");

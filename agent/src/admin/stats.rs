@@ -20,7 +20,8 @@ pub struct PoolStats {
 }
 
 /// A copy of [`PoolStats`] at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PoolStatsSnapshot {
     pub handshakes: u64,
     pub dial_failures: u64,

@@ -508,7 +508,7 @@ pub(crate) fn publish(
     for r in &built.rejections {
         tracing::warn!(rejection = %r, "resource rejected");
     }
-    publisher.publish(built.state);
+    publisher.publish_built(built.state, &built.rejections);
     crate::memory::release_freed();
 }
 

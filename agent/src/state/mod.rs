@@ -39,24 +39,46 @@ pub type Snapshot = Arc<MeshState>;
 
 /// Read side of the state channel, cloned into every consumer.
 #[derive(Clone, Debug)]
-pub struct StateHandle(watch::Receiver<Snapshot>);
+pub struct StateHandle {
+    rx: watch::Receiver<Snapshot>,
+    report: Arc<std::sync::Mutex<PublishReport>>,
+}
 
 /// Write side: only sources hold it.
 #[derive(Debug)]
 pub struct StatePublisher {
     tx: watch::Sender<Snapshot>,
-    /// Snapshots published so far (each logged with its number).
-    generation: std::sync::atomic::AtomicU64,
+    report: Arc<std::sync::Mutex<PublishReport>>,
+}
+
+/// What the sources last did: the snapshot in force and what they left out of it (for
+/// `sluice status`).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishReport {
+    /// Snapshots published so far; 0 before the first.
+    pub generation: u64,
+    /// When the snapshot in force was published.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub published_at: Option<time::OffsetDateTime>,
+    /// Resources the last build left out, and why.
+    pub rejections: Vec<Rejection>,
 }
 
 /// A state channel starting from an empty mesh.
 pub fn channel() -> (StatePublisher, StateHandle) {
     let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
+    let report = Arc::default();
     let publisher = StatePublisher {
         tx,
-        generation: Default::default(),
+        report: Arc::clone(&report),
     };
-    (publisher, StateHandle(rx))
+    (publisher, StateHandle { rx, report })
+}
+
+/// Reads the report even if a holder panicked (it is replaced whole under the lock).
+fn read(report: &std::sync::Mutex<PublishReport>) -> std::sync::MutexGuard<'_, PublishReport> {
+    report.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl StatePublisher {
@@ -74,10 +96,12 @@ impl StatePublisher {
             }
         });
         if changed {
-            let generation = self
-                .generation
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
+            let generation = {
+                let mut report = read(&self.report);
+                report.generation += 1;
+                report.published_at = Some(time::OffsetDateTime::now_utc());
+                report.generation
+            };
             tracing::info!(
                 generation,
                 workloads,
@@ -88,21 +112,35 @@ impl StatePublisher {
         }
     }
 
+    /// Publishes a build's state (as [`publish`](Self::publish)) and records what it left out.
+    pub fn publish_built(&self, state: MeshState, rejections: &[Rejection]) {
+        self.publish(state);
+        read(&self.report).rejections = rejections.to_vec();
+    }
+
     /// Another reader of this channel.
     pub fn subscribe(&self) -> StateHandle {
-        StateHandle(self.tx.subscribe())
+        StateHandle {
+            rx: self.tx.subscribe(),
+            report: Arc::clone(&self.report),
+        }
     }
 }
 
 impl StateHandle {
     /// The current snapshot.
     pub fn current(&self) -> Snapshot {
-        self.0.borrow().clone()
+        self.rx.borrow().clone()
+    }
+
+    /// What the sources last published, and left out.
+    pub fn report(&self) -> PublishReport {
+        read(&self.report).clone()
     }
 
     /// Waits for the next change; `None` once every publisher is gone.
     pub async fn changed(&mut self) -> Option<Snapshot> {
-        self.0.changed().await.ok()?;
-        Some(self.0.borrow_and_update().clone())
+        self.rx.changed().await.ok()?;
+        Some(self.rx.borrow_and_update().clone())
     }
 }

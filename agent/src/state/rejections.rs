@@ -1,10 +1,10 @@
 //! What [`build`](super::build) leaves out of MeshState, and why: shared by the builder and
 //! every sub-builder, so it sits below them all.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A resource left out of MeshState, and why. Logged, and written back as a status condition
 /// where the kind has status.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {
     /// `Kind.group`, e.g. `PeerAuthentication.security.istio.io`.
     pub kind: String,

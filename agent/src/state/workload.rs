@@ -107,6 +107,51 @@ impl Workload {
     pub fn identity(&self, trust_domain: &str) -> Identity {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
     }
+
+    /// What runs the pod, as Istio names it: `("deployment", name)` when the pod's name is
+    /// `<deployment>-<pod-template-hash>-<suffix>`, else `("pod", pod name)`.
+    pub fn owner(&self) -> (&'static str, &str) {
+        let deployment = self.labels.get("pod-template-hash").and_then(|hash| {
+            let (prefix, _) = self.name.rsplit_once('-')?;
+            prefix
+                .strip_suffix(hash.as_str())?
+                .strip_suffix('-')
+                .filter(|d| !d.is_empty())
+        });
+        match deployment {
+            Some(d) => ("deployment", d),
+            None => ("pod", &self.name),
+        }
+    }
+
+    /// Istio's canonical service: the `service.istio.io/canonical-name`, `app.kubernetes.io/name`
+    /// or `app` label, else the owner's name.
+    pub fn canonical_service(&self) -> &str {
+        self.label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| self.owner().1)
+    }
+
+    /// Istio's canonical revision: the `service.istio.io/canonical-revision`,
+    /// `app.kubernetes.io/version` or `version` label, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        self.label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or("latest")
+    }
+
+    /// The first of `keys` the pod is labelled with.
+    fn label(&self, keys: &[&str]) -> Option<&str> {
+        keys.iter()
+            .find_map(|k| self.labels.get(*k))
+            .map(String::as_str)
+    }
 }
 
 /// A namespace's labels, which decide mesh membership of its pods.

@@ -380,7 +380,7 @@ async fn rebuild_loop(
         };
         last_good = kept;
         log.log(&stores, &out.rejections);
-        publisher.publish(out.state);
+        publisher.publish_built(out.state, &out.rejections);
         crate::memory::release_freed();
         generation += 1;
         if generation == 1 {

@@ -69,12 +69,88 @@ pub struct OutboundPolicy {
     pub mesh_mode: OutboundMode,
     /// The ConfigMap `mesh_mode` was read from, if one was found.
     pub mesh_config: Option<ObjectKey>,
+    /// The ConfigMap the agent reads (`spec.meshConfig`, or `istio` in the root namespace).
+    pub configured: ObjectKey,
     pub root_namespace: String,
     /// In precedence order within each level (oldest first).
     pub sidecars: Vec<SidecarPolicy>,
 }
 
+/// The namespace label that picks an Istio control-plane revision.
+const REVISION_LABEL: &str = "istio.io/rev";
+/// Where the AKS Istio add-on keeps the mesh config users edit, per revision (`asm-1-24`).
+const AKS_ADDON_NAMESPACE: &str = "aks-istio-system";
+const AKS_SHARED_PREFIX: &str = "istio-shared-configmap-";
+/// Where upstream Istio keeps a revision's mesh config (`istio-<revision>`).
+const ISTIO_NAMESPACE: &str = "istio-system";
+
+/// A mesh config ConfigMap that applies in Istio's eyes but not in Sluice's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct MeshConfigNotice {
+    /// The ConfigMap not in force, `namespace/name`.
+    pub config_map: String,
+    /// Why it matters, for the log and `sluice status`.
+    pub message: String,
+}
+
 impl OutboundPolicy {
+    /// Mesh config ConfigMaps not in force that an operator would expect to be: the one the
+    /// agent reads when it does not exist, and the revisioned ones (the AKS add-on's
+    /// `aks-istio-system/istio-shared-configmap-<rev>`, upstream's `istio-system/istio-<rev>`)
+    /// of the revisions namespaces are labelled with (`istio.io/rev`).
+    pub fn notices<'a>(
+        &self,
+        namespaces: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>)>,
+    ) -> Vec<MeshConfigNotice> {
+        let configured = format!("{}/{}", self.configured.namespace, self.configured.name);
+        let mut out = Vec::new();
+        if self.mesh_config.is_none() {
+            out.push(MeshConfigNotice {
+                config_map: configured.clone(),
+                message: format!(
+                    "mesh config ConfigMap {configured} (spec.meshConfig) does not exist: \
+                     outboundTrafficPolicy is ALLOW_ANY, Istio's default"
+                ),
+            });
+        }
+        let mut revisions: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (namespace, labels) in namespaces {
+            if let Some(rev) = labels.get(REVISION_LABEL).filter(|r| !r.is_empty()) {
+                revisions.entry(rev).or_default().push(namespace);
+            }
+        }
+        for (rev, mut users) in revisions {
+            users.sort_unstable();
+            let expected = if rev.starts_with("asm-") {
+                format!("{AKS_ADDON_NAMESPACE}/{AKS_SHARED_PREFIX}{rev}")
+            } else {
+                format!("{ISTIO_NAMESPACE}/istio-{rev}")
+            };
+            if expected == configured {
+                continue;
+            }
+            let shown: Vec<&str> = users.iter().copied().take(3).collect();
+            out.push(MeshConfigNotice {
+                message: format!(
+                    "namespaces labelled {REVISION_LABEL}={rev} ({}{}) take their mesh config \
+                     from {expected} under Istio's revisions, but Sluice reads {configured}: \
+                     the outboundTrafficPolicy of {expected} is not in force; set \
+                     spec.meshConfig to {{namespace: {}, name: {}}} to apply it",
+                    shown.join(", "),
+                    if users.len() > shown.len() {
+                        ", …"
+                    } else {
+                        ""
+                    },
+                    expected.split('/').next().unwrap_or_default(),
+                    expected.split('/').nth(1).unwrap_or_default(),
+                ),
+                config_map: expected,
+            });
+        }
+        out
+    }
+
     /// The mode for a workload in `namespace` with `labels`, and where it came from.
     pub fn mode_for(
         &self,
@@ -120,6 +196,7 @@ pub(super) fn build(
     });
     let mut policy = OutboundPolicy {
         root_namespace: settings.root_namespace.clone(),
+        configured: ObjectKey::new(&cm_ns, &cm_name),
         ..OutboundPolicy::default()
     };
     let cm = resources.config_maps.iter().find(|cm| {

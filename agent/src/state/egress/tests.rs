@@ -228,6 +228,57 @@ fn seed_mesh_config_makes_registry_only() {
     assert_eq!(other.egress.policy.mesh_mode, OutboundMode::AllowAny);
 }
 
+/// Seed 002 applied without `spec.meshConfig`: the AKS add-on's ConfigMap is read by nobody.
+/// That is said, naming the ConfigMap, instead of leaving the node silently ALLOW_ANY.
+#[test]
+fn an_add_on_mesh_config_not_in_force_is_noticed() {
+    let labels = |rev: Option<&str>| -> BTreeMap<String, String> {
+        rev.map(|r| [("istio.io/rev".to_owned(), r.to_owned())].into())
+            .unwrap_or_default()
+    };
+    let (asm, plain, upstream) = (
+        labels(Some("asm-1-24")),
+        labels(None),
+        labels(Some("canary")),
+    );
+    let namespaces = || {
+        [
+            ("shop", &asm),
+            ("bank", &asm),
+            ("web", &plain),
+            ("beta", &upstream),
+        ]
+    };
+
+    // The default setting: `istio` in the root namespace, which does not exist here.
+    let unset = build(&parse(SEED), &MeshSettings::default()).state;
+    let notices = unset.egress.policy.notices(namespaces());
+    let names: Vec<&str> = notices.iter().map(|n| n.config_map.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "istio-system/istio",
+            "aks-istio-system/istio-shared-configmap-asm-1-24",
+            "istio-system/istio-canary"
+        ]
+    );
+    assert!(
+        notices[0].message.contains("does not exist"),
+        "{}",
+        notices[0].message
+    );
+    let add_on = &notices[1].message;
+    assert!(
+        add_on.contains("istio.io/rev=asm-1-24 (bank, shop)") && add_on.contains("not in force"),
+        "{add_on}"
+    );
+
+    // Named by spec.meshConfig, as README says to: nothing to say about asm-1-24.
+    let named = seed().egress.policy.notices(namespaces());
+    let names: Vec<&str> = named.iter().map(|n| n.config_map.as_str()).collect();
+    assert_eq!(names, ["istio-system/istio-canary"]);
+}
+
 #[test]
 fn registry_only_refuses_unlisted_host_and_ip() {
     let state = seed();
