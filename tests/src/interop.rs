@@ -25,7 +25,7 @@ use rustls::{
 };
 use sluice::{
     config::{H2Limits, KeyExchange},
-    identity::{WorkloadCert, crypto_provider_for, peer_identity},
+    identity::{NegotiatedTls, WorkloadCert, crypto_provider_for, peer_identity},
     proxy::hbone::{ConnectRequest, ConnectionInfo, HboneServer, Refusal, RefusalStatus, Upstream},
 };
 use tokio::net::{TcpListener, TcpStream};
@@ -178,11 +178,8 @@ async fn serve_one(
         }
     };
     let conn = tls.get_ref().1;
-    let group = conn
-        .negotiated_key_exchange_group()
-        .map(|g| format!("{:?}", g.name()))
-        .unwrap_or_else(|| "none".into());
-    record(ServerEvent::Handshake(Ok(group)));
+    let negotiated = NegotiatedTls::of(conn);
+    record(ServerEvent::Handshake(Ok(negotiated.group.clone())));
     let Some(client) = peer_identity(conn) else {
         eprintln!("interop server: {peer} presented no SPIFFE identity");
         return;
@@ -191,6 +188,7 @@ async fn serve_one(
         peer_identity: client.clone(),
         peer_addr: peer,
         local_addr: local,
+        tls: negotiated,
     };
     let seen = events.clone();
     let server = HboneServer::new(H2Limits::default(), move |req: ConnectRequest| {

@@ -173,7 +173,7 @@ fn capture_inbound_preserves_client_address() {
     assert!(
         inbound
             .iter()
-            .any(|l| l["src"] == conn.local.to_string() && l["dst"] == addr(b.ipv4, 8080)),
+            .any(|l| l["src.addr"] == conn.local.to_string() && l["dst.addr"] == addr(b.ipv4, 8080)),
         "no inbound access log naming the client: {inbound:?}"
     );
 }
@@ -251,7 +251,7 @@ fn capture_has_no_loop() {
     w.agents[&1].wait_access(N, |l| {
         l["direction"] == "outbound" && l["orig_dst"] == dst_b
     });
-    w.agents[&1].wait_access(N, |l| l["direction"] == "inbound" && l["dst"] == dst_b);
+    w.agents[&1].wait_access(N, |l| l["direction"] == "inbound" && l["dst.addr"] == dst_b);
     let log = w.agents[&1].access_log();
     let count = |dir: &str, key: &str, want: String| {
         log.iter()
@@ -261,7 +261,7 @@ fn capture_has_no_loop() {
     // Each connection is proxied exactly once in each direction: no re-capture of the
     // proxy's own sockets.
     assert_eq!(count("outbound", "orig_dst", addr(b.ipv4, 8080)), N);
-    assert_eq!(count("inbound", "dst", addr(b.ipv4, 8080)), N);
+    assert_eq!(count("inbound", "dst.addr", addr(b.ipv4, 8080)), N);
 }
 
 #[test]

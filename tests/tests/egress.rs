@@ -370,7 +370,7 @@ fn egress_gateway_http_passthrough_and_origination_over_mtls() {
     // the pod's proxy verified the gateway's identity.
     let client_id = "spiffe://cluster.local/ns/shop/sa/client";
     let through = e.w.agents[&2].wait_access(3, |l| {
-        l["direction"] == "egress_gateway" && l["outcome"] == "ok" && l["src_identity"] == client_id
+        l["direction"] == "egress_gateway" && l["outcome"] == "ok" && l["src.identity"] == client_id
     });
     assert!(through >= 3, "{:?}", e.w.agents[&2].access_log());
     for mode in ["http", "tls_passthrough", "tls_origination"] {
@@ -384,7 +384,7 @@ fn egress_gateway_http_passthrough_and_origination_over_mtls() {
     }
     assert!(e.w.agents[&1].access_log().iter().any(|l| {
         l["route"] == "egress_gateway"
-            && l["dst_identity"]
+            && l["dst.identity"]
                 == "spiffe://cluster.local/ns/istio-system/sa/sluice-egress-gateway"
     }));
     // The source agent counts the tunnel's bytes as Istio does, as mutual TLS to the gateway.

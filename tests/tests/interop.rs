@@ -15,6 +15,7 @@ use sluice::{identity::BuiltinCa, proxy::hbone::Baggage};
 use sluice_tests::{
     hbone_client::certificate,
     interop::{self, Groups, PeerServer, ServerEvent},
+    metrics,
     world::{PodSpec, World},
 };
 
@@ -118,6 +119,19 @@ fn interop_default_agent_negotiates_the_hybrid_and_falls_back_to_x25519() {
     let r = client(&w, &ca, Groups::Classic, "b").expect("classic client to the agent");
     assert_eq!(r.group, "X25519", "classic client ↔ default agent");
     assert!(r.line.contains("accepted"), "{r:?}");
+    // The agent's access log says what each handshake agreed on.
+    for (pod, group) in [(WEB, "X25519MLKEM768"), ("b", "X25519")] {
+        let seen = w.agents[&1].wait_access(1, |l| {
+            l["direction"] == "inbound"
+                && l["route"] == "hbone"
+                && l["dst.workload"] == pod
+                && l["tls.group"] == group
+                && l["tls.cipher_suite"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("TLS13_AES_"))
+        });
+        assert_eq!(seen, 1, "{pod}: {:?}", w.agents[&1].access_log());
+    }
 
     // Agent (client side) → harness server; one source pod per server, as pools are per pod.
     {
@@ -285,7 +299,7 @@ fn interop_forged_baggage_never_changes_src_identity() {
         w.agents[&1].wait_access(1, |l| {
             l["direction"] == "inbound"
                 && l["route"] == "hbone"
-                && l["src_identity"] == format!("spiffe://cluster.local/ns/mesh/sa/{sa}")
+                && l["src.identity"] == format!("spiffe://cluster.local/ns/mesh/sa/{sa}")
                 && l["src_baggage"]
                     .as_str()
                     .is_some_and(|b| b.contains(&format!("k8s.namespace.name={ns}")))
@@ -307,7 +321,29 @@ fn interop_forged_baggage_never_changes_src_identity() {
             .access_log()
             .iter()
             .filter(|l| l["direction"] == "inbound" && l["route"] == "hbone")
-            .all(|l| l["src_identity"] != "spiffe://cluster.local/ns/kube-system/sa/coredns"),
+            .all(|l| l["src.identity"] != "spiffe://cluster.local/ns/kube-system/sa/coredns"),
         "baggage leaked into src_identity"
     );
+    // Nor into the access log's source workload (MeshState knows `peer`), nor into the metrics.
+    for l in w.agents[&1]
+        .access_log()
+        .iter()
+        .filter(|l| l["direction"] == "inbound" && l["route"] == "hbone")
+    {
+        assert_eq!(l["src.workload"], "peer", "{l}");
+        assert_eq!(l["src.namespace"], "mesh", "{l}");
+    }
+    let (_, text) = w.node_http_get(1, 15020, "/metrics");
+    let opened = |labels: &[(&str, &str)]| {
+        let mut all = vec![("reporter", "destination")];
+        all.extend_from_slice(labels);
+        metrics::sample(&text, "istio_tcp_connections_opened_total", &all)
+    };
+    assert_eq!(
+        opened(&[("source_workload_namespace", "mesh")]),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(opened(&[("source_workload_namespace", "kube-system")]), 0.0);
+    assert_eq!(opened(&[("source_workload", "coredns")]), 0.0);
 }

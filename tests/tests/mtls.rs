@@ -58,8 +58,8 @@ fn mtls_pod_to_pod_across_nodes_carries_identities() {
     let received = w.agents[&2].wait_access(1, |l| {
         let baggage = l["src_baggage"].as_str().unwrap_or("");
         l["route"] == "hbone"
-            && l["src_identity"] == "spiffe://cluster.local/ns/mesh/sa/a"
-            && l["dst_identity"] == "spiffe://cluster.local/ns/mesh/sa/b"
+            && l["src.identity"] == "spiffe://cluster.local/ns/mesh/sa/a"
+            && l["dst.identity"] == "spiffe://cluster.local/ns/mesh/sa/b"
             && baggage.contains("k8s.namespace.name=mesh")
             && baggage.contains("k8s.pod.name=a")
             && baggage.contains("service.name=a")
@@ -205,7 +205,7 @@ fn mtls_strict_refuses_plaintext_and_permissive_accepts_it() {
         "STRICT let the node's plaintext through with the exemption off: {probe}"
     );
     let denied = w.agents[&2].wait_access(1, |l| {
-        l["route"] == "plaintext" && l["outcome"] == "denied" && l["src"].as_str().is_some()
+        l["route"] == "plaintext" && l["outcome"] == "denied" && l["src.addr"].as_str().is_some()
     });
     assert_eq!(denied, 1, "{:?}", w.agents[&2].access_log());
     // Delete the policy: the namespace default (PERMISSIVE) lets the same client in.
@@ -348,7 +348,7 @@ fn mtls_refuses_a_server_with_the_wrong_identity() {
     let failed = w.agents[&1].wait_access(1, |l| {
         l["route"] == "hbone"
             && l["outcome"] == "connect"
-            && l["dst_identity"] == "spiffe://cluster.local/ns/mesh/sa/payments"
+            && l["dst.identity"] == "spiffe://cluster.local/ns/mesh/sa/payments"
     });
     assert_eq!(failed, 1, "{:?}", w.agents[&1].access_log());
     // The same client reaches c, whose identity matches: the refusal was about the SAN.

@@ -515,7 +515,7 @@ status: {{phase: Running, podIPs: [{{ip: "172.30.1.2"}}]}}
     // b is still b: mutual TLS from a carries b's identity.
     w.connect("a", &b_app, 1000);
     let n = w.agents[&2].wait_access(1, |l| {
-        l["route"] == "hbone" && l["dst_identity"] == "spiffe://cluster.local/ns/mesh/sa/b"
+        l["route"] == "hbone" && l["dst.identity"] == "spiffe://cluster.local/ns/mesh/sa/b"
     });
     assert_eq!(n, 1, "{:?}", w.agents[&2].access_log());
 }

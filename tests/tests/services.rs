@@ -162,13 +162,13 @@ fn services_strict_clusterip_reaches_the_endpoint_over_hbone() {
     let sent = w.agents[&1].wait_access(1, |l| {
         l["direction"] == "outbound"
             && l["route"] == "hbone"
-            && l["dst_service"] == HOSTNAME
-            && l["endpoint"] == endpoint.as_str()
+            && l["dst.service"] == HOSTNAME
+            && l["dst.addr"] == endpoint.as_str()
             && l["outcome"] == "ok"
     });
     assert_eq!(sent, 1, "sender: {:?}", w.agents[&1].access_log());
     let received = w.agents[&2].wait_access(1, |l| {
-        l["route"] == "hbone" && l["src_identity"] == A && l["outcome"] == "ok"
+        l["route"] == "hbone" && l["src.identity"] == A && l["outcome"] == "ok"
     });
     assert_eq!(received, 1, "receiver: {:?}", w.agents[&2].access_log());
 }
@@ -186,7 +186,7 @@ fn services_without_endpoints_refuse_promptly_with_uh() {
     let logged = w.agents[&1].wait_access(1, |l| {
         l["direction"] == "outbound"
             && reason_is(l, "no_healthy_upstream")
-            && l["dst_service"] == HOSTNAME
+            && l["dst.service"] == HOSTNAME
     });
     assert_eq!(logged, 1, "{:?}", w.agents[&1].access_log());
     let (_, text) = w.node_http_get(1, 15020, "/metrics");
@@ -236,7 +236,7 @@ fn services_retry_past_an_endpoint_whose_app_is_not_listening() {
     );
     assert_eq!(accepted(&[("b1", &s1)])["b1"], 40);
     let ok = w.agents[&1].wait_access(40, |l| {
-        l["direction"] == "outbound" && l["dst_service"] == HOSTNAME && l["outcome"] == "ok"
+        l["direction"] == "outbound" && l["dst.service"] == HOSTNAME && l["outcome"] == "ok"
     });
     assert_eq!(ok, 40);
     // With two endpoints chosen at random, 40 connections all avoiding b2 first is 2^-40.
@@ -283,8 +283,8 @@ spec: {clusterIP: 10.96.8.8, selector: {app: legacy}, ports: [{port: 80, targetP
     let endpoint = SocketAddr::new(w.pod("p").ipv4, 8080).to_string();
     let direct = w.agents[&1].wait_access(1, |l| {
         l["route"] == "direct"
-            && l["dst_service"] == "legacy.plain.svc.cluster.local"
-            && l["endpoint"] == endpoint.as_str()
+            && l["dst.service"] == "legacy.plain.svc.cluster.local"
+            && l["dst.addr"] == endpoint.as_str()
             && l["outcome"] == "ok"
     });
     assert_eq!(direct, 1, "{:?}", w.agents[&1].access_log());
@@ -301,7 +301,7 @@ spec: {clusterIP: 10.96.8.8, selector: {app: legacy}, ports: [{port: 80, targetP
     assert_eq!(conn.server_local, SocketAddr::new(w.pod("b").ipv6, 8080));
     assert_eq!(conn.server_peer.ip(), w.pod("a").ipv6);
     let hbone = w.agents[&1].wait_access(1, |l| {
-        l["route"] == "hbone" && l["dst_service"] == HOSTNAME && l["outcome"] == "ok"
+        l["route"] == "hbone" && l["dst.service"] == HOSTNAME && l["outcome"] == "ok"
     });
     assert_eq!(hbone, 1, "{:?}", w.agents[&1].access_log());
 }
@@ -426,7 +426,7 @@ fn services_metrics_carry_destination_service_labels_on_both_nodes() {
         25
     );
     assert_eq!(
-        w.agents[&1].wait_access(25, |l| l["dst_service"] == HOSTNAME && l["outcome"] == "ok"),
+        w.agents[&1].wait_access(25, |l| l["dst.service"] == HOSTNAME && l["outcome"] == "ok"),
         25
     );
     for (node, reporter) in [(1, "source"), (2, "destination")] {

@@ -156,6 +156,9 @@ unsafe extern "C" {
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
 const APT_TOOLS: &[(&str, &str)] = &[
+    // The C compiler aws-lc-sys (rustls's aws-lc-rs provider, for X25519MLKEM768) builds with;
+    // its cc builder needs neither cmake nor clang.
+    ("cc", "gcc"),
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("iperf3", "iperf3"),
@@ -227,7 +230,7 @@ fn setup(root: &Path) -> Result<()> {
         .collect();
     if missing.is_empty() {
         say(
-            "system tools (bpftool, iproute2, iperf3, wrk, iptables, tcpdump, openssl, curl, nginx, haproxy): present",
+            "system tools (gcc, bpftool, iproute2, iperf3, wrk, iptables, tcpdump, openssl, curl, nginx, haproxy): present",
         );
     } else {
         say(&format!("system tools: installing {}", missing.join(" ")));

@@ -33,8 +33,8 @@ pub use cert::{
 pub use manager::{Adopted, SecretManager};
 pub use provider::{crypto_provider, crypto_provider_for, kx_group_names, kx_groups};
 pub use tls::{
-    HBONE_ALPN, client_config, client_config_with, handshake_hint, peer_identity, server_config,
-    server_config_with,
+    HBONE_ALPN, NegotiatedTls, client_config, client_config_with, handshake_hint, peer_identity,
+    server_config, server_config_with,
 };
 
 use std::sync::Arc;

@@ -114,6 +114,31 @@ pub fn peer_identity(conn: &CommonState) -> Option<Identity> {
         .and_then(|leaf| identity_of(leaf).ok())
 }
 
+/// What a completed TLS handshake agreed on, for log lines (`tls.group`, `tls.cipher_suite`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NegotiatedTls {
+    /// The key exchange group: `X25519MLKEM768`, `X25519`, … (empty before a handshake).
+    pub group: String,
+    /// The cipher suite: `TLS13_AES_128_GCM_SHA256`, …
+    pub cipher_suite: String,
+}
+
+impl NegotiatedTls {
+    /// What `conn`'s handshake agreed on. Works on both sides.
+    pub fn of(conn: &CommonState) -> Self {
+        Self {
+            group: conn
+                .negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))
+                .unwrap_or_default(),
+            cipher_suite: conn
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// A sentence saying why a failed HBONE handshake failed when the key exchange policy is the
 /// likely cause, for log lines: no group in common (this side refused the peer's offer), or,
 /// under `pqc`, the peer's `handshake_failure` alert (it refused the hybrid-only offer). `None`

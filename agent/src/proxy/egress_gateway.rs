@@ -43,7 +43,6 @@ use super::{
     http_requests::{CheckedRequests, RequestFraming},
     peek::{self, Sniffed},
 };
-use crate::resources::NamespacedName;
 use crate::state::{
     MeshState, Workload,
     egress::{
@@ -89,7 +88,7 @@ pub async fn serve(listener: TcpListener, inputs: ProxyInputs) {
         let inputs = inputs.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(tcp, peer, unauthenticated, &server, &inputs).await {
-                info!(target: "sluice::access", direction = "egress_gateway", src = %peer, outcome = "handshake", error = %e, "connection refused");
+                info!(target: "sluice::access", direction = "egress_gateway", src.addr = %peer, outcome = "handshake", error = %e, "connection refused");
                 inputs.egress.refused("gateway_handshake");
             }
         });
@@ -117,7 +116,7 @@ fn accept(req: ConnectRequest, inputs: &ProxyInputs) -> Result<Upstream<Pipe>, R
     let src_ip = req.forwarded_for().unwrap_or(req.connection.peer_addr.ip());
     let dst = req.authority;
     let refuse = |status: RefusalStatus, label: &str, reason: String| {
-        info!(target: "sluice::access", direction = "egress_gateway", src = %src_ip, src_identity = %peer, orig_dst = %dst, outcome = "refused", reason_label = label, reason = %reason, "connection refused");
+        info!(target: "sluice::access", direction = "egress_gateway", src.addr = %src_ip, src.identity = %peer, dst.addr = %dst, outcome = "refused", reason_label = label, reason = %reason, "connection refused");
         inputs.egress.refused(label);
         Refusal::new(status, reason)
     };
@@ -220,17 +219,18 @@ impl Forward {
         info!(
             target: "sluice::access",
             direction = "egress_gateway",
-            src = %self.src_ip,
-            src_identity = %self.peer,
-            src_workload = %NamespacedName::new(&self.workload.namespace, &self.workload.name),
-            orig_dst = %self.dst,
+            src.addr = %self.src_ip,
+            src.workload = %self.workload.name,
+            src.namespace = %self.workload.namespace,
+            src.identity = %self.peer,
+            dst.addr = %self.dst,
             host = %host_of(&sniffed),
             mode = out.mode,
             upstream = %format!("{}:{}", out.host, out.port),
             bind = %out.bind.map(|b| b.to_string()).unwrap_or_default(),
-            sent,
-            received,
-            duration_ms = start.elapsed().as_millis() as u64,
+            bytes_sent = sent,
+            bytes_recv = received,
+            duration = super::telemetry::log_duration(start),
             outcome,
             error,
             "connection complete"
@@ -238,7 +238,7 @@ impl Forward {
     }
 
     fn log_refusal(&self, sniffed: &Sniffed, label: &str, reason: &str) {
-        info!(target: "sluice::access", direction = "egress_gateway", src = %self.src_ip, src_identity = %self.peer, orig_dst = %self.dst, host = %host_of(sniffed), outcome = "refused", reason_label = label, reason, "connection refused");
+        info!(target: "sluice::access", direction = "egress_gateway", src.addr = %self.src_ip, src.workload = %self.workload.name, src.namespace = %self.workload.namespace, src.identity = %self.peer, dst.addr = %self.dst, host = %host_of(sniffed), outcome = "refused", reason_label = label, reason, "connection refused");
         self.inputs.egress.refused(label);
     }
 

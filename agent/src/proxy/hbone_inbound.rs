@@ -17,10 +17,10 @@ use super::{
     },
     inbound::connect_transparent,
     limits::Unauthenticated,
-    telemetry::{self, Peer, Reporter},
+    telemetry::{self, LogWorkload, Peer, Reporter, service_label},
 };
 use crate::{
-    identity::{handshake_hint, peer_identity},
+    identity::{NegotiatedTls, handshake_hint, peer_identity},
     policy,
     state::Identity,
 };
@@ -58,7 +58,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, inputs: ProxyInp
         let inputs = inputs.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(tcp, peer, unauthenticated, &server, &pod, &inputs).await {
-                info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %pod.display_name(), src = %peer, outcome = "handshake", error = %e, "connection refused");
+                info!(target: "sluice::access", direction = "inbound", route = "hbone", src.addr = %peer, dst.workload = %pod.name, dst.namespace = %pod.namespace, outcome = "handshake", error = %e, "connection refused");
             }
         });
     }
@@ -127,6 +127,7 @@ pub(crate) async fn serve_as<H: super::hbone::ConnectHandler>(
         peer_identity,
         peer_addr: peer,
         local_addr: local,
+        tls: NegotiatedTls::of(stream.get_ref().1),
     };
     let _served = inputs.drain.serve();
     match server
@@ -154,9 +155,9 @@ async fn authorize_and_connect(
     // backs the claim (`telemetry::baggage_trust`); the certificate alone is the identity.
     let claimed = req.baggage();
     let src_baggage = claimed.header_value();
-    let pod_name = pod.display_name();
+    let tls = req.connection.tls.clone();
     let refuse = |status: RefusalStatus, reason: String| {
-        info!(target: "sluice::access", direction = "inbound", route = "hbone", pod = %pod_name, src = %src, dst = %dst, src_identity = %source, outcome = "refused", status = status.code().as_u16(), reason = %reason, "connection refused");
+        info!(target: "sluice::access", direction = "inbound", route = "hbone", src.addr = %src, src.identity = %source, dst.addr = %dst, dst.workload = %pod.name, dst.namespace = %pod.namespace, tls.group = %tls.group, outcome = "refused", status = status.code().as_u16(), reason = %reason, "connection refused");
         Refusal::new(status, reason)
     };
     if !req.authority_is_dialled() || !pod.ips.contains(&dst.ip()) {
@@ -221,6 +222,20 @@ async fn authorize_and_connect(
     );
     telemetry::set_service_of(&mut labels, &state, workload, dst.port());
     telemetry::set_source_from_baggage(&mut labels, &claimed, baggage_trust);
+    // The source pod: MeshState's, else (a source it does not know) the trusted baggage's.
+    let src_workload = state
+        .workload_by_ip(src.ip())
+        .map(LogWorkload::of)
+        .or_else(|| {
+            let name = claimed.workload_name.clone()?;
+            let namespace = claimed.namespace.clone()?;
+            baggage_trust
+                .is_trusted()
+                .then_some(LogWorkload { namespace, name })
+        })
+        .unwrap_or_default();
+    let dst_service = service_label(&labels.destination_service).to_owned();
+    let (dst_name, dst_namespace) = (pod.name.clone(), pod.namespace.clone());
     let metrics = inputs.metrics.connection(&labels);
     Ok(Upstream::new(app).on_close(move |report| {
         drop(slot);
@@ -238,16 +253,22 @@ async fn authorize_and_connect(
             target: "sluice::access",
             direction = "inbound",
             route = "hbone",
-            pod = %pod_name,
-            src = %src,
-            dst = %dst,
-            src_identity = %source,
-            dst_identity = %dst_identity,
+            src.addr = %src,
+            src.workload = %src_workload.name,
+            src.namespace = %src_workload.namespace,
+            src.identity = %source,
+            dst.addr = %dst,
+            dst.service = %dst_service,
+            dst.workload = %dst_name,
+            dst.namespace = %dst_namespace,
+            dst.identity = %dst_identity,
             src_baggage = %src_baggage,
             src_baggage_trust = baggage_trust.as_str(),
-            sent = report.hbone_to_tcp,
-            received = report.tcp_to_hbone,
-            duration_ms = start.elapsed().as_millis() as u64,
+            tls.group = %tls.group,
+            tls.cipher_suite = %tls.cipher_suite,
+            bytes_sent = report.hbone_to_tcp,
+            bytes_recv = report.tcp_to_hbone,
+            duration = telemetry::log_duration(start),
             outcome,
             error,
             "connection complete"

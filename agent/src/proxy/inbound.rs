@@ -15,7 +15,7 @@ use super::{
     ProxyInputs,
     context::PodContext,
     copy, own_listeners,
-    telemetry::{self, Peer, Reporter},
+    telemetry::{self, LogWorkload, Peer, Reporter, service_label},
 };
 
 /// Accepts steered connections on a pod's inbound listener until the task is aborted.
@@ -52,7 +52,7 @@ async fn handle(
     // listener itself (its loopback 15006) must not make the agent dial itself.
     if let Some(reason) = own_listeners::inbound_refusal(&pod.ips, dst) {
         inputs.metrics.own_listener_refused();
-        info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %pod.display_name(), src = %peer, dst = %dst, outcome = "refused", reason_label = "own_listener", reason = %reason, "connection refused");
+        info!(target: "sluice::access", direction = "inbound", route = "plaintext", src.addr = %peer, dst.addr = %dst, dst.workload = %pod.name, dst.namespace = %pod.namespace, outcome = "refused", reason_label = "own_listener", reason = %reason, "connection refused");
         super::socket::reset_on_close(&client);
         return;
     }
@@ -60,7 +60,7 @@ async fn handle(
     let _slot = match inputs.caps.admit(&pod) {
         Ok(slot) => slot,
         Err(scope) => {
-            info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %pod.display_name(), src = %peer, dst = %dst, outcome = "refused", reason_label = "connection_cap", reason = %format!("connection cap ({scope}) reached"), "connection refused");
+            info!(target: "sluice::access", direction = "inbound", route = "plaintext", src.addr = %peer, dst.addr = %dst, dst.workload = %pod.name, dst.namespace = %pod.namespace, outcome = "refused", reason_label = "connection_cap", reason = %format!("connection cap ({scope}) reached"), "connection refused");
             super::socket::reset_on_close(&client);
             return;
         }
@@ -78,12 +78,12 @@ async fn handle(
     }
     if !from_node && let Err((kind, reason)) = plaintext_allowed(&inputs, peer, dst) {
         inputs.metrics.policy_denied(kind);
-        info!(target: "sluice::access", direction = "inbound", route = "plaintext", pod = %pod.display_name(), src = %peer, dst = %dst, outcome = "denied", reason = %reason, "connection refused");
+        info!(target: "sluice::access", direction = "inbound", route = "plaintext", src.addr = %peer, dst.addr = %dst, dst.workload = %pod.name, dst.namespace = %pod.namespace, outcome = "denied", reason = %reason, "connection refused");
         // Reset rather than close, so the client sees a refusal and not an empty answer.
         super::socket::reset_on_close(&client);
         return;
     }
-    let labels = {
+    let (labels, src_workload) = {
         let state = inputs.state.current();
         let mut labels = telemetry::labels(
             Reporter::Destination,
@@ -100,8 +100,10 @@ async fn handle(
         if let Some(w) = state.workload_by_ip(dst.ip()) {
             telemetry::set_service_of(&mut labels, &state, w, dst.port());
         }
-        labels
+        let src_workload = state.workload_by_ip(peer.ip()).map(LogWorkload::of);
+        (labels, src_workload)
     };
+    let dst_service = service_label(&labels.destination_service).to_owned();
     let metrics = inputs.metrics.connection(&labels);
     let result = match connect_transparent(&pod, &inputs, peer, dst).await {
         Ok(mut app) => copy::bidirectional(&mut client, &mut app)
@@ -115,20 +117,24 @@ async fn handle(
         metrics.sent(t.received);
     }
     drop(metrics);
-    let duration_ms = start.elapsed().as_millis() as u64;
-    let pod_name = pod.display_name();
+    let duration = telemetry::log_duration(start);
+    let src = src_workload.unwrap_or_default();
     match result {
         Ok(t) => info!(
             target: "sluice::access",
             direction = "inbound",
             route = "plaintext",
-            pod = %pod_name,
-            src = %peer,
-            dst = %dst,
+            src.addr = %peer,
+            src.workload = %src.name,
+            src.namespace = %src.namespace,
+            dst.addr = %dst,
+            dst.service = %dst_service,
+            dst.workload = %pod.name,
+            dst.namespace = %pod.namespace,
             from_node,
-            sent = t.sent,
-            received = t.received,
-            duration_ms,
+            bytes_sent = t.sent,
+            bytes_recv = t.received,
+            duration,
             outcome = "ok",
             "connection complete"
         ),
@@ -136,10 +142,15 @@ async fn handle(
             target: "sluice::access",
             direction = "inbound",
             route = "plaintext",
-            pod = %pod_name,
-            src = %peer,
-            dst = %dst,
-            duration_ms,
+            src.addr = %peer,
+            src.workload = %src.name,
+            src.namespace = %src.namespace,
+            dst.addr = %dst,
+            dst.service = %dst_service,
+            dst.workload = %pod.name,
+            dst.namespace = %pod.namespace,
+            from_node,
+            duration,
             outcome = stage,
             error = %e,
             "connection failed"

@@ -24,7 +24,7 @@ use super::{
         SpliceEnd, splice,
     },
     own_listeners, peek, socket,
-    telemetry::{self, ConnectionResult, OutboundLog, Outcome, Peer, Reporter},
+    telemetry::{self, ConnectionResult, LogWorkload, OutboundLog, Outcome, Peer, Reporter},
 };
 use crate::identity::handshake_hint;
 use crate::state::{
@@ -75,18 +75,20 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
         Ok(slot) => slot,
         Err(scope) => {
             socket::reset_on_close(&client);
-            info!(target: "sluice::access", direction = "outbound", pod = %pod.display_name(), src = %peer, orig_dst = %orig, outcome = "refused", reason_label = "connection_cap", reason = %format!("connection cap ({scope}) reached"), "connection refused");
+            info!(target: "sluice::access", direction = "outbound", src.addr = %peer, src.workload = %pod.name, src.namespace = %pod.namespace, dst.addr = %orig, orig_dst = %orig, outcome = "refused", reason_label = "connection_cap", reason = %format!("connection cap ({scope}) reached"), "connection refused");
             return;
         }
     };
     let _ = client.set_nodelay(true);
+    // The application's socket as the access log names it: the pod's address of the
+    // destination's family (its socket sees the loopback address the capture sent it to) and
+    // its port.
     let src = pod
         .ips
         .iter()
         .find(|ip| ip.is_ipv4() == orig.is_ipv4())
         .or(pod.ips.first())
-        .map(ToString::to_string)
-        .unwrap_or_default();
+        .map_or(peer, |ip| SocketAddr::new(*ip, peer.port()));
 
     // A source the state does not know yet: wait a little for it, then refuse (its egress
     // policy and identity are unknown, so nothing may be decided for it).
@@ -97,7 +99,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
     if known.is_none() {
         socket::reset_on_close(&client);
         inputs.metrics.policy_denied("unknown_workload");
-        info!(target: "sluice::access", direction = "outbound", pod = %pod.display_name(), src = %src, orig_dst = %orig, outcome = "refused", reason_label = "unknown_workload", reason = %format!("pod {} is not in the mesh state (waited {:?})", pod.display_name(), inputs.unknown_hold), "connection refused");
+        info!(target: "sluice::access", direction = "outbound", src.addr = %src, src.workload = %pod.name, src.namespace = %pod.namespace, dst.addr = %orig, orig_dst = %orig, outcome = "refused", reason_label = "unknown_workload", reason = %format!("pod {} is not in the mesh state (waited {:?})", pod.display_name(), inputs.unknown_hold), "connection refused");
         return;
     }
     // Decide.
@@ -167,9 +169,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, input
             .find(|ip| ip.is_ipv4() == orig.is_ipv4()),
     };
     let log = OutboundLog {
-        pod: pod.display_name(),
+        src_workload: LogWorkload {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+        },
         src,
         orig_dst: orig,
+        dst_workload: state.workload_by_ip(orig.ip()).map(LogWorkload::of),
         route,
         dst_identity,
         host,
@@ -375,10 +381,12 @@ async fn to_service(
         },
         mutual_tls,
     );
+    let dst_log = dst_workload.map(LogWorkload::of);
     drop(state);
     telemetry::set_service(&mut labels, &service);
     log.route = if mutual_tls { "hbone" } else { "direct" };
     log.dst_identity = dst_identity;
+    log.dst_workload = dst_log;
     let mut svc_log = telemetry::ServiceLog::new(&service);
     svc_log.endpoint = shown.map(|a| a.hop.dst());
     svc_log.attempts = failed.len() + usize::from(answered.is_some());

@@ -274,14 +274,36 @@ impl Outcome {
     }
 }
 
+/// A pod as the access log names it (`src.workload`/`src.namespace`, `dst.workload`/
+/// `dst.namespace`, as ztunnel writes them): the pod's own name, not Istio's workload label.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogWorkload {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl LogWorkload {
+    /// The pod `w`.
+    pub fn of(w: &Workload) -> Self {
+        Self {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+        }
+    }
+}
+
 /// What the access-log line of an outbound connection names.
 #[derive(Debug)]
 pub struct OutboundLog {
-    /// `namespace/name` of the source pod.
-    pub pod: String,
-    /// The pod's address (of the destination's family).
-    pub src: String,
+    /// The source pod.
+    pub src_workload: LogWorkload,
+    /// The application's socket: the pod's address (of the destination's family) and its port
+    /// (`src.addr`).
+    pub src: SocketAddr,
+    /// What the application dialled.
     pub orig_dst: SocketAddr,
+    /// The destination pod, when MeshState knows it (for a Service, the endpoint's).
+    pub dst_workload: Option<LogWorkload>,
     /// `direct`, `hbone`, `egress_gateway` or `egress` (refused).
     pub route: &'static str,
     /// The identity the destination had to prove (HBONE and egress gateway).
@@ -290,6 +312,31 @@ pub struct OutboundLog {
     pub host: Option<String>,
     /// For a connection to a Service address: the Service and the endpoint(s) tried.
     pub service: Option<ServiceLog>,
+}
+
+impl OutboundLog {
+    /// `dst.addr`: the endpoint that answered (or the first tried) for a Service, else what the
+    /// application dialled.
+    pub fn dst_addr(&self) -> SocketAddr {
+        self.service
+            .as_ref()
+            .and_then(|s| s.endpoint)
+            .unwrap_or(self.orig_dst)
+    }
+}
+
+/// A metric label as an access-log value: empty where the label says `unknown`.
+pub fn service_label(label: &str) -> &str {
+    if label == ConnectionLabels::UNKNOWN {
+        ""
+    } else {
+        label
+    }
+}
+
+/// An access log's `duration`, as ztunnel writes it: whole milliseconds and `ms`.
+pub fn log_duration(start: Instant) -> String {
+    format!("{}ms", start.elapsed().as_millis())
 }
 
 /// What the access log says of a connection to a Service address.
@@ -352,35 +399,36 @@ impl ConnectionResult {
         self.metrics.sent(moved.received);
         drop(self.metrics);
         let l = &self.log;
-        let duration_ms = self.start.elapsed().as_millis() as u64;
+        let duration = log_duration(self.start);
         let dst_identity = l.dst_identity.as_ref().map(ToString::to_string);
         let dst_identity = dst_identity.as_deref().unwrap_or("");
         let host = l.host.as_deref().unwrap_or("");
         let svc = l.service.as_ref();
         let dst_service = svc.map_or("", |s| s.hostname.as_str());
-        let endpoint = svc
-            .and_then(|s| s.endpoint)
-            .map(|e| e.to_string())
-            .unwrap_or_default();
         let attempts = svc.map_or(0, |s| s.attempts);
         let failed_endpoints = svc.map_or("", |s| s.failed_endpoints.as_str());
+        let dst_addr = l.dst_addr();
+        let dst = l.dst_workload.clone().unwrap_or_default();
         match outcome {
             Outcome::Done(t) => info!(
                 target: "sluice::access",
                 direction = "outbound",
-                pod = %l.pod,
-                src = %l.src,
+                src.addr = %l.src,
+                src.workload = %l.src_workload.name,
+                src.namespace = %l.src_workload.namespace,
+                dst.addr = %dst_addr,
+                dst.service = dst_service,
+                dst.workload = %dst.name,
+                dst.namespace = %dst.namespace,
+                dst.identity = dst_identity,
                 orig_dst = %l.orig_dst,
                 route = l.route,
-                dst_identity,
                 host,
-                dst_service,
-                endpoint,
                 attempts,
                 failed_endpoints,
-                sent = t.sent,
-                received = t.received,
-                duration_ms,
+                bytes_sent = t.sent,
+                bytes_recv = t.received,
+                duration,
                 outcome = "ok",
                 "connection complete"
             ),
@@ -391,19 +439,22 @@ impl ConnectionResult {
             } => info!(
                 target: "sluice::access",
                 direction = "outbound",
-                pod = %l.pod,
-                src = %l.src,
+                src.addr = %l.src,
+                src.workload = %l.src_workload.name,
+                src.namespace = %l.src_workload.namespace,
+                dst.addr = %dst_addr,
+                dst.service = dst_service,
+                dst.workload = %dst.name,
+                dst.namespace = %dst.namespace,
+                dst.identity = dst_identity,
                 orig_dst = %l.orig_dst,
                 route = l.route,
-                dst_identity,
                 host,
-                dst_service,
-                endpoint,
                 attempts,
                 failed_endpoints,
-                sent = moved.sent,
-                received = moved.received,
-                duration_ms,
+                bytes_sent = moved.sent,
+                bytes_recv = moved.received,
+                duration,
                 outcome = stage,
                 error,
                 "connection failed"
@@ -415,13 +466,15 @@ impl ConnectionResult {
                 info!(
                     target: "sluice::access",
                     direction = "outbound",
-                    pod = %l.pod,
-                    src = %l.src,
+                    src.addr = %l.src,
+                    src.workload = %l.src_workload.name,
+                    src.namespace = %l.src_workload.namespace,
+                    dst.addr = %dst_addr,
+                    dst.service = dst_service,
                     orig_dst = %l.orig_dst,
                     route = l.route,
                     host,
-                    dst_service,
-                    duration_ms,
+                    duration,
                     outcome = "refused",
                     reason_label = label,
                     reason,

@@ -537,7 +537,7 @@ fn mesh() {
     let c = w.connect("m1", &service, 10_000);
     assert_eq!(c.server_local.ip(), m2, "the ClusterIP did not reach m2");
     let via_service = w.agents[&1].wait_access(1, |l| {
-        l["route"] == "hbone" && l["dst_service"] == "m2.mesh.svc.cluster.local"
+        l["route"] == "hbone" && l["dst.service"] == "m2.mesh.svc.cluster.local"
     });
     assert!(
         via_service >= 1,

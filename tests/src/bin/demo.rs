@@ -94,13 +94,14 @@ fn main() {
     for (node, agent) in &w.agents {
         for l in agent.access_log() {
             say(&format!(
-                "  node{node}: {:8} pod={} {}→{} bytes sent={} received={} outcome={}",
+                "  node{node}: {:8} {}/{} {}→{} bytes_sent={} bytes_recv={} outcome={}",
                 l["direction"].as_str().unwrap_or(""),
-                l["pod"].as_str().unwrap_or(""),
-                l["src"].as_str().unwrap_or(""),
-                l["orig_dst"].as_str().or(l["dst"].as_str()).unwrap_or(""),
-                l["sent"],
-                l["received"],
+                l["src.namespace"].as_str().unwrap_or(""),
+                l["src.workload"].as_str().unwrap_or(""),
+                l["src.addr"].as_str().unwrap_or(""),
+                l["dst.addr"].as_str().unwrap_or(""),
+                l["bytes_sent"],
+                l["bytes_recv"],
                 l["outcome"].as_str().unwrap_or("")
             ));
         }

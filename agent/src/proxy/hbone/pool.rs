@@ -32,6 +32,7 @@ use super::{
 use crate::{
     admin::PoolStats,
     config::{H2Limits, Keepalive, PoolLimits},
+    identity::NegotiatedTls,
     state::workload::Identity,
 };
 
@@ -403,14 +404,17 @@ impl HbonePool {
                 .map_err(|source| DialError::Tcp { dst, source })?;
             let tls = client::tls_handshake(tcp, dst, tls.clone()).await?;
             inner.stats.handshakes.fetch_add(1, Ordering::Relaxed);
-            client::h2_handshake(tls, dst, &inner.h2, max_streams).await
+            let negotiated = NegotiatedTls::of(tls.get_ref().1);
+            client::h2_handshake(tls, dst, &inner.h2, max_streams)
+                .await
+                .map(|(sender, connection)| (sender, connection, negotiated))
         };
         let after = inner.cfg.connect_timeout;
         let result = match tokio::time::timeout(after, attempt).await {
             Ok(r) => r,
             Err(_) => Err(DialError::Timeout { dst, after }),
         };
-        let (sender, connection) = result.inspect_err(|e| {
+        let (sender, connection, negotiated) = result.inspect_err(|e| {
             inner.stats.dial_failures.fetch_add(1, Ordering::Relaxed);
             debug!(%dst, error = %e, "HBONE dial failed");
         })?;
@@ -433,7 +437,14 @@ impl HbonePool {
         entry.conns.push(conn.clone());
         drop(keys);
         inner.stats.connections.fetch_add(1, Ordering::Relaxed);
-        debug!(conn = conn.id, %dst, source = %key.source, "HBONE connection established");
+        debug!(
+            conn = conn.id,
+            %dst,
+            source = %key.source,
+            tls.group = %negotiated.group,
+            tls.cipher_suite = %negotiated.cipher_suite,
+            "HBONE connection established"
+        );
         let driver = Driver {
             pool: Arc::downgrade(inner),
             key: key.clone(),

@@ -26,7 +26,10 @@ use super::{
     headers::{TRACEPARENT, parse_authority, parse_forwarded_for},
     splice,
 };
-use crate::{config::H2Limits, proxy::window_budget::WindowBudget, state::workload::Identity};
+use crate::{
+    config::H2Limits, identity::NegotiatedTls, proxy::window_budget::WindowBudget,
+    state::workload::Identity,
+};
 
 /// Facts about one accepted HBONE connection, established by the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub struct ConnectionInfo {
     pub peer_addr: SocketAddr,
     /// The address the client dialled (ours).
     pub local_addr: SocketAddr,
+    /// What the TLS handshake agreed on.
+    pub tls: NegotiatedTls,
 }
 
 /// One `CONNECT` request, for the handler to authorize and serve.

@@ -143,6 +143,7 @@ impl<H: ConnectHandler> ServerHarness<H> {
                         peer_identity,
                         peer_addr,
                         local_addr,
+                        tls: Default::default(),
                     };
                     let drained = async move {
                         if drain_rx.wait_for(|d| *d).await.is_err() {

@@ -23,6 +23,7 @@ fn info() -> ConnectionInfo {
         peer_identity: client_identity(),
         peer_addr: addr,
         local_addr: addr,
+        tls: Default::default(),
     }
 }
 
