@@ -127,16 +127,16 @@ async fn seed_000_service_call_goes_over_hbone_across_nodes() {
     let sent = c.agent(1).wait_access(1, |l| {
         l["direction"] == "outbound"
             && l["route"] == "hbone"
-            && l["dst_identity"] == dst
-            && l["dst_service"] == "backend-v1.test-infra.svc.cluster.local"
+            && l["dst.identity"] == dst
+            && l["dst.service"] == "backend-v1.test-infra.svc.cluster.local"
             && l["outcome"] == "ok"
     });
     assert_eq!(sent, 1, "client's node: {:?}", c.agent(1).access_log());
     let received = c.agent(2).wait_access(1, |l| {
         l["direction"] == "inbound"
             && l["route"] == "hbone"
-            && l["src_identity"] == src
-            && l["dst_identity"] == dst
+            && l["src.identity"] == src
+            && l["dst.identity"] == dst
     });
     assert_eq!(received, 1, "backend's node: {:?}", c.agent(2).access_log());
 
@@ -165,7 +165,7 @@ async fn seed_000_service_call_goes_over_hbone_across_nodes() {
         l["direction"] == "inbound"
             && l["route"] == "plaintext"
             && l["outcome"] == "denied"
-            && l["src"]
+            && l["src.addr"]
                 .as_str()
                 .is_some_and(|a| a.starts_with(&stranger_ip))
     });

@@ -119,26 +119,15 @@ pub const CLUSTER_NAME: &str = "Kubernetes";
 /// namespace, the workload by kind (the Deployment when the pod's name shows one, else the
 /// pod), Istio's canonical service and revision, and its node's region and zone.
 pub fn baggage(w: &Workload, node: Option<&Node>) -> Baggage {
-    let (kind, name) = owner(w);
-    let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k)).cloned();
+    let (kind, name) = w.owner();
     let topology = |k: &str| node.and_then(|n| n.labels.get(k)).cloned();
     Baggage {
         cluster: Some(CLUSTER_NAME.to_owned()),
         namespace: Some(w.namespace.clone()),
         workload_kind: Some(kind.to_owned()),
         workload_name: Some(name.to_owned()),
-        service: label(&[
-            "service.istio.io/canonical-name",
-            "app.kubernetes.io/name",
-            "app",
-        ])
-        .or_else(|| Some(name.to_owned())),
-        revision: label(&[
-            "service.istio.io/canonical-revision",
-            "app.kubernetes.io/version",
-            "version",
-        ])
-        .or_else(|| Some("latest".to_owned())),
+        service: Some(w.canonical_service().to_owned()),
+        revision: Some(w.canonical_revision().to_owned()),
         region: topology("topology.kubernetes.io/region"),
         zone: topology("topology.kubernetes.io/zone"),
     }
@@ -201,7 +190,7 @@ pub fn baggage_trust(baggage: &Baggage, peer: &Identity, state: &MeshState) -> B
     // certificate's namespace: it can name no workload MeshState knows under another account.
     let impostor = state.workloads.values().any(|w| {
         w.namespace == *namespace
-            && owner(w).1 == name.as_str()
+            && w.owner().1 == name.as_str()
             && w.service_account != peer.service_account
     });
     if impostor {
@@ -229,22 +218,6 @@ pub fn set_source_from_baggage(
         &baggage.namespace,
     ) {
         labels.source_workload_namespace = ns.clone();
-    }
-}
-
-/// The workload a pod belongs to, as far as its name and labels show: a Deployment's pod is
-/// `<deployment>-<pod-template-hash>-<suffix>`.
-fn owner(w: &Workload) -> (&'static str, &str) {
-    let deployment = w.labels.get("pod-template-hash").and_then(|hash| {
-        let (prefix, _) = w.name.rsplit_once('-')?;
-        prefix
-            .strip_suffix(hash.as_str())?
-            .strip_suffix('-')
-            .filter(|d| !d.is_empty())
-    });
-    match deployment {
-        Some(d) => ("deployment", d),
-        None => ("pod", &w.name),
     }
 }
 
