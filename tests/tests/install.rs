@@ -1,7 +1,7 @@
 //! Installing Sluice the way README says: `kubectl apply -f deploy/` against a real API server,
 //! and the CA service the install runs (`sluice ca`), against the same real API server.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::Path,
     process::Command,
     sync::Arc,
@@ -379,4 +379,197 @@ fn x509(der: &[u8]) -> x509_parser::certificate::X509Certificate<'_> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Links, addresses, rules and routes of network namespace `ns` (every table, both families),
+/// leaving out only IPv6 link-local addresses and routes (the kernel adds those on its own when
+/// duplicate address detection ends, at a time of its choosing).
+fn netlink_snapshot(ns: &str) -> BTreeSet<String> {
+    use sluice_tests::egress_world::ip_json;
+    let mut out = BTreeSet::new();
+    for link in ip_json(ns, &["-d", "link"]).as_array().cloned().unwrap_or_default() {
+        out.insert(format!(
+            "link {} {} {}",
+            link["ifname"], link["linkinfo"]["info_kind"], link["flags"]
+        ));
+    }
+    for link in ip_json(ns, &["addr"]).as_array().cloned().unwrap_or_default() {
+        for a in link["addr_info"].as_array().cloned().unwrap_or_default() {
+            if a["local"].as_str().is_some_and(|l| l.starts_with("fe80:")) {
+                continue;
+            }
+            out.insert(format!("addr {} {}/{}", link["ifname"], a["local"], a["prefixlen"]));
+        }
+    }
+    for fam in ["-4", "-6"] {
+        for r in ip_json(ns, &[fam, "rule"]).as_array().cloned().unwrap_or_default() {
+            out.insert(format!("rule {fam} {r}"));
+        }
+        for r in ip_json(ns, &[fam, "route", "show", "table", "all"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if r["dst"].as_str().is_some_and(|d| d.starts_with("fe80:"))
+                || r["dst"].as_str().is_some_and(|d| d.starts_with("ff00:"))
+            {
+                continue;
+            }
+            out.insert(format!("route {fam} {r}"));
+        }
+    }
+    out
+}
+
+/// Every file under `dir` with its contents (or `(absent)`).
+fn files_snapshot(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        out.insert(dir.display().to_string(), "(absent)".into());
+        return out;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let path = e.path();
+        let text = if path.is_dir() {
+            "(dir)".to_owned()
+        } else {
+            std::fs::read(&path)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|e| format!("(unreadable: {e})"))
+        };
+        out.insert(path.display().to_string(), text);
+    }
+    out
+}
+
+fn assert_same_sets(before: &BTreeSet<String>, after: &BTreeSet<String>, what: &str) {
+    let gone: Vec<_> = before.difference(after).collect();
+    let left: Vec<_> = after.difference(before).collect();
+    assert!(
+        gone.is_empty() && left.is_empty(),
+        "{what}:\n  left behind: {left:#?}\n  gone: {gone:#?}"
+    );
+}
+
+/// `sluice cleanup` leaves a node exactly as it was before Sluice ran on it: an agent with
+/// egress pinning programmed a prefix (addresses on `sluice-egress`, rules, table 1339), captured
+/// a pod (pins, links, maps, routing inside the pod), and `install-cni` chained its entry into the
+/// conflist. Netlink of the gateway node and of the pod, bpffs under both pin directories, and
+/// the CNI directories are compared before and after.
+#[test]
+fn cleanup_leaves_the_node_exactly_as_it_was() {
+    use sluice_tests::{
+        agent::agent_bin,
+        egress_world::{
+            AMBIENT, PINNED_PREFIX, SGC_ANNOTATION, agent_spec, nodes_yaml, prefix_addresses, sgc,
+            wait_until,
+        },
+        internet::InternetSpec,
+        world::{PodSpec, World},
+    };
+    let pods = [PodSpec::new("pinned", "shop", 1).annotate(SGC_ANNOTATION, "pinned")];
+    let mut w = World::build(2, &pods);
+    w.namespace("shop", &[AMBIENT]);
+    let _net = w.add_internet_with(2, InternetSpec::default());
+    let node2 = w.node_netns(2);
+    let pod_ns = w.pod("pinned").netns.clone();
+
+    // The node's CNI directories, with the primary CNI's conflist.
+    let cni = tempfile::tempdir().expect("tempdir");
+    let (conf_dir, bin_dir) = (cni.path().join("net.d"), cni.path().join("bin"));
+    std::fs::create_dir_all(&conf_dir).expect("mkdir");
+    std::fs::create_dir_all(&bin_dir).expect("mkdir");
+    std::fs::write(
+        conf_dir.join("10-podnet.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "podnet", "plugins": [{"type": "bridge"}]}"#,
+    )
+    .expect("conflist");
+    std::fs::write(cni.path().join("token"), "t").expect("token");
+    std::fs::write(cni.path().join("ca.crt"), "ca").expect("ca");
+
+    let before = (
+        netlink_snapshot(&node2),
+        netlink_snapshot(&pod_ns),
+        files_snapshot(&w.pin_dir(1)),
+        files_snapshot(&w.pin_dir(2)),
+        files_snapshot(&conf_dir),
+        files_snapshot(&bin_dir),
+    );
+
+    let out = Command::new(agent_bin())
+        .args(["install-cni", "--server", "https://127.0.0.1:6443"])
+        .arg("--conf-dir")
+        .arg(&conf_dir)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--token-file")
+        .arg(cni.path().join("token"))
+        .arg("--ca-file")
+        .arg(cni.path().join("ca.crt"))
+        .output()
+        .expect("sluice install-cni");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        std::fs::read_to_string(conf_dir.join("10-podnet.conflist"))
+            .expect("conflist")
+            .contains("\"sluice\""),
+        "install-cni chained no entry"
+    );
+
+    w.extra_resources = format!("{}{}", nodes_yaml(), sgc("pinned", None));
+    let prefixes = format!("shop/pinned: {PINNED_PREFIX}");
+    for i in [1, 2] {
+        w.start_agent(i, &agent_spec(i, &prefixes));
+    }
+    assert!(w.enroll("pinned"), "pinned not captured");
+    let prefix = PINNED_PREFIX.parse().expect("prefix");
+    wait_until(Duration::from_secs(15), "the prefix on the gateway node", || {
+        prefix_addresses(&node2, prefix).len() == 14
+    });
+    assert_ne!(netlink_snapshot(&node2), before.0, "pinning changed nothing");
+    assert_ne!(netlink_snapshot(&pod_ns), before.1, "capture changed nothing in the pod");
+    assert_ne!(files_snapshot(&w.pin_dir(2)), before.3, "nothing pinned");
+
+    // Stop the agents (a restart keeps everything), then clean each node up.
+    for i in [1, 2] {
+        let state_dir = w
+            .agent_config(i, &agent_spec(i, &prefixes))
+            .parent()
+            .expect("node dir")
+            .join("state");
+        w.agents.remove(&i).expect("agent").stop();
+        let ns = w.node_netns(i);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns])
+            .arg(agent_bin())
+            .arg("cleanup")
+            .arg("--pin-path")
+            .arg(w.pin_dir(i))
+            .arg("--state-dir")
+            .arg(&state_dir);
+        if i == 2 {
+            cmd.arg("--cni-conf-dir")
+                .arg(&conf_dir)
+                .arg("--cni-bin-dir")
+                .arg(&bin_dir);
+        } else {
+            // Node 1 has no CNI set up here: point at empty directories.
+            cmd.args(["--cni-conf-dir", "/nonexistent", "--cni-bin-dir", "/nonexistent"]);
+        }
+        let started = Instant::now();
+        let out = cmd.output().expect("sluice cleanup");
+        eprintln!(
+            "node{i}: sluice cleanup took {:.1} ms:\n{}",
+            ms(started.elapsed()),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "cleanup on node{i} failed");
+    }
+
+    assert_same_sets(&before.0, &netlink_snapshot(&node2), "gateway node netlink");
+    assert_same_sets(&before.1, &netlink_snapshot(&pod_ns), "pod netlink");
+    assert_eq!(files_snapshot(&w.pin_dir(1)), before.2, "node1 bpffs");
+    assert_eq!(files_snapshot(&w.pin_dir(2)), before.3, "node2 bpffs");
+    assert_eq!(files_snapshot(&conf_dir), before.4, "CNI configuration directory");
+    assert_eq!(files_snapshot(&bin_dir), before.5, "CNI binary directory");
 }
