@@ -77,7 +77,11 @@ fn embed_deploy(manifest: &Path) {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             let b = name.as_bytes();
             name.ends_with(".yaml")
-                && (!numbered || (b.len() > 3 && b[0].is_ascii_digit() && b[1].is_ascii_digit() && b[2] == b'-'))
+                && (!numbered
+                    || (b.len() > 3
+                        && b[0].is_ascii_digit()
+                        && b[1].is_ascii_digit()
+                        && b[2] == b'-'))
         });
         files.sort();
         files
@@ -85,14 +89,20 @@ fn embed_deploy(manifest: &Path) {
     let mut code = String::new();
     for (name, files) in [
         ("DEPLOY_FILES", list(&deploy, true)),
-        ("GATEWAY_API_FILES", list(&deploy.join("gateway-api"), false)),
+        (
+            "GATEWAY_API_FILES",
+            list(&deploy.join("gateway-api"), false),
+        ),
         ("CRD_FILES", list(&deploy.join("crds"), false)),
     ] {
         code.push_str(&format!("pub const {name}: &[(&str, &str)] = &[\n"));
         for f in files {
             println!("cargo::rerun-if-changed={}", f.display());
             let file = f.file_name().and_then(|n| n.to_str()).expect("utf-8 name");
-            code.push_str(&format!("    ({file:?}, include_str!({:?})),\n", f.display().to_string()));
+            code.push_str(&format!(
+                "    ({file:?}, include_str!({:?})),\n",
+                f.display().to_string()
+            ));
         }
         code.push_str("];\n");
     }

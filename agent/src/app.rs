@@ -197,7 +197,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Ok(client) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 manager = manager.with_captured_notices(tx);
-                writers.push(tokio::spawn(crate::sources::kube::annotate::run(client, rx)));
+                writers.push(tokio::spawn(crate::sources::kube::annotate::run(
+                    client, rx,
+                )));
             }
             Err(e) => warn!(error = %e, "no Kubernetes client to annotate captured pods"),
         }
@@ -288,8 +290,7 @@ async fn uninstall_if_asked(agent: &AgentConfig) {
     };
     let asked = async {
         let client = crate::sources::kube::client(agent.kube.kubeconfig.as_deref()).await?;
-        crate::sources::kube::uninstall::uninstalling(client, &namespace, UNINSTALL_DAEMONSET)
-            .await
+        crate::sources::kube::uninstall::uninstalling(client, &namespace, UNINSTALL_DAEMONSET).await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), asked).await {
         Ok(Ok(true)) => {
@@ -301,11 +302,17 @@ async fn uninstall_if_asked(agent: &AgentConfig) {
             };
             match cleanup.run().await {
                 Ok(removed) => info!(?removed, "Sluice is being uninstalled: node state removed"),
-                Err(e) => warn!(error = %format!("{e:#}"), "uninstall cleanup incomplete; run `sluice cleanup` on the node"),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "uninstall cleanup incomplete; run `sluice cleanup` on the node")
+                }
             }
         }
-        Ok(Ok(false)) => info!("stopping for a restart or upgrade: capture state stays for the next agent"),
-        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "cannot tell uninstall from restart; capture state stays"),
+        Ok(Ok(false)) => {
+            info!("stopping for a restart or upgrade: capture state stays for the next agent")
+        }
+        Ok(Err(e)) => {
+            warn!(error = %format!("{e:#}"), "cannot tell uninstall from restart; capture state stays")
+        }
         Err(_) => warn!("cannot tell uninstall from restart (API timeout); capture state stays"),
     }
 }

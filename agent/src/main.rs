@@ -204,7 +204,10 @@ impl ValuesArgs {
             ),
             None => None,
         };
-        Ok(sluice::install::values::Values::load(text.as_deref(), &self.sets)?)
+        Ok(sluice::install::values::Values::load(
+            text.as_deref(),
+            &self.sets,
+        )?)
     }
 }
 
@@ -223,7 +226,11 @@ struct InstallCniArgs {
     #[arg(long, default_value = sluice::redirect::cni::DEFAULT_SOCKET)]
     enrollment_socket: PathBuf,
     /// Namespaces the plugin passes through (Sluice's own, POD_NAMESPACE, is always added).
-    #[arg(long = "exclude-namespace", value_delimiter = ',', default_value = "kube-system")]
+    #[arg(
+        long = "exclude-namespace",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
     exclude_namespaces: Vec<String>,
     /// The API server; default: from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT.
     #[arg(long)]
@@ -254,7 +261,9 @@ struct InstallCniArgs {
 
 fn humantime_duration(s: &str) -> Result<std::time::Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected e.g. 2s or 500ms"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 2s or 500ms"))?;
     match unit {
         "ms" => Ok(std::time::Duration::from_millis(n)),
         "s" | "" => Ok(std::time::Duration::from_secs(n)),

@@ -387,22 +387,37 @@ fn ms(d: Duration) -> f64 {
 fn netlink_snapshot(ns: &str) -> BTreeSet<String> {
     use sluice_tests::egress_world::ip_json;
     let mut out = BTreeSet::new();
-    for link in ip_json(ns, &["-d", "link"]).as_array().cloned().unwrap_or_default() {
+    for link in ip_json(ns, &["-d", "link"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
         out.insert(format!(
             "link {} {} {}",
             link["ifname"], link["linkinfo"]["info_kind"], link["flags"]
         ));
     }
-    for link in ip_json(ns, &["addr"]).as_array().cloned().unwrap_or_default() {
+    for link in ip_json(ns, &["addr"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
         for a in link["addr_info"].as_array().cloned().unwrap_or_default() {
             if a["local"].as_str().is_some_and(|l| l.starts_with("fe80:")) {
                 continue;
             }
-            out.insert(format!("addr {} {}/{}", link["ifname"], a["local"], a["prefixlen"]));
+            out.insert(format!(
+                "addr {} {}/{}",
+                link["ifname"], a["local"], a["prefixlen"]
+            ));
         }
     }
     for fam in ["-4", "-6"] {
-        for r in ip_json(ns, &[fam, "rule"]).as_array().cloned().unwrap_or_default() {
+        for r in ip_json(ns, &[fam, "rule"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
             out.insert(format!("rule {fam} {r}"));
         }
         for r in ip_json(ns, &[fam, "route", "show", "table", "all"])
@@ -508,7 +523,11 @@ fn cleanup_leaves_the_node_exactly_as_it_was() {
         .arg(cni.path().join("ca.crt"))
         .output()
         .expect("sluice install-cni");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         std::fs::read_to_string(conf_dir.join("10-podnet.conflist"))
             .expect("conflist")
@@ -523,11 +542,21 @@ fn cleanup_leaves_the_node_exactly_as_it_was() {
     }
     assert!(w.enroll("pinned"), "pinned not captured");
     let prefix = PINNED_PREFIX.parse().expect("prefix");
-    wait_until(Duration::from_secs(15), "the prefix on the gateway node", || {
-        prefix_addresses(&node2, prefix).len() == 14
-    });
-    assert_ne!(netlink_snapshot(&node2), before.0, "pinning changed nothing");
-    assert_ne!(netlink_snapshot(&pod_ns), before.1, "capture changed nothing in the pod");
+    wait_until(
+        Duration::from_secs(15),
+        "the prefix on the gateway node",
+        || prefix_addresses(&node2, prefix).len() == 14,
+    );
+    assert_ne!(
+        netlink_snapshot(&node2),
+        before.0,
+        "pinning changed nothing"
+    );
+    assert_ne!(
+        netlink_snapshot(&pod_ns),
+        before.1,
+        "capture changed nothing in the pod"
+    );
     assert_ne!(files_snapshot(&w.pin_dir(2)), before.3, "nothing pinned");
 
     // Stop the agents (a restart keeps everything), then clean each node up.
@@ -554,7 +583,12 @@ fn cleanup_leaves_the_node_exactly_as_it_was() {
                 .arg(&bin_dir);
         } else {
             // Node 1 has no CNI set up here: point at empty directories.
-            cmd.args(["--cni-conf-dir", "/nonexistent", "--cni-bin-dir", "/nonexistent"]);
+            cmd.args([
+                "--cni-conf-dir",
+                "/nonexistent",
+                "--cni-bin-dir",
+                "/nonexistent",
+            ]);
         }
         let started = Instant::now();
         let out = cmd.output().expect("sluice cleanup");
@@ -570,6 +604,251 @@ fn cleanup_leaves_the_node_exactly_as_it_was() {
     assert_same_sets(&before.1, &netlink_snapshot(&pod_ns), "pod netlink");
     assert_eq!(files_snapshot(&w.pin_dir(1)), before.2, "node1 bpffs");
     assert_eq!(files_snapshot(&w.pin_dir(2)), before.3, "node2 bpffs");
-    assert_eq!(files_snapshot(&conf_dir), before.4, "CNI configuration directory");
+    assert_eq!(
+        files_snapshot(&conf_dir),
+        before.4,
+        "CNI configuration directory"
+    );
     assert_eq!(files_snapshot(&bin_dir), before.5, "CNI binary directory");
+}
+
+/// A minimal GatewayClass CRD, as a cluster with Gateway API has (the test API server has none).
+fn gatewayclass_crd() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "gatewayclasses.gateway.networking.k8s.io"},
+        "spec": {
+            "group": "gateway.networking.k8s.io",
+            "scope": "Cluster",
+            "names": {"plural": "gatewayclasses", "singular": "gatewayclass", "kind": "GatewayClass", "listKind": "GatewayClassList"},
+            "versions": [{
+                "name": "v1beta1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
+            }]
+        }
+    })
+}
+
+fn sluice(args: &[&str], kubeconfig: &Path) -> (bool, String, String) {
+    let out = Command::new(sluice_tests::agent::agent_bin())
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .expect("sluice");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn get_dynamic(
+    client: &Client,
+    o: &sluice::install::render::Object,
+) -> Option<kube::api::DynamicObject> {
+    let (group, version) = o
+        .api_version()
+        .split_once('/')
+        .unwrap_or(("", o.api_version()));
+    let gvk = kube::core::GroupVersionKind::gvk(group, version, o.kind());
+    let (ar, caps) = kube::discovery::pinned_kind(client, &gvk).await.ok()?;
+    let api: Api<kube::api::DynamicObject> = match (caps.scope, o.namespace()) {
+        (kube::discovery::Scope::Namespaced, Some(ns)) => {
+            Api::namespaced_with(client.clone(), ns, &ar)
+        }
+        _ => Api::all_with(client.clone(), &ar),
+    };
+    api.get_opt(o.name()).await.expect("get")
+}
+
+/// `sluice install` renders deploy/ and applies it by server-side apply: every object is
+/// accepted (a dry run first persists nothing), the DaemonSet is complete, an existing CRD is
+/// not replaced by Sluice's reduced copy, the GatewayClass is applied where Gateway API is
+/// served; `sluice uninstall` deletes them all again and leaves the CRDs.
+#[tokio::test(flavor = "multi_thread")]
+async fn sluice_install_applies_every_object_and_uninstall_removes_them() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let server = tokio::task::block_in_place(KubeServer::start);
+    let client = server.client().await;
+    let kubeconfig = server.kubeconfig_path();
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+
+    // The cluster already has Gateway API's GatewayClass and a "real" PeerAuthentication CRD.
+    apply(&client, gatewayclass_crd()).await;
+    let rendered_with_crds = sluice::install::render::render(
+        &sluice::install::values::Values::load(
+            None,
+            &["crds.install=true".into(), "daemonSetMaxSurge=false".into()],
+        )
+        .expect("values"),
+    )
+    .expect("render");
+    let mut existing = rendered_with_crds
+        .crds
+        .iter()
+        .find(|o| o.name() == "peerauthentications.security.istio.io")
+        .expect("the PeerAuthentication CRD")
+        .value
+        .clone();
+    existing["metadata"]["labels"] = serde_json::json!({"owner": "istio"});
+    apply(&client, existing).await;
+    for _ in 0..100 {
+        let established = |c: &CustomResourceDefinition| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        };
+        let gc = crds
+            .get("gatewayclasses.gateway.networking.k8s.io")
+            .await
+            .expect("crd");
+        if established(&gc) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        sluice(
+            &["install", "--dry-run", "--set", "crds.install=true"],
+            &kubeconfig,
+        )
+    });
+    assert!(ok, "sluice install --dry-run:\n{out}{err}");
+    assert!(out.contains("Checked: Namespace sluice-system"), "{out}");
+    assert!(out.contains("Checked: ClusterRole sluice"), "{out}");
+    assert!(
+        out.contains("KindServed: DaemonSet sluice-system/sluice"),
+        "{out}"
+    );
+    for o in &rendered_with_crds.objects {
+        assert!(
+            get_dynamic(&client, o).await.is_none(),
+            "dry run persisted {}",
+            o.describe()
+        );
+    }
+
+    let started = Instant::now();
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        sluice(&["install", "--set", "crds.install=true"], &kubeconfig)
+    });
+    eprintln!(
+        "sluice install took {:.0} ms:\n{out}{err}",
+        ms(started.elapsed())
+    );
+    assert!(ok, "sluice install:\n{out}{err}");
+    assert!(
+        err.contains("maxSurge"),
+        "the 1.20 API server's missing surge is said: {err}"
+    );
+    assert!(
+        out.contains(
+            "KeptExisting: CustomResourceDefinition peerauthentications.security.istio.io"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("Applied: GatewayClass sluice"), "{out}");
+    for o in rendered_with_crds.all() {
+        let live = get_dynamic(&client, o).await;
+        assert!(live.is_some(), "{} was not created", o.describe());
+    }
+    let pa = crds
+        .get("peerauthentications.security.istio.io")
+        .await
+        .expect("crd");
+    assert_eq!(
+        pa.metadata
+            .labels
+            .unwrap_or_default()
+            .get("owner")
+            .map(String::as_str),
+        Some("istio"),
+        "an existing CRD is left as the cluster had it"
+    );
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), "sluice-system")
+        .get("sluice")
+        .await
+        .expect("the DaemonSet");
+    let pod = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["install-cni", "agent"]);
+    assert_eq!(
+        pod.node_selector
+            .unwrap_or_default()
+            .get("kubernetes.io/os")
+            .map(String::as_str),
+        Some("linux")
+    );
+    let cni = &pod.containers[0];
+    assert!(
+        cni.args
+            .clone()
+            .unwrap_or_default()
+            .contains(&"--watch".to_owned())
+    );
+    let rolling = ds
+        .spec
+        .and_then(|s| s.update_strategy)
+        .and_then(|u| u.rolling_update)
+        .expect("rolling");
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+
+    // Applying again changes nothing and fails nothing.
+    let (ok, out, err) = tokio::task::block_in_place(|| sluice(&["install"], &kubeconfig));
+    assert!(ok, "second sluice install:\n{out}{err}");
+
+    let started = Instant::now();
+    let (ok, out, err) = tokio::task::block_in_place(|| sluice(&["uninstall"], &kubeconfig));
+    eprintln!(
+        "sluice uninstall took {:.0} ms:\n{out}{err}",
+        ms(started.elapsed())
+    );
+    assert!(ok, "sluice uninstall:\n{out}{err}");
+    for o in rendered_with_crds
+        .objects
+        .iter()
+        .chain(&rendered_with_crds.gateway_api)
+    {
+        let gone = async {
+            for _ in 0..300 {
+                match get_dynamic(&client, o).await {
+                    None => return true,
+                    // A namespace finishes terminating once the controllers emptied it.
+                    Some(d)
+                        if o.kind() == "Namespace" && d.metadata.deletion_timestamp.is_some() =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Some(_) => return false,
+                }
+            }
+            o.kind() == "Namespace"
+        };
+        assert!(
+            gone.await,
+            "{} is still there after uninstall",
+            o.describe()
+        );
+    }
+    for o in &rendered_with_crds.crds {
+        assert!(
+            get_dynamic(&client, o).await.is_some(),
+            "uninstall deleted {}",
+            o.describe()
+        );
+    }
 }

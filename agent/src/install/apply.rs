@@ -24,6 +24,11 @@ pub enum Outcome {
     KeptExisting,
     /// The cluster does not serve the kind (e.g. GatewayClass without Gateway API).
     NotServed,
+    /// `--dry-run`: the API server checked the object and persisted nothing.
+    Checked,
+    /// `--dry-run`: its namespace is created by the install itself, so the API server could only
+    /// confirm that it serves the kind.
+    KindServed,
     Deleted,
     Absent,
 }
@@ -52,7 +57,12 @@ async fn resolve(
     }
 }
 
-fn api(client: &Client, o: &Object, ar: &ApiResource, caps: &ApiCapabilities) -> Api<DynamicObject> {
+fn api(
+    client: &Client,
+    o: &Object,
+    ar: &ApiResource,
+    caps: &ApiCapabilities,
+) -> Api<DynamicObject> {
     match (caps.scope.clone(), o.namespace()) {
         (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, ar),
         _ => Api::all_with(client.clone(), ar),
@@ -60,13 +70,18 @@ fn api(client: &Client, o: &Object, ar: &ApiResource, caps: &ApiCapabilities) ->
 }
 
 fn dynamic(o: &Object) -> anyhow::Result<DynamicObject> {
-    serde_json::from_value(o.value.clone()).with_context(|| format!("{} is not an object", o.describe()))
+    serde_json::from_value(o.value.clone())
+        .with_context(|| format!("{} is not an object", o.describe()))
 }
 
 /// Applies `rendered` in order: CRDs (created only where absent), then `deploy/`, then the
 /// GatewayClass when the cluster serves it. `dry_run` asks the API server to check every object
 /// without persisting it.
-pub async fn install(client: &Client, rendered: &Rendered, dry_run: bool) -> anyhow::Result<Vec<Step>> {
+pub async fn install(
+    client: &Client,
+    rendered: &Rendered,
+    dry_run: bool,
+) -> anyhow::Result<Vec<Step>> {
     let mut steps = Vec::new();
     let mut apply_params = PatchParams::apply(FIELD_MANAGER).force();
     apply_params.dry_run = dry_run;
@@ -80,21 +95,43 @@ pub async fn install(client: &Client, rendered: &Rendered, dry_run: bool) -> any
             field_manager: Some(FIELD_MANAGER.into()),
         };
         let outcome = match api.create(&post, &dynamic(o)?).await {
+            Ok(_) if dry_run => Outcome::Checked,
             Ok(_) => Outcome::Applied,
             Err(kube::Error::Api(s)) if s.code == 409 => Outcome::KeptExisting,
             Err(e) => return Err(e).with_context(|| format!("creating {}", o.describe())),
         };
-        steps.push(Step { object: o.describe(), outcome });
+        steps.push(Step {
+            object: o.describe(),
+            outcome,
+        });
     }
     for o in &rendered.objects {
         let Some((ar, caps)) = resolve(client, o).await? else {
-            anyhow::bail!("{} (deploy/{}): the API server does not serve {}", o.describe(), o.file, o.api_version());
+            anyhow::bail!(
+                "{} (deploy/{}): the API server does not serve {}",
+                o.describe(),
+                o.file,
+                o.api_version()
+            );
         };
-        api(client, o, &ar, &caps)
+        let applied = api(client, o, &ar, &caps)
             .patch(o.name(), &apply_params, &Patch::Apply(&o.value))
-            .await
-            .with_context(|| format!("applying {} (deploy/{})", o.describe(), o.file))?;
-        steps.push(Step { object: o.describe(), outcome: Outcome::Applied });
+            .await;
+        let outcome = match applied {
+            Ok(_) if dry_run => Outcome::Checked,
+            Ok(_) => Outcome::Applied,
+            Err(kube::Error::Api(s)) if dry_run && s.code == 404 && o.namespace().is_some() => {
+                Outcome::KindServed
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("applying {} (deploy/{})", o.describe(), o.file));
+            }
+        };
+        steps.push(Step {
+            object: o.describe(),
+            outcome,
+        });
     }
     for o in &rendered.gateway_api {
         let outcome = match resolve(client, o).await? {
@@ -104,10 +141,17 @@ pub async fn install(client: &Client, rendered: &Rendered, dry_run: bool) -> any
                     .patch(o.name(), &apply_params, &Patch::Apply(&o.value))
                     .await
                     .with_context(|| format!("applying {} (deploy/{})", o.describe(), o.file))?;
-                Outcome::Applied
+                if dry_run {
+                    Outcome::Checked
+                } else {
+                    Outcome::Applied
+                }
             }
         };
-        steps.push(Step { object: o.describe(), outcome });
+        steps.push(Step {
+            object: o.describe(),
+            outcome,
+        });
     }
     Ok(steps)
 }
@@ -121,13 +165,20 @@ pub const AGENT_EXIT_WAIT: Duration = Duration::from_secs(90);
 /// take capture off their nodes while their RBAC still exists.
 pub async fn uninstall(client: &Client, rendered: &Rendered) -> anyhow::Result<Vec<Step>> {
     let mut steps = Vec::new();
-    let mut order: Vec<&Object> = rendered.objects.iter().chain(&rendered.gateway_api).collect();
+    let mut order: Vec<&Object> = rendered
+        .objects
+        .iter()
+        .chain(&rendered.gateway_api)
+        .collect();
     order.reverse();
     // Agents first: they ask whether their DaemonSet is being deleted when told to stop.
     order.sort_by_key(|o| o.kind() != "DaemonSet");
     for o in order {
         let Some((ar, caps)) = resolve(client, o).await? else {
-            steps.push(Step { object: o.describe(), outcome: Outcome::NotServed });
+            steps.push(Step {
+                object: o.describe(),
+                outcome: Outcome::NotServed,
+            });
             continue;
         };
         let api = api(client, o, &ar, &caps);
@@ -139,7 +190,10 @@ pub async fn uninstall(client: &Client, rendered: &Rendered) -> anyhow::Result<V
         if o.kind() == "DaemonSet" && outcome == Outcome::Deleted {
             wait_for_agents_to_exit(client, o).await?;
         }
-        steps.push(Step { object: o.describe(), outcome });
+        steps.push(Step {
+            object: o.describe(),
+            outcome,
+        });
     }
     Ok(steps)
 }
@@ -161,7 +215,11 @@ async fn wait_for_agents_to_exit(client: &Client, ds: &Object) -> anyhow::Result
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let started = std::time::Instant::now();
     loop {
-        let left = pods.list(&ListParams::default().labels(&labels)).await?.items.len();
+        let left = pods
+            .list(&ListParams::default().labels(&labels))
+            .await?
+            .items
+            .len();
         if left == 0 {
             return Ok(());
         }
@@ -172,14 +230,26 @@ async fn wait_for_agents_to_exit(client: &Client, ds: &Object) -> anyhow::Result
                 AGENT_EXIT_WAIT.as_secs()
             );
         }
-        info!(left, "waiting for the agents to take capture off their nodes");
+        info!(
+            left,
+            "waiting for the agents to take capture off their nodes"
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
 /// Whether the API server takes DaemonSet `maxSurge` (beta, on by default, from 1.22).
 pub async fn supports_daemonset_surge(client: &Client) -> anyhow::Result<bool> {
-    let v = client.apiserver_version().await.context("reading the API server's version")?;
-    let digits = |s: &str| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse::<u32>().unwrap_or(0);
+    let v = client
+        .apiserver_version()
+        .await
+        .context("reading the API server's version")?;
+    let digits = |s: &str| {
+        s.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
     Ok((digits(&v.major), digits(&v.minor)) >= (1, 22))
 }

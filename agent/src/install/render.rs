@@ -59,7 +59,10 @@ pub struct Rendered {
 impl Rendered {
     /// Everything in apply order.
     pub fn all(&self) -> impl Iterator<Item = &Object> {
-        self.crds.iter().chain(&self.objects).chain(&self.gateway_api)
+        self.crds
+            .iter()
+            .chain(&self.objects)
+            .chain(&self.gateway_api)
     }
 
     /// One YAML stream, each document headed by the file it comes from.
@@ -150,8 +153,11 @@ fn set_env(container: &mut Value, name: &str, value: &str) {
     let Some(list) = env.as_array_mut() else {
         return;
     };
-    list.retain(|e| e["name"] != name);
-    list.push(json!({"name": name, "value": value}));
+    let entry = json!({"name": name, "value": value});
+    match list.iter_mut().find(|e| e["name"] == name) {
+        Some(e) => *e = entry,
+        None => list.push(entry),
+    }
 }
 
 fn apply(values: &Values, o: &mut Object) -> Result<(), RenderError> {
@@ -222,7 +228,11 @@ fn workload(values: &Values, o: &mut Object) -> Result<(), RenderError> {
         if let Some(policy) = &values.image_pull_policy {
             container["imagePullPolicy"] = json!(policy);
         }
-        set_env(container, "SLUICE_LOG_FORMAT", if values.log_as_json { "json" } else { "text" });
+        set_env(
+            container,
+            "SLUICE_LOG_FORMAT",
+            if values.log_as_json { "json" } else { "text" },
+        );
         set_env(container, "SLUICE_LOG", &values.log_level);
         match container["name"].as_str() {
             Some("agent") => {
@@ -242,7 +252,10 @@ fn workload(values: &Values, o: &mut Object) -> Result<(), RenderError> {
             }
             Some("ca") => {
                 for arg in container["args"].as_array_mut().into_iter().flatten() {
-                    if arg.as_str().is_some_and(|a| a.starts_with("--trust-domain=")) {
+                    if arg
+                        .as_str()
+                        .is_some_and(|a| a.starts_with("--trust-domain="))
+                    {
                         *arg = json!(format!("--trust-domain={}", values.trust_domain));
                     }
                 }
@@ -251,7 +264,10 @@ fn workload(values: &Values, o: &mut Object) -> Result<(), RenderError> {
         }
     }
     if !found_image {
-        return Err(deploy_err(o, format!("no container with image {DEPLOY_IMAGE}")));
+        return Err(deploy_err(
+            o,
+            format!("no container with image {DEPLOY_IMAGE}"),
+        ));
     }
     Ok(())
 }
@@ -310,7 +326,13 @@ mod tests {
         assert!(rendered.crds.is_empty(), "CRDs only with crds.install");
         assert_eq!(rendered.objects.len(), plain.len());
         for (r, p) in rendered.objects.iter().zip(&plain) {
-            assert_eq!(r.value, p.value, "{} differs from deploy/{}", r.describe(), p.file);
+            assert_eq!(
+                r.value,
+                p.value,
+                "{} differs from deploy/{}",
+                r.describe(),
+                p.file
+            );
         }
         assert_eq!(rendered.gateway_api.len(), 1);
         assert_eq!(rendered.gateway_api[0].kind(), "GatewayClass");
@@ -350,15 +372,26 @@ mod tests {
                 "excludeNamespaces=[kube-system, infra]".into(),
                 "priorityClassName=mesh-critical".into(),
                 "daemonSetMaxSurge=false".into(),
-                "resources={requests: {cpu: 1}}".into(),
+                "resources={requests: {cpu: 500m}}".into(),
                 "crds.install=true".into(),
             ],
         )
         .unwrap();
         let r = render(&values).unwrap();
         assert!(!r.crds.is_empty());
-        assert!(r.crds.iter().all(|o| o.kind() == "CustomResourceDefinition"));
-        let find = |kind: &str| r.objects.iter().find(|o| o.kind() == kind).unwrap().value.clone();
+        assert!(
+            r.crds
+                .iter()
+                .all(|o| o.kind() == "CustomResourceDefinition")
+        );
+        let find = |kind: &str| {
+            r.objects
+                .iter()
+                .find(|o| o.kind() == kind)
+                .unwrap()
+                .value
+                .clone()
+        };
         let ds = find("DaemonSet");
         let pod = &ds["spec"]["template"]["spec"];
         for c in pod["containers"].as_array().unwrap() {
@@ -367,33 +400,80 @@ mod tests {
             assert!(env.contains(&json!({"name": "SLUICE_LOG", "value": "debug"})));
             assert!(env.contains(&json!({"name": "SLUICE_LOG_FORMAT", "value": "text"})));
         }
-        let agent = pod["containers"].as_array().unwrap().iter().find(|c| c["name"] == "agent").unwrap();
-        assert_eq!(agent["resources"], json!({"requests": {"cpu": 1}}));
-        let cni = pod["containers"].as_array().unwrap().iter().find(|c| c["name"] == "install-cni").unwrap();
-        let args: Vec<&str> = cni["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-        assert!(args.windows(2).any(|w| w == ["--exclude-namespace", "kube-system,infra"]), "{args:?}");
-        assert!(args.windows(2).any(|w| w == ["--host-conf-dir", "/etc/cni/multus/net.d"]), "{args:?}");
-        let paths: Vec<&Value> = pod["volumes"].as_array().unwrap().iter().map(|v| &v["hostPath"]["path"]).collect();
+        let agent = pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .unwrap();
+        assert_eq!(agent["resources"], json!({"requests": {"cpu": "500m"}}));
+        let cni = pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "install-cni")
+            .unwrap();
+        let args: Vec<&str> = cni["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--exclude-namespace", "kube-system,infra"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--host-conf-dir", "/etc/cni/multus/net.d"]),
+            "{args:?}"
+        );
+        let paths: Vec<&Value> = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| &v["hostPath"]["path"])
+            .collect();
         assert!(paths.contains(&&json!("/etc/cni/multus/net.d")));
         assert!(paths.contains(&&json!("/var/lib/cni/bin")));
         assert_eq!(pod["priorityClassName"], "mesh-critical");
         assert_eq!(pod["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
-        assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"], json!({"maxUnavailable": 1}));
-        assert_eq!(ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+        assert_eq!(
+            ds["spec"]["updateStrategy"]["rollingUpdate"],
+            json!({"maxUnavailable": 1})
+        );
+        assert_eq!(
+            ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"],
+            "true"
+        );
 
         let cm = find("ConfigMap");
         let text = cm["data"]["config.yaml"].as_str().unwrap();
         let parsed: Value = serde_yaml::from_str(text).unwrap();
         assert_eq!(parsed["spec"]["trustDomain"], "corp.example");
-        assert_eq!(parsed["spec"]["identity"]["caAddress"], "https://istiod.istio-system.svc:15012");
-        assert_eq!(parsed["spec"]["meshConfig"], json!({"namespace": "istio-system", "name": "istio-asm-1-24"}));
+        assert_eq!(
+            parsed["spec"]["identity"]["caAddress"],
+            "https://istiod.istio-system.svc:15012"
+        );
+        assert_eq!(
+            parsed["spec"]["meshConfig"],
+            json!({"namespace": "istio-system", "name": "istio-asm-1-24"})
+        );
         let role = find("ClusterRole");
-        let cm_rule = role["rules"].as_array().unwrap().iter().find(|r| r["resources"] == json!(["configmaps"])).unwrap();
-        assert_eq!(cm_rule["resourceNames"], json!(["istio-asm-1-24"]));
-        let ca = r.objects.iter().find(|o| o.kind() == "Deployment").unwrap();
-        assert!(ca.value["spec"]["template"]["spec"]["containers"][0]["args"]
+        let cm_rule = role["rules"]
             .as_array()
             .unwrap()
-            .contains(&json!("--trust-domain=corp.example")));
+            .iter()
+            .find(|r| r["resources"] == json!(["configmaps"]))
+            .unwrap();
+        assert_eq!(cm_rule["resourceNames"], json!(["istio-asm-1-24"]));
+        let ca = r.objects.iter().find(|o| o.kind() == "Deployment").unwrap();
+        assert!(
+            ca.value["spec"]["template"]["spec"]["containers"][0]["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("--trust-domain=corp.example"))
+        );
     }
 }

@@ -134,8 +134,17 @@ impl Values {
                 .split_once('=')
                 .filter(|(k, _)| !k.is_empty())
                 .ok_or_else(|| ValuesError::BadSet(set.clone()))?;
-            let value: serde_yaml::Value = serde_yaml::from_str(value)
-                .unwrap_or_else(|_| serde_yaml::Value::String(value.to_owned()));
+            // Booleans, lists and maps are read as YAML; anything else stays a string, so that
+            // `tag=1.20` is the tag "1.20", not a number (no value is numeric).
+            let structured = matches!(value, "true" | "false" | "null")
+                || value.starts_with('[')
+                || value.starts_with('{');
+            let value: serde_yaml::Value = if structured {
+                serde_yaml::from_str(value)
+                    .map_err(|e| ValuesError::Invalid(format!("--set {key}: {e}")))?
+            } else {
+                serde_yaml::Value::String(value.to_owned())
+            };
             let mut over = value;
             for part in key.rsplit('.') {
                 let mut m = serde_yaml::Mapping::new();
@@ -144,7 +153,8 @@ impl Values {
             }
             merge(&mut tree, over);
         }
-        let values: Values = serde_yaml::from_value(tree).map_err(|e| ValuesError::Invalid(e.to_string()))?;
+        let values: Values =
+            serde_yaml::from_value(tree).map_err(|e| ValuesError::Invalid(e.to_string()))?;
         values.check()?;
         Ok(values)
     }
@@ -164,7 +174,10 @@ impl Values {
                 return bad(field, "must be non-empty, without spaces");
             }
         }
-        for (field, dir) in [("cniBinDir", &self.cni_bin_dir), ("cniConfDir", &self.cni_conf_dir)] {
+        for (field, dir) in [
+            ("cniBinDir", &self.cni_bin_dir),
+            ("cniConfDir", &self.cni_conf_dir),
+        ] {
             if !dir.starts_with('/') {
                 return bad(field, "must be an absolute path");
             }
@@ -210,6 +223,7 @@ mod tests {
             &[
                 "crds.install=true".into(),
                 "hub=registry.local/mesh".into(),
+                "image=sluice".into(),
                 "logAsJson=false".into(),
                 "nodeSelector.pool=mesh".into(),
             ],
@@ -219,21 +233,37 @@ mod tests {
         assert!(v.crds.install);
         assert!(!v.log_as_json);
         assert_eq!(v.exclude_namespaces, ["kube-system", "infra"]);
-        assert_eq!(v.node_selector.get("kubernetes.io/os").map(String::as_str), Some("linux"));
-        assert_eq!(v.node_selector.get("pool").map(String::as_str), Some("mesh"));
+        assert_eq!(
+            v.node_selector.get("kubernetes.io/os").map(String::as_str),
+            Some("linux")
+        );
+        assert_eq!(
+            v.node_selector.get("pool").map(String::as_str),
+            Some("mesh")
+        );
     }
 
     #[test]
     fn unknown_and_bad_values_are_named() {
-        let e = Values::load(None, &["crds.instal=true".into()]).unwrap_err().to_string();
+        let e = Values::load(None, &["crds.instal=true".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("instal"), "{e}");
-        let e = Values::load(None, &["cniConfDir=relative/dir".into()]).unwrap_err().to_string();
+        let e = Values::load(None, &["cniConfDir=relative/dir".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cniConfDir"), "{e}");
-        let e = Values::load(None, &["caAddress=http://x".into()]).unwrap_err().to_string();
+        let e = Values::load(None, &["caAddress=http://x".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("caAddress"), "{e}");
-        let e = Values::load(None, &["noequals".into()]).unwrap_err().to_string();
+        let e = Values::load(None, &["noequals".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("noequals"), "{e}");
-        let e = Values::load(None, &["resources=7".into()]).unwrap_err().to_string();
+        let e = Values::load(None, &["resources=7".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("resources"), "{e}");
         assert_eq!(Values::load(None, &[]).unwrap(), Values::default());
     }

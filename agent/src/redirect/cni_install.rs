@@ -107,8 +107,11 @@ impl InstallCni {
             match self.run() {
                 Ok(done) => {
                     if first || !done.written.is_empty() {
-                        let files: Vec<String> =
-                            done.written.iter().map(|p| p.display().to_string()).collect();
+                        let files: Vec<String> = done
+                            .written
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect();
                         tracing::info!(
                             conflist = %done.conflist.as_deref().unwrap_or(Path::new("")).display(),
                             written = ?files,
@@ -190,7 +193,8 @@ fn write_if_changed(to: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> 
 mod tests {
     use super::*;
 
-    const PRIMARY: &str = r#"{"cniVersion": "1.0.0", "name": "podnet", "plugins": [{"type": "bridge"}]}"#;
+    const PRIMARY: &str =
+        r#"{"cniVersion": "1.0.0", "name": "podnet", "plugins": [{"type": "bridge"}]}"#;
 
     fn setup(dir: &Path) -> InstallCni {
         let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
@@ -230,11 +234,18 @@ mod tests {
         let primary = conf.join("10-podnet.conflist");
         assert_eq!(
             done.written,
-            vec![bin.join("sluice"), conf.join(KUBECONFIG_NAME), primary.clone()]
+            vec![
+                bin.join("sluice"),
+                conf.join(KUBECONFIG_NAME),
+                primary.clone()
+            ]
         );
         assert_eq!(types(&primary), ["bridge", "sluice"]);
         let v: Value = serde_json::from_str(&fs::read_to_string(&primary).unwrap()).unwrap();
-        assert_eq!(v["plugins"][1]["kubeconfig"], "/etc/cni/net.d/sluice-kubeconfig");
+        assert_eq!(
+            v["plugins"][1]["kubeconfig"],
+            "/etc/cni/net.d/sluice-kubeconfig"
+        );
         assert_eq!(
             v["plugins"][1]["excludeNamespaces"],
             json!(["kube-system", "sluice-system"])

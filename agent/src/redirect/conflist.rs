@@ -116,7 +116,10 @@ fn is_ours(plugin: &Value) -> bool {
 }
 
 /// A configuration as a list: `(list, converted)`; a single plugin becomes a list of one.
-fn as_list(path: &Path, mut conf: Map<String, Value>) -> Result<(Map<String, Value>, bool), ConflistError> {
+fn as_list(
+    path: &Path,
+    mut conf: Map<String, Value>,
+) -> Result<(Map<String, Value>, bool), ConflistError> {
     let malformed = |reason: &str| ConflistError::Malformed {
         path: path.to_owned(),
         reason: reason.to_owned(),
@@ -284,11 +287,18 @@ mod tests {
             Inserted::Unchanged(first.clone())
         );
         assert_eq!(fs::read_to_string(&first).unwrap(), text, "idempotent");
-        assert_eq!(fs::read_to_string(dir.path().join("20-other.conflist")).unwrap(), BRIDGE);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("20-other.conflist")).unwrap(),
+            BRIDGE
+        );
         // No temporary file is left behind.
         assert_eq!(
             listing(dir.path()),
-            ["10-bridge.conflist", "20-other.conflist", "sluice-kubeconfig"]
+            [
+                "10-bridge.conflist",
+                "20-other.conflist",
+                "sluice-kubeconfig"
+            ]
         );
     }
 
@@ -341,7 +351,10 @@ mod tests {
                 to: to.clone()
             }
         );
-        assert!(!conf.exists(), "the single-plugin file is replaced by the list");
+        assert!(
+            !conf.exists(),
+            "the single-plugin file is replaced by the list"
+        );
         let v: Value = serde_json::from_str(&fs::read_to_string(&to).unwrap()).unwrap();
         assert_eq!(v["cniVersion"], "0.3.1");
         assert_eq!(v["name"], "cbr0");
@@ -356,10 +369,20 @@ mod tests {
             Inserted::Unchanged(to.clone())
         );
         // The primary CNI writes its .conf again: it sorts first, and is converted again.
-        fs::write(&conf, r#"{"cniVersion": "0.3.1", "name": "cbr0", "type": "flannel"}"#).unwrap();
-        assert!(matches!(insert(dir.path(), &entry()).unwrap(), Inserted::Converted { .. }));
+        fs::write(
+            &conf,
+            r#"{"cniVersion": "0.3.1", "name": "cbr0", "type": "flannel"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            insert(dir.path(), &entry()).unwrap(),
+            Inserted::Converted { .. }
+        ));
         assert_eq!(plugins(&to), ["flannel", "sluice"]);
-        assert_eq!(listing(dir.path()), ["05-flannel.conflist", "10-bridge.conflist"]);
+        assert_eq!(
+            listing(dir.path()),
+            ["05-flannel.conflist", "10-bridge.conflist"]
+        );
     }
 
     #[test]
@@ -399,7 +422,10 @@ mod tests {
         let after: Value = serde_json::from_str(&fs::read_to_string(&first).unwrap()).unwrap();
         assert_eq!(after, before);
         assert_eq!(remove(dir.path()).unwrap(), Vec::<PathBuf>::new());
-        assert_eq!(fs::read_to_string(dir.path().join("99-broken.conflist")).unwrap(), "{");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("99-broken.conflist")).unwrap(),
+            "{"
+        );
     }
 
     #[test]
@@ -409,6 +435,9 @@ mod tests {
         fs::write(&first, BRIDGE).unwrap();
         fs::set_permissions(&first, fs::Permissions::from_mode(0o600)).unwrap();
         insert(dir.path(), &entry()).unwrap();
-        assert_eq!(fs::metadata(&first).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&first).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

@@ -24,4 +24,3 @@ pub async fn uninstalling(
         Err(e) => Err(e).with_context(|| format!("reading DaemonSet {namespace}/{name}")),
     }
 }
-
