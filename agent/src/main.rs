@@ -219,9 +219,10 @@ struct InstallCniArgs {
     /// The node's CNI configuration directory, as mounted.
     #[arg(long, default_value = "/host/etc/cni/net.d")]
     conf_dir: PathBuf,
-    /// The node's CNI configuration directory as the host sees it.
-    #[arg(long, default_value = "/etc/cni/net.d")]
-    host_conf_dir: PathBuf,
+    /// The node's CNI configuration directory as the host (and so the plugin) sees it;
+    /// default: --conf-dir (running on the node itself). The DaemonSet passes /etc/cni/net.d.
+    #[arg(long)]
+    host_conf_dir: Option<PathBuf>,
     /// The agent's enrollment socket as the host sees it.
     #[arg(long, default_value = sluice::redirect::cni::DEFAULT_SOCKET)]
     enrollment_socket: PathBuf,
@@ -548,9 +549,9 @@ fn install_cni(args: InstallCniArgs, log_format: LogFormat) -> Result<()> {
         exclude_namespaces.push(own_namespace.clone());
     }
     let install = cni_install::InstallCni {
+        host_conf_dir: args.host_conf_dir.unwrap_or_else(|| args.conf_dir.clone()),
         bin_dir: args.bin_dir,
         conf_dir: args.conf_dir,
-        host_conf_dir: args.host_conf_dir,
         server,
         token_file: args.token_file,
         ca_file: args.ca_file,
