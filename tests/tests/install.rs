@@ -436,7 +436,9 @@ fn netlink_snapshot(ns: &str) -> BTreeSet<String> {
     out
 }
 
-/// Every file under `dir` with its contents (or `(absent)`).
+/// Every file under `dir` with its contents (or `(absent)`); a `.conflist` as its JSON value
+/// (Sluice writes the network configuration back re-serialised: the same JSON, not the same
+/// bytes).
 fn files_snapshot(dir: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -447,6 +449,11 @@ fn files_snapshot(dir: &Path) -> BTreeMap<String, String> {
         let path = e.path();
         let text = if path.is_dir() {
             "(dir)".to_owned()
+        } else if path.extension().is_some_and(|e| e == "conflist") {
+            let text = std::fs::read_to_string(&path).expect("conflist");
+            serde_json::from_str::<serde_json::Value>(&text)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|e| format!("(not JSON: {e}) {text}"))
         } else {
             std::fs::read(&path)
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -568,8 +575,9 @@ fn cleanup_leaves_the_node_exactly_as_it_was() {
             .join("state");
         w.agents.remove(&i).expect("agent").stop();
         let ns = w.node_netns(i);
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns])
+        // nsenter, not `ip netns exec`: that one mounts a fresh /sys, without bpffs.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
             .arg(agent_bin())
             .arg("cleanup")
             .arg("--pin-path")
@@ -617,7 +625,10 @@ fn gatewayclass_crd() -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": "gatewayclasses.gateway.networking.k8s.io"},
+        "metadata": {
+            "name": "gatewayclasses.gateway.networking.k8s.io",
+            "annotations": {"api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/2466"}
+        },
         "spec": {
             "group": "gateway.networking.k8s.io",
             "scope": "Cluster",
