@@ -576,8 +576,12 @@ fn install_cni(args: InstallCniArgs, log_format: LogFormat) -> Result<()> {
                 }
             })
             .await;
-        let client = sluice::sources::kube::client(None).await?;
-        match sluice::sources::kube::uninstall::uninstalling(client, &own_namespace, &args.daemonset).await {
+        let asked = async {
+            let client = sluice::sources::kube::client(None).await?;
+            sluice::sources::kube::uninstall::uninstalling(client, &own_namespace, &args.daemonset)
+                .await
+        };
+        match asked.await {
             Ok(true) => {
                 let removed = install.uninstall()?;
                 tracing::info!(?removed, "Sluice is being uninstalled: CNI plugin and entry removed");
