@@ -211,6 +211,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut manager = PodManager::new(capture, home.clone(), &agent.state_dir, proxy)
         .with_context(|| format!("state directory {}", agent.state_dir.display()))?
         .with_handover(listeners.clone(), taken);
+    if agent.kube.enabled {
+        // Captured pods carry `ambient.istio.io/redirection: enabled`, as under Istio's CNI.
+        match crate::sources::kube::client(agent.kube.kubeconfig.as_deref()).await {
+            Ok(client) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                manager = manager.with_captured_notices(tx);
+                writers.push(tokio::spawn(crate::sources::kube::annotate::run(
+                    client, rx,
+                )));
+            }
+            Err(e) => warn!(error = %e, "no Kubernetes client to annotate captured pods"),
+        }
+    }
     manager.restore();
     if handover.is_some() {
         // Capture the known pods now, on the listeners handed over, before the previous agent
@@ -254,9 +267,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut manager_task = manager_task;
+    let mut terminated = false;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("interrupted"),
-        _ = term.recv() => info!("terminated"),
+        _ = term.recv() => {
+            info!("terminated");
+            terminated = true;
+        }
         r = &mut manager_task => { r.context("pod manager stopped")?; }
         _ = adopted.wait_for(|a| *a) => {
             // A successor serves the listeners now: stop accepting and writing capture state,
@@ -274,7 +291,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     // Pinned programs, links and maps stay: capture keeps working across a restart, and
-    // connections already established continue. `sluice cleanup` removes everything.
+    // connections already established continue. Only an uninstall (the DaemonSet is being
+    // deleted) removes them, here or with `sluice cleanup`.
+    if terminated && agent.kube.enabled {
+        uninstall_if_asked(&agent).await;
+    }
     drop(source);
     Ok(())
 }
@@ -390,6 +411,45 @@ async fn watch_mesh_config(
         current = state.changed().await;
     }
 }
+
+/// On SIGTERM in a cluster: when Sluice's DaemonSet is being deleted, removes what the agent
+/// put on the node ([`crate::cleanup`]; the CNI entry is the install-cni container's); on a
+/// restart or an upgrade, leaves it for the next agent.
+async fn uninstall_if_asked(agent: &AgentConfig) {
+    let Ok(namespace) = std::env::var("POD_NAMESPACE") else {
+        return;
+    };
+    let asked = async {
+        let client = crate::sources::kube::client(agent.kube.kubeconfig.as_deref()).await?;
+        crate::sources::kube::uninstall::uninstalling(client, &namespace, UNINSTALL_DAEMONSET).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), asked).await {
+        Ok(Ok(true)) => {
+            let cleanup = crate::cleanup::Cleanup {
+                pin_path: agent.bpf_pin_path.clone(),
+                state_dir: agent.state_dir.clone(),
+                cni_conf_dir: None,
+                cni_bin_dir: None,
+            };
+            match cleanup.run().await {
+                Ok(removed) => info!(?removed, "Sluice is being uninstalled: node state removed"),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "uninstall cleanup incomplete; run `sluice cleanup` on the node")
+                }
+            }
+        }
+        Ok(Ok(false)) => {
+            info!("stopping for a restart or upgrade: capture state stays for the next agent")
+        }
+        Ok(Err(e)) => {
+            warn!(error = %format!("{e:#}"), "cannot tell uninstall from restart; capture state stays")
+        }
+        Err(_) => warn!("cannot tell uninstall from restart (API timeout); capture state stays"),
+    }
+}
+
+/// The DaemonSet whose deletion means Sluice is being uninstalled.
+const UNINSTALL_DAEMONSET: &str = "sluice";
 
 /// How long a starting agent keeps asking a draining one for its listeners (until that one's
 /// successor has bound the handover socket).

@@ -8,7 +8,9 @@
 //! |------|---------------|---------|
 //! | [`app`] | `sluice run`: wires sources → state → consumers | every room |
 //! | [`ca_service`] | `sluice ca`: signs workload certificates for node agents, over Istio's certificate API | identity, sources, state, config |
+//! | [`cleanup`] | `sluice cleanup`: removes from a node everything Sluice put there (pins, pod routing, egress pinning, CNI entry) | egress, redirect, netns |
 //! | [`gateway`] | `sluice gateway`: the ingress data plane (Gateway API listeners, HTTPRoutes, HBONE to backends) | proxy, identity, admin, sources, state, config |
+//! | [`install`] | `sluice manifest generate`, `install`, `uninstall`: deploy/ rendered with values, applied by server-side apply | — |
 //! | [`pods`] | pod lifecycle: enrollment and discovery → capture + per-pod proxy listeners | redirect, proxy, netns, state |
 //! | [`proxy`] | outbound, inbound, HBONE, egress gateway, copy | policy, identity, egress, admin, netns, state, resources, config |
 //! | [`egress`] | source-prefix pinning (netlink), DNS for ServiceEntries | state, resources, config |
@@ -27,11 +29,13 @@
 pub mod admin;
 pub mod app;
 pub mod ca_service;
+pub mod cleanup;
 pub mod config;
 pub mod egress;
 pub mod gateway;
 pub mod handover;
 pub mod identity;
+pub mod install;
 pub mod memory;
 pub mod netns;
 pub mod operator;

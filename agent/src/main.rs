@@ -114,28 +114,34 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
-    /// Put the CNI plugin and its kubeconfig on the node (the DaemonSet's init container).
-    InstallCni {
-        /// The node's CNI binary directory, as mounted.
-        #[arg(long, default_value = "/host/opt/cni/bin")]
-        bin_dir: PathBuf,
-        /// The node's CNI configuration directory, as mounted.
-        #[arg(long, default_value = "/host/etc/cni/net.d")]
-        conf_dir: PathBuf,
-        /// The API server; default: from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT.
-        #[arg(long)]
-        server: Option<String>,
-        #[arg(
-            long,
-            default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-        )]
-        token_file: PathBuf,
-        #[arg(
-            long,
-            default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-        )]
-        ca_file: PathBuf,
+    /// Render the install (deploy/ with values) as YAML.
+    Manifest {
+        #[command(subcommand)]
+        op: ManifestOp,
     },
+    /// Install Sluice on the cluster (server-side apply, in order: namespace, RBAC, config, CA,
+    /// DaemonSet with the CNI installer, GatewayClass).
+    Install {
+        #[command(flatten)]
+        values: ValuesArgs,
+        /// Let the API server check every object without persisting anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Remove Sluice from the cluster (the DaemonSet first, so agents take capture off their
+    /// nodes; then the rest in reverse order). CRDs stay.
+    Uninstall {
+        #[command(flatten)]
+        values: ValuesArgs,
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Put the CNI plugin, its kubeconfig and its conflist entry on the node; with --watch keep
+    /// them in place (the DaemonSet's `install-cni` container) and remove them when Sluice is
+    /// uninstalled.
+    InstallCni(InstallCniArgs),
     /// Make a mesh root and print it as the Secret the CA Deployment mounts, and its certificate
     /// alone as the ConfigMap agents verify the CA with (`sluice root-secret | kubectl apply -f -`).
     RootSecret {
@@ -147,10 +153,21 @@ enum Cmd {
         #[arg(long, default_value = ROOT_SECRET)]
         name: String,
     },
-    /// Remove everything Sluice pinned under a bpffs directory (detaches its programs).
+    /// Remove from this node everything Sluice put there: pins (detaching its programs), pod
+    /// routing, egress pinning (addresses, rules, routes, table 1339, the `sluice-egress`
+    /// interface) and the CNI plugin and conflist entry. Run it after the agent has stopped.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/sluice")]
         pin_path: PathBuf,
+        /// The agent's state directory (its records of pod sandboxes).
+        #[arg(long, default_value = "/var/run/sluice")]
+        state_dir: PathBuf,
+        /// The node's CNI configuration directory.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// The node's CNI binary directory.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
     },
     /// This node's agent at a glance: captured pods, certificates, HBONE pool, config in force,
     /// rejected resources, limits (read from the agent's admin endpoint).
@@ -179,6 +196,102 @@ enum Cmd {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand)]
+enum ManifestOp {
+    /// Print the rendered objects as one YAML stream.
+    Generate {
+        #[command(flatten)]
+        values: ValuesArgs,
+    },
+}
+
+/// Install values: a file, then `--set` on top.
+#[derive(clap::Args)]
+struct ValuesArgs {
+    /// Values file (YAML), in the style of ztunnel's chart.
+    #[arg(short = 'f', long = "values")]
+    file: Option<PathBuf>,
+    /// key=value over the file (e.g. `--set tag=1.2.0 --set crds.install=true`).
+    #[arg(long = "set")]
+    sets: Vec<String>,
+}
+
+impl ValuesArgs {
+    fn load(&self) -> Result<sluice::install::values::Values> {
+        let text = match &self.file {
+            Some(p) => Some(
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(sluice::install::values::Values::load(
+            text.as_deref(),
+            &self.sets,
+        )?)
+    }
+}
+
+#[derive(clap::Args)]
+struct InstallCniArgs {
+    /// The node's CNI binary directory, as mounted.
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// The node's CNI configuration directory, as mounted.
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// The node's CNI configuration directory as the host (and so the plugin) sees it;
+    /// default: --conf-dir (running on the node itself). The DaemonSet passes /etc/cni/net.d.
+    #[arg(long)]
+    host_conf_dir: Option<PathBuf>,
+    /// The agent's enrollment socket as the host sees it.
+    #[arg(long, default_value = sluice::redirect::cni::DEFAULT_SOCKET)]
+    enrollment_socket: PathBuf,
+    /// Namespaces the plugin passes through (Sluice's own, POD_NAMESPACE, is always added).
+    #[arg(
+        long = "exclude-namespace",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    exclude_namespaces: Vec<String>,
+    /// The API server; default: from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT.
+    #[arg(long)]
+    server: Option<String>,
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    token_file: PathBuf,
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    ca_file: PathBuf,
+    /// Keep running: repair drift every --interval; on SIGTERM, remove everything if Sluice's
+    /// DaemonSet is being deleted (uninstall), keep it otherwise (restart, upgrade).
+    #[arg(long)]
+    watch: bool,
+    #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+    interval: std::time::Duration,
+    /// The DaemonSet (in POD_NAMESPACE) whose deletion means uninstall.
+    #[arg(long, default_value = "sluice")]
+    daemonset: String,
+    /// Remove the plugin, its kubeconfig and the conflist entry, then exit.
+    #[arg(long, conflicts_with = "watch")]
+    uninstall: bool,
+}
+
+fn humantime_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 2s or 500ms"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" | "" => Ok(std::time::Duration::from_secs(n)),
+        _ => Err(format!("{s:?}: expected e.g. 2s or 500ms")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -329,41 +442,50 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::InstallCni {
-            bin_dir,
-            conf_dir,
-            server,
-            token_file,
-            ca_file,
+        Cmd::InstallCni(args) => install_cni(args, cli.log_format),
+        Cmd::Manifest {
+            op: ManifestOp::Generate { values },
         } => {
-            let server = match server {
-                Some(s) => s,
-                None => {
-                    let var = |k: &str| {
-                        std::env::var(k)
-                            .with_context(|| format!("{k} is not set (or pass --server)"))
-                    };
-                    let host = var("KUBERNETES_SERVICE_HOST")?;
-                    let port = var("KUBERNETES_SERVICE_PORT")?;
-                    // An IPv6 service address needs brackets in a URL.
-                    if host.contains(':') {
-                        format!("https://[{host}]:{port}")
-                    } else {
-                        format!("https://{host}:{port}")
-                    }
-                }
-            };
-            let install = sluice::redirect::cni_install::InstallCni {
-                bin_dir,
-                conf_dir,
-                server,
-                token_file,
-                ca_file,
-            };
-            for path in install.run()? {
-                eprintln!("wrote {}", path.display());
-            }
+            let rendered = sluice::install::render::render(&values.load()?)?;
+            print!("{}", rendered.to_yaml());
             Ok(())
+        }
+        Cmd::Install {
+            values,
+            dry_run,
+            kubeconfig,
+        } => {
+            init_logging(cli.log_format);
+            let mut values = values.load()?;
+            runtime(1)?.block_on(async {
+                use sluice::install::{apply, render};
+                let client = sluice::sources::kube::client(kubeconfig.as_deref()).await?;
+                if values.daemon_set_max_surge && !apply::supports_daemonset_surge(&client).await? {
+                    eprintln!(
+                        "note: this API server predates DaemonSet maxSurge (1.22): the agents roll \
+                         with maxUnavailable: 1 (capture fails closed on a node while its agent restarts)"
+                    );
+                    values.daemon_set_max_surge = false;
+                }
+                let rendered = render::render(&values)?;
+                for step in apply::install(&client, &rendered, dry_run).await? {
+                    println!("{:?}: {}", step.outcome, step.object);
+                }
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Uninstall { values, kubeconfig } => {
+            init_logging(cli.log_format);
+            let values = values.load()?;
+            runtime(1)?.block_on(async {
+                use sluice::install::{apply, render};
+                let client = sluice::sources::kube::client(kubeconfig.as_deref()).await?;
+                let rendered = render::render(&values)?;
+                for step in apply::uninstall(&client, &rendered).await? {
+                    println!("{:?}: {}", step.outcome, step.object);
+                }
+                anyhow::Ok(())
+            })
         }
         Cmd::RootSecret {
             trust_domain,
@@ -422,14 +544,100 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Cleanup { pin_path } => {
-            if pin_path.exists() {
-                std::fs::remove_dir_all(&pin_path)?;
-                eprintln!("removed {}", pin_path.display());
+        Cmd::Cleanup {
+            pin_path,
+            state_dir,
+            cni_conf_dir,
+            cni_bin_dir,
+        } => {
+            init_logging(cli.log_format);
+            let cleanup = sluice::cleanup::Cleanup {
+                pin_path,
+                state_dir,
+                cni_conf_dir: sluice::cleanup::if_dir(&cni_conf_dir),
+                cni_bin_dir: sluice::cleanup::if_dir(&cni_bin_dir),
+            };
+            for line in runtime(1)?.block_on(cleanup.run())? {
+                eprintln!("removed {line}");
             }
             Ok(())
         }
     }
+}
+
+/// `sluice install-cni`.
+fn install_cni(args: InstallCniArgs, log_format: LogFormat) -> Result<()> {
+    use sluice::redirect::cni_install;
+    if args.uninstall {
+        for path in cni_install::uninstall(&args.bin_dir, &args.conf_dir)? {
+            eprintln!("removed or changed {}", path.display());
+        }
+        return Ok(());
+    }
+    let server = match args.server {
+        Some(s) => s,
+        None => {
+            let var = |k: &str| {
+                std::env::var(k).with_context(|| format!("{k} is not set (or pass --server)"))
+            };
+            let host = var("KUBERNETES_SERVICE_HOST")?;
+            let port = var("KUBERNETES_SERVICE_PORT")?;
+            // An IPv6 service address needs brackets in a URL.
+            if host.contains(':') {
+                format!("https://[{host}]:{port}")
+            } else {
+                format!("https://{host}:{port}")
+            }
+        }
+    };
+    let own_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "sluice-system".into());
+    let mut exclude_namespaces = args.exclude_namespaces;
+    if !exclude_namespaces.contains(&own_namespace) {
+        exclude_namespaces.push(own_namespace.clone());
+    }
+    let install = cni_install::InstallCni {
+        host_conf_dir: args.host_conf_dir.unwrap_or_else(|| args.conf_dir.clone()),
+        bin_dir: args.bin_dir,
+        conf_dir: args.conf_dir,
+        server,
+        token_file: args.token_file,
+        ca_file: args.ca_file,
+        enrollment_socket: args.enrollment_socket,
+        exclude_namespaces,
+    };
+    if !args.watch {
+        for path in install.run()?.written {
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    init_logging(log_format);
+    let rt = runtime(1)?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        install
+            .watch(args.interval, async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            })
+            .await;
+        let asked = async {
+            let client = sluice::sources::kube::client(None).await?;
+            sluice::sources::kube::uninstall::uninstalling(client, &own_namespace, &args.daemonset)
+                .await
+        };
+        match asked.await {
+            Ok(true) => {
+                let removed = install.uninstall()?;
+                tracing::info!(?removed, "Sluice is being uninstalled: CNI plugin and entry removed");
+            }
+            Ok(false) => tracing::info!("stopping for a restart or upgrade: the CNI entry stays"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot tell uninstall from restart; the CNI entry stays"),
+        }
+        anyhow::Ok(())
+    })
 }
 
 /// Writes `shell`'s completion script for the whole command line to `out`.

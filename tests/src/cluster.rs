@@ -222,6 +222,8 @@ impl Cluster {
             .arg(self.cni_conf_dir(i))
             .arg("--server")
             .arg(self.server.url())
+            .arg("--enrollment-socket")
+            .arg(self.node_dir(i).join("enroll.sock"))
             .arg("--token-file")
             .arg(sa.join("token"))
             .arg("--ca-file")

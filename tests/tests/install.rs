@@ -1,7 +1,7 @@
 //! Installing Sluice the way README says: `kubectl apply -f deploy/` against a real API server,
 //! and the CA service the install runs (`sluice ca`), against the same real API server.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::Path,
     process::Command,
     sync::Arc,
@@ -588,4 +588,487 @@ spec: {mtls: {mode: STRICTEST}}
     );
     let certificates = sluice(&["dump", "certificates", "-o", "yaml"]);
     assert!(certificates.contains(db_identity), "{certificates}");
+}
+
+/// Links, addresses, rules and routes of network namespace `ns` (every table, both families),
+/// leaving out only IPv6 link-local addresses and routes (the kernel adds those on its own when
+/// duplicate address detection ends, at a time of its choosing).
+fn netlink_snapshot(ns: &str) -> BTreeSet<String> {
+    use sluice_tests::egress_world::ip_json;
+    let mut out = BTreeSet::new();
+    for link in ip_json(ns, &["-d", "link"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        out.insert(format!(
+            "link {} {} {}",
+            link["ifname"], link["linkinfo"]["info_kind"], link["flags"]
+        ));
+    }
+    for link in ip_json(ns, &["addr"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        for a in link["addr_info"].as_array().cloned().unwrap_or_default() {
+            if a["local"].as_str().is_some_and(|l| l.starts_with("fe80:")) {
+                continue;
+            }
+            out.insert(format!(
+                "addr {} {}/{}",
+                link["ifname"], a["local"], a["prefixlen"]
+            ));
+        }
+    }
+    for fam in ["-4", "-6"] {
+        for r in ip_json(ns, &[fam, "rule"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            out.insert(format!("rule {fam} {r}"));
+        }
+        for r in ip_json(ns, &[fam, "route", "show", "table", "all"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if r["dst"].as_str().is_some_and(|d| d.starts_with("fe80:"))
+                || r["dst"].as_str().is_some_and(|d| d.starts_with("ff00:"))
+            {
+                continue;
+            }
+            out.insert(format!("route {fam} {r}"));
+        }
+    }
+    out
+}
+
+/// Every file under `dir` with its contents (or `(absent)`); a `.conflist` as its JSON value
+/// (Sluice writes the network configuration back re-serialised: the same JSON, not the same
+/// bytes).
+fn files_snapshot(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        out.insert(dir.display().to_string(), "(absent)".into());
+        return out;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let path = e.path();
+        let text = if path.is_dir() {
+            "(dir)".to_owned()
+        } else if path.extension().is_some_and(|e| e == "conflist") {
+            let text = std::fs::read_to_string(&path).expect("conflist");
+            serde_json::from_str::<serde_json::Value>(&text)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|e| format!("(not JSON: {e}) {text}"))
+        } else {
+            std::fs::read(&path)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|e| format!("(unreadable: {e})"))
+        };
+        out.insert(path.display().to_string(), text);
+    }
+    out
+}
+
+fn assert_same_sets(before: &BTreeSet<String>, after: &BTreeSet<String>, what: &str) {
+    let gone: Vec<_> = before.difference(after).collect();
+    let left: Vec<_> = after.difference(before).collect();
+    assert!(
+        gone.is_empty() && left.is_empty(),
+        "{what}:\n  left behind: {left:#?}\n  gone: {gone:#?}"
+    );
+}
+
+/// `sluice cleanup` leaves a node exactly as it was before Sluice ran on it: an agent with
+/// egress pinning programmed a prefix (addresses on `sluice-egress`, rules, table 1339), captured
+/// a pod (pins, links, maps, routing inside the pod), and `install-cni` chained its entry into the
+/// conflist. Netlink of the gateway node and of the pod, bpffs under both pin directories, and
+/// the CNI directories are compared before and after.
+#[test]
+fn cleanup_leaves_the_node_exactly_as_it_was() {
+    use sluice_tests::{
+        agent::agent_bin,
+        egress_world::{
+            AMBIENT, PINNED_PREFIX, SGC_ANNOTATION, agent_spec, nodes_yaml, prefix_addresses, sgc,
+            wait_until,
+        },
+        internet::InternetSpec,
+        world::{PodSpec, World},
+    };
+    let pods = [PodSpec::new("pinned", "shop", 1).annotate(SGC_ANNOTATION, "pinned")];
+    let mut w = World::build(2, &pods);
+    w.namespace("shop", &[AMBIENT]);
+    let _net = w.add_internet_with(2, InternetSpec::default());
+    let node2 = w.node_netns(2);
+    let pod_ns = w.pod("pinned").netns.clone();
+
+    // The node's CNI directories, with the primary CNI's conflist.
+    let cni = tempfile::tempdir().expect("tempdir");
+    let (conf_dir, bin_dir) = (cni.path().join("net.d"), cni.path().join("bin"));
+    std::fs::create_dir_all(&conf_dir).expect("mkdir");
+    std::fs::create_dir_all(&bin_dir).expect("mkdir");
+    std::fs::write(
+        conf_dir.join("10-podnet.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "podnet", "plugins": [{"type": "bridge"}]}"#,
+    )
+    .expect("conflist");
+    std::fs::write(cni.path().join("token"), "t").expect("token");
+    std::fs::write(cni.path().join("ca.crt"), "ca").expect("ca");
+
+    let before = (
+        netlink_snapshot(&node2),
+        netlink_snapshot(&pod_ns),
+        files_snapshot(&w.pin_dir(1)),
+        files_snapshot(&w.pin_dir(2)),
+        files_snapshot(&conf_dir),
+        files_snapshot(&bin_dir),
+    );
+
+    let out = Command::new(agent_bin())
+        .args(["install-cni", "--server", "https://127.0.0.1:6443"])
+        .arg("--conf-dir")
+        .arg(&conf_dir)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--token-file")
+        .arg(cni.path().join("token"))
+        .arg("--ca-file")
+        .arg(cni.path().join("ca.crt"))
+        .output()
+        .expect("sluice install-cni");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read_to_string(conf_dir.join("10-podnet.conflist"))
+            .expect("conflist")
+            .contains("\"sluice\""),
+        "install-cni chained no entry"
+    );
+
+    w.extra_resources = format!("{}{}", nodes_yaml(), sgc("pinned", None));
+    let prefixes = format!("shop/pinned: {PINNED_PREFIX}");
+    for i in [1, 2] {
+        w.start_agent(i, &agent_spec(i, &prefixes));
+    }
+    assert!(w.enroll("pinned"), "pinned not captured");
+    let prefix = PINNED_PREFIX.parse().expect("prefix");
+    wait_until(
+        Duration::from_secs(15),
+        "the prefix on the gateway node",
+        || prefix_addresses(&node2, prefix).len() == 14,
+    );
+    assert_ne!(
+        netlink_snapshot(&node2),
+        before.0,
+        "pinning changed nothing"
+    );
+    assert_ne!(
+        netlink_snapshot(&pod_ns),
+        before.1,
+        "capture changed nothing in the pod"
+    );
+    assert_ne!(files_snapshot(&w.pin_dir(2)), before.3, "nothing pinned");
+
+    // Stop the agents (a restart keeps everything), then clean each node up.
+    for i in [1, 2] {
+        let state_dir = w
+            .agent_config(i, &agent_spec(i, &prefixes))
+            .parent()
+            .expect("node dir")
+            .join("state");
+        w.agents.remove(&i).expect("agent").stop();
+        let ns = w.node_netns(i);
+        // nsenter, not `ip netns exec`: that one mounts a fresh /sys, without bpffs.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
+            .arg(agent_bin())
+            .arg("cleanup")
+            .arg("--pin-path")
+            .arg(w.pin_dir(i))
+            .arg("--state-dir")
+            .arg(&state_dir);
+        if i == 2 {
+            cmd.arg("--cni-conf-dir")
+                .arg(&conf_dir)
+                .arg("--cni-bin-dir")
+                .arg(&bin_dir);
+        } else {
+            // Node 1 has no CNI set up here: point at empty directories.
+            cmd.args([
+                "--cni-conf-dir",
+                "/nonexistent",
+                "--cni-bin-dir",
+                "/nonexistent",
+            ]);
+        }
+        let started = Instant::now();
+        let out = cmd.output().expect("sluice cleanup");
+        eprintln!(
+            "node{i}: sluice cleanup took {:.1} ms:\n{}",
+            ms(started.elapsed()),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "cleanup on node{i} failed");
+    }
+
+    assert_same_sets(&before.0, &netlink_snapshot(&node2), "gateway node netlink");
+    assert_same_sets(&before.1, &netlink_snapshot(&pod_ns), "pod netlink");
+    assert_eq!(files_snapshot(&w.pin_dir(1)), before.2, "node1 bpffs");
+    assert_eq!(files_snapshot(&w.pin_dir(2)), before.3, "node2 bpffs");
+    assert_eq!(
+        files_snapshot(&conf_dir),
+        before.4,
+        "CNI configuration directory"
+    );
+    assert_eq!(files_snapshot(&bin_dir), before.5, "CNI binary directory");
+}
+
+/// A minimal GatewayClass CRD, as a cluster with Gateway API has (the test API server has none).
+fn gatewayclass_crd() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": "gatewayclasses.gateway.networking.k8s.io",
+            "annotations": {"api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/2466"}
+        },
+        "spec": {
+            "group": "gateway.networking.k8s.io",
+            "scope": "Cluster",
+            "names": {"plural": "gatewayclasses", "singular": "gatewayclass", "kind": "GatewayClass", "listKind": "GatewayClassList"},
+            "versions": [{
+                "name": "v1beta1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
+            }]
+        }
+    })
+}
+
+fn sluice(args: &[&str], kubeconfig: &Path) -> (bool, String, String) {
+    let out = Command::new(sluice_tests::agent::agent_bin())
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .expect("sluice");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn get_dynamic(
+    client: &Client,
+    o: &sluice::install::render::Object,
+) -> Option<kube::api::DynamicObject> {
+    let (group, version) = o
+        .api_version()
+        .split_once('/')
+        .unwrap_or(("", o.api_version()));
+    let gvk = kube::core::GroupVersionKind::gvk(group, version, o.kind());
+    let (ar, caps) = kube::discovery::pinned_kind(client, &gvk).await.ok()?;
+    let api: Api<kube::api::DynamicObject> = match (caps.scope, o.namespace()) {
+        (kube::discovery::Scope::Namespaced, Some(ns)) => {
+            Api::namespaced_with(client.clone(), ns, &ar)
+        }
+        _ => Api::all_with(client.clone(), &ar),
+    };
+    api.get_opt(o.name()).await.expect("get")
+}
+
+/// `sluice install` renders deploy/ and applies it by server-side apply: every object is
+/// accepted (a dry run first persists nothing), the DaemonSet is complete, an existing CRD is
+/// not replaced by Sluice's reduced copy, the GatewayClass is applied where Gateway API is
+/// served; `sluice uninstall` deletes them all again and leaves the CRDs.
+#[tokio::test(flavor = "multi_thread")]
+async fn sluice_install_applies_every_object_and_uninstall_removes_them() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let server = tokio::task::block_in_place(KubeServer::start);
+    let client = server.client().await;
+    let kubeconfig = server.kubeconfig_path();
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+
+    // The cluster already has Gateway API's GatewayClass and a "real" PeerAuthentication CRD.
+    apply(&client, gatewayclass_crd()).await;
+    let rendered_with_crds = sluice::install::render::render(
+        &sluice::install::values::Values::load(
+            None,
+            &["crds.install=true".into(), "daemonSetMaxSurge=false".into()],
+        )
+        .expect("values"),
+    )
+    .expect("render");
+    let mut existing = rendered_with_crds
+        .crds
+        .iter()
+        .find(|o| o.name() == "peerauthentications.security.istio.io")
+        .expect("the PeerAuthentication CRD")
+        .value
+        .clone();
+    existing["metadata"]["labels"] = serde_json::json!({"owner": "istio"});
+    apply(&client, existing).await;
+    for _ in 0..100 {
+        let established = |c: &CustomResourceDefinition| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        };
+        let gc = crds
+            .get("gatewayclasses.gateway.networking.k8s.io")
+            .await
+            .expect("crd");
+        if established(&gc) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        sluice(
+            &["install", "--dry-run", "--set", "crds.install=true"],
+            &kubeconfig,
+        )
+    });
+    assert!(ok, "sluice install --dry-run:\n{out}{err}");
+    assert!(out.contains("Checked: Namespace sluice-system"), "{out}");
+    assert!(out.contains("Checked: ClusterRole sluice"), "{out}");
+    assert!(
+        out.contains("KindServed: DaemonSet sluice-system/sluice"),
+        "{out}"
+    );
+    for o in &rendered_with_crds.objects {
+        assert!(
+            get_dynamic(&client, o).await.is_none(),
+            "dry run persisted {}",
+            o.describe()
+        );
+    }
+
+    let started = Instant::now();
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        sluice(&["install", "--set", "crds.install=true"], &kubeconfig)
+    });
+    eprintln!(
+        "sluice install took {:.0} ms:\n{out}{err}",
+        ms(started.elapsed())
+    );
+    assert!(ok, "sluice install:\n{out}{err}");
+    assert!(
+        err.contains("maxSurge"),
+        "the 1.20 API server's missing surge is said: {err}"
+    );
+    assert!(
+        out.contains(
+            "KeptExisting: CustomResourceDefinition peerauthentications.security.istio.io"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("Applied: GatewayClass sluice"), "{out}");
+    for o in rendered_with_crds.all() {
+        let live = get_dynamic(&client, o).await;
+        assert!(live.is_some(), "{} was not created", o.describe());
+    }
+    let pa = crds
+        .get("peerauthentications.security.istio.io")
+        .await
+        .expect("crd");
+    assert_eq!(
+        pa.metadata
+            .labels
+            .unwrap_or_default()
+            .get("owner")
+            .map(String::as_str),
+        Some("istio"),
+        "an existing CRD is left as the cluster had it"
+    );
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), "sluice-system")
+        .get("sluice")
+        .await
+        .expect("the DaemonSet");
+    let pod = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["install-cni", "agent"]);
+    assert_eq!(
+        pod.node_selector
+            .unwrap_or_default()
+            .get("kubernetes.io/os")
+            .map(String::as_str),
+        Some("linux")
+    );
+    let cni = &pod.containers[0];
+    assert!(
+        cni.args
+            .clone()
+            .unwrap_or_default()
+            .contains(&"--watch".to_owned())
+    );
+    let rolling = ds
+        .spec
+        .and_then(|s| s.update_strategy)
+        .and_then(|u| u.rolling_update)
+        .expect("rolling");
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+
+    // Applying again changes nothing and fails nothing.
+    let (ok, out, err) = tokio::task::block_in_place(|| sluice(&["install"], &kubeconfig));
+    assert!(ok, "second sluice install:\n{out}{err}");
+
+    let started = Instant::now();
+    let (ok, out, err) = tokio::task::block_in_place(|| sluice(&["uninstall"], &kubeconfig));
+    eprintln!(
+        "sluice uninstall took {:.0} ms:\n{out}{err}",
+        ms(started.elapsed())
+    );
+    assert!(ok, "sluice uninstall:\n{out}{err}");
+    for o in rendered_with_crds
+        .objects
+        .iter()
+        .chain(&rendered_with_crds.gateway_api)
+    {
+        let gone = async {
+            for _ in 0..300 {
+                match get_dynamic(&client, o).await {
+                    None => return true,
+                    // A namespace finishes terminating once the controllers emptied it.
+                    Some(d)
+                        if o.kind() == "Namespace" && d.metadata.deletion_timestamp.is_some() =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Some(_) => return false,
+                }
+            }
+            o.kind() == "Namespace"
+        };
+        assert!(
+            gone.await,
+            "{} is still there after uninstall",
+            o.describe()
+        );
+    }
+    for o in &rendered_with_crds.crds {
+        assert!(
+            get_dynamic(&client, o).await.is_some(),
+            "uninstall deleted {}",
+            o.describe()
+        );
+    }
 }

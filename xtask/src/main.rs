@@ -54,6 +54,13 @@ enum Cmd {
         #[arg(default_value_t = 600)]
         seconds: u64,
     },
+    /// Build the container image from deploy/Containerfile (context: the repository, minus what
+    /// .containerignore/.dockerignore leave out) with podman or docker, whichever answers.
+    Image {
+        /// Image reference to tag.
+        #[arg(long, default_value = "ghcr.io/sluice-mesh/sluice:latest")]
+        tag: String,
+    },
     /// Generate CRDs into deploy/ (or, with --check, validate deploy/).
     Manifests {
         #[arg(long)]
@@ -102,6 +109,7 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Cmd::Manifests { check } => manifests(&root, check),
+        Cmd::Image { tag } => image(&root, &tag),
         Cmd::Fuzz { target, seconds } => fuzz(&root, target.as_deref(), seconds),
         Cmd::Cluster { op } => cluster(&root, op),
     }
@@ -123,6 +131,38 @@ fn say(what: &str) {
 }
 
 /// Runs `cmd`, failing with its command line if it fails.
+/// `cargo xtask image`: the first container engine whose daemon (or, for podman, whose
+/// storage) answers `info` builds deploy/Containerfile.
+fn image(root: &Path, tag: &str) -> Result<()> {
+    let mut tried = Vec::new();
+    for engine in ["podman", "docker"] {
+        match Command::new(engine).arg("info").output() {
+            Ok(out) if out.status.success() => {
+                return run(Command::new(engine).current_dir(root).args([
+                    "build",
+                    "-f",
+                    "deploy/Containerfile",
+                    "-t",
+                    tag,
+                    ".",
+                ]));
+            }
+            Ok(out) => tried.push(format!(
+                "{engine}: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("info failed")
+            )),
+            Err(e) => tried.push(format!("{engine}: {e}")),
+        }
+    }
+    bail!(
+        "no container engine answers (start podman or a docker daemon): {}",
+        tried.join("; ")
+    )
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;

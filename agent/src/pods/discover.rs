@@ -44,15 +44,28 @@ pub struct DiscoverSettings {
     pub rescan: Duration,
 }
 
+/// Where the DaemonSet mounts the host's `/proc` (the agent runs without `hostPID`).
+pub const HOST_PROC: &str = "/host/proc";
+
 impl DiscoverSettings {
-    /// The usual places on a node.
+    /// The usual places on a node: the host's `/proc` at [`HOST_PROC`] when it is mounted
+    /// there, else this process's own `/proc`.
     pub fn new(node: &str) -> Self {
         Self {
             node: node.to_owned(),
             netns_dirs: vec!["/var/run/netns".into(), "/run/netns".into()],
-            proc: "/proc".into(),
+            proc: pick_proc(Path::new(HOST_PROC)),
             rescan: Duration::from_secs(2),
         }
+    }
+}
+
+/// `host` if it holds a proc filesystem (a `1/ns/net` entry), else `/proc`.
+fn pick_proc(host: &Path) -> PathBuf {
+    if host.join("1/ns/net").exists() {
+        host.to_owned()
+    } else {
+        "/proc".into()
     }
 }
 
@@ -289,6 +302,15 @@ pub async fn run(
     // is retried only when it changes).
     let mut reported: BTreeMap<String, Sandbox> = BTreeMap::new();
     let mut warned: BTreeSet<String> = BTreeSet::new();
+    if settings.proc == Path::new(HOST_PROC) {
+        info!(proc = HOST_PROC, "discovery reads the host's /proc");
+    } else {
+        warn!(
+            proc = %settings.proc.display(),
+            "the host's /proc is not mounted at {HOST_PROC}: discovery sees only the processes of \
+             this PID namespace (pods are still found through /var/run/netns)"
+        );
+    }
     loop {
         let snap = state.current();
         let wanted: BTreeMap<String, &Workload> = local_mesh_pods(&snap, &settings.node)
@@ -363,6 +385,15 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hosts_proc_is_used_when_mounted() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(pick_proc(dir.path()), Path::new("/proc"));
+        std::fs::create_dir_all(dir.path().join("1/ns")).unwrap();
+        std::fs::write(dir.path().join("1/ns/net"), "").unwrap();
+        assert_eq!(pick_proc(dir.path()), dir.path());
+    }
 
     fn cand(path: &str, ips: &[(&str, u32)], peers: &[(u32, u32)]) -> Candidate {
         Candidate {

@@ -92,6 +92,8 @@ pub struct PodManager {
     handover: Listeners,
     /// Listeners handed over by the previous agent, until the first reconcile has taken them.
     taken: Option<Taken>,
+    /// Told `(namespace, name)` of each pod captured (kube mode annotates them).
+    captured_notices: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
 }
 
 fn valid_uid(uid: &str) -> bool {
@@ -122,7 +124,17 @@ impl PodManager {
             closed: BTreeMap::new(),
             handover: Listeners::default(),
             taken: None,
+            captured_notices: None,
         })
+    }
+
+    /// Sends `(namespace, name)` of every pod captured from now on to `tx`.
+    pub fn with_captured_notices(
+        mut self,
+        tx: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    ) -> Self {
+        self.captured_notices = Some(tx);
+        self
     }
 
     /// Registers pods' listeners in `listeners` (for a successor), and serves those in
@@ -401,6 +413,9 @@ impl PodManager {
             return Err(e.to_string());
         }
         info!(pod = %uid, namespace = %sb.namespace, name = %sb.name, netns = %sb.netns.display(), netns_cookie = cookie, ips = ?sb.ips, adopted_listeners = adopted, "pod captured");
+        if let Some(tx) = &self.captured_notices {
+            let _ = tx.send((sb.namespace.clone(), sb.name.clone()));
+        }
         self.captured.insert(
             uid,
             Captured {

@@ -223,10 +223,22 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &str) -> anyhow::Result<Option
                 }
             };
             if !answer.ok {
-                bail!(
-                    "agent refused the pod: {}",
-                    answer.error.unwrap_or_default()
-                );
+                // Only a mesh pod may be kept from starting; any other pod goes on.
+                let why = answer.error.unwrap_or_default();
+                return match without_agent(kubeconfig.as_deref(), &namespace, &name) {
+                    Ok(false) => {
+                        eprintln!(
+                            "sluice: pod {namespace}/{name} is outside the mesh; the agent's \
+                             refusal ({why}) does not hold it"
+                        );
+                        Ok(Some(prev.to_string()))
+                    }
+                    Ok(true) => bail!("agent refused mesh pod {namespace}/{name}: {why}"),
+                    Err(e) => bail!(
+                        "agent refused pod {namespace}/{name} ({why}), and whether it is in \
+                         the mesh is unknown: {e:#}"
+                    ),
+                };
             }
             // A chained plugin passes the previous result on unchanged.
             Ok(Some(prev.to_string()))
@@ -294,12 +306,11 @@ async fn in_mesh(
         .items
         .pop()
         .with_context(|| format!("namespace {namespace} does not exist"))?;
-    let labels = |l: Option<BTreeMap<String, String>>| l.unwrap_or_default();
     let ns = crate::state::Namespace {
         name: namespace.to_owned(),
-        labels: labels(ns.metadata.labels),
+        labels: ns.metadata.labels.unwrap_or_default(),
     };
-    Ok(crate::state::build::membership(&labels(pod.metadata.labels), Some(&ns)).in_mesh())
+    Ok(crate::state::build::pod_membership(&pod, Some(&ns)).in_mesh())
 }
 
 fn parse_cni_args(raw: &str) -> BTreeMap<String, String> {

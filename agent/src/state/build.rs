@@ -335,6 +335,44 @@ fn node(node: &K8sNode, out: &mut Rejections) -> Option<Node> {
     })
 }
 
+/// The annotation through which a pod opts out of (`disabled`) and is marked as captured by
+/// (`enabled`) ambient redirection, as Istio's CNI reads and writes it.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// The annotation Istio's injector puts on pods that carry a sidecar.
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+/// The container name of Istio's sidecar.
+pub const SIDECAR_CONTAINER: &str = "istio-proxy";
+
+/// Why a pod stays out of the mesh whatever its labels say: it opted out with
+/// `ambient.istio.io/redirection: disabled`, or it carries an Istio sidecar (the sidecar
+/// captures its traffic; capturing it again would break both).
+pub fn pod_opts_out(pod: &Pod) -> Option<&'static str> {
+    let annotations = pod.metadata.annotations.as_ref();
+    let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
+    if annotation(REDIRECTION_ANNOTATION) == Some("disabled") {
+        return Some("ambient.istio.io/redirection: disabled");
+    }
+    if annotation(SIDECAR_STATUS_ANNOTATION).is_some() {
+        return Some("it has an Istio sidecar (sidecar.istio.io/status)");
+    }
+    let spec = pod.spec.as_ref();
+    let has_proxy = spec.is_some_and(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .any(|c| c.name == SIDECAR_CONTAINER)
+    });
+    has_proxy.then_some("it has an Istio sidecar (an istio-proxy container)")
+}
+
+/// A pod's membership: [`pod_opts_out`] first, then [`membership`] from its labels.
+pub fn pod_membership(pod: &Pod, ns: Option<&Namespace>) -> Membership {
+    if pod_opts_out(pod).is_some() {
+        return Membership::Outside;
+    }
+    membership(&labels(&pod.metadata.labels), ns)
+}
+
 /// Decides mesh membership from pod and namespace labels, as Istio's ambient mode does: a pod
 /// label wins over its namespace's, `none` opts out.
 pub fn membership(pod_labels: &BTreeMap<String, String>, ns: Option<&Namespace>) -> Membership {
@@ -429,7 +467,7 @@ fn workload(
         return None;
     }
     let pod_labels = labels(&pod.metadata.labels);
-    let membership = membership(&pod_labels, namespaces.get(&namespace));
+    let membership = pod_membership(pod, namespaces.get(&namespace));
     let ports = spec
         .into_iter()
         .flat_map(|s| &s.containers)
@@ -534,6 +572,58 @@ spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPor
         assert_eq!(m("opted-out"), Membership::Outside);
         assert_eq!(m("old"), Membership::Namespace);
         assert_eq!(m("stray"), Membership::Pod);
+    }
+
+    #[test]
+    fn sidecars_and_disabled_redirection_keep_a_pod_out() {
+        let world = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, namespace: shop}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.2.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: disabled, namespace: shop, annotations: {ambient.istio.io/redirection: disabled}}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: captured-before, namespace: shop, annotations: {ambient.istio.io/redirection: enabled}}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.2.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: injected, namespace: shop, annotations: {sidecar.istio.io/status: '{"containers":["istio-proxy"]}'}}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.2.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: proxied, namespace: shop, labels: {istio.io/dataplane-mode: ambient}}
+spec: {containers: [{name: app}, {name: istio-proxy}]}
+status: {podIP: 10.0.2.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: native-sidecar, namespace: shop}
+spec: {initContainers: [{name: istio-proxy}], containers: [{name: app}]}
+status: {podIP: 10.0.2.6}
+"#;
+        let out = build(&parse(world), &MeshSettings::default());
+        let m = |name: &str| out.state.workload_by_name("shop", name).unwrap().membership;
+        assert_eq!(m("plain"), Membership::Namespace);
+        assert_eq!(m("captured-before"), Membership::Namespace);
+        for out_of_mesh in ["disabled", "injected", "proxied", "native-sidecar"] {
+            assert_eq!(m(out_of_mesh), Membership::Outside, "{out_of_mesh}");
+        }
     }
 
     #[test]

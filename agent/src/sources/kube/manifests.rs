@@ -247,6 +247,9 @@ pub fn required_grants() -> BTreeSet<Grant> {
             ));
         }
     }
+    for (group, resource, verb) in [super::annotate::GRANT, super::uninstall::GRANT] {
+        need.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));
+    }
     for verb in lease::VERBS {
         need.insert((
             "coordination.k8s.io".to_owned(),
@@ -330,6 +333,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
         return Err(ManifestError::Check(problems));
     };
     let ds_ns = ds.metadata.namespace.clone().unwrap_or_default();
+    let ds_name = ds.metadata.name.clone().unwrap_or_default();
     let pod_spec = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref());
     let sa = pod_spec
         .and_then(|p| p.service_account_name.clone())
@@ -516,9 +520,12 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
                     .iter()
                     .any(|k| k.reach == Reach::OneObject && k.group == g.0 && k.plural == g.1);
                 let lease_named = g.1 == "leases" && names.contains(lease::NAME);
+                let daemonset_named = (g.0.as_str(), g.1.as_str(), g.2.as_str())
+                    == super::uninstall::GRANT
+                    && names.contains(ds_name.as_str());
                 let config_named =
                     one_object && mesh_config_name.as_ref().is_some_and(|n| names.contains(n));
-                if !lease_named && !config_named {
+                if !lease_named && !config_named && !daemonset_named {
                     problems.push(format!(
                         "RBAC: {} on {}/{} is limited to {names:?}, which leaves out what the agent reads",
                         g.2, g.0, g.1

@@ -10,10 +10,12 @@
 //!
 //! Rejections are logged once per resource generation and handed to the status writer
 //! ([`status`]), which one agent at a time (elected through a Lease) writes back as conditions.
+pub mod annotate;
 pub mod gateway_status;
 pub mod lease;
 pub mod manifests;
 pub mod status;
+pub mod uninstall;
 pub mod watch;
 
 use std::{
