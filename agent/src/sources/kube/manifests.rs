@@ -332,7 +332,8 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
         .filter(|d| d.kind() == ("v1", "ConfigMap"))
         .filter_map(|d| d.typed(&mut problems))
         .collect();
-    let mut mesh_config_name = None;
+    // The mesh config ConfigMap of each agent config (the only ConfigMap each reads).
+    let mut mesh_config_names: BTreeSet<String> = BTreeSet::new();
     let mut enrollment_socket: Option<PathBuf> = None;
     // Each DaemonSet's (namespace, ServiceAccount) and its config with spec.egress.gateway left
     // out: every agent is configured alike apart from the gateway role.
@@ -387,7 +388,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
         }
         enrollment_socket = Some(local.agent.enrollment_socket.clone());
         let settings = AgentConfig::mesh_settings(&local.agent);
-        mesh_config_name = Some(
+        mesh_config_names.insert(
             settings
                 .mesh_config
                 .map(|(_, n)| n)
@@ -469,7 +470,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
 
     // RBAC bound to each agent ServiceAccount.
     for (ds_ns, sa) in &accounts {
-        rbac_fits(&docs, ds_ns, sa, mesh_config_name.as_deref(), &mut problems);
+        rbac_fits(&docs, ds_ns, sa, &mesh_config_names, &mut problems);
         done.push(format!(
             "RBAC for {ds_ns}/{sa} grants exactly the {} permissions the agent uses",
             required_grants().len()
@@ -492,7 +493,7 @@ fn rbac_fits(
     docs: &[Document],
     ds_ns: &str,
     sa: &str,
-    mesh_config_name: Option<&str>,
+    mesh_config_names: &BTreeSet<String>,
     problems: &mut Vec<String>,
 ) {
     let is_our_sa = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
@@ -578,8 +579,9 @@ fn rbac_fits(
                     .iter()
                     .any(|k| k.reach == Reach::OneObject && k.group == g.0 && k.plural == g.1);
                 let lease_named = g.1 == "leases" && names.contains(lease::NAME);
-                let config_named =
-                    one_object && mesh_config_name.is_some_and(|n| names.contains(n));
+                let config_named = one_object
+                    && !mesh_config_names.is_empty()
+                    && mesh_config_names.is_subset(names);
                 if !lease_named && !config_named {
                     problems.push(format!(
                         "RBAC: {} on {}/{} is limited to {names:?}, which leaves out what the agent reads",
