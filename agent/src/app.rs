@@ -449,7 +449,7 @@ async fn uninstall_if_asked(agent: &AgentConfig) {
 }
 
 /// The DaemonSet whose deletion means Sluice is being uninstalled.
-const UNINSTALL_DAEMONSET: &str = "sluice";
+const UNINSTALL_DAEMONSET: &str = crate::sources::kube::uninstall::DAEMONSET;
 
 /// How long a starting agent keeps asking a draining one for its listeners (until that one's
 /// successor has bound the handover socket).

@@ -56,7 +56,21 @@ impl Agent {
         cgroup: Option<&Path>,
         env: &[(&str, &str)],
     ) -> Agent {
-        Self::spawn("run", "ready", netns, config, dir, cgroup, env)
+        Self::spawn("run", "ready", netns, config, dir, cgroup, env, &[])
+    }
+
+    /// [`Agent::start_with_env`] in a mount namespace of its own, as a container runtime runs
+    /// it: the host's mounts propagate in (`HostToContainer`, as the DaemonSet's
+    /// `/var/run/netns` asks), and each `(file, target)` of `files` is bind-mounted over
+    /// `target` there only (e.g. the `/etc/resolv.conf` the kubelet writes for a pod).
+    pub fn start_contained(
+        netns: &str,
+        config: &Path,
+        dir: &Path,
+        env: &[(&str, &str)],
+        files: &[(PathBuf, PathBuf)],
+    ) -> Agent {
+        Self::spawn("run", "ready", netns, config, dir, None, env, files)
     }
 
     /// `sluice gateway --config CONFIG` in network namespace `netns` (a gateway pod's), waiting
@@ -70,9 +84,11 @@ impl Agent {
             dir,
             None,
             &[],
+            &[],
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         command: &str,
         ready: &str,
@@ -81,7 +97,20 @@ impl Agent {
         dir: &Path,
         cgroup: Option<&Path>,
         env: &[(&str, &str)],
+        files: &[(PathBuf, PathBuf)],
     ) -> Agent {
+        let binds: Vec<(std::ffi::CString, std::ffi::CString)> = files
+            .iter()
+            .map(|(from, to)| {
+                use std::os::unix::ffi::OsStrExt;
+                let c = |p: &Path| {
+                    std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+                };
+                assert!(from.exists(), "{} to mount is missing", from.display());
+                (c(from), c(to))
+            })
+            .collect();
+        let contained = !binds.is_empty();
         let prefix = if command == "run" { "agent" } else { command };
         let runs = std::fs::read_dir(dir)
             .map(|d| {
@@ -115,7 +144,8 @@ impl Agent {
                 .open(dir.join("cgroup.procs"))
                 .expect("open agent cgroup.procs")
         });
-        // SAFETY: only write and setns on descriptors opened before fork.
+        // SAFETY: only write, setns, unshare and mount, with descriptors and strings made before
+        // fork.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(procs) = &procs {
@@ -126,6 +156,34 @@ impl Agent {
                 }
                 if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if contained {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // Host mounts propagate in, ours never out.
+                    if libc::mount(
+                        c"none".as_ptr(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_SLAVE,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    for (from, to) in &binds {
+                        if libc::mount(
+                            from.as_ptr(),
+                            to.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                 }
                 Ok(())
             });

@@ -12,12 +12,15 @@
 //!   pod `Running` and `Ready` with its address. A refused ADD is torn down and retried, as a
 //!   kubelet does; a deleted Pod gets CNI DEL and its sandbox removed. Pods run no containers:
 //!   a test starts processes in them ([`Cluster::serve`], [`Cluster::connect`]).
-//! - **Agents**: one per node in kube mode, from `deploy/`'s ConfigMap and the DaemonSet's
-//!   environment, with the ServiceAccount token the install's RBAC grants and the mesh root
-//!   from the `sluice-root-ca` Secret made by `sluice root-secret`. Host paths differ per node
-//!   (every node of the box shares one kernel and file system): see [`NODE_MOUNTS`]; and the
-//!   agents sign with the built-in CA rather than ask the CA service (see
-//!   `builtin_ca_instead_of_the_ca_service`).
+//! - **Agents**: one per node in kube mode, from the `deploy/` DaemonSet whose node selection
+//!   takes the node (`04-daemonset.yaml`, or `06-egress-gateway.yaml` on nodes labelled
+//!   `sluice.dev/egress-gateway=true`): the ConfigMap it mounts, its environment, its
+//!   ServiceAccount's token, and the mesh root from the `sluice-root-ca` Secret made by
+//!   `sluice root-secret`. Each runs in a mount namespace of its own with the `/etc/resolv.conf`
+//!   the kubelet would write (the box's DNS: the simulated internet's server, once
+//!   [`Cluster::add_internet`] adds one). Host paths differ per node (every node of the box
+//!   shares one kernel and file system): see [`NODE_MOUNTS`]; and the agents sign with the
+//!   built-in CA rather than ask the CA service (see `builtin_ca_instead_of_the_ca_service`).
 //!
 //! Everything is removed when the box drops, also after a panic.
 use std::{
@@ -79,6 +82,125 @@ pub struct Cluster {
     pub client: Client,
     /// The sluice ServiceAccount's token (the agents' and the CNI plugin's credential).
     sa_token: String,
+    /// Tokens of the agents' ServiceAccounts (`sluice`, `sluice-egress-gateway`) by name.
+    agent_tokens: BTreeMap<String, String>,
+    /// Each node's labels, as its Node object has them (index `i - 1`).
+    node_labels: Vec<BTreeMap<String, String>>,
+    /// The box's DNS server (what the kubelet writes into a pod's `resolv.conf`), if any.
+    dns: Option<std::net::Ipv4Addr>,
+}
+
+/// The `deploy/` files the box applies, in order (DaemonSets and Deployments left out: the box
+/// runs their pods itself).
+const DEPLOY_FILES: &[&str] = &[
+    "00-namespace.yaml",
+    "01-serviceaccount.yaml",
+    "02-rbac.yaml",
+    "03-configmap.yaml",
+    "06-egress-gateway.yaml",
+];
+
+/// The agent DaemonSets of `deploy/`.
+const AGENT_DAEMONSETS: &[&str] = &["04-daemonset.yaml", "06-egress-gateway.yaml"];
+
+/// An agent DaemonSet of `deploy/`, as a node's agent is run from it.
+#[derive(Clone, Debug)]
+pub struct AgentDaemonSet {
+    pub name: String,
+    pub service_account: String,
+    /// Its pod template's `spec` (node selection).
+    pod_spec: Value,
+    /// `config.yaml` of the ConfigMap it mounts.
+    pub config: String,
+}
+
+/// Every agent DaemonSet of `deploy/` with its ConfigMap's agent config.
+pub fn agent_daemonsets() -> Vec<AgentDaemonSet> {
+    let docs: Vec<Value> = std::fs::read_dir(deploy_dir())
+        .expect("deploy/")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .flat_map(|p| documents(&std::fs::read_to_string(&p).expect("deploy file")))
+        .collect();
+    let mut out = Vec::new();
+    for file in AGENT_DAEMONSETS {
+        let text = std::fs::read_to_string(deploy_dir().join(file)).expect("deploy file");
+        for ds in documents(&text)
+            .into_iter()
+            .filter(|d| d["kind"] == "DaemonSet")
+        {
+            let spec = ds["spec"]["template"]["spec"].clone();
+            let config_map = spec["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == "config")
+                .and_then(|v| v["configMap"]["name"].as_str())
+                .unwrap_or_else(|| panic!("{file}: DaemonSet mounts no `config` ConfigMap"))
+                .to_owned();
+            let config = docs
+                .iter()
+                .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == config_map.as_str())
+                .and_then(|d| d["data"]["config.yaml"].as_str())
+                .unwrap_or_else(|| panic!("no ConfigMap {config_map} with config.yaml in deploy/"))
+                .to_owned();
+            out.push(AgentDaemonSet {
+                name: ds["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                service_account: spec["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_owned(),
+                pod_spec: spec,
+                config,
+            });
+        }
+    }
+    out
+}
+
+impl AgentDaemonSet {
+    /// Whether the scheduler would place this DaemonSet's pod on a node with `labels`
+    /// (`nodeSelector`, and `requiredDuringScheduling` node affinity's `matchExpressions`).
+    pub fn runs_on(&self, labels: &BTreeMap<String, String>) -> bool {
+        let selector_ok = self.pod_spec["nodeSelector"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str());
+        let terms = self.pod_spec["affinity"]["nodeAffinity"]
+            ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let term_ok = |term: &Value| {
+            term["matchExpressions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|e| {
+                    let key = e["key"].as_str().unwrap_or_default();
+                    let values: Vec<&str> = e["values"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let have = labels.get(key).map(String::as_str);
+                    match e["operator"].as_str() {
+                        Some("In") => have.is_some_and(|h| values.contains(&h)),
+                        Some("NotIn") => !have.is_some_and(|h| values.contains(&h)),
+                        Some("Exists") => have.is_some(),
+                        Some("DoesNotExist") => have.is_none(),
+                        other => panic!("node affinity operator {other:?} not handled by the box"),
+                    }
+                })
+        };
+        selector_ok && (terms.is_empty() || terms.iter().any(term_ok))
+    }
 }
 
 impl Cluster {
@@ -92,16 +214,16 @@ impl Cluster {
         let client = server.client().await;
 
         install_crds(&client).await;
-        for file in [
-            "00-namespace.yaml",
-            "01-serviceaccount.yaml",
-            "02-rbac.yaml",
-            "03-configmap.yaml",
-        ] {
+        for file in DEPLOY_FILES {
             let path = deploy_dir().join(file);
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            apply_yaml(&client, &text).await;
+            for doc in documents(&text)
+                .into_iter()
+                .filter(|d| d["kind"] != "DaemonSet" && d["kind"] != "Deployment")
+            {
+                apply(&client, &doc).await;
+            }
         }
         // The install step a user runs once: `sluice root-secret | kubectl apply -f -`.
         let out = Command::new(agent_bin())
@@ -115,11 +237,26 @@ impl Cluster {
         );
         apply_yaml(&client, &String::from_utf8_lossy(&out.stdout)).await;
         let sa_token = service_account_token(&client, "sluice-system", "sluice").await;
+        let mut agent_tokens = BTreeMap::new();
+        for ds in agent_daemonsets() {
+            let token = service_account_token(&client, "sluice-system", &ds.service_account).await;
+            agent_tokens.insert(ds.service_account, token);
+        }
+        let node_labels: Vec<BTreeMap<String, String>> = (1..=nodes)
+            .map(|i| {
+                [
+                    ("kubernetes.io/hostname".to_owned(), node_name(i)),
+                    ("kubernetes.io/os".to_owned(), "linux".to_owned()),
+                ]
+                .into_iter()
+                .collect()
+            })
+            .collect();
 
         for i in 1..=nodes {
             let node = json!({
                 "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": node_name(i), "labels": {"kubernetes.io/hostname": node_name(i), "kubernetes.io/os": "linux"}},
+                "metadata": {"name": node_name(i), "labels": node_labels[i - 1]},
                 "status": {
                     "addresses": [{"type": "InternalIP", "address": node_ip(nodes, i).to_string()},
                                   {"type": "Hostname", "address": node_name(i)}],
@@ -147,6 +284,9 @@ impl Cluster {
             server,
             client,
             sa_token,
+            agent_tokens,
+            node_labels,
+            dns: None,
         };
         for i in 1..=nodes {
             cluster.write_node_files(i);
@@ -274,27 +414,56 @@ impl Cluster {
         }
     }
 
-    /// Starts (or restarts) node `i`'s agent from `deploy/`'s ConfigMap.
+    /// The `deploy/` DaemonSet that runs node `i`'s agent (exactly one takes each node).
+    pub fn daemonset_of(&self, i: usize) -> AgentDaemonSet {
+        let labels = &self.node_labels[i - 1];
+        let mut taking: Vec<AgentDaemonSet> = agent_daemonsets()
+            .into_iter()
+            .filter(|d| d.runs_on(labels))
+            .collect();
+        assert_eq!(
+            taking.len(),
+            1,
+            "node{i} ({labels:?}) is taken by {:?}",
+            taking.iter().map(|d| &d.name).collect::<Vec<_>>()
+        );
+        taking.remove(0)
+    }
+
+    /// Starts (or restarts) node `i`'s agent from the `deploy/` DaemonSet that takes the node.
     pub fn start_agent(&mut self, i: usize) {
         self.stop_agent(i);
-        let configmap = std::fs::read_to_string(deploy_dir().join("03-configmap.yaml"))
-            .expect("deploy/03-configmap.yaml");
-        let doc = documents(&configmap)
-            .into_iter()
-            .find(|d| d["kind"] == "ConfigMap")
-            .expect("a ConfigMap in deploy/03-configmap.yaml");
-        let config = doc["data"]["config.yaml"]
-            .as_str()
-            .expect("data.config.yaml");
+        let ds = self.daemonset_of(i);
         let path = self.node_dir(i).join("config.yaml");
-        let config = builtin_ca_instead_of_the_ca_service(config);
+        let config = builtin_ca_instead_of_the_ca_service(&ds.config);
         std::fs::write(&path, self.node_paths(i, &config)).expect("agent config");
         // In a pod the agent uses its mounted ServiceAccount token; here the same token, through
-        // the kubeconfig install-cni wrote from it.
-        let kubeconfig = self.cni_conf_dir(i).join("sluice-kubeconfig");
+        // a kubeconfig.
+        let token = self
+            .agent_tokens
+            .get(&ds.service_account)
+            .unwrap_or_else(|| panic!("no token for ServiceAccount {}", ds.service_account));
+        let kubeconfig = self.node_dir(i).join("agent-kubeconfig");
+        let ca = self.node_dir(i).join("serviceaccount/ca.crt");
+        let text = serde_json::to_string(&json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "box", "cluster": {"server": self.server.url(), "certificate-authority": ca}}],
+            "users": [{"name": ds.service_account, "user": {"token": token}}],
+            "contexts": [{"name": "box", "context": {"cluster": "box", "user": ds.service_account}}],
+            "current-context": "box",
+        }))
+        .expect("kubeconfig");
+        std::fs::write(&kubeconfig, text).expect("agent kubeconfig");
+        // What the kubelet writes for a `ClusterFirstWithHostNet` pod: the cluster's DNS.
+        let resolv = self.node_dir(i).join("resolv.conf");
+        let text = match self.dns {
+            Some(server) => format!("nameserver {server}\n"),
+            None => "# the box runs no DNS server\n".to_owned(),
+        };
+        std::fs::write(&resolv, text).expect("resolv.conf");
         let node = node_name(i);
         let agent = tokio::task::block_in_place(|| {
-            Agent::start_with_env(
+            Agent::start_contained(
                 &self.world.node_netns(i),
                 &path,
                 &self.node_dir(i),
@@ -303,9 +472,48 @@ impl Cluster {
                     ("POD_NAMESPACE", "sluice-system"),
                     ("KUBECONFIG", &kubeconfig.to_string_lossy()),
                 ],
+                &[(resolv, PathBuf::from("/etc/resolv.conf"))],
             )
         });
         self.world.agents.insert(i, agent);
+    }
+
+    /// Adds `labels` to node `i`'s Node object (before its agent starts: they choose the
+    /// DaemonSet that runs it).
+    pub async fn label_node(&mut self, i: usize, labels: &[(&str, &str)]) {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let map: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        nodes
+            .patch(
+                &node_name(i),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": map}})),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("labelling node{i}: {e}"));
+        for (k, v) in labels {
+            self.node_labels[i - 1].insert((*k).to_owned(), (*v).to_owned());
+        }
+    }
+
+    /// A simulated internet behind node `i` (see [`crate::internet`]): that node's default
+    /// route goes out through it, as a real node's uplink, and its DNS server becomes the box's
+    /// DNS (agents started afterwards resolve through it).
+    pub fn add_internet(
+        &mut self,
+        i: usize,
+        spec: crate::internet::InternetSpec,
+    ) -> crate::internet::Internet {
+        let net = self.world.add_internet_with(i, spec);
+        world::ip(
+            Some(&self.world.node_netns(i)),
+            &format!(
+                "route add default via {} dev uplink",
+                crate::internet::INTERNET_ADDR
+            ),
+        );
+        self.dns = Some(crate::internet::DNS_SERVER);
+        net
     }
 
     /// Stops node `i`'s agent (SIGTERM), if it runs.
@@ -375,10 +583,24 @@ impl Cluster {
         node: usize,
         labels: &[(&str, &str)],
     ) {
+        self.create_pod_annotated(namespace, name, node, labels, &[])
+            .await;
+    }
+
+    /// [`Cluster::create_pod`] with `annotations`.
+    pub async fn create_pod_annotated(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: usize,
+        labels: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+    ) {
         let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
         let pod = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations},
             "spec": {
                 "nodeName": node_name(node),
                 "serviceAccountName": name,
@@ -475,6 +697,12 @@ impl Cluster {
     ) -> Result<world::Conn, String> {
         self.adopt(pod);
         self.world.try_connect(&pod.name, addr, bytes)
+    }
+
+    /// `sluice-testpod ARGS` in a running pod (`http-get`, `tls-get`, ...), its JSON answer.
+    pub fn run_in(&mut self, pod: &Pod, args: &[&str]) -> Value {
+        self.adopt(pod);
+        self.world.run_in(&pod.name, args)
     }
 
     /// Lets the world's traffic helpers find a box pod by name.

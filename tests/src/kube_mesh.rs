@@ -38,8 +38,9 @@ pub const ROLLOUT_WITH_SURGE: &str = "maxSurge: 1\n      maxUnavailable: 0";
 /// See [`ROLLOUT_WITH_SURGE`].
 pub const ROLLOUT_WITHOUT_SURGE: &str = "maxUnavailable: 1";
 
-/// `deploy/` copied into a temporary directory with the DaemonSet's rollout as a 1.20 API server
-/// takes it (see [`ROLLOUT_WITH_SURGE`]); panics unless that is the only change.
+/// `deploy/` copied into a temporary directory with the DaemonSets' rollout as a 1.20 API server
+/// takes it (see [`ROLLOUT_WITH_SURGE`]); panics unless that is the only change, once per
+/// DaemonSet.
 pub fn deploy_dir_for_1_20() -> tempfile::TempDir {
     fn copy(src: &Path, dst: &Path, replaced: &mut usize) {
         for e in std::fs::read_dir(src)
@@ -61,9 +62,22 @@ pub fn deploy_dir_for_1_20() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut replaced = 0;
     copy(&deploy_dir(), dir.path(), &mut replaced);
+    // One per DaemonSet (the node agent's, and the egress gateway role's).
+    let daemonsets: usize = std::fs::read_dir(deploy_dir())
+        .expect("read deploy/")
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|t| {
+            documents(&t)
+                .iter()
+                .filter(|d| d["kind"] == "DaemonSet")
+                .count()
+        })
+        .sum();
+    assert!(daemonsets >= 1, "deploy/ has no DaemonSet");
     assert_eq!(
-        replaced, 1,
-        "deploy/ should roll its DaemonSet with {ROLLOUT_WITH_SURGE:?}"
+        replaced, daemonsets,
+        "deploy/ should roll each DaemonSet with {ROLLOUT_WITH_SURGE:?}"
     );
     dir
 }

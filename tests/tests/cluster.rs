@@ -441,3 +441,281 @@ async fn an_api_server_outage_during_pod_churn_loses_nothing() {
         }
     }
 }
+
+/// Seed 002 as the repository keeps it.
+const SEED_002: &str = include_str!("../seeds/002-egress.yaml");
+
+/// The seed's documents of `kind`.
+fn seed_002(kind: &str) -> Vec<serde_json::Value> {
+    sluice_tests::kube_mesh::documents(SEED_002)
+        .into_iter()
+        .filter(|d| d["kind"] == kind)
+        .collect()
+}
+
+/// The mesh pods of scenario 5: a namespace in the mesh, as seed 000 labels it.
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    istio-injection: enabled
+"#;
+
+/// The gateway node pool of scenario 5 (node 2): the label that gives it deploy/06's agent,
+/// the seed's Gateway selector, and its AKS pool name.
+const GATEWAY_NODE_LABELS: &[(&str, &str)] = &[
+    ("sluice.dev/egress-gateway", "true"),
+    ("istio", "asm-egress-test"),
+    ("kubernetes.azure.com/agentpool", "egresspool"),
+];
+
+/// The seed's walkthrough, step 6: a StaticGatewayConfiguration for the gateway pool.
+const SGC: &str = r#"
+apiVersion: egressgateway.kubernetes.azure.com/v1alpha1
+kind: StaticGatewayConfiguration
+metadata:
+  name: asm-egress-test-sgc
+  namespace: shop
+spec:
+  gatewayNodepoolName: egresspool
+"#;
+const SGC_PREFIX: &str = "198.51.100.16/28";
+
+/// Retries `f` (a pod's request) every 300 ms until `done` holds for its answer; panics with the
+/// last answer after `WAIT`.
+fn until(
+    what: &str,
+    mut f: impl FnMut() -> serde_json::Value,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = f();
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: still {v} after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn status_ok(v: &serde_json::Value) -> bool {
+    v["status"] == 200
+}
+
+fn refused(v: &serde_json::Value) -> bool {
+    v.get("error").is_some()
+}
+
+/// Seed 002's steps on the box, against a simulated internet behind node 2, the egress
+/// gateway node (labelled for deploy/06-egress-gateway.yaml, whose agent it runs): REGISTRY_ONLY
+/// in the mesh config refuses an unlisted host; the seed's ServiceEntry admits `httpbin.org`
+/// straight from the pod; the seed's Gateway, VirtualService and DestinationRule send it through
+/// the gateway node over mutual TLS; a StaticGatewayConfiguration with its prefix makes a bound
+/// pod leave from its one address inside the prefix; deleting it removes the prefix.
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_002_egress_steps_through_the_gateway_node() {
+    use sluice_tests::{
+        egress_world::{SGC_ANNOTATION, prefix_addresses},
+        internet::{InternetSpec, SERVERS, UPLINK_NODE},
+    };
+    let mut c = Cluster::up(2).await;
+    c.label_node(2, GATEWAY_NODE_LABELS).await;
+    assert_eq!(c.daemonset_of(1).name, "sluice");
+    assert_eq!(c.daemonset_of(2).name, "sluice-egress-gateway");
+    let httpbin = SERVERS[0];
+    let net = c.add_internet(
+        2,
+        InternetSpec {
+            tls_hosts: vec!["httpbin.org".into()],
+            dns: [("httpbin.org".to_owned(), vec![httpbin])].into(),
+            ..InternetSpec::default()
+        },
+    );
+    c.start_agents().await;
+    let role = |c: &Cluster, i| {
+        c.agent(i)
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "egress gateway role")
+    };
+    assert!(
+        role(&c, 2) && !role(&c, 1),
+        "only node2 runs the gateway role"
+    );
+
+    c.apply_yaml(SHOP).await;
+    c.create_pod("shop", "client", 1, &[("app", "client")])
+        .await;
+    c.create_pod_annotated(
+        "shop",
+        "pinned",
+        1,
+        &[("app", "pinned")],
+        &[(SGC_ANNOTATION, "asm-egress-test-sgc")],
+    )
+    .await;
+    let client = c.running("shop", "client", WAIT).await;
+    let pinned = c.running("shop", "pinned", WAIT).await;
+    let http = |c: &mut Cluster, pod: &sluice_tests::world::Pod, host: &str| {
+        tokio::task::block_in_place(|| c.run_in(pod, &["http-get", &format!("{httpbin}:80"), host]))
+    };
+    let ca = net.ca_cert().display().to_string();
+
+    // Before anything: ALLOW_ANY, straight out from the pod's own address.
+    let v = http(&mut c, &client, "example.org");
+    assert!(status_ok(&v), "ALLOW_ANY: {v}");
+
+    // Step 1: REGISTRY_ONLY, the seed's mesh config, in the mesh ConfigMap deploy/ reads
+    // (`istio` in the root namespace; the seed's AKS name needs `spec.meshConfig`).
+    let mesh = seed_002("ConfigMap")[0]["data"]["mesh"].clone();
+    c.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: istio-system}}\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
+         data:\n  mesh: {mesh}\n"
+    ))
+    .await;
+    until(
+        "REGISTRY_ONLY refuses an unlisted host",
+        || http(&mut c, &client, "example.org"),
+        refused,
+    );
+    let refusals = c.agent(1).wait_access(1, |l| {
+        l["outcome"] == "refused" && l["reason_label"] == "registry_only"
+    });
+    assert!(refusals >= 1, "{:?}", c.agent(1).access_log());
+
+    // Step 2: the seed's ServiceEntry lists httpbin.org; it goes straight out from the pod.
+    for doc in seed_002("Namespace")
+        .iter()
+        .chain(&seed_002("ServiceEntry"))
+    {
+        sluice_tests::kube_mesh::apply(&c.client, doc).await;
+    }
+    until(
+        "the ServiceEntry admits httpbin.org",
+        || http(&mut c, &client, "httpbin.org"),
+        status_ok,
+    );
+    let direct = net
+        .wait_for(Duration::from_secs(5), |r| {
+            r.host.as_deref() == Some("httpbin.org")
+        })
+        .expect("httpbin.org reached");
+    assert_eq!(direct.peer.ip(), client.ipv4, "not straight from the pod");
+    assert!(refused(&http(&mut c, &client, "example.org")));
+
+    // Steps 3 and 4: the seed's Gateway, DestinationRule and VirtualService; node2 carries the
+    // Gateway (its selector's label). httpbin.org now leaves from the gateway node.
+    for kind in ["Gateway", "DestinationRule", "VirtualService"] {
+        for doc in seed_002(kind) {
+            sluice_tests::kube_mesh::apply(&c.client, &doc).await;
+        }
+    }
+    let before = net.records().len();
+    until(
+        "httpbin.org through the gateway node",
+        || {
+            let v = http(&mut c, &client, "httpbin.org");
+            let last = net.records().into_iter().skip(before).last();
+            if last.is_some_and(|r| r.peer.ip() == std::net::IpAddr::V4(UPLINK_NODE)) {
+                v
+            } else {
+                serde_json::json!({"not yet": v})
+            }
+        },
+        status_ok,
+    );
+    let client_id = "spiffe://cluster.local/ns/shop/sa/client";
+    let through = c.agent(2).wait_access(1, |l| {
+        l["direction"] == "egress_gateway"
+            && l["mode"] == "http"
+            && l["outcome"] == "ok"
+            && l["src_identity"] == client_id
+    });
+    assert!(through >= 1, "gateway node: {:?}", c.agent(2).access_log());
+    let gateway_id = "spiffe://cluster.local/ns/sluice-system/sa/sluice-egress-gateway";
+    let sent = c.agent(1).wait_access(1, |l| {
+        l["route"] == "egress_gateway" && l["dst_identity"] == gateway_id
+    });
+    assert!(sent >= 1, "client's node: {:?}", c.agent(1).access_log());
+    assert!(refused(&http(&mut c, &client, "example.org")));
+
+    // Step 6: the StaticGatewayConfiguration, its prefix in status.egressIpPrefix as
+    // kube-egress-gateway's controller writes it. The bound pod's TLS to httpbin.org (listed on
+    // 443, no route) goes through the pool's node and leaves from its address in the prefix.
+    c.apply_yaml(SGC).await;
+    let sgcs: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        c.client.clone(),
+        "shop",
+        &kube::api::ApiResource {
+            group: "egressgateway.kubernetes.azure.com".into(),
+            version: "v1alpha1".into(),
+            api_version: "egressgateway.kubernetes.azure.com/v1alpha1".into(),
+            kind: "StaticGatewayConfiguration".into(),
+            plural: "staticgatewayconfigurations".into(),
+        },
+    );
+    sgcs.patch_status(
+        "asm-egress-test-sgc",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"status": {"egressIpPrefix": SGC_PREFIX}})),
+    )
+    .await
+    .expect("writing the SGC's status");
+    let prefix: ipnet::IpNet = SGC_PREFIX.parse().expect("prefix");
+    let gw_ns = c.world.node_netns(2);
+    let deadline = std::time::Instant::now() + WAIT;
+    while prefix_addresses(&gw_ns, prefix).len() != 14 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prefix on the gateway node: {:?}",
+            prefix_addresses(&gw_ns, prefix)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(prefix_addresses(&c.world.node_netns(1), prefix).is_empty());
+    let expected =
+        sluice::egress::source_address(prefix, &sluice::state::WorkloadUid(pinned.uid.clone()));
+    let v = until(
+        "the pinned pod's TLS to httpbin.org",
+        || {
+            tokio::task::block_in_place(|| {
+                c.run_in(
+                    &pinned,
+                    &["tls-get", &format!("{httpbin}:443"), "httpbin.org", &ca],
+                )
+            })
+        },
+        status_ok,
+    );
+    let pinned_rec = net
+        .wait_for(Duration::from_secs(5), |r| {
+            r.proto == "tls" && r.sni.as_deref() == Some("httpbin.org")
+        })
+        .expect("httpbin.org reached over TLS");
+    assert_eq!(
+        pinned_rec.peer.ip(),
+        expected,
+        "not the pinned pod's address in {prefix}: {v}"
+    );
+
+    // Deleting the SGC takes the prefix off the gateway node.
+    sgcs.delete("asm-egress-test-sgc", &Default::default())
+        .await
+        .expect("deleting the SGC");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !prefix_addresses(&gw_ns, prefix).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prefix stayed on the gateway node"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(net);
+}

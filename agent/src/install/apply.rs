@@ -161,7 +161,7 @@ pub async fn install(
 pub const AGENT_EXIT_WAIT: Duration = Duration::from_secs(90);
 
 /// Deletes what `install` applied, in reverse order; CRDs are never deleted (they may hold
-/// the cluster's resources). The DaemonSet goes first, and its pods get [`AGENT_EXIT_WAIT`] to
+/// the cluster's resources). The DaemonSets go first, and their pods get [`AGENT_EXIT_WAIT`] to
 /// take capture off their nodes while their RBAC still exists.
 pub async fn uninstall(client: &Client, rendered: &Rendered) -> anyhow::Result<Vec<Step>> {
     let mut steps = Vec::new();
@@ -173,7 +173,15 @@ pub async fn uninstall(client: &Client, rendered: &Rendered) -> anyhow::Result<V
     order.reverse();
     // Agents first: they ask whether their DaemonSet is being deleted when told to stop.
     order.sort_by_key(|o| o.kind() != "DaemonSet");
+    // Every DaemonSet is deleted before any is waited for: an agent asks about the `sluice`
+    // DaemonSet, so the egress gateway's agents must find it deleted too.
+    let mut deleted_daemonsets = Vec::new();
     for o in order {
+        if o.kind() != "DaemonSet" {
+            for ds in deleted_daemonsets.drain(..) {
+                wait_for_agents_to_exit(client, ds).await?;
+            }
+        }
         let Some((ar, caps)) = resolve(client, o).await? else {
             steps.push(Step {
                 object: o.describe(),
@@ -188,12 +196,15 @@ pub async fn uninstall(client: &Client, rendered: &Rendered) -> anyhow::Result<V
             Err(e) => return Err(e).with_context(|| format!("deleting {}", o.describe())),
         };
         if o.kind() == "DaemonSet" && outcome == Outcome::Deleted {
-            wait_for_agents_to_exit(client, o).await?;
+            deleted_daemonsets.push(o);
         }
         steps.push(Step {
             object: o.describe(),
             outcome,
         });
+    }
+    for ds in deleted_daemonsets {
+        wait_for_agents_to_exit(client, ds).await?;
     }
     Ok(steps)
 }

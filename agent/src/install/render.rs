@@ -165,7 +165,8 @@ fn apply(values: &Values, o: &mut Object) -> Result<(), RenderError> {
     let name = o.name().to_owned();
     match (kind.as_str(), name.as_str()) {
         ("DaemonSet" | "Deployment", _) => workload(values, o)?,
-        ("ConfigMap", "sluice-config") => agent_config(values, o)?,
+        // The node agent's config, and the egress gateway role's (the same config plus the role).
+        ("ConfigMap", "sluice-config" | "sluice-egress-gateway-config") => agent_config(values, o)?,
         ("ClusterRole", "sluice") => {
             // The agent may read only the mesh config ConfigMap it is configured with.
             let rules = o.value["rules"].as_array_mut();
@@ -207,7 +208,15 @@ fn workload(values: &Values, o: &mut Object) -> Result<(), RenderError> {
     if !spec.is_object() {
         return Err(file_err(o, "no spec.template.spec"));
     }
-    spec["nodeSelector"] = json!(values.node_selector);
+    // The values' selector, keeping the role's own (`sluice.dev/…`, the egress gateway nodes).
+    let mut selector = json!(values.node_selector);
+    if let (Some(own), Some(merged)) = (spec["nodeSelector"].as_object(), selector.as_object_mut())
+    {
+        for (k, v) in own.iter().filter(|(k, _)| k.starts_with("sluice.dev/")) {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    spec["nodeSelector"] = selector;
     let spec = &mut o.value["spec"]["template"]["spec"];
     if is_agent {
         for volume in spec["volumes"].as_array_mut().into_iter().flatten() {

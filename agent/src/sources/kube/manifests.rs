@@ -319,75 +319,112 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
     }
     done.push(format!("{} generated CRDs up to date", crds().len()));
 
-    // The DaemonSet, its ServiceAccount, and the agent config it mounts.
+    // The DaemonSets (the node agent, and the egress gateway role on its own nodes), their
+    // ServiceAccounts, and the agent config each mounts.
     let daemonsets: Vec<DaemonSet> = docs
         .iter()
         .filter(|d| d.kind() == ("apps/v1", "DaemonSet"))
         .filter_map(|d| d.typed(&mut problems))
         .collect();
-    let [ds] = daemonsets.as_slice() else {
-        problems.push(format!(
-            "expected one DaemonSet, found {}",
-            daemonsets.len()
-        ));
+    if daemonsets.is_empty() {
+        problems.push("expected a DaemonSet, found none".into());
         return Err(ManifestError::Check(problems));
-    };
-    let ds_ns = ds.metadata.namespace.clone().unwrap_or_default();
-    let ds_name = ds.metadata.name.clone().unwrap_or_default();
-    let pod_spec = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref());
-    let sa = pod_spec
-        .and_then(|p| p.service_account_name.clone())
-        .unwrap_or_else(|| "default".into());
-    let mut mesh_config_name = None;
-    let mut enrollment_socket: Option<PathBuf> = None;
-    let mut drain_deadline: Option<u64> = None;
+    }
     let config_maps: Vec<ConfigMap> = docs
         .iter()
         .filter(|d| d.kind() == ("v1", "ConfigMap"))
         .filter_map(|d| d.typed(&mut problems))
         .collect();
-    let mut agent_configs = 0;
-    for cm in &config_maps {
-        let Some(text) = cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) else {
+    // The mesh config ConfigMap of each agent config (the only ConfigMap each reads).
+    let mut mesh_config_names: BTreeSet<String> = BTreeSet::new();
+    let mut enrollment_socket: Option<PathBuf> = None;
+    // Each DaemonSet's (namespace, ServiceAccount) and its config with spec.egress.gateway left
+    // out: every agent is configured alike apart from the gateway role.
+    let mut accounts: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut common: Option<(String, serde_yaml::Value)> = None;
+    let mut mounted = BTreeSet::new();
+    for ds in &daemonsets {
+        let ds_name = ds.metadata.name.clone().unwrap_or_default();
+        let ds_ns = ds.metadata.namespace.clone().unwrap_or_default();
+        let pod_spec = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+        let sa = pod_spec
+            .and_then(|p| p.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        accounts.insert((ds_ns.clone(), sa));
+        let config = pod_spec
+            .and_then(|p| p.volumes.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.config_map.as_ref())
+            .find_map(|r| {
+                config_maps.iter().find(|cm| {
+                    cm.metadata.name.as_deref() == Some(r.name.as_str())
+                        && cm.metadata.namespace.as_deref() == Some(ds_ns.as_str())
+                        && cm.data.as_ref().is_some_and(|d| d.contains_key(CONFIG_KEY))
+                })
+            });
+        let Some(cm) = config else {
+            problems.push(format!(
+                "DaemonSet {ds_name}: mounts no ConfigMap with a {CONFIG_KEY} key"
+            ));
             continue;
         };
-        agent_configs += 1;
-        match crate::sources::file::parse(text, Path::new(CONFIG_KEY)) {
-            Ok(local) => {
-                if !local.agent.kube.enabled {
-                    problems.push(format!(
-                        "ConfigMap {}: spec.kube.enabled is not true",
-                        cm.metadata.name.as_deref().unwrap_or("")
-                    ));
-                }
-                enrollment_socket = Some(local.agent.enrollment_socket.clone());
-                drain_deadline = Some(local.agent.upgrade.drain_deadline_seconds);
-                let settings = AgentConfig::mesh_settings(&local.agent);
-                mesh_config_name = Some(
-                    settings
-                        .mesh_config
-                        .map(|(_, n)| n)
-                        .unwrap_or_else(|| "istio".into()),
-                );
+        let cm_name = cm.metadata.name.clone().unwrap_or_default();
+        mounted.insert(cm_name.clone());
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(CONFIG_KEY))
+            .cloned()
+            .unwrap_or_default();
+        let local = match crate::sources::file::parse(&text, Path::new(CONFIG_KEY)) {
+            Ok(local) => local,
+            Err(e) => {
+                problems.push(format!("ConfigMap {cm_name}: {CONFIG_KEY}: {e}"));
+                continue;
             }
-            Err(e) => problems.push(format!(
-                "ConfigMap {}: {CONFIG_KEY}: {e}",
-                cm.metadata.name.as_deref().unwrap_or("")
-            )),
+        };
+        if !local.agent.kube.enabled {
+            problems.push(format!(
+                "ConfigMap {cm_name}: spec.kube.enabled is not true"
+            ));
         }
-    }
-    if agent_configs != 1 {
-        problems.push(format!(
-            "expected one ConfigMap with a {CONFIG_KEY} key, found {agent_configs}"
-        ));
-    }
-    done.push("the AgentConfig in the ConfigMap is valid".into());
-    if let Some(drain) = drain_deadline {
+        enrollment_socket = Some(local.agent.enrollment_socket.clone());
+        let settings = AgentConfig::mesh_settings(&local.agent);
+        mesh_config_names.insert(
+            settings
+                .mesh_config
+                .map(|(_, n)| n)
+                .unwrap_or_else(|| "istio".into()),
+        );
+        let drain = local.agent.upgrade.drain_deadline_seconds;
         upgrade_fits(ds, pod_spec, drain, &mut problems);
         done.push(format!(
-            "the DaemonSet rolls with a surge pod and a grace period above the {drain} s drain"
+            "DaemonSet {ds_name} rolls with a surge pod and a grace period above the {drain} s drain"
         ));
+        let without_role = without_gateway_role(&text);
+        match &common {
+            None => common = Some((cm_name, without_role)),
+            Some((first, value)) if *value != without_role => problems.push(format!(
+                "ConfigMaps {first} and {cm_name}: the agent configs differ in more than \
+                 spec.egress.gateway"
+            )),
+            Some(_) => {}
+        }
     }
+    for cm in &config_maps {
+        let name = cm.metadata.name.clone().unwrap_or_default();
+        if cm.data.as_ref().is_some_and(|d| d.contains_key(CONFIG_KEY)) && !mounted.contains(&name)
+        {
+            problems.push(format!(
+                "ConfigMap {name}: has an agent config that no DaemonSet mounts"
+            ));
+        }
+    }
+    done.push(format!(
+        "the AgentConfigs of {} DaemonSet(s) are valid and alike apart from the gateway role",
+        daemonsets.len()
+    ));
 
     // CNI configuration: JSON, and the `sluice` plugin talks to the socket the agent serves.
     let mut json_files = Vec::new();
@@ -434,31 +471,56 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
         json_files.len()
     ));
 
-    // RBAC bound to the ServiceAccount.
+    // RBAC bound to each agent ServiceAccount.
+    for (ds_ns, sa) in &accounts {
+        rbac_fits(&docs, ds_ns, sa, &mesh_config_names, &mut problems);
+        done.push(format!(
+            "RBAC for {ds_ns}/{sa} grants exactly the {} permissions the agent uses",
+            required_grants().len()
+        ));
+    }
+
+    // A malformed document is met once per ServiceAccount checked; name it once.
+    let mut seen = BTreeSet::new();
+    problems.retain(|p| seen.insert(p.clone()));
+    if problems.is_empty() {
+        Ok(done)
+    } else {
+        Err(ManifestError::Check(problems))
+    }
+}
+
+/// Checks that the RBAC rules bound to ServiceAccount `ds_ns/sa` grant every permission the
+/// agent uses, and nothing more.
+fn rbac_fits(
+    docs: &[Document],
+    ds_ns: &str,
+    sa: &str,
+    mesh_config_names: &BTreeSet<String>,
+    problems: &mut Vec<String>,
+) {
     let is_our_sa = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
         subjects.iter().flatten().any(|s| {
-            s.kind == "ServiceAccount"
-                && s.name == sa
-                && s.namespace.as_deref() == Some(ds_ns.as_str())
+            s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(ds_ns)
         })
     };
     let cluster_roles: BTreeMap<String, ClusterRole> = docs
         .iter()
         .filter(|d| d.kind() == ("rbac.authorization.k8s.io/v1", "ClusterRole"))
-        .filter_map(|d| d.typed::<ClusterRole>(&mut problems))
+        .filter_map(|d| d.typed::<ClusterRole>(problems))
         .map(|r| (r.metadata.name.clone().unwrap_or_default(), r))
         .collect();
     let roles: BTreeMap<String, Role> = docs
         .iter()
         .filter(|d| d.kind() == ("rbac.authorization.k8s.io/v1", "Role"))
-        .filter_map(|d| d.typed::<Role>(&mut problems))
+        .filter_map(|d| d.typed::<Role>(problems))
         .map(|r| (r.metadata.name.clone().unwrap_or_default(), r))
         .collect();
     let mut rules: Vec<PolicyRule> = Vec::new();
     let cluster_bindings: Vec<ClusterRoleBinding> = docs
         .iter()
         .filter(|d| d.kind() == ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"))
-        .filter_map(|d| d.typed::<ClusterRoleBinding>(&mut problems))
+        .filter_map(|d| d.typed::<ClusterRoleBinding>(problems))
         .filter(|b| is_our_sa(&b.subjects))
         .collect();
     for b in cluster_bindings {
@@ -475,7 +537,7 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
     let bindings: Vec<RoleBinding> = docs
         .iter()
         .filter(|d| d.kind() == ("rbac.authorization.k8s.io/v1", "RoleBinding"))
-        .filter_map(|d| d.typed::<RoleBinding>(&mut problems))
+        .filter_map(|d| d.typed::<RoleBinding>(problems))
         .filter(|b| is_our_sa(&b.subjects))
         .collect();
     for b in bindings {
@@ -522,9 +584,10 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
                 let lease_named = g.1 == "leases" && names.contains(lease::NAME);
                 let daemonset_named = (g.0.as_str(), g.1.as_str(), g.2.as_str())
                     == super::uninstall::GRANT
-                    && names.contains(ds_name.as_str());
-                let config_named =
-                    one_object && mesh_config_name.as_ref().is_some_and(|n| names.contains(n));
+                    && names.contains(super::uninstall::DAEMONSET);
+                let config_named = one_object
+                    && !mesh_config_names.is_empty()
+                    && mesh_config_names.is_subset(names);
                 if !lease_named && !config_named && !daemonset_named {
                     problems.push(format!(
                         "RBAC: {} on {}/{} is limited to {names:?}, which leaves out what the agent reads",
@@ -545,16 +608,20 @@ pub fn check(dir: &Path) -> Result<Vec<String>, ManifestError> {
             ));
         }
     }
-    done.push(format!(
-        "RBAC for {ds_ns}/{sa} grants exactly the {} permissions the agent uses",
-        need.len()
-    ));
+}
 
-    if problems.is_empty() {
-        Ok(done)
-    } else {
-        Err(ManifestError::Check(problems))
+/// The agent config `text` as YAML with `spec.egress.gateway` left out (unparsable: `Null`,
+/// which the parse check reports).
+fn without_gateway_role(text: &str) -> serde_yaml::Value {
+    let mut value: serde_yaml::Value = serde_yaml::from_str(text).unwrap_or_default();
+    if let Some(egress) = value
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("egress"))
+        .and_then(|e| e.as_mapping_mut())
+    {
+        egress.remove("gateway");
     }
+    value
 }
 
 /// Seconds an agent needs after its drain deadline to exit.
@@ -764,6 +831,35 @@ mod tests {
         assert!(
             p.iter()
                 .any(|l| l.contains("terminationGracePeriodSeconds 30 is below")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn the_gateway_role_config_may_differ_only_in_the_role() {
+        let dir = edited_deploy(|name, text| match name {
+            "06-egress-gateway.yaml" => {
+                text.replace("drainDeadlineSeconds: 30", "drainDeadlineSeconds: 20")
+            }
+            _ => text,
+        });
+        let p = problems(dir.path());
+        assert!(
+            p.iter().any(|l| l.contains("sluice-egress-gateway-config")
+                && l.contains("differ in more than spec.egress.gateway")),
+            "{p:?}"
+        );
+        // Its ServiceAccount needs the agent's RBAC too.
+        let dir = edited_deploy(|name, text| match name {
+            "06-egress-gateway.yaml" => {
+                text.replace("kind: ClusterRoleBinding", "kind: ClusterRoleBindingX")
+            }
+            _ => text,
+        });
+        let p = problems(dir.path());
+        assert!(
+            p.iter()
+                .any(|l| l.contains("sluice-system/sluice-egress-gateway may not list")),
             "{p:?}"
         );
     }

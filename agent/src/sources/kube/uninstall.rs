@@ -6,6 +6,10 @@ use anyhow::Context;
 /// The RBAC the question needs: `get` on `apps/daemonsets`, limited to Sluice's DaemonSet.
 pub const GRANT: (&str, &str, &str) = ("apps", "daemonsets", "get");
 
+/// The DaemonSet every Sluice agent asks about (the egress gateway's agents too: an uninstall
+/// deletes both DaemonSets before it waits for either).
+pub const DAEMONSET: &str = "sluice";
+
 /// Whether Sluice is being uninstalled rather than restarted, asked when a Sluice pod is told
 /// to stop: its DaemonSet `namespace/name` is gone or being deleted, or the API server no longer
 /// accepts the pod's credentials (its ServiceAccount or RBAC were removed with it). A rollout or
