@@ -232,7 +232,8 @@ fn run(ztunnel: &Path) -> Result<Vec<Row>> {
 async fn kube_objects(client: &kube::Client) -> Result<String> {
     for file in ["00-namespace.yaml", "01-serviceaccount.yaml", "05-ca.yaml"] {
         let path = deploy_dir().join(file);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{file}"))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         kube_mesh::apply_yaml(client, &text).await;
     }
     apply(
