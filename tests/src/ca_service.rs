@@ -38,6 +38,19 @@ impl CaService {
             .expect("a mesh root")
             .write_pem_files(&root_cert, &root_key)
             .expect("writing the mesh root");
+        Self::start_with_root(server, dir, trust_domain, &root_cert, &root_key)
+    }
+
+    /// As [`CaService::start`], signing under an existing mesh root (PEM files), such as a
+    /// [`crate::world::World`]'s, so that its agents and the CA's clients share one root.
+    pub fn start_with_root(
+        server: &KubeServer,
+        dir: &Path,
+        trust_domain: &str,
+        root_cert: &Path,
+        root_key: &Path,
+    ) -> CaService {
+        let root_cert = root_cert.to_path_buf();
         let kubeconfig = dir.join("ca-kubeconfig");
         write_impersonating_kubeconfig(
             &server.kubeconfig_path(),

@@ -61,6 +61,15 @@ enum Cmd {
         #[arg(long, default_value = "ghcr.io/sluice-mesh/sluice:latest")]
         tag: String,
     },
+    /// Run Sluice next to a ztunnel binary of yours (dedicated mode, local XDS, certificates
+    /// from `sluice ca` under one root): Sluice → ztunnel, ztunnel → Sluice under STRICT, and
+    /// ztunnel's `COMPLIANCE_POLICY=pqc`; prints a table. As root. Not part of `test`; nothing
+    /// here fetches or builds ztunnel.
+    Interop {
+        /// The ztunnel executable.
+        #[arg(long)]
+        ztunnel: PathBuf,
+    },
     /// Generate CRDs into deploy/ (or, with --check, validate deploy/).
     Manifests {
         #[arg(long)]
@@ -108,11 +117,45 @@ fn main() -> Result<()> {
             }
             run(&mut cmd)
         }
+        Cmd::Interop { ztunnel } => interop(&root, &ztunnel),
         Cmd::Manifests { check } => manifests(&root, check),
         Cmd::Image { tag } => image(&root, &tag),
         Cmd::Fuzz { target, seconds } => fuzz(&root, target.as_deref(), seconds),
         Cmd::Cluster { op } => cluster(&root, op),
     }
+}
+
+/// `cargo xtask interop --ztunnel PATH`: checks PATH first, then builds and runs
+/// `sluice-interop` under the end-to-end lock.
+fn interop(root: &Path, ztunnel: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(ztunnel)
+        .with_context(|| format!("--ztunnel {}: no such file", ztunnel.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        bail!("--ztunnel {}: not an executable file", ztunnel.display());
+    }
+    let ztunnel = ztunnel
+        .canonicalize()
+        .with_context(|| format!("--ztunnel {}", ztunnel.display()))?;
+    require_root("the interop runner")?;
+    setup(root)?;
+    build(root)?;
+    let release = release_dir(root);
+    say(&format!("interop with {}", ztunnel.display()));
+    run(Command::new("flock")
+        .arg("/tmp/sluice-e2e.lock")
+        .arg(release.join("sluice-interop"))
+        .arg("--ztunnel")
+        .arg(&ztunnel)
+        .env("SLUICE_BIN", release.join("sluice")))
+}
+
+/// Where `cargo build --release` puts binaries: `$CARGO_TARGET_DIR/release` or `target/release`.
+fn release_dir(root: &Path) -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("release")
 }
 
 fn workspace_root() -> PathBuf {
