@@ -636,12 +636,12 @@ async fn seed_002_egress_steps_through_the_gateway_node() {
         l["direction"] == "egress_gateway"
             && l["mode"] == "http"
             && l["outcome"] == "ok"
-            && l["src_identity"] == client_id
+            && l["src.identity"] == client_id
     });
     assert!(through >= 1, "gateway node: {:?}", c.agent(2).access_log());
     let gateway_id = "spiffe://cluster.local/ns/sluice-system/sa/sluice-egress-gateway";
     let sent = c.agent(1).wait_access(1, |l| {
-        l["route"] == "egress_gateway" && l["dst_identity"] == gateway_id
+        l["route"] == "egress_gateway" && l["dst.identity"] == gateway_id
     });
     assert!(sent >= 1, "client's node: {:?}", c.agent(1).access_log());
     assert!(refused(&http(&mut c, &client, "example.org")));
