@@ -66,7 +66,9 @@ pub fn deploy_dir_for_1_20() -> tempfile::TempDir {
     let daemonsets: usize = std::fs::read_dir(deploy_dir())
         .expect("read deploy/")
         .filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
         .map(|t| {
             documents(&t)
                 .iter()
