@@ -104,10 +104,27 @@ pub struct ZCert<'a> {
 
 /// Writes `state` and `certs` in ztunnel's shape.
 pub fn write(w: &mut DumpWriter<'_>, state: &MeshState, certs: &[CertInfo]) -> io::Result<()> {
+    // Which Services each workload backs, read once (not every Service per workload).
+    let mut backs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for s in state.services.values() {
+        let name = format!("{}/{}", s.namespace, s.hostname);
+        for uid in s.endpoints.iter().filter_map(|e| e.workload.as_ref()) {
+            let names = backs.entry(uid.0.as_str()).or_default();
+            if names.last() != Some(&name) {
+                names.push(name.clone());
+            }
+        }
+    }
     let workloads: Vec<ZWorkload<'_>> = state
         .workloads
         .values()
-        .map(|wl| workload(state, wl))
+        .map(|wl| {
+            workload(
+                state,
+                wl,
+                backs.remove(wl.uid.0.as_str()).unwrap_or_default(),
+            )
+        })
         .collect();
     w.section(None, "workloads", &workloads)?;
     drop(workloads);
@@ -159,18 +176,9 @@ pub fn write(w: &mut DumpWriter<'_>, state: &MeshState, certs: &[CertInfo]) -> i
     w.section(None, "certificates", &certificates)
 }
 
-fn workload<'a>(state: &'a MeshState, wl: &'a Workload) -> ZWorkload<'a> {
+/// `wl` in ztunnel's shape; `services` are those it backs, as `namespace/hostname`.
+fn workload<'a>(state: &'a MeshState, wl: &'a Workload, services: Vec<String>) -> ZWorkload<'a> {
     let (kind, owner) = wl.owner();
-    let services = state
-        .services
-        .values()
-        .filter(|s| {
-            s.endpoints
-                .iter()
-                .any(|e| e.workload.as_ref() == Some(&wl.uid))
-        })
-        .map(|s| format!("{}/{}", s.namespace, s.hostname))
-        .collect();
     let authorization_policies = state
         .policy
         .authorizations

@@ -215,15 +215,7 @@ mod tests {
         }
     }
 
-    fn types(path: &Path) -> Vec<String> {
-        let v: Value = serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
-        v["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["type"].as_str().unwrap().to_owned())
-            .collect()
-    }
+    use crate::redirect::conflist::tests::plugins as types;
 
     #[test]
     fn installs_the_plugin_a_kubeconfig_kube_can_read_and_the_entry() {

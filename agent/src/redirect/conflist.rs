@@ -233,7 +233,7 @@ pub fn write_atomically(to: &Path, bytes: &[u8], mode: u32) -> std::io::Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -250,7 +250,8 @@ mod tests {
   ]
 }"#;
 
-    fn plugins(path: &Path) -> Vec<String> {
+    /// The `type` of each plugin in the conflist at `path`, in order.
+    pub(crate) fn plugins(path: &Path) -> Vec<String> {
         let v: Value = serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
         v["plugins"]
             .as_array()
